@@ -1,0 +1,130 @@
+"""The migration runner: ``python -m services.api migrate``.
+
+Applies the numbered files of ``migrations/`` in order, each in its own transaction unless its
+first line is ``-- migrate: no-transaction`` (for statements PostgreSQL or TimescaleDB refuse to
+run in a transaction block, such as ``refresh_continuous_aggregate``). Every applied file is
+recorded with its SHA-256 checksum; a file edited after it was applied stops the runner before
+it changes anything. A session advisory lock makes concurrent runners (several api replicas
+starting at once) take turns: the second finds nothing left to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+NO_TRANSACTION = "-- migrate: no-transaction"
+# Any fixed number serves, as long as nothing else in the database uses it.
+_LOCK_KEY = 0x6D696772617465  # "migrate"
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    INTEGER PRIMARY KEY,
+    name       TEXT NOT NULL,
+    checksum   TEXT NOT NULL,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)
+"""
+_APPLIED = "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
+_RECORD = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+
+
+class MigrationError(RuntimeError):
+    """The migrations on disk and in the database disagree."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered SQL file."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def transactional(self) -> bool:
+        return not self.sql.lstrip().startswith(NO_TRANSACTION)
+
+
+def load(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Reads the migration files, refusing stray names and duplicate versions."""
+    found: dict[int, Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        m = _NAME.match(path.name)
+        if not m:
+            raise MigrationError(f"{path.name}: migration files are named NNNN_name.sql")
+        version = int(m.group(1))
+        if version in found:
+            raise MigrationError(f"{path.name}: version {version} is used twice")
+        found[version] = Migration(version, m.group(2), path.read_text())
+    return [found[v] for v in sorted(found)]
+
+
+def _check_applied(migrations: list[Migration], applied: list[asyncpg.Record]) -> None:
+    by_version = {m.version: m for m in migrations}
+    for row in applied:
+        m = by_version.get(row["version"])
+        if m is None:
+            raise MigrationError(
+                f"the database has migration {row['version']:04d}_{row['name']} that is not on "
+                "disk: this code is older than the database"
+            )
+        if m.checksum != row["checksum"]:
+            raise MigrationError(
+                f"migration {m.version:04d}_{m.name}.sql was edited after it was applied "
+                "(checksum differs); add a new migration instead of changing an applied one"
+            )
+
+
+async def pending(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migrations not yet applied; raises MigrationError when applied ones were edited."""
+    migrations = load(directory)
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    applied = await conn.fetch(_APPLIED) if exists else []
+    _check_applied(migrations, applied)
+    done = {r["version"] for r in applied}
+    return [m for m in migrations if m.version not in done]
+
+
+async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Applies every pending migration; returns those it applied (none when up to date)."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
+    try:
+        await conn.execute(_CREATE_TABLE)
+        todo = await pending(conn, directory)
+        for m in todo:
+            log.info("applying migration %04d_%s", m.version, m.name)
+            if m.transactional:
+                async with conn.transaction():
+                    await conn.execute(m.sql)
+                    await conn.execute(_RECORD, m.version, m.name, m.checksum)
+            else:
+                await conn.execute(m.sql)
+                await conn.execute(_RECORD, m.version, m.name, m.checksum)
+        if not todo:
+            log.info("migrations are up to date")
+        return todo
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)
+
+
+async def migrate_url(url: str, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """Connects to ``url`` and applies every pending migration."""
+    conn = await asyncpg.connect(url)
+    try:
+        return await migrate(conn, directory)
+    finally:
+        await conn.close()

@@ -1,0 +1,1 @@
+"""Generated from protos/ by `python -m tools.protogen`. Do not edit."""

@@ -1,0 +1,116 @@
+"""A throwaway PostgreSQL server for tests, the chaos harness and the benchmarks.
+
+It runs Debian's PostgreSQL binaries (``pg_config --bindir``, or ``PG_BINDIR``) on a free
+loopback port with its data in a temporary directory. PostgreSQL refuses to run as root, so
+when we are root every server command runs as the ``postgres`` user through ``runuser``.
+``stop(mode="fast")`` followed by ``start()`` restarts it on the same port and data, which is
+how the chaos harness restarts the database under load.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def find_bindir() -> Path:
+    """Locates the directory of initdb/pg_ctl: $PG_BINDIR, pg_config, or the newest Debian one."""
+    if env := os.environ.get("PG_BINDIR"):
+        return Path(env)
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False)
+        candidate = Path(out.stdout.strip())
+        if (candidate / "initdb").exists():
+            return candidate
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    if debian:
+        return debian[-1].parent
+    raise RuntimeError("no PostgreSQL server binaries found: install postgresql or set PG_BINDIR")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalPostgres:
+    """One PostgreSQL server on 127.0.0.1, owned by this process."""
+
+    port: int = field(default_factory=free_port)
+    durable: bool = False
+    settings: dict[str, str] = field(default_factory=dict)
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pgtmp-")))
+
+    @property
+    def datadir(self) -> Path:
+        return self.base / "data"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _as_owner(self, *cmd: str) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else list(cmd)
+
+    def init(self) -> None:
+        bindir = find_bindir()
+        if os.geteuid() == 0:
+            # The server user must be able to reach and own its data directory.
+            self.base.chmod(0o755)
+            shutil.chown(self.base, "postgres", "postgres")
+        subprocess.run(
+            self._as_owner(str(bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
+                           "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"),
+            check=True, capture_output=True,
+        )
+        conf = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.base}'",
+            "max_connections": "300",
+            "shared_buffers": "256MB",
+            "log_min_messages": "warning",
+            "log_min_error_statement": "panic",
+        }
+        if not self.durable:
+            conf |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        conf |= self.settings
+        with (self.datadir / "postgresql.conf").open("a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+
+    def start(self) -> None:
+        if not self.datadir.exists():
+            self.init()
+        subprocess.run(
+            self._as_owner(str(find_bindir() / "pg_ctl"), "-D", str(self.datadir), "-l",
+                           str(self.base / "server.log"), "-w", "-t", "60", "start"),
+            check=True, capture_output=True,
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        if not (self.datadir / "postmaster.pid").exists():
+            return
+        subprocess.run(
+            self._as_owner(str(find_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", mode,
+                           "-w", "-t", "60", "stop"),
+            check=False, capture_output=True,
+        )
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def __enter__(self) -> LocalPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.destroy()
