@@ -117,3 +117,17 @@ def to_status(error: DomainError) -> grpc.Status:
 def internal_status(message: str = "internal error; the server log has the details") -> grpc.Status:
     """A plain INTERNAL status that leaks no stack trace."""
     return to_status(DomainError(message))
+
+
+def error_reason(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason carried in a failed call's rich status, or '' when there is none."""
+    for key, value in exc.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return str(info.reason)
+    return ""

@@ -1,0 +1,56 @@
+"""Turns every failure inside a servicer method into a canonical gRPC status, logged once."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from services.api.store import translate
+from shared.errors import DomainError, internal_status, to_status
+
+log = logging.getLogger("services.api.rpc")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+async def _abort(method: str, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
+    mapped = translate(exc)
+    if isinstance(mapped, DomainError):
+        level = logging.WARNING if mapped.code == grpc.StatusCode.UNAVAILABLE else logging.INFO
+        log.log(level, "%s failed: %s %s", method, mapped.code.name, mapped.message)
+        await context.abort_with_status(to_status(mapped))
+    log.exception("%s failed with an unexpected error", method)
+    await context.abort_with_status(internal_status())
+    raise AssertionError("unreachable")  # abort_with_status always raises
+
+
+def rpc(fn: F) -> F:
+    """Decorates a unary or server-streaming servicer method with the error mapping."""
+    method = fn.__name__
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except Exception as exc:
+                await _abort(method, exc, context)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            await _abort(method, exc, context)
+
+    return unary  # type: ignore[return-value]
+
+

@@ -1,0 +1,175 @@
+"""Conversions between protobuf messages and the data-access layer's rows: the one place."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from services.api import store
+from shared.gen.automation.v1 import (
+    analytics_pb2,
+    common_pb2,
+    enforcement_pb2,
+    execution_pb2,
+    history_pb2,
+    rule_pb2,
+)
+
+ENFORCEMENT_STATUS = {
+    "created": common_pb2.ENFORCEMENT_STATUS_CREATED,
+    "processed": common_pb2.ENFORCEMENT_STATUS_PROCESSED,
+    "disabled": common_pb2.ENFORCEMENT_STATUS_DISABLED,
+}
+ENFORCEMENT_STATUS_NAME = {v: k for k, v in ENFORCEMENT_STATUS.items()}
+CONDITION = {"all": common_pb2.ENFORCEMENT_CONDITION_ALL, "any": common_pb2.ENFORCEMENT_CONDITION_ANY}
+CONDITION_NAME = {v: k for k, v in CONDITION.items()} | {common_pb2.ENFORCEMENT_CONDITION_UNSPECIFIED: "all"}
+EXECUTION_STATUS = {
+    name.removeprefix("EXECUTION_STATUS_").lower(): number
+    for name, number in execution_pb2.ExecutionStatus.items()
+    if number != execution_pb2.EXECUTION_STATUS_UNSPECIFIED
+}
+EXECUTION_STATUS_NAME = {v: k for k, v in EXECUTION_STATUS.items()}
+OPERATOR = {
+    "equals": rule_pb2.CONDITION_OPERATOR_EQUALS,
+    "not_equals": rule_pb2.CONDITION_OPERATOR_NOT_EQUALS,
+    "contains": rule_pb2.CONDITION_OPERATOR_CONTAINS,
+}
+OPERATOR_NAME = {v: k for k, v in OPERATOR.items()}
+
+
+def ts(value: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def from_ts(value: timestamp_pb2.Timestamp) -> datetime:
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    if value:
+        out.update(value)
+    return out
+
+
+def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(value)
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    return json_format.MessageToDict(value)
+
+
+def list_value(value: list[Any]) -> struct_pb2.ListValue:
+    out = struct_pb2.ListValue()
+    out.extend(value)
+    return out
+
+
+def event(e: store.Event) -> common_pb2.Event:
+    msg = common_pb2.Event(
+        id=e.id, trigger_ref=e.trigger_ref, payload=struct(e.payload), source_ref=e.source_ref or "",
+        rule_ref=e.rule_ref or "", created=ts(e.created),
+    )
+    if e.config is not None:
+        msg.config.CopyFrom(struct(e.config))
+    if e.trigger is not None:
+        msg.trigger = e.trigger
+    if e.source is not None:
+        msg.source = e.source
+    if e.rule is not None:
+        msg.rule = e.rule
+    return msg
+
+
+def enforcement(e: store.Enforcement) -> common_pb2.Enforcement:
+    msg = common_pb2.Enforcement(
+        id=e.id, rule_ref=e.rule_ref, trigger_ref=e.trigger_ref, status=ENFORCEMENT_STATUS[e.status],
+        payload=struct(e.payload), condition=CONDITION[e.condition], conditions=list_value(e.conditions),
+        created=ts(e.created),
+    )
+    if e.config is not None:
+        msg.config.CopyFrom(struct(e.config))
+    if e.rule is not None:
+        msg.rule = e.rule
+    if e.event is not None:
+        msg.event = e.event
+    if e.resolved_at is not None:
+        msg.resolved_at.CopyFrom(ts(e.resolved_at))
+    return msg
+
+
+def execution(x: store.Execution) -> execution_pb2.Execution:
+    msg = execution_pb2.Execution(
+        id=x.id, action_ref=x.action_ref, config=struct(x.config), status=EXECUTION_STATUS[x.status],
+        created=ts(x.created), updated=ts(x.updated),
+    )
+    if x.enforcement is not None:
+        msg.enforcement = x.enforcement
+    if x.parent is not None:
+        msg.parent = x.parent
+    if x.executor is not None:
+        msg.executor = x.executor
+    if isinstance(x.result, dict):
+        msg.result.CopyFrom(struct(x.result))
+    return msg
+
+
+def trigger(t: store.Trigger) -> rule_pb2.Trigger:
+    msg = rule_pb2.Trigger(
+        id=t.id, ref=t.ref, pack_ref=t.pack_ref, label=t.label, description=t.description,
+        created=ts(t.created), updated=ts(t.updated),
+    )
+    if t.param_schema is not None:
+        msg.param_schema.CopyFrom(struct(t.param_schema))
+    if t.out_schema is not None:
+        msg.out_schema.CopyFrom(struct(t.out_schema))
+    return msg
+
+
+def condition_to_json(c: rule_pb2.RuleCondition) -> dict[str, Any]:
+    return {"field": c.field, "operator": OPERATOR_NAME.get(c.operator, ""), "value": from_value(c.value)}
+
+
+def rule(r: store.Rule) -> rule_pb2.Rule:
+    msg = rule_pb2.Rule(
+        id=r.id, ref=r.ref, pack_ref=r.pack_ref, label=r.label, description=r.description,
+        trigger_ref=r.trigger_ref, action_ref=r.action_ref or "", action_params=struct(r.action_params),
+        condition=CONDITION[r.condition], enabled=r.enabled, created=ts(r.created), updated=ts(r.updated),
+    )
+    for c in r.conditions:
+        cond = msg.conditions.add(field=c["field"], operator=OPERATOR[c["operator"]])
+        json_format.ParseDict(c["value"], cond.value)
+    if r.trigger is not None:
+        msg.trigger = r.trigger
+    return msg
+
+
+def history(h: store.HistoryRecord) -> history_pb2.HistoryRecord:
+    return history_pb2.HistoryRecord(
+        id=h.id, time=ts(h.time), operation=h.operation, entity_id=h.entity_id, entity_ref=h.entity_ref or "",
+        changed_fields=h.changed_fields, old_values=struct(h.old_values), new_values=struct(h.new_values),
+    )
+
+
+def delivery(d: store.Delivery) -> enforcement_pb2.WatchEnforcementsResponse:
+    return enforcement_pb2.WatchEnforcementsResponse(
+        delivery=enforcement_pb2.Delivery(
+            enforcement=enforcement(d.enforcement), attempt=d.attempt, lease_expires_at=ts(d.lease_expires_at)
+        )
+    )
+
+
+def event_volume(v: store.EventVolume) -> analytics_pb2.EventVolumeBucket:
+    return analytics_pb2.EventVolumeBucket(bucket=ts(v.bucket), trigger_ref=v.trigger_ref, event_count=v.event_count)
+
+
+def enforcement_volume(v: store.EnforcementVolume) -> analytics_pb2.EnforcementVolumeBucket:
+    return analytics_pb2.EnforcementVolumeBucket(
+        bucket=ts(v.bucket), rule_ref=v.rule_ref, status=ENFORCEMENT_STATUS[v.status],
+        enforcement_count=v.enforcement_count,
+    )

@@ -1,0 +1,196 @@
+"""The api process: gRPC server, health, reflection, maintenance and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.api import migrate as migrations
+from services.api.dispatcher import Dispatcher
+from services.api.servicers import (
+    AnalyticsService,
+    EnforcementService,
+    EventService,
+    ExecutionService,
+    HistoryService,
+    RuleService,
+)
+from services.api.store import Store, create_pool
+from shared.config import ApiConfig
+from shared.errors import Unavailable
+from shared.gen.automation.v1 import (
+    analytics_pb2,
+    analytics_pb2_grpc,
+    enforcement_pb2,
+    enforcement_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    execution_pb2,
+    execution_pb2_grpc,
+    history_pb2,
+    history_pb2_grpc,
+    rule_pb2,
+    rule_pb2_grpc,
+)
+from shared.runtime import SERVER_KEEPALIVE
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = [
+    event_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
+    enforcement_pb2.DESCRIPTOR.services_by_name["EnforcementService"].full_name,
+    rule_pb2.DESCRIPTOR.services_by_name["RuleService"].full_name,
+    execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"].full_name,
+    history_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name,
+    analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
+]
+
+
+class ApiServer:
+    """One api process. ``start`` serves; ``stop`` drains and closes."""
+
+    def __init__(self, config: ApiConfig) -> None:
+        self.config = config
+        self.shutdown = asyncio.Event()
+        self.server = grpc.aio.server(options=SERVER_KEEPALIVE)
+        self.health = health.aio.HealthServicer()
+        self.store: Store | None = None
+        self.dispatcher = Dispatcher(config.database_url)
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _connect(self) -> Store:
+        delay = 0.2
+        while True:
+            try:
+                pool = await create_pool(
+                    self.config.database_url, self.config.pool_min, self.config.pool_max,
+                    self.config.statement_timeout_s,
+                )
+                return Store(pool)
+            except Unavailable as exc:
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def start(self) -> int:
+        cfg = self.config
+        if cfg.migrate_on_start:
+            applied = await migrations.migrate_url(cfg.database_url)
+            log.info("migrations: %d applied", len(applied))
+        self.store = store = await self._connect()
+        event_pb2_grpc.add_EventServiceServicer_to_server(EventService(store, self.dispatcher), self.server)
+        enforcement_pb2_grpc.add_EnforcementServiceServicer_to_server(
+            EnforcementService(store, self.dispatcher, cfg, self.shutdown), self.server
+        )
+        rule_pb2_grpc.add_RuleServiceServicer_to_server(RuleService(store), self.server)
+        execution_pb2_grpc.add_ExecutionServiceServicer_to_server(ExecutionService(store), self.server)
+        history_pb2_grpc.add_HistoryServiceServicer_to_server(HistoryService(store), self.server)
+        analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsService(store), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(cfg.addr)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {cfg.addr}")
+        await self._check_health()
+        self.dispatcher.start()
+        await self.server.start()
+        self._tasks = [
+            asyncio.create_task(self._health_loop(), name="health"),
+            asyncio.create_task(self._maintenance_loop(), name="maintenance"),
+        ]
+        host = cfg.addr.rsplit(":", 1)[0]
+        log.info("api listening on %s:%d", host, self.port)
+        return self.port
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *SERVICE_NAMES]:
+            await self.health.set(name, status)
+
+    async def _check_health(self) -> bool:
+        """SERVING only while the database answers and no migration is pending."""
+        assert self.store is not None
+        try:
+            async with self.store.pool.acquire() as conn:
+                todo = await migrations.pending(conn)
+            ok = not todo
+            if todo:
+                log.warning("NOT_SERVING: %d migration(s) pending; run `python -m services.api migrate`", len(todo))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, migrations.MigrationError) as exc:
+            log.warning("NOT_SERVING: %s", exc)
+            ok = False
+        if not self.shutdown.is_set():
+            await self._set_health(ok)
+        return ok
+
+    async def _health_loop(self) -> None:
+        was = True
+        while not self.shutdown.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), 2.0)
+            if self.shutdown.is_set():
+                return
+            ok = await self._check_health()
+            if ok and not was:
+                log.info("database reachable again: SERVING")
+                self.dispatcher.wake_all()
+            was = ok
+
+    async def _maintenance_loop(self) -> None:
+        """Marks enforcements that ran out of attempts; forgets old idempotency keys."""
+        assert self.store is not None
+        cfg = self.config
+        next_purge = 0.0
+        loop = asyncio.get_running_loop()
+        while not self.shutdown.is_set():
+            try:
+                exhausted = await self.store.dispatch.exhaust(cfg.max_attempts)
+                if exhausted:
+                    log.error("enforcements out of attempts (see GetDispatchState, RetryEnforcement): %s", exhausted)
+                if loop.time() >= next_purge:
+                    purged = await self.store.dispatch.purge_requests(cfg.request_retention_h)
+                    if purged:
+                        log.info("forgot %d idempotency keys older than %.0fh", purged, cfg.request_retention_h)
+                    next_purge = loop.time() + 3600
+            except Exception as exc:  # noqa: BLE001 - maintenance retries on its next round
+                log.debug("maintenance skipped: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), max(cfg.lease_s / 3, 0.05))
+
+    async def stop(self) -> None:
+        """NOT_SERVING, end watch streams, finish in-flight calls within the grace, close."""
+        if self.shutdown.is_set():
+            return
+        log.info("shutting down: draining for up to %.0fs", self.config.grace_s)
+        self.shutdown.set()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dispatcher.stop()
+        if self.store is not None:
+            await self.store.close()
+        log.info("api stopped")
+
+
+async def serve(config: ApiConfig) -> None:
+    """Runs the api until SIGTERM or SIGINT."""
+    server = ApiServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    await server.stop()

@@ -1,0 +1,546 @@
+"""The gRPC servicers: validate requests, call the data-access layer, convert the answers.
+
+They hold no SQL and no business state; errors become canonical statuses in ``_rpc``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, empty_pb2
+
+from services.api import convert, matching
+from services.api._rpc import rpc
+from services.api.dispatcher import Dispatcher
+from services.api.store import NewEvent, Store
+from services.api.store._paging import page_size
+from services.api.store.rules import UPDATABLE
+from shared.config import ApiConfig
+from shared.errors import InvalidArgument, Violations
+from shared.gen.automation.v1 import (
+    analytics_pb2,
+    analytics_pb2_grpc,
+    common_pb2,
+    enforcement_pb2,
+    enforcement_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    execution_pb2,
+    execution_pb2_grpc,
+    history_pb2,
+    history_pb2_grpc,
+    rule_pb2,
+    rule_pb2_grpc,
+)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+REF = re.compile(r"^[a-z0-9_-]+\.[a-z0-9_.-]+$")
+REF_HINT = "must look like pack.name (lower case letters, digits, '_', '-')"
+MAX_BATCH = 1000
+MAX_REQUEST_ID = 200
+MAX_VOLUME_RANGE = timedelta(days=90)
+
+
+def _check_ref(v: Violations, field: str, value: str, required: bool = True) -> None:
+    if not value:
+        if required:
+            v.add(field, "is required")
+    elif not REF.match(value):
+        v.add(field, f"{REF_HINT}, got {value!r}")
+
+
+def _check_id(field: str, value: int) -> int:
+    if value <= 0:
+        raise InvalidArgument.one(field, f"must be a positive id, got {value}")
+    return value
+
+
+def _time_range(field: str, r: common_pb2.TimeRange) -> tuple[datetime | None, datetime | None]:
+    start = convert.from_ts(r.start) if r.HasField("start") else None
+    end = convert.from_ts(r.end) if r.HasField("end") else None
+    if start and end and start >= end:
+        raise InvalidArgument.one(field, "start must be before end")
+    return start, end
+
+
+def _key(request: Any, what: str) -> int | str:
+    which = request.WhichOneof("key")
+    if which == "id":
+        return _check_id("id", request.id)
+    if which == "ref":
+        if not REF.match(request.ref):
+            raise InvalidArgument.one("ref", f"{REF_HINT}, got {request.ref!r}")
+        return str(request.ref)
+    raise InvalidArgument.one("key", f"give the {what}'s id or ref")
+
+
+def _new_event(v: Violations, field: str, e: event_pb2.NewEvent) -> NewEvent:
+    _check_ref(v, f"{field}.trigger_ref", e.trigger_ref)
+    _check_ref(v, f"{field}.rule_ref", e.rule_ref, required=False)
+    if len(e.request_id) > MAX_REQUEST_ID:
+        v.add(f"{field}.request_id", f"must be at most {MAX_REQUEST_ID} characters")
+    return NewEvent(
+        trigger_ref=e.trigger_ref,
+        payload=convert.from_struct(e.payload),
+        config=convert.from_struct(e.config) if e.HasField("config") else None,
+        source=e.source if e.HasField("source") else None,
+        source_ref=e.source_ref or None,
+        rule_ref=e.rule_ref or None,
+        request_id=e.request_id or None,
+    )
+
+
+def _created_event(c: Any) -> event_pb2.CreateEventResponse:
+    return event_pb2.CreateEventResponse(
+        event=convert.event(c.event), enforcements=[convert.enforcement(x) for x in c.enforcements],
+        replayed=c.replayed,
+    )
+
+
+class EventService(event_pb2_grpc.EventServiceServicer):
+    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+
+    async def _create(self, new: list[NewEvent], many: bool) -> list[Any]:
+        results = await self._store.events.create_many(new, many=many)
+        if any(r.enforcements and not r.replayed for r in results):
+            self._dispatcher.wake_all()
+        return results
+
+    @rpc
+    async def CreateEvent(self, request: event_pb2.CreateEventRequest, context: Context) -> event_pb2.CreateEventResponse:
+        if not request.HasField("event"):
+            raise InvalidArgument.one("event", "is required")
+        v = Violations()
+        new = _new_event(v, "event", request.event)
+        v.raise_if_any()
+        (result,) = await self._create([new], many=False)
+        return _created_event(result)
+
+    @rpc
+    async def CreateEvents(self, request: event_pb2.CreateEventsRequest, context: Context) -> event_pb2.CreateEventsResponse:
+        if not 1 <= len(request.events) <= MAX_BATCH:
+            raise InvalidArgument.one("events", f"must hold 1 to {MAX_BATCH} events, got {len(request.events)}")
+        v = Violations()
+        new = [_new_event(v, f"events[{i}]", e) for i, e in enumerate(request.events)]
+        v.raise_if_any()
+        results = await self._create(new, many=True)
+        return event_pb2.CreateEventsResponse(results=[_created_event(r) for r in results])
+
+    @rpc
+    async def GetEvent(self, request: event_pb2.GetEventRequest, context: Context) -> common_pb2.Event:
+        return convert.event(await self._store.events.get(_check_id("id", request.id)))
+
+    @rpc
+    async def ListEvents(self, request: event_pb2.ListEventsRequest, context: Context) -> event_pb2.ListEventsResponse:
+        size = page_size(request.page_size)
+        start, end = _time_range("created", request.created)
+        page = await self._store.events.list(
+            size, request.page_token, trigger_ref=request.trigger_ref, source_ref=request.source_ref,
+            rule_ref=request.rule_ref, created_from=start, created_to=end,
+        )
+        return event_pb2.ListEventsResponse(
+            events=[convert.event(e) for e in page.items], next_page_token=page.next_token
+        )
+
+
+class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
+    def __init__(self, store: Store, dispatcher: Dispatcher, config: ApiConfig, shutdown: asyncio.Event) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+        self._config = config
+        self._shutdown = shutdown
+
+    @rpc
+    async def CreateEnforcement(
+        self, request: enforcement_pb2.CreateEnforcementRequest, context: Context
+    ) -> enforcement_pb2.CreateEnforcementResponse:
+        v = Violations()
+        _check_ref(v, "rule_ref", request.rule_ref)
+        if request.HasField("event") and request.event <= 0:
+            v.add("event", f"must be a positive id, got {request.event}")
+        if len(request.request_id) > MAX_REQUEST_ID:
+            v.add("request_id", f"must be at most {MAX_REQUEST_ID} characters")
+        v.raise_if_any()
+        enforcement, replayed = await self._store.enforcements.create(
+            rule_ref=request.rule_ref,
+            event=request.event if request.HasField("event") else None,
+            payload=convert.from_struct(request.payload),
+            config=convert.from_struct(request.config) if request.HasField("config") else None,
+            request_id=request.request_id or None,
+        )
+        if not replayed:
+            self._dispatcher.wake_all()
+        return enforcement_pb2.CreateEnforcementResponse(
+            enforcement=convert.enforcement(enforcement), replayed=replayed
+        )
+
+    @rpc
+    async def GetEnforcement(self, request: enforcement_pb2.GetEnforcementRequest, context: Context) -> common_pb2.Enforcement:
+        return convert.enforcement(await self._store.enforcements.get(_check_id("id", request.id)))
+
+    @rpc
+    async def ListEnforcements(
+        self, request: enforcement_pb2.ListEnforcementsRequest, context: Context
+    ) -> enforcement_pb2.ListEnforcementsResponse:
+        size = page_size(request.page_size)
+        start, end = _time_range("created", request.created)
+        status = ""
+        if request.status != common_pb2.ENFORCEMENT_STATUS_UNSPECIFIED:
+            status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
+            if not status:
+                raise InvalidArgument.one("status", f"unknown status {request.status}")
+        page = await self._store.enforcements.list(
+            size, request.page_token, rule_ref=request.rule_ref,
+            event=request.event if request.HasField("event") else None, status=status,
+            trigger_ref=request.trigger_ref, created_from=start, created_to=end,
+        )
+        return enforcement_pb2.ListEnforcementsResponse(
+            enforcements=[convert.enforcement(e) for e in page.items], next_page_token=page.next_token
+        )
+
+    @rpc
+    async def ResolveEnforcement(
+        self, request: enforcement_pb2.ResolveEnforcementRequest, context: Context
+    ) -> enforcement_pb2.ResolveEnforcementResponse:
+        id_ = _check_id("id", request.id)
+        if request.status not in (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_STATUS_DISABLED):
+            raise InvalidArgument.one(
+                "status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED"
+            )
+        result = await self._store.enforcements.resolve(id_, convert.ENFORCEMENT_STATUS_NAME[request.status])
+        self._dispatcher.resolved(id_)
+        response = enforcement_pb2.ResolveEnforcementResponse(
+            enforcement=convert.enforcement(result.enforcement), replayed=result.replayed
+        )
+        if result.execution is not None:
+            response.execution.CopyFrom(convert.execution(result.execution))
+        return response
+
+    @rpc
+    async def ReleaseEnforcement(
+        self, request: enforcement_pb2.ReleaseEnforcementRequest, context: Context
+    ) -> enforcement_pb2.ReleaseEnforcementResponse:
+        id_ = _check_id("id", request.id)
+        if not request.executor_id:
+            raise InvalidArgument.one("executor_id", "is required")
+        released = await self._store.dispatch.release(id_, request.executor_id, request.error or "released")
+        if released:
+            self._dispatcher.resolved(id_)
+            self._dispatcher.wake_all()
+        return enforcement_pb2.ReleaseEnforcementResponse(released=released)
+
+    @rpc
+    async def WatchEnforcements(self, request: enforcement_pb2.WatchEnforcementsRequest, context: Context) -> Any:
+        v = Violations()
+        if not request.executor_id:
+            v.add("executor_id", "is required")
+        if not 0 <= request.max_in_flight <= 1000:
+            v.add("max_in_flight", f"must be 0 (default 16) to 1000, got {request.max_in_flight}")
+        for i, ref in enumerate(request.rule_refs):
+            _check_ref(v, f"rule_refs[{i}]", ref)
+        for i, ref in enumerate(request.trigger_refs):
+            _check_ref(v, f"trigger_refs[{i}]", ref)
+        v.raise_if_any()
+        cfg = self._config
+        credit = request.max_in_flight or 16
+        token = f"{request.executor_id}/{uuid.uuid4().hex[:12]}"
+        sub = self._dispatcher.subscribe()
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
+        reason = "stream closed"
+        try:
+            while not self._shutdown.is_set():
+                sub.wake.clear()
+                free = credit - len(sub.held)
+                if free > 0:
+                    deliveries = await self._store.dispatch.claim(
+                        executor_id=request.executor_id, token=token, limit=free, lease_s=cfg.lease_s,
+                        max_attempts=cfg.max_attempts, rule_refs=request.rule_refs,
+                        trigger_refs=request.trigger_refs,
+                    )
+                    for d in deliveries:
+                        sub.held.add(d.enforcement.id)
+                        yield convert.delivery(d)
+                    if len(deliveries) == free:
+                        continue
+                now = loop.time()
+                if now >= next_beat:
+                    # Renewal doubles as reconciliation: what we no longer hold was resolved
+                    # (possibly through another api replica).
+                    sub.held &= await self._store.dispatch.renew(token, cfg.lease_s)
+                    next_beat = now + cfg.heartbeat_s
+                    yield enforcement_pb2.WatchEnforcementsResponse(
+                        heartbeat=enforcement_pb2.Heartbeat(
+                            server_time=convert.ts(datetime.now(UTC)), in_flight=len(sub.held)
+                        )
+                    )
+                    continue
+                waits = [asyncio.ensure_future(sub.wake.wait()), asyncio.ensure_future(self._shutdown.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=min(cfg.poll_s, next_beat - now),
+                                       return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+            reason = "api shutting down"
+        finally:
+            self._dispatcher.unsubscribe(sub)
+            # Give back what this stream holds so that another executor gets it now, not when
+            # the lease runs out. Best effort: if the database is down the lease expires.
+            try:
+                await asyncio.shield(self._store.dispatch.release_stream(token, f"{reason} ({request.executor_id})"))
+            except Exception:  # noqa: BLE001 - the lease expiry covers every failure here
+                pass
+            if sub.held:
+                self._dispatcher.wake_all()
+
+    @rpc
+    async def GetDispatchState(
+        self, request: enforcement_pb2.GetDispatchStateRequest, context: Context
+    ) -> enforcement_pb2.GetDispatchStateResponse:
+        if not 0 <= request.exhausted_limit <= 1000:
+            raise InvalidArgument.one("exhausted_limit", "must be 0 (default 100) to 1000")
+        state = await self._store.dispatch.state(request.exhausted_limit or 100)
+        response = enforcement_pb2.GetDispatchStateResponse(
+            pending=state.pending, waiting=state.waiting, exhausted_count=state.exhausted_count,
+            leases=[enforcement_pb2.ExecutorLeases(executor_id=e, leased=n) for e, n in state.leases],
+            exhausted=[
+                enforcement_pb2.ExhaustedEnforcement(
+                    id=x.id, rule_ref=x.rule_ref, attempts=x.attempts, last_error=x.last_error or "",
+                    created=convert.ts(x.created),
+                )
+                for x in state.exhausted
+            ],
+        )
+        if state.oldest_pending_created is not None:
+            age = duration_pb2.Duration()
+            age.FromTimedelta(max(state.now - state.oldest_pending_created, timedelta(0)))
+            response.oldest_pending_age.CopyFrom(age)
+        return response
+
+    @rpc
+    async def RetryEnforcement(
+        self, request: enforcement_pb2.RetryEnforcementRequest, context: Context
+    ) -> enforcement_pb2.RetryEnforcementResponse:
+        id_ = _check_id("id", request.id)
+        await self._store.dispatch.retry(id_)
+        self._dispatcher.wake_all()
+        return enforcement_pb2.RetryEnforcementResponse(
+            enforcement=convert.enforcement(await self._store.enforcements.get(id_))
+        )
+
+
+def _conditions(v: Violations, field: str, conditions: Any) -> list[dict[str, Any]]:
+    out = []
+    for i, c in enumerate(conditions):
+        if c.operator not in convert.OPERATOR_NAME:
+            v.add(f"{field}[{i}].operator", "must be CONDITION_OPERATOR_EQUALS, _NOT_EQUALS or _CONTAINS")
+        if not c.HasField("value"):
+            v.add(f"{field}[{i}].value", "is required")
+        out.append(convert.condition_to_json(c))
+    for f, why in matching.condition_violations([c for c in out if c["operator"]], field):
+        if f.endswith(".field"):
+            v.add(f, why)
+    return out
+
+
+class RuleService(rule_pb2_grpc.RuleServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @rpc
+    async def CreateTrigger(self, request: rule_pb2.CreateTriggerRequest, context: Context) -> rule_pb2.Trigger:
+        t = request.trigger
+        v = Violations()
+        _check_ref(v, "trigger.ref", t.ref)
+        v.raise_if_any()
+        created = await self._store.rules.create_trigger(
+            t.ref, t.label, t.description,
+            convert.from_struct(t.param_schema) if t.HasField("param_schema") else None,
+            convert.from_struct(t.out_schema) if t.HasField("out_schema") else None,
+        )
+        return convert.trigger(created)
+
+    @rpc
+    async def GetTrigger(self, request: rule_pb2.GetTriggerRequest, context: Context) -> rule_pb2.Trigger:
+        return convert.trigger(await self._store.rules.get_trigger(_key(request, "trigger")))
+
+    @rpc
+    async def ListTriggers(self, request: rule_pb2.ListTriggersRequest, context: Context) -> rule_pb2.ListTriggersResponse:
+        page = await self._store.rules.list_triggers(page_size(request.page_size), request.page_token, request.pack_ref)
+        return rule_pb2.ListTriggersResponse(
+            triggers=[convert.trigger(t) for t in page.items], next_page_token=page.next_token
+        )
+
+    @rpc
+    async def DeleteTrigger(self, request: rule_pb2.DeleteTriggerRequest, context: Context) -> empty_pb2.Empty:
+        await self._store.rules.delete_trigger(_key(request, "trigger"))
+        return empty_pb2.Empty()
+
+    @rpc
+    async def CreateRule(self, request: rule_pb2.CreateRuleRequest, context: Context) -> rule_pb2.Rule:
+        r = request.rule
+        v = Violations()
+        _check_ref(v, "rule.ref", r.ref)
+        _check_ref(v, "rule.trigger_ref", r.trigger_ref)
+        _check_ref(v, "rule.action_ref", r.action_ref, required=False)
+        if r.condition not in convert.CONDITION_NAME:
+            v.add("rule.condition", "must be ENFORCEMENT_CONDITION_ALL or ENFORCEMENT_CONDITION_ANY")
+        conditions = _conditions(v, "rule.conditions", r.conditions)
+        v.raise_if_any()
+        created = await self._store.rules.create_rule(
+            ref=r.ref, label=r.label, description=r.description, trigger_ref=r.trigger_ref,
+            action_ref=r.action_ref or None, action_params=convert.from_struct(r.action_params),
+            conditions=conditions, condition=convert.CONDITION_NAME[r.condition],
+            enabled=r.enabled if r.HasField("enabled") else True,
+        )
+        return convert.rule(created)
+
+    @rpc
+    async def GetRule(self, request: rule_pb2.GetRuleRequest, context: Context) -> rule_pb2.Rule:
+        return convert.rule(await self._store.rules.get_rule(_key(request, "rule")))
+
+    @rpc
+    async def ListRules(self, request: rule_pb2.ListRulesRequest, context: Context) -> rule_pb2.ListRulesResponse:
+        page = await self._store.rules.list_rules(
+            page_size(request.page_size), request.page_token, pack_ref=request.pack_ref,
+            trigger_ref=request.trigger_ref, action_ref=request.action_ref,
+            enabled=request.enabled if request.HasField("enabled") else None,
+        )
+        return rule_pb2.ListRulesResponse(rules=[convert.rule(r) for r in page.items], next_page_token=page.next_token)
+
+    @rpc
+    async def UpdateRule(self, request: rule_pb2.UpdateRuleRequest, context: Context) -> rule_pb2.Rule:
+        r = request.rule
+        key: int | str
+        if r.id:
+            key = _check_id("rule.id", r.id)
+        elif r.ref:
+            key = r.ref
+        else:
+            raise InvalidArgument.one("rule", "give the rule's id or ref")
+        paths = list(request.update_mask.paths)
+        v = Violations()
+        if not paths:
+            v.add("update_mask", f"is required: name the fields to change ({', '.join(UPDATABLE)})")
+        changes: dict[str, Any] = {}
+        for path in paths:
+            if path not in UPDATABLE:
+                v.add("update_mask", f"cannot change {path!r}; changeable: {', '.join(UPDATABLE)}")
+            elif path == "action_ref":
+                _check_ref(v, "rule.action_ref", r.action_ref, required=False)
+                changes[path] = r.action_ref or None
+            elif path == "action_params":
+                changes[path] = convert.from_struct(r.action_params)
+            elif path == "conditions":
+                changes[path] = _conditions(v, "rule.conditions", r.conditions)
+            elif path == "condition":
+                if r.condition not in convert.CONDITION_NAME:
+                    v.add("rule.condition", "must be ENFORCEMENT_CONDITION_ALL or ENFORCEMENT_CONDITION_ANY")
+                else:
+                    changes[path] = convert.CONDITION_NAME[r.condition]
+            elif path == "enabled":
+                if not r.HasField("enabled"):
+                    v.add("rule.enabled", "must be set when update_mask names it")
+                changes[path] = r.enabled
+            else:
+                changes[path] = getattr(r, path)
+        v.raise_if_any()
+        return convert.rule(await self._store.rules.update_rule(key, changes))
+
+    @rpc
+    async def DeleteRule(self, request: rule_pb2.DeleteRuleRequest, context: Context) -> empty_pb2.Empty:
+        await self._store.rules.delete_rule(_key(request, "rule"))
+        return empty_pb2.Empty()
+
+
+class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @rpc
+    async def GetExecution(self, request: execution_pb2.GetExecutionRequest, context: Context) -> execution_pb2.Execution:
+        return convert.execution(await self._store.executions.get(_check_id("id", request.id)))
+
+    @rpc
+    async def ListExecutions(
+        self, request: execution_pb2.ListExecutionsRequest, context: Context
+    ) -> execution_pb2.ListExecutionsResponse:
+        size = page_size(request.page_size)
+        start, end = _time_range("created", request.created)
+        status = ""
+        if request.status != execution_pb2.EXECUTION_STATUS_UNSPECIFIED:
+            status = convert.EXECUTION_STATUS_NAME.get(request.status, "")
+            if not status:
+                raise InvalidArgument.one("status", f"unknown status {request.status}")
+        page = await self._store.executions.list(
+            size, request.page_token, enforcement=request.enforcement if request.HasField("enforcement") else None,
+            action_ref=request.action_ref, status=status, created_from=start, created_to=end,
+        )
+        return execution_pb2.ListExecutionsResponse(
+            executions=[convert.execution(x) for x in page.items], next_page_token=page.next_token
+        )
+
+
+class HistoryService(history_pb2_grpc.HistoryServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @rpc
+    async def ListHistory(self, request: history_pb2.ListHistoryRequest, context: Context) -> history_pb2.ListHistoryResponse:
+        v = Violations()
+        if request.operation and request.operation not in ("INSERT", "UPDATE", "DELETE"):
+            v.add("operation", "must be INSERT, UPDATE or DELETE")
+        if request.HasField("entity_id") and request.entity_id <= 0:
+            v.add("entity_id", "must be a positive id")
+        v.raise_if_any()
+        size = page_size(request.page_size)
+        start, end = _time_range("time", request.time)
+        page = await self._store.history.list(
+            request.entity_type, size, request.page_token,
+            entity_id=request.entity_id if request.HasField("entity_id") else None,
+            operation=request.operation, changed_field=request.changed_field, time_from=start, time_to=end,
+        )
+        return history_pb2.ListHistoryResponse(
+            records=[convert.history(h) for h in page.items], next_page_token=page.next_token
+        )
+
+
+def _volume_range(r: common_pb2.TimeRange) -> tuple[datetime, datetime]:
+    start, end = _time_range("range", r)
+    end = end or datetime.now(UTC)
+    start = start or end - timedelta(hours=24)
+    if start >= end:
+        raise InvalidArgument.one("range", "start must be before end")
+    if end - start > MAX_VOLUME_RANGE:
+        raise InvalidArgument.one("range", "may cover at most 90 days")
+    return start, end
+
+
+class AnalyticsService(analytics_pb2_grpc.AnalyticsServiceServicer):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @rpc
+    async def QueryEventVolume(
+        self, request: analytics_pb2.QueryEventVolumeRequest, context: Context
+    ) -> analytics_pb2.QueryEventVolumeResponse:
+        start, end = _volume_range(request.range)
+        rows = await self._store.analytics.event_volume(start, end, request.trigger_ref)
+        return analytics_pb2.QueryEventVolumeResponse(buckets=[convert.event_volume(r) for r in rows])
+
+    @rpc
+    async def QueryEnforcementVolume(
+        self, request: analytics_pb2.QueryEnforcementVolumeRequest, context: Context
+    ) -> analytics_pb2.QueryEnforcementVolumeResponse:
+        start, end = _volume_range(request.range)
+        status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
+        rows = await self._store.analytics.enforcement_volume(start, end, request.rule_ref, status)
+        return analytics_pb2.QueryEnforcementVolumeResponse(buckets=[convert.enforcement_volume(r) for r in rows])

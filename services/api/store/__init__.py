@@ -1,0 +1,61 @@
+"""The data-access layer: the only place that holds SQL (besides migrations/).
+
+``Store`` bundles one repository per aggregate over one asyncpg pool. Repositories return
+typed rows (``types``) and raise the domain errors of ``shared.errors``.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from ._db import create_pool, translate
+from .analytics import Analytics
+from .dispatch import Dispatch
+from .enforcements import Enforcements
+from .events import Events
+from .executions import Executions
+from .history import History
+from .rules import Rules
+from .types import (
+    CreatedEvent,
+    Delivery,
+    DispatchState,
+    Enforcement,
+    EnforcementVolume,
+    Event,
+    EventVolume,
+    Execution,
+    HistoryRecord,
+    NewEvent,
+    Page,
+    Resolution,
+    Rule,
+    Trigger,
+)
+
+__all__ = [
+    "CreatedEvent", "Delivery", "DispatchState", "Enforcement", "EnforcementVolume", "Event",
+    "EventVolume", "Execution", "HistoryRecord", "NewEvent", "Page", "Resolution", "Rule", "Store",
+    "Trigger", "create_pool", "translate",
+]
+
+
+class Store:
+    """Every repository, sharing one pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.rules = Rules(pool)
+        self.events = Events(pool)
+        self.enforcements = Enforcements(pool)
+        self.dispatch = Dispatch(pool)
+        self.executions = Executions(pool)
+        self.history = History(pool)
+        self.analytics = Analytics(pool)
+
+    async def ping(self) -> None:
+        """Raises when the database cannot answer a trivial query."""
+        await self.pool.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        await self.pool.close()

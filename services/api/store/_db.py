@@ -1,0 +1,98 @@
+"""The connection pool and the translation of database failures into domain errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from shared.errors import AlreadyExists, DomainError, InvalidArgument, NotFound, Unavailable
+
+# SQLSTATE classes that mean "the database is not there right now": connection exceptions,
+# operator intervention (shutdown, statement timeout), insufficient resources.
+_UNAVAILABLE_CLASSES = ("08", "57", "53")
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(
+    url: str, min_size: int = 2, max_size: int = 16, statement_timeout_s: float = 30.0
+) -> asyncpg.Pool:
+    """A pool whose connections decode JSON to Python values and bound every statement."""
+    try:
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            init=_init_connection,
+            server_settings={
+                "statement_timeout": str(int(statement_timeout_s * 1000)),
+                "application_name": "automation-api",
+            },
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise Unavailable(f"cannot connect to the database: {exc}") from exc
+    assert pool is not None
+    return pool
+
+
+def translate(exc: BaseException) -> DomainError | None:
+    """The domain error for a database failure, or None when it is a bug to report as such."""
+    if isinstance(exc, DomainError):
+        return exc
+    if isinstance(exc, (OSError, asyncpg.InterfaceError, ConnectionError)):
+        return Unavailable(f"the database is unavailable: {exc.__class__.__name__}")
+    if isinstance(exc, asyncpg.PostgresError):
+        state = getattr(exc, "sqlstate", "") or ""
+        if state.startswith(_UNAVAILABLE_CLASSES):
+            return Unavailable(f"the database is unavailable: {exc}")
+        if isinstance(exc, asyncpg.UniqueViolationError):
+            return AlreadyExists(f"already exists: {exc.detail or exc}")
+        if isinstance(exc, asyncpg.ForeignKeyViolationError):
+            return NotFound(f"a referenced record does not exist: {exc.detail or exc}")
+        if isinstance(exc, (asyncpg.CheckViolationError, asyncpg.DataError)):
+            return InvalidArgument.one("request", str(exc))
+    return None
+
+
+@asynccontextmanager
+async def guarded() -> AsyncIterator[None]:
+    """Re-raises database failures as domain errors (unexpected ones pass through)."""
+    try:
+        yield
+    except Exception as exc:
+        mapped = translate(exc)
+        if mapped is None or mapped is exc:
+            raise
+        raise mapped from exc
+
+
+class Repo:
+    """Base of the per-aggregate repositories: a pool and helpers that translate failures."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with guarded():
+            return await self._pool.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with guarded():
+            return await self._pool.fetchrow(sql, *args)
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with guarded():
+            return await self._pool.fetchval(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> str:
+        async with guarded():
+            return await self._pool.execute(sql, *args)

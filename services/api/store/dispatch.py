@@ -1,0 +1,168 @@
+"""Leased hand-out of pending enforcements to executors (the ``enforcement_dispatch`` table).
+
+Each pending enforcement has one dispatch row (kept by triggers). A watch stream claims rows
+with ``FOR UPDATE SKIP LOCKED`` (so concurrent streams on any api replica never get the same
+row), holding each under a lease that the stream renews while it lives. A lease that is not
+renewed expires and the row is claimed again; every claim counts an attempt, and a row out of
+attempts is marked exhausted and waits for an operator's retry. Leases live in PostgreSQL,
+never in api memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.errors import FailedPrecondition, NotFound
+
+from ._db import Repo
+from ._paging import Where
+from .types import Delivery, DispatchState, Enforcement, ExhaustedEnforcement, columns
+
+_ENFORCEMENT_E = columns(Enforcement, "e.")
+_N_ENF = len(_ENFORCEMENT_E.split(", "))
+
+_CLAIM = """
+WITH picked AS (
+    SELECT enforcement FROM enforcement_dispatch
+     WHERE exhausted_at IS NULL AND attempts < {max_attempts}
+       AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+       {filters}
+     ORDER BY enforcement_created, enforcement
+     LIMIT {limit}
+       FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE enforcement_dispatch d
+       SET leased_by = {executor}, lease_token = {token},
+           lease_expires_at = now() + {lease} * interval '1 second',
+           attempts = d.attempts + 1,
+           last_error = CASE WHEN d.leased_by IS NOT NULL
+                             THEN 'lease of ' || d.leased_by || ' expired' ELSE d.last_error END
+      FROM picked p
+     WHERE d.enforcement = p.enforcement
+    RETURNING d.enforcement, d.enforcement_created, d.attempts, d.lease_expires_at
+)
+SELECT """ + _ENFORCEMENT_E + """, c.attempts, c.lease_expires_at
+  FROM claimed c
+  JOIN enforcement e ON e.id = c.enforcement AND e.created = c.enforcement_created
+ ORDER BY e.created, e.id
+"""
+
+_RENEW = """
+UPDATE enforcement_dispatch SET lease_expires_at = now() + $2 * interval '1 second'
+ WHERE lease_token = $1
+RETURNING enforcement"""
+
+_RELEASE_STREAM = """
+UPDATE enforcement_dispatch
+   SET leased_by = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = $2
+ WHERE lease_token = $1"""
+
+_RELEASE_ONE = """
+UPDATE enforcement_dispatch
+   SET leased_by = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = $3
+ WHERE enforcement = $1 AND leased_by = $2
+RETURNING enforcement"""
+
+_EXHAUST = """
+UPDATE enforcement_dispatch
+   SET exhausted_at = now(), leased_by = NULL, lease_token = NULL, lease_expires_at = NULL,
+       last_error = COALESCE(CASE WHEN leased_by IS NOT NULL
+                                  THEN 'lease of ' || leased_by || ' expired' END,
+                             last_error, 'attempts exhausted')
+ WHERE exhausted_at IS NULL AND attempts >= $1
+   AND (lease_expires_at IS NULL OR lease_expires_at <= now())
+RETURNING enforcement"""
+
+_STATE = """
+SELECT count(*) AS pending,
+       count(*) FILTER (WHERE exhausted_at IS NULL
+                          AND (lease_expires_at IS NULL OR lease_expires_at <= now())) AS waiting,
+       count(*) FILTER (WHERE exhausted_at IS NOT NULL) AS exhausted_count,
+       min(enforcement_created) AS oldest,
+       now() AS now
+  FROM enforcement_dispatch"""
+_LEASES = """
+SELECT leased_by, count(*) FROM enforcement_dispatch
+ WHERE lease_expires_at > now() GROUP BY leased_by ORDER BY leased_by"""
+_EXHAUSTED = """
+SELECT enforcement, rule_ref, attempts, last_error, enforcement_created FROM enforcement_dispatch
+ WHERE exhausted_at IS NOT NULL ORDER BY enforcement_created, enforcement LIMIT $1"""
+_RETRY = """
+UPDATE enforcement_dispatch
+   SET exhausted_at = NULL, attempts = 0, leased_by = NULL, lease_token = NULL, lease_expires_at = NULL
+ WHERE enforcement = $1 AND exhausted_at IS NOT NULL
+RETURNING enforcement"""
+_DISPATCH_ROW = "SELECT exhausted_at FROM enforcement_dispatch WHERE enforcement = $1"
+_PURGE_REQUESTS = "DELETE FROM ingest_request WHERE created < now() - $1 * interval '1 hour'"
+
+
+class Dispatch(Repo):
+    """Claims, renews and releases leases on pending enforcements."""
+
+    async def claim(
+        self, *, executor_id: str, token: str, limit: int, lease_s: float, max_attempts: int,
+        rule_refs: Sequence[str] = (), trigger_refs: Sequence[str] = (),
+    ) -> list[Delivery]:
+        """Leases up to ``limit`` waiting enforcements to one stream, oldest first."""
+        where = Where()
+        parts = {
+            "executor": where.param(executor_id),
+            "token": where.param(token),
+            "lease": where.param(lease_s),
+            "max_attempts": where.param(max_attempts),
+            "limit": where.param(limit),
+        }
+        filters = []
+        if rule_refs:
+            filters.append(f"AND rule_ref = ANY({where.param(list(rule_refs))}::text[])")
+        if trigger_refs:
+            filters.append(f"AND trigger_ref = ANY({where.param(list(trigger_refs))}::text[])")
+        sql = _CLAIM.format(filters=" ".join(filters), **parts)
+        rows = await self._fetch(sql, *where.args)
+        return [
+            Delivery(Enforcement(*list(r.values())[:_N_ENF]), r["attempts"], r["lease_expires_at"])
+            for r in rows
+        ]
+
+    async def renew(self, token: str, lease_s: float) -> set[int]:
+        """Extends every lease of a stream; returns the enforcements it still holds."""
+        return {r["enforcement"] for r in await self._fetch(_RENEW, token, lease_s)}
+
+    async def release_stream(self, token: str, reason: str) -> None:
+        """Gives back everything a closing stream holds, so other executors get it at once."""
+        await self._execute(_RELEASE_STREAM, token, reason)
+
+    async def release(self, enforcement: int, executor_id: str, error: str) -> bool:
+        """Gives back one enforcement held by ``executor_id``; False when it held none."""
+        return await self._fetchval(_RELEASE_ONE, enforcement, executor_id, error) is not None
+
+    async def exhaust(self, max_attempts: int) -> list[int]:
+        """Marks enforcements out of attempts (and not under a live lease) as exhausted."""
+        return [r["enforcement"] for r in await self._fetch(_EXHAUST, max_attempts)]
+
+    async def state(self, exhausted_limit: int) -> DispatchState:
+        row = await self._fetchrow(_STATE)
+        assert row is not None
+        leases = [(r[0], r[1]) for r in await self._fetch(_LEASES)]
+        exhausted = [ExhaustedEnforcement(*r) for r in await self._fetch(_EXHAUSTED, exhausted_limit)]
+        return DispatchState(
+            pending=row["pending"], waiting=row["waiting"], oldest_pending_created=row["oldest"],
+            now=row["now"], leases=leases, exhausted=exhausted, exhausted_count=row["exhausted_count"],
+        )
+
+    async def retry(self, enforcement: int) -> None:
+        """Offers an exhausted enforcement again with its attempts reset."""
+        if await self._fetchval(_RETRY, enforcement) is not None:
+            return
+        row = await self._fetchrow(_DISPATCH_ROW, enforcement)
+        if row is not None:
+            raise FailedPrecondition(
+                f"enforcement {enforcement} has not exhausted its attempts; it is still being offered",
+                reason="NOT_EXHAUSTED",
+            )
+        raise NotFound(f"enforcement {enforcement} is not pending (unknown or already resolved)")
+
+    async def purge_requests(self, older_than_h: float) -> int:
+        """Forgets idempotency keys older than ``older_than_h`` hours."""
+        status = await self._execute(_PURGE_REQUESTS, older_than_h)
+        return int(status.split()[-1])

@@ -1,0 +1,217 @@
+"""Enforcements: created pending, resolved exactly once.
+
+Resolution is one conditional statement (``... AND status = 'created'``). For PROCESSED it
+also share-locks the rule and requires it enabled with an action, and inserts the execution
+in the same statement: a rule disabled (or deleted) before the resolution commits can never
+get an execution, and a concurrent disable waits for the resolution instead. The partial
+unique index on execution(enforcement) backs this up. When the statement changes nothing, a
+second read tells a retry (same outcome: answer with the stored rows) from a conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+
+
+import asyncpg
+
+from services.api import matching
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+
+from ._db import Repo, guarded
+from ._paging import Where, keyset_query, page_of
+from .types import JSON, Enforcement, Execution, Page, Resolution, columns
+
+_ENFORCEMENT = columns(Enforcement)
+_ENFORCEMENT_E = columns(Enforcement, "e.")
+_EXECUTION = columns(Execution)
+_EXECUTION_X = columns(Execution, "x.")
+_N_ENF = len(_ENFORCEMENT.split(", "))
+
+_GET = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE id = $1"
+
+# The dispatch row exists exactly while the enforcement is pending (triggers keep it so) and
+# carries `created`, which lets TimescaleDB go straight to the right chunk.
+_RESOLVE_PROCESSED = f"""
+WITH target AS (
+    SELECT e.id, e.created, e.rule
+      FROM enforcement_dispatch d
+      JOIN enforcement e ON e.id = d.enforcement AND e.created = d.enforcement_created
+     WHERE d.enforcement = $1 AND e.status = 'created'
+), live_rule AS (
+    SELECT r.id, r.action_ref FROM rule r
+     WHERE r.id = (SELECT rule FROM target) AND r.enabled AND r.action_ref IS NOT NULL
+       FOR SHARE
+), resolved AS (
+    UPDATE enforcement e SET status = 'processed', resolved_at = now()
+      FROM target t, live_rule l
+     WHERE e.id = t.id AND e.created = t.created AND e.status = 'created'
+    RETURNING {_ENFORCEMENT_E}
+), x AS (
+    INSERT INTO execution (action_ref, config, enforcement)
+    SELECT l.action_ref, COALESCE(r.config, '{{}}'::jsonb), r.id FROM resolved r, live_rule l
+    RETURNING {_EXECUTION}
+)
+SELECT r.*, {_EXECUTION_X} FROM resolved r, x
+"""
+
+_RESOLVE_DISABLED = f"""
+WITH target AS (
+    SELECT e.id, e.created
+      FROM enforcement_dispatch d
+      JOIN enforcement e ON e.id = d.enforcement AND e.created = d.enforcement_created
+     WHERE d.enforcement = $1 AND e.status = 'created'
+)
+UPDATE enforcement e SET status = 'disabled', resolved_at = now()
+  FROM target t
+ WHERE e.id = t.id AND e.created = t.created AND e.status = 'created'
+RETURNING {_ENFORCEMENT_E}
+"""
+
+_STORED = f"""
+SELECT {_ENFORCEMENT_E}, {_EXECUTION_X},
+       r.id IS NOT NULL AS rule_exists, COALESCE(r.enabled, false) AS rule_enabled,
+       r.action_ref AS rule_action_ref
+  FROM enforcement e
+  LEFT JOIN execution x ON x.enforcement = e.id
+  LEFT JOIN rule r ON r.id = e.rule
+ WHERE e.id = $1
+"""
+
+_RULE = "SELECT id, ref, trigger_ref, action_params, conditions, condition FROM rule WHERE ref = $1"
+_EVENT_CREATED = "SELECT created FROM event WHERE id = $1"
+_EXISTING_FOR_EVENT = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE event = $1 AND rule = $2 LIMIT 1"
+_REQUEST = """
+SELECT fingerprint, entity_id, entity_created FROM ingest_request
+ WHERE kind = 'enforcement' AND request_id = $1"""
+_INSERT = f"""
+INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, payload, condition, conditions)
+VALUES ($1, $2, $3, $4, $5, $6, $7::enforcement_condition, $8)
+RETURNING {_ENFORCEMENT}"""
+_RECORD_REQUEST = """
+INSERT INTO ingest_request (kind, request_id, fingerprint, entity_id, entity_created)
+VALUES ('enforcement', $1, $2, $3, $4)"""
+_BY_ID_CREATED = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE id = $1 AND created = $2"
+
+
+def _execution(row: asyncpg.Record) -> Execution | None:
+    values = list(row.values())[_N_ENF:_N_ENF + len(_EXECUTION.split(", "))]
+    return None if values[0] is None else Execution(*values)
+
+
+class Enforcements(Repo):
+    """Stores, reads and resolves enforcements."""
+
+    async def create(
+        self, *, rule_ref: str, event: int | None, payload: dict[str, JSON], config: dict[str, JSON] | None,
+        request_id: str | None,
+    ) -> tuple[Enforcement, bool]:
+        """Records an enforcement; returns it and whether it answers an earlier request."""
+        fp = hashlib.sha256(json.dumps([rule_ref, event, payload, config], sort_keys=True).encode()).hexdigest()
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            if request_id:
+                # Serialises requests with the same key; the loser sees the winner's row.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 1))", request_id)
+                stored = await conn.fetchrow(_REQUEST, request_id)
+                if stored is not None:
+                    if stored["fingerprint"] != fp:
+                        raise InvalidArgument.one(
+                            "request_id", "was already used for a different enforcement (keys are kept at least 24 hours)"
+                        )
+                    row = await conn.fetchrow(_BY_ID_CREATED, stored["entity_id"], stored["entity_created"])
+                    if row is None:
+                        raise NotFound(f"enforcement {stored['entity_id']} of request {request_id} no longer exists")
+                    return Enforcement(*row), True
+            rule = await conn.fetchrow(_RULE, rule_ref)
+            if rule is None:
+                raise NotFound(f"rule {rule_ref} not found")
+            if event is not None:
+                # At most one enforcement per (rule, event): a hypertable cannot hold a unique
+                # index without `created`, so concurrent creators take turns on a lock instead.
+                await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", rule["id"] % 2**31, event % 2**31)
+                existing = await conn.fetchrow(_EXISTING_FOR_EVENT, event, rule["id"])
+                if existing is not None:
+                    return Enforcement(*existing), True
+            if config is None:
+                created = await conn.fetchval(_EVENT_CREATED, event) if event is not None else None
+                context = matching.template_context(
+                    event_id=event, trigger_ref=rule["trigger_ref"],
+                    created_iso=created.isoformat() if created else None, payload=payload, rule_ref=rule_ref,
+                )
+                config = matching.render(rule["action_params"], context)
+            row = await conn.fetchrow(
+                _INSERT, rule["id"], rule_ref, rule["trigger_ref"], config, event, payload,
+                rule["condition"], rule["conditions"],
+            )
+            assert row is not None
+            enforcement = Enforcement(*row)
+            if request_id:
+                await conn.execute(_RECORD_REQUEST, request_id, fp, enforcement.id, enforcement.created)
+            return enforcement, False
+
+    async def get(self, id_: int) -> Enforcement:
+        row = await self._fetchrow(_GET, id_)
+        if row is None:
+            raise NotFound(f"enforcement {id_} not found")
+        return Enforcement(*row)
+
+    async def list(
+        self, size: int, token: str, *, rule_ref: str = "", event: int | None = None, status: str = "",
+        trigger_ref: str = "", created_from: datetime | None = None, created_to: datetime | None = None,
+    ) -> Page[Enforcement]:
+        where = Where()
+        if rule_ref:
+            where.add("rule_ref = {}", rule_ref)
+        if event is not None:
+            where.add("event = {}", event)
+        if status:
+            where.add("status = {}::enforcement_status", status)
+        if trigger_ref:
+            where.add("trigger_ref = {}", trigger_ref)
+        if created_from is not None:
+            where.add("created >= {}", created_from)
+        if created_to is not None:
+            where.add("created < {}", created_to)
+        sql, args = keyset_query(f"SELECT {_ENFORCEMENT} FROM enforcement", where, token, size)
+        return page_of([Enforcement(*r) for r in await self._fetch(sql, *args)], size)
+
+    async def resolve(self, id_: int, status: str) -> Resolution:
+        """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""
+        if status == "processed":
+            row = await self._fetchrow(_RESOLVE_PROCESSED, id_)
+            if row is not None:
+                return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
+        else:
+            row = await self._fetchrow(_RESOLVE_DISABLED, id_)
+            if row is not None:
+                return Resolution(Enforcement(*row), None)
+        return await self._explain_unresolved(id_, status)
+
+    async def _explain_unresolved(self, id_: int, status: str) -> Resolution:
+        row = await self._fetchrow(_STORED, id_)
+        if row is None:
+            raise NotFound(f"enforcement {id_} not found")
+        stored = Enforcement(*list(row.values())[:_N_ENF])
+        if stored.status == status:
+            return Resolution(stored, _execution(row), replayed=True)
+        if stored.status != "created":
+            raise FailedPrecondition(
+                f"enforcement {id_} is already {stored.status}; it cannot become {status}",
+                reason="ALREADY_RESOLVED",
+            )
+        # Still pending, so PROCESSED was refused because of the rule.
+        if not row["rule_exists"]:
+            why = f"rule {stored.rule_ref} was deleted"
+        elif not row["rule_enabled"]:
+            why = f"rule {stored.rule_ref} is disabled"
+        elif row["rule_action_ref"] is None:
+            why = f"rule {stored.rule_ref} has no action"
+        else:
+            why = "it changed concurrently; retry"
+        raise FailedPrecondition(
+            f"enforcement {id_} cannot be processed: {why}; resolve it as DISABLED", reason="RULE_NOT_ENABLED"
+        )
+
+

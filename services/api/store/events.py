@@ -1,0 +1,271 @@
+"""Events: immutable once stored; storing one also stores the enforcements it produces.
+
+``create_many`` serves CreateEvent (one event) and CreateEvents (up to 1,000) with two round
+trips and no explicit transaction:
+
+1. one read gathers the triggers, the rules that may match, fresh event ids and any
+   idempotency keys already used;
+2. after matching and rendering in Python, one INSERT statement (CTEs over ``unnest``
+   arrays) writes the events, their enforcements and the new idempotency keys. A single
+   statement is atomic: all of it is stored or none of it.
+
+Matching reads the rules as they are at step 1; a rule disabled just after still gets its
+enforcement, which the executor then resolves DISABLED.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.api import matching
+from shared.errors import InvalidArgument, NotFound
+
+from ._db import Repo, guarded
+from ._paging import Where, keyset_query, page_of
+from .types import CreatedEvent, Enforcement, Event, NewEvent, Page, columns
+
+_EVENT = columns(Event)
+_ENFORCEMENT = columns(Enforcement)
+
+_PREPARE = """
+SELECT now() AS now,
+       ARRAY(SELECT nextval('event_id_seq') FROM generate_series(1, $1::int)) AS ids,
+       (SELECT coalesce(jsonb_object_agg(t.ref, t.id), '{}')
+          FROM trigger t WHERE t.ref = ANY($2::text[])) AS triggers,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'id', r.id, 'ref', r.ref, 'trigger_ref', r.trigger_ref, 'enabled', r.enabled,
+                   'action_params', r.action_params, 'conditions', r.conditions,
+                   'condition', r.condition) ORDER BY r.id), '[]')
+          FROM rule r
+         WHERE (r.trigger_ref = ANY($2::text[]) AND r.enabled) OR r.ref = ANY($3::text[])) AS rules,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                   'request_id', q.request_id, 'fingerprint', q.fingerprint,
+                   'id', q.entity_id, 'created', q.entity_created)), '[]')
+          FROM ingest_request q
+         WHERE q.kind = 'event' AND q.request_id = ANY($4::text[])) AS replays
+"""
+
+_INSERT = f"""
+WITH ev AS (
+    INSERT INTO event (id, trigger, trigger_ref, config, payload, source, source_ref, rule,
+                       rule_ref, created)
+    SELECT u.i, u.t, u.tr, u.c::jsonb, u.p::jsonb, u.s, u.sr, u.r, u.rr, $10::timestamptz
+      FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                  $6::bigint[], $7::text[], $8::bigint[], $9::text[]) AS u(i, t, tr, c, p, s, sr, r, rr)
+), req AS (
+    INSERT INTO ingest_request (kind, request_id, fingerprint, entity_id, entity_created)
+    SELECT 'event', u.*, $10::timestamptz
+      FROM unnest($11::text[], $12::text[], $13::bigint[]) AS u
+)
+INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, payload, condition,
+                         conditions, created)
+SELECT u.r, u.rr, u.tr, u.c::jsonb, u.e, u.p::jsonb, u.cond::enforcement_condition,
+       u.conds::jsonb, $10::timestamptz
+  FROM unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::bigint[],
+              $19::text[], $20::text[], $21::text[]) AS u(r, rr, tr, c, e, p, cond, conds)
+RETURNING {_ENFORCEMENT}
+"""
+
+_REPLAY_EVENTS = f"""
+SELECT {_EVENT} FROM event
+ WHERE (id, created) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))"""
+_REPLAY_ENFORCEMENTS = f"""
+SELECT {_ENFORCEMENT} FROM enforcement WHERE event = ANY($1::bigint[]) ORDER BY id"""
+_GET = f"SELECT {_EVENT} FROM event WHERE id = $1"
+_RULE_EXISTS = "SELECT trigger_ref FROM rule WHERE ref = $1"
+
+
+def fingerprint(e: NewEvent) -> str:
+    """A digest of what an event request asks for, to tell a retry from a reused key."""
+    body = [e.trigger_ref, e.payload, e.config, e.source, e.source_ref, e.rule_ref]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _json(value: object) -> str | None:
+    """JSON text for a jsonb column sent inside an array (cast back with ::jsonb in SQL).
+
+    A Python list given for a jsonb[] parameter would be read as array dimensions.
+    """
+    return None if value is None else json.dumps(value)
+
+
+def _field(index: int, many: bool, name: str) -> str:
+    return f"events[{index}].{name}" if many else f"event.{name}"
+
+
+class Events(Repo):
+    """Stores and reads events."""
+
+    async def create_many(self, new: Sequence[NewEvent], many: bool = False) -> list[CreatedEvent]:
+        """Stores the events and their enforcements (all or nothing); replays known keys."""
+        async with guarded():
+            for _attempt in range(3):
+                try:
+                    return await self._create_many(new, many)
+                except asyncpg.UniqueViolationError as exc:
+                    # A concurrent request with the same idempotency key committed first: go
+                    # round again, and the read step will find it and replay it.
+                    if exc.constraint_name != "ingest_request_pkey":
+                        raise
+        raise InvalidArgument.one("request_id", "is being used by concurrent requests; retry")
+
+    async def _create_many(self, new: Sequence[NewEvent], many: bool) -> list[CreatedEvent]:
+        keys = [e.request_id for e in new if e.request_id]
+        prints = [fingerprint(e) if e.request_id else "" for e in new]
+        seen: dict[str, tuple[str, int]] = {}
+        for i, e in enumerate(new):
+            if not e.request_id:
+                continue
+            if e.request_id in seen and seen[e.request_id][0] != prints[i]:
+                raise InvalidArgument.one(_field(i, many, "request_id"), "is used twice in this batch for different events")
+            seen.setdefault(e.request_id, (prints[i], i))
+
+        async with self._pool.acquire() as conn:
+            prep = await conn.fetchrow(
+                _PREPARE, len(new), list({e.trigger_ref for e in new}),
+                [e.rule_ref for e in new if e.rule_ref], keys,
+            )
+            assert prep is not None
+            now: datetime = prep["now"]
+            ids: list[int] = prep["ids"]
+            triggers: dict[str, int] = prep["triggers"]
+            rules: list[dict[str, Any]] = prep["rules"]
+            replays = {r["request_id"]: r for r in prep["replays"]}
+
+            by_ref = {r["ref"]: r for r in rules}
+            by_trigger: dict[str, list[dict[str, Any]]] = {}
+            for r in rules:
+                if r["enabled"]:
+                    by_trigger.setdefault(r["trigger_ref"], []).append(r)
+
+            ev_cols: list[list[Any]] = [[] for _ in range(9)]
+            req_cols: list[list[Any]] = [[], [], []]
+            enf_cols: list[list[Any]] = [[] for _ in range(8)]
+            events: list[Event | None] = []
+            first_of_key: dict[str, int] = {}
+            created_iso = now.isoformat()
+            for i, e in enumerate(new):
+                if e.request_id and e.request_id in replays:
+                    if replays[e.request_id]["fingerprint"] != prints[i]:
+                        raise InvalidArgument.one(
+                            _field(i, many, "request_id"),
+                            "was already used for a different event (keys are kept at least 24 hours)",
+                        )
+                    events.append(None)
+                    continue
+                if e.request_id and e.request_id in first_of_key:
+                    events.append(None)
+                    continue
+                trigger_id = triggers.get(e.trigger_ref)
+                if trigger_id is None:
+                    raise NotFound(f"{_field(i, many, 'trigger_ref')}: trigger {e.trigger_ref} not found")
+                targeted: dict[str, Any] | None = None
+                if e.rule_ref:
+                    targeted = by_ref.get(e.rule_ref)
+                    if targeted is None:
+                        raise NotFound(f"{_field(i, many, 'rule_ref')}: rule {e.rule_ref} not found")
+                    if targeted["trigger_ref"] != e.trigger_ref:
+                        raise InvalidArgument.one(
+                            _field(i, many, "rule_ref"),
+                            f"rule {e.rule_ref} watches {targeted['trigger_ref']}, not {e.trigger_ref}",
+                        )
+                    candidates = [targeted] if targeted["enabled"] else []
+                else:
+                    candidates = by_trigger.get(e.trigger_ref, [])
+                event_id = ids[i]
+                values = (event_id, trigger_id, e.trigger_ref, e.config, e.payload, e.source,
+                          e.source_ref, targeted["id"] if targeted else None, e.rule_ref)
+                payload_json = _json(e.payload)
+                for col, value in zip(ev_cols, (*values[:3], _json(e.config), payload_json, *values[5:]), strict=True):
+                    col.append(value)
+                events.append(Event(*values, created=now))
+                if e.request_id:
+                    first_of_key[e.request_id] = i
+                    for col, value in zip(req_cols, (e.request_id, prints[i], event_id), strict=True):
+                        col.append(value)
+                for rule in candidates:
+                    if not matching.matches(rule["conditions"], rule["condition"], e.payload):
+                        continue
+                    context = matching.template_context(
+                        event_id=event_id, trigger_ref=e.trigger_ref, created_iso=created_iso,
+                        payload=e.payload, rule_ref=rule["ref"], source_ref=e.source_ref,
+                    )
+                    row = (rule["id"], rule["ref"], e.trigger_ref,
+                           _json(matching.render(rule["action_params"], context)), event_id, payload_json,
+                           rule["condition"], _json(rule["conditions"]))
+                    for col, value in zip(enf_cols, row, strict=True):
+                        col.append(value)
+
+            enforcements: list[Enforcement] = []
+            if ev_cols[0]:
+                rows = await conn.fetch(_INSERT, *ev_cols, now, *req_cols, *enf_cols)
+                enforcements = [Enforcement(*r) for r in rows]
+
+            wanted = dict.fromkeys(e.request_id for e in new if e.request_id in replays)
+            replayed = await self._replay(conn, [replays[k] for k in wanted if k])
+
+        by_event: dict[int, list[Enforcement]] = {}
+        for enf in enforcements:
+            assert enf.event is not None
+            by_event.setdefault(enf.event, []).append(enf)
+        results: list[CreatedEvent] = []
+        for e, ev in zip(new, events, strict=True):
+            if ev is not None:
+                results.append(CreatedEvent(ev, by_event.get(ev.id, [])))
+            elif e.request_id in replayed:
+                results.append(replayed[e.request_id])
+            else:
+                # A key repeated inside this batch: the same result as its first use.
+                first = results[first_of_key[e.request_id or ""]]
+                results.append(CreatedEvent(first.event, first.enforcements, replayed=True))
+        return results
+
+    async def _replay(self, conn: asyncpg.Connection, stored: list[dict[str, Any]]) -> dict[str, CreatedEvent]:
+        if not stored:
+            return {}
+        ids = [s["id"] for s in stored]
+        created = [datetime.fromisoformat(s["created"]) for s in stored]
+        ev_rows = await conn.fetch(_REPLAY_EVENTS, ids, created)
+        enf_rows = await conn.fetch(_REPLAY_ENFORCEMENTS, ids)
+        events = {r["id"]: Event(*r) for r in ev_rows}
+        by_event: dict[int, list[Enforcement]] = {}
+        for r in enf_rows:
+            by_event.setdefault(r["event"], []).append(Enforcement(*r))
+        out = {}
+        for s in stored:
+            event = events.get(s["id"])
+            if event is None:
+                raise NotFound(f"event {s['id']} of request {s['request_id']} no longer exists")
+            out[s["request_id"]] = CreatedEvent(event, by_event.get(s["id"], []), replayed=True)
+        return out
+
+    async def get(self, id_: int) -> Event:
+        row = await self._fetchrow(_GET, id_)
+        if row is None:
+            raise NotFound(f"event {id_} not found")
+        return Event(*row)
+
+    async def list(
+        self, size: int, token: str, *, trigger_ref: str = "", source_ref: str = "", rule_ref: str = "",
+        created_from: datetime | None = None, created_to: datetime | None = None,
+    ) -> Page[Event]:
+        where = Where()
+        if trigger_ref:
+            where.add("trigger_ref = {}", trigger_ref)
+        if source_ref:
+            where.add("source_ref = {}", source_ref)
+        if rule_ref:
+            where.add("rule_ref = {}", rule_ref)
+        if created_from is not None:
+            where.add("created >= {}", created_from)
+        if created_to is not None:
+            where.add("created < {}", created_to)
+        sql, args = keyset_query(f"SELECT {_EVENT} FROM event", where, token, size)
+        return page_of([Event(*r) for r in await self._fetch(sql, *args)], size)
+

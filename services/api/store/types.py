@@ -1,0 +1,189 @@
+"""Typed rows of the data-access layer. Field order matches the SELECT lists of the queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+JSON = Any
+
+
+def columns(cls: type, prefix: str = "") -> str:
+    """The column list of a row type, for SELECTs built from constants."""
+    return ", ".join(f"{prefix}{f.name}" for f in fields(cls))
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    id: int
+    ref: str
+    pack_ref: str
+    label: str
+    description: str
+    param_schema: JSON | None
+    out_schema: JSON | None
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    id: int
+    ref: str
+    pack_ref: str
+    label: str
+    description: str
+    trigger: int | None
+    trigger_ref: str
+    action_ref: str | None
+    action_params: dict[str, JSON]
+    conditions: list[dict[str, JSON]]
+    condition: str
+    enabled: bool
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    trigger: int | None
+    trigger_ref: str
+    config: dict[str, JSON] | None
+    payload: dict[str, JSON]
+    source: int | None
+    source_ref: str | None
+    rule: int | None
+    rule_ref: str | None
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Enforcement:
+    id: int
+    rule: int | None
+    rule_ref: str
+    trigger_ref: str
+    config: dict[str, JSON] | None
+    event: int | None
+    status: str
+    payload: dict[str, JSON]
+    condition: str
+    conditions: list[JSON]
+    created: datetime
+    resolved_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Execution:
+    id: int
+    action_ref: str
+    config: dict[str, JSON]
+    enforcement: int | None
+    parent: int | None
+    executor: int | None
+    status: str
+    result: JSON | None
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRecord:
+    id: int
+    time: datetime
+    operation: str
+    entity_id: int
+    entity_ref: str | None
+    changed_fields: list[str]
+    old_values: dict[str, JSON] | None
+    new_values: dict[str, JSON] | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventVolume:
+    bucket: datetime
+    trigger_ref: str
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class EnforcementVolume:
+    bucket: datetime
+    rule_ref: str
+    status: str
+    enforcement_count: int
+
+
+# ---- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to store, as validated by the api."""
+
+    trigger_ref: str
+    payload: dict[str, JSON]
+    config: dict[str, JSON] | None = None
+    source: int | None = None
+    source_ref: str | None = None
+    rule_ref: str | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedEvent:
+    """The result of storing one event: the event and the enforcements it produced."""
+
+    event: Event
+    enforcements: list[Enforcement]
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """A resolved enforcement and the execution it requested (None when disabled)."""
+
+    enforcement: Enforcement
+    execution: Execution | None
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """An enforcement leased to one watch stream."""
+
+    enforcement: Enforcement
+    attempt: int
+    lease_expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ExhaustedEnforcement:
+    id: int
+    rule_ref: str
+    attempts: int
+    last_error: str | None
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchState:
+    pending: int
+    waiting: int
+    oldest_pending_created: datetime | None
+    now: datetime
+    leases: list[tuple[str, int]]
+    exhausted: list[ExhaustedEnforcement]
+    exhausted_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list and the token of the next (empty at the end)."""
+
+    items: list[T]
+    next_token: str

@@ -1,0 +1,205 @@
+"""The executor: watches pending enforcements, decides each, resolves it through the api.
+
+It holds no database connection. Exactly-once does not rest on it: the api resolves with one
+conditional statement, so a duplicate or late decision (after a lease was lost, say) is
+answered as a retry or refused, never applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import grpc
+
+from shared.config import ExecutorConfig
+from shared.errors import error_reason
+from shared.gen.automation.v1 import (
+    common_pb2,
+    enforcement_pb2,
+    enforcement_pb2_grpc,
+    rule_pb2,
+    rule_pb2_grpc,
+)
+from shared.runtime import CLIENT_KEEPALIVE
+
+log = logging.getLogger("services.executor")
+
+PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
+DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def default_executor_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    status: int
+    reason: str
+
+
+class Executor:
+    """Runs until ``stop()``; reconnects after any disconnect with capped, jittered backoff."""
+
+    def __init__(self, config: ExecutorConfig) -> None:
+        self.config = config
+        self.executor_id = config.executor_id or default_executor_id()
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rules: dict[int, tuple[float, rule_pb2.Rule]] = {}
+        self.resolved = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        async with grpc.aio.insecure_channel(cfg.target, options=CLIENT_KEEPALIVE) as channel:
+            self._enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
+            self._rule_stub = rule_pb2_grpc.RuleServiceStub(channel)
+            delay = cfg.backoff_initial_s
+            while not self._stopping.is_set():
+                connected = await self._watch_once()
+                if self._stopping.is_set():
+                    break
+                delay = cfg.backoff_initial_s if connected else min(delay * 2, cfg.backoff_max_s)
+                # Full jitter: many executors restarting at once do not reconnect in step.
+                wait = random.uniform(0, delay)
+                log.info("reconnecting to %s in %.2fs", cfg.target, wait)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), wait)
+            await self._drain()
+
+    async def _watch_once(self) -> bool:
+        """One stream's life; True when it delivered anything (a healthy connection)."""
+        request = enforcement_pb2.WatchEnforcementsRequest(
+            executor_id=self.executor_id, max_in_flight=self.config.max_in_flight
+        )
+        call = self._enforcements.WatchEnforcements(request)
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        stopper.add_done_callback(lambda _f: call.cancel())
+        got_any = False
+        try:
+            log.info("watching enforcements on %s as %s", self.config.target, self.executor_id)
+            async for message in call:
+                got_any = True
+                if message.HasField("delivery"):
+                    task = asyncio.create_task(self._handle(message.delivery))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            log.info("watch stream ended by the api")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED or not self._stopping.is_set():
+                log.warning("watch stream failed: %s %s", exc.code().name, exc.details())
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise
+        finally:
+            stopper.cancel()
+        return got_any
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("waiting up to %.0fs for %d decision(s) in flight", self.config.grace_s, len(self._tasks))
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=self.config.grace_s)
+        for task in pending:
+            task.cancel()
+
+    async def _rule(self, rule_id: int) -> rule_pb2.Rule | None:
+        """The rule, from a short cache of enabled rules; None when it no longer exists."""
+        cached = self._rules.get(rule_id)
+        now = time.monotonic()
+        if cached and now - cached[0] < self.config.rule_cache_s:
+            return cached[1]
+        try:
+            rule = await self._call(self._rule_stub.GetRule, rule_pb2.GetRuleRequest(id=rule_id))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                self._rules.pop(rule_id, None)
+                return None
+            raise
+        # Only enabled rules are cached: a stale "enabled" costs one refused PROCESSED (the
+        # api re-checks at commit), while a stale "disabled" would be a wrong decision.
+        if rule.enabled:
+            self._rules[rule_id] = (now, rule)
+        else:
+            self._rules.pop(rule_id, None)
+        return rule
+
+    async def decide(self, enforcement: common_pb2.Enforcement) -> Decision:
+        if not enforcement.HasField("rule"):
+            return Decision(DISABLED, f"rule {enforcement.rule_ref} was deleted")
+        rule = await self._rule(enforcement.rule)
+        if rule is None:
+            return Decision(DISABLED, f"rule {enforcement.rule_ref} was deleted")
+        if not rule.enabled:
+            return Decision(DISABLED, f"rule {rule.ref} is disabled")
+        if not rule.action_ref:
+            return Decision(DISABLED, f"rule {rule.ref} has no action")
+        return Decision(PROCESSED, f"rule {rule.ref} is enabled; requesting {rule.action_ref}")
+
+    async def _call(self, method: object, request: object) -> object:
+        """A unary call with a deadline, retried while the api is unavailable (bounded)."""
+        delay = self.config.backoff_initial_s
+        deadline = time.monotonic() + max(self.config.rpc_timeout_s * 3, 5.0)
+        while True:
+            try:
+                return await method(request, timeout=self.config.rpc_timeout_s)  # type: ignore[operator]
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRYABLE or time.monotonic() > deadline or self._stopping.is_set():
+                    raise
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, self.config.backoff_max_s)
+
+    async def _resolve(self, id_: int, decision: Decision) -> enforcement_pb2.ResolveEnforcementResponse:
+        request = enforcement_pb2.ResolveEnforcementRequest(
+            id=id_, status=decision.status, executor_id=self.executor_id, reason=decision.reason
+        )
+        response = await self._call(self._enforcements.ResolveEnforcement, request)
+        assert isinstance(response, enforcement_pb2.ResolveEnforcementResponse)
+        return response
+
+    async def _handle(self, delivery: enforcement_pb2.Delivery) -> None:
+        enforcement = delivery.enforcement
+        id_ = enforcement.id
+        try:
+            decision = await self.decide(enforcement)
+            try:
+                response = await self._resolve(id_, decision)
+            except grpc.aio.AioRpcError as exc:
+                reason = error_reason(exc)
+                if reason == "RULE_NOT_ENABLED" and decision.status == PROCESSED:
+                    # The rule was disabled between our look and the commit.
+                    self._rules.pop(enforcement.rule, None)
+                    decision = Decision(DISABLED, f"{exc.details()} (refused at commit)")
+                    response = await self._resolve(id_, decision)
+                elif reason == "ALREADY_RESOLVED" or exc.code() == grpc.StatusCode.NOT_FOUND:
+                    log.info("enforcement %d: nothing to do (%s)", id_, exc.details())
+                    return
+                else:
+                    raise
+            self.resolved += 1
+            status = common_pb2.EnforcementStatus.Name(response.enforcement.status).removeprefix("ENFORCEMENT_STATUS_")
+            extra = f", execution {response.execution.id}" if response.HasField("execution") else ""
+            retry = " (already resolved so)" if response.replayed else ""
+            log.info("enforcement %d %s%s%s: %s", id_, status, extra, retry, decision.reason)
+        except grpc.aio.AioRpcError as exc:
+            # Give it back so another attempt comes soon; if even that fails, the lease expires.
+            log.warning("enforcement %d not resolved: %s %s", id_, exc.code().name, exc.details())
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._enforcements.ReleaseEnforcement(
+                    enforcement_pb2.ReleaseEnforcementRequest(
+                        id=id_, executor_id=self.executor_id, error=f"{exc.code().name}: {exc.details()}"
+                    ),
+                    timeout=self.config.rpc_timeout_s,
+                )
