@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 DOMAIN = "automation.v1"
@@ -104,8 +104,7 @@ def to_status(error: DomainError) -> grpc.Status:
         bad.Pack(
             error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in error.violations
+                    error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in error.violations
                 ]
             )
         )
@@ -126,7 +125,7 @@ def error_reason(exc: grpc.aio.AioRpcError) -> str:
             continue
         status = status_pb2.Status.FromString(value)
         for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            if detail.TypeName() == error_details_pb2.ErrorInfo.DESCRIPTOR.full_name:
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
                 return str(info.reason)

@@ -67,9 +67,19 @@ class LocalPostgres:
             self.base.chmod(0o755)
             shutil.chown(self.base, "postgres", "postgres")
         subprocess.run(
-            self._as_owner(str(bindir / "initdb"), "-D", str(self.datadir), "-U", "postgres",
-                           "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-sync"),
-            check=True, capture_output=True,
+            self._as_owner(
+                str(bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ),
+            check=True,
+            capture_output=True,
         )
         conf = {
             "listen_addresses": "'127.0.0.1'",
@@ -90,18 +100,30 @@ class LocalPostgres:
         if not self.datadir.exists():
             self.init()
         subprocess.run(
-            self._as_owner(str(find_bindir() / "pg_ctl"), "-D", str(self.datadir), "-l",
-                           str(self.base / "server.log"), "-w", "-t", "60", "start"),
-            check=True, capture_output=True,
+            self._as_owner(
+                str(find_bindir() / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.base / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ),
+            check=True,
+            capture_output=True,
         )
 
     def stop(self, mode: str = "fast") -> None:
         if not (self.datadir / "postmaster.pid").exists():
             return
         subprocess.run(
-            self._as_owner(str(find_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", mode,
-                           "-w", "-t", "60", "stop"),
-            check=False, capture_output=True,
+            self._as_owner(
+                str(find_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "-t", "60", "stop"
+            ),
+            check=False,
+            capture_output=True,
         )
 
     def destroy(self) -> None:

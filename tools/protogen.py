@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from grpc_tools import protoc  # type: ignore[import-untyped]
+from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
@@ -55,16 +55,14 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *protos,
     ]
-    if protoc.main(args) != 0:
+    if protoc.main(args) != 0:  # type: ignore[no-untyped-call]
         raise SystemExit("protoc failed")
     for package_dir in [out, *[p for p in out.rglob("*") if p.is_dir()]]:
         (package_dir / "__init__.py").touch()
     for path in out.rglob("*"):
         if path.suffix in {".py", ".pyi"} and path.name != "__init__.py":
             _rewrite(path)
-    (out / "__init__.py").write_text(
-        '"""Generated from protos/ by `python -m tools.protogen`. Do not edit."""\n'
-    )
+    (out / "__init__.py").write_text('"""Generated from protos/ by `python -m tools.protogen`. Do not edit."""\n')
 
 
 def _differences(a: Path, b: Path) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -39,7 +39,7 @@ def rpc(fn: F) -> F:
             try:
                 async for item in fn(self, request, context):
                     yield item
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
                 await _abort(method, exc, context)
 
         return stream  # type: ignore[return-value]
@@ -48,9 +48,7 @@ def rpc(fn: F) -> F:
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         try:
             return await fn(self, request, context)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             await _abort(method, exc, context)
 
     return unary  # type: ignore[return-value]
-
-

@@ -72,8 +72,12 @@ def list_value(value: list[Any]) -> struct_pb2.ListValue:
 
 def event(e: store.Event) -> common_pb2.Event:
     msg = common_pb2.Event(
-        id=e.id, trigger_ref=e.trigger_ref, payload=struct(e.payload), source_ref=e.source_ref or "",
-        rule_ref=e.rule_ref or "", created=ts(e.created),
+        id=e.id,
+        trigger_ref=e.trigger_ref,
+        payload=struct(e.payload),
+        source_ref=e.source_ref or "",
+        rule_ref=e.rule_ref or "",
+        created=ts(e.created),
     )
     if e.config is not None:
         msg.config.CopyFrom(struct(e.config))
@@ -88,8 +92,13 @@ def event(e: store.Event) -> common_pb2.Event:
 
 def enforcement(e: store.Enforcement) -> common_pb2.Enforcement:
     msg = common_pb2.Enforcement(
-        id=e.id, rule_ref=e.rule_ref, trigger_ref=e.trigger_ref, status=ENFORCEMENT_STATUS[e.status],
-        payload=struct(e.payload), condition=CONDITION[e.condition], conditions=list_value(e.conditions),
+        id=e.id,
+        rule_ref=e.rule_ref,
+        trigger_ref=e.trigger_ref,
+        status=ENFORCEMENT_STATUS[e.status],
+        payload=struct(e.payload),
+        condition=CONDITION[e.condition],
+        conditions=list_value(e.conditions),
         created=ts(e.created),
     )
     if e.config is not None:
@@ -105,8 +114,12 @@ def enforcement(e: store.Enforcement) -> common_pb2.Enforcement:
 
 def execution(x: store.Execution) -> execution_pb2.Execution:
     msg = execution_pb2.Execution(
-        id=x.id, action_ref=x.action_ref, config=struct(x.config), status=EXECUTION_STATUS[x.status],
-        created=ts(x.created), updated=ts(x.updated),
+        id=x.id,
+        action_ref=x.action_ref,
+        config=struct(x.config),
+        status=EXECUTION_STATUS[x.status],
+        created=ts(x.created),
+        updated=ts(x.updated),
     )
     if x.enforcement is not None:
         msg.enforcement = x.enforcement
@@ -121,8 +134,13 @@ def execution(x: store.Execution) -> execution_pb2.Execution:
 
 def trigger(t: store.Trigger) -> rule_pb2.Trigger:
     msg = rule_pb2.Trigger(
-        id=t.id, ref=t.ref, pack_ref=t.pack_ref, label=t.label, description=t.description,
-        created=ts(t.created), updated=ts(t.updated),
+        id=t.id,
+        ref=t.ref,
+        pack_ref=t.pack_ref,
+        label=t.label,
+        description=t.description,
+        created=ts(t.created),
+        updated=ts(t.updated),
     )
     if t.param_schema is not None:
         msg.param_schema.CopyFrom(struct(t.param_schema))
@@ -137,9 +155,18 @@ def condition_to_json(c: rule_pb2.RuleCondition) -> dict[str, Any]:
 
 def rule(r: store.Rule) -> rule_pb2.Rule:
     msg = rule_pb2.Rule(
-        id=r.id, ref=r.ref, pack_ref=r.pack_ref, label=r.label, description=r.description,
-        trigger_ref=r.trigger_ref, action_ref=r.action_ref or "", action_params=struct(r.action_params),
-        condition=CONDITION[r.condition], enabled=r.enabled, created=ts(r.created), updated=ts(r.updated),
+        id=r.id,
+        ref=r.ref,
+        pack_ref=r.pack_ref,
+        label=r.label,
+        description=r.description,
+        trigger_ref=r.trigger_ref,
+        action_ref=r.action_ref or "",
+        action_params=struct(r.action_params),
+        condition=CONDITION[r.condition],
+        enabled=r.enabled,
+        created=ts(r.created),
+        updated=ts(r.updated),
     )
     for c in r.conditions:
         cond = msg.conditions.add(field=c["field"], operator=OPERATOR[c["operator"]])
@@ -151,8 +178,14 @@ def rule(r: store.Rule) -> rule_pb2.Rule:
 
 def history(h: store.HistoryRecord) -> history_pb2.HistoryRecord:
     return history_pb2.HistoryRecord(
-        id=h.id, time=ts(h.time), operation=h.operation, entity_id=h.entity_id, entity_ref=h.entity_ref or "",
-        changed_fields=h.changed_fields, old_values=struct(h.old_values), new_values=struct(h.new_values),
+        id=h.id,
+        time=ts(h.time),
+        operation=h.operation,
+        entity_id=h.entity_id,
+        entity_ref=h.entity_ref or "",
+        changed_fields=h.changed_fields,
+        old_values=struct(h.old_values),
+        new_values=struct(h.new_values),
     )
 
 
@@ -170,6 +203,8 @@ def event_volume(v: store.EventVolume) -> analytics_pb2.EventVolumeBucket:
 
 def enforcement_volume(v: store.EnforcementVolume) -> analytics_pb2.EnforcementVolumeBucket:
     return analytics_pb2.EnforcementVolumeBucket(
-        bucket=ts(v.bucket), rule_ref=v.rule_ref, status=ENFORCEMENT_STATUS[v.status],
+        bucket=ts(v.bucket),
+        rule_ref=v.rule_ref,
+        status=ENFORCEMENT_STATUS[v.status],
         enforcement_count=v.enforcement_count,
     )

@@ -56,12 +56,12 @@ class Dispatcher:
                 sub.held.discard(enforcement)
                 sub.wake.set()
 
-    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: str) -> None:
+    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
         if channel == "enforcement_created":
             self.wake_all()
             return
         with contextlib.suppress(ValueError, KeyError, TypeError):
-            self.resolved(int(json.loads(payload)["id"]))
+            self.resolved(int(json.loads(str(payload))["id"]))
 
     async def _listen(self) -> None:
         delay = 0.1
@@ -76,7 +76,7 @@ class Dispatcher:
                 # everyone once so that it is found now.
                 self.wake_all()
                 closed = asyncio.Event()
-                conn.add_termination_listener(lambda _c: closed.set())
+                conn.add_termination_listener(lambda _c, lost=closed: lost.set())
                 stop = asyncio.ensure_future(self._stopping.wait())
                 lost = asyncio.ensure_future(closed.wait())
                 await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)

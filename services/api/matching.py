@@ -128,8 +128,13 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
 
 
 def template_context(
-    *, event_id: int | None, trigger_ref: str, created_iso: str | None, payload: Mapping[str, Any],
-    rule_ref: str, source_ref: str | None = None,
+    *,
+    event_id: int | None,
+    trigger_ref: str,
+    created_iso: str | None,
+    payload: Mapping[str, Any],
+    rule_ref: str,
+    source_ref: str | None = None,
 ) -> dict[str, Any]:
     """The names a template may use."""
     return {

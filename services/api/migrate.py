@@ -89,7 +89,9 @@ def _check_applied(migrations: list[Migration], applied: list[asyncpg.Record]) -
             )
 
 
-async def pending(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+async def pending(
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, directory: Path = MIGRATIONS_DIR
+) -> list[Migration]:
     """The migrations not yet applied; raises MigrationError when applied ones were edited."""
     migrations = load(directory)
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")

@@ -71,7 +71,9 @@ class ApiServer:
         while True:
             try:
                 pool = await create_pool(
-                    self.config.database_url, self.config.pool_min, self.config.pool_max,
+                    self.config.database_url,
+                    self.config.pool_min,
+                    self.config.pool_max,
                     self.config.statement_timeout_s,
                 )
                 return Store(pool)
@@ -95,9 +97,7 @@ class ApiServer:
         history_pb2_grpc.add_HistoryServiceServicer_to_server(HistoryService(store), self.server)
         analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsService(store), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         self.port = self.server.add_insecure_port(cfg.addr)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {cfg.addr}")

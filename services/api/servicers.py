@@ -6,6 +6,7 @@ They hold no SQL and no business state; errors become canonical statuses in ``_r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -97,7 +98,8 @@ def _new_event(v: Violations, field: str, e: event_pb2.NewEvent) -> NewEvent:
 
 def _created_event(c: Any) -> event_pb2.CreateEventResponse:
     return event_pb2.CreateEventResponse(
-        event=convert.event(c.event), enforcements=[convert.enforcement(x) for x in c.enforcements],
+        event=convert.event(c.event),
+        enforcements=[convert.enforcement(x) for x in c.enforcements],
         replayed=c.replayed,
     )
 
@@ -114,7 +116,9 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         return results
 
     @rpc
-    async def CreateEvent(self, request: event_pb2.CreateEventRequest, context: Context) -> event_pb2.CreateEventResponse:
+    async def CreateEvent(
+        self, request: event_pb2.CreateEventRequest, context: Context
+    ) -> event_pb2.CreateEventResponse:
         if not request.HasField("event"):
             raise InvalidArgument.one("event", "is required")
         v = Violations()
@@ -124,7 +128,9 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         return _created_event(result)
 
     @rpc
-    async def CreateEvents(self, request: event_pb2.CreateEventsRequest, context: Context) -> event_pb2.CreateEventsResponse:
+    async def CreateEvents(
+        self, request: event_pb2.CreateEventsRequest, context: Context
+    ) -> event_pb2.CreateEventsResponse:
         if not 1 <= len(request.events) <= MAX_BATCH:
             raise InvalidArgument.one("events", f"must hold 1 to {MAX_BATCH} events, got {len(request.events)}")
         v = Violations()
@@ -142,8 +148,13 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         size = page_size(request.page_size)
         start, end = _time_range("created", request.created)
         page = await self._store.events.list(
-            size, request.page_token, trigger_ref=request.trigger_ref, source_ref=request.source_ref,
-            rule_ref=request.rule_ref, created_from=start, created_to=end,
+            size,
+            request.page_token,
+            trigger_ref=request.trigger_ref,
+            source_ref=request.source_ref,
+            rule_ref=request.rule_ref,
+            created_from=start,
+            created_to=end,
         )
         return event_pb2.ListEventsResponse(
             events=[convert.event(e) for e in page.items], next_page_token=page.next_token
@@ -182,7 +193,9 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         )
 
     @rpc
-    async def GetEnforcement(self, request: enforcement_pb2.GetEnforcementRequest, context: Context) -> common_pb2.Enforcement:
+    async def GetEnforcement(
+        self, request: enforcement_pb2.GetEnforcementRequest, context: Context
+    ) -> common_pb2.Enforcement:
         return convert.enforcement(await self._store.enforcements.get(_check_id("id", request.id)))
 
     @rpc
@@ -197,9 +210,14 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             if not status:
                 raise InvalidArgument.one("status", f"unknown status {request.status}")
         page = await self._store.enforcements.list(
-            size, request.page_token, rule_ref=request.rule_ref,
-            event=request.event if request.HasField("event") else None, status=status,
-            trigger_ref=request.trigger_ref, created_from=start, created_to=end,
+            size,
+            request.page_token,
+            rule_ref=request.rule_ref,
+            event=request.event if request.HasField("event") else None,
+            status=status,
+            trigger_ref=request.trigger_ref,
+            created_from=start,
+            created_to=end,
         )
         return enforcement_pb2.ListEnforcementsResponse(
             enforcements=[convert.enforcement(e) for e in page.items], next_page_token=page.next_token
@@ -211,9 +229,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     ) -> enforcement_pb2.ResolveEnforcementResponse:
         id_ = _check_id("id", request.id)
         if request.status not in (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_STATUS_DISABLED):
-            raise InvalidArgument.one(
-                "status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED"
-            )
+            raise InvalidArgument.one("status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED")
         result = await self._store.enforcements.resolve(id_, convert.ENFORCEMENT_STATUS_NAME[request.status])
         self._dispatcher.resolved(id_)
         response = enforcement_pb2.ResolveEnforcementResponse(
@@ -261,8 +277,12 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 free = credit - len(sub.held)
                 if free > 0:
                     deliveries = await self._store.dispatch.claim(
-                        executor_id=request.executor_id, token=token, limit=free, lease_s=cfg.lease_s,
-                        max_attempts=cfg.max_attempts, rule_refs=request.rule_refs,
+                        executor_id=request.executor_id,
+                        token=token,
+                        limit=free,
+                        lease_s=cfg.lease_s,
+                        max_attempts=cfg.max_attempts,
+                        rule_refs=request.rule_refs,
                         trigger_refs=request.trigger_refs,
                     )
                     for d in deliveries:
@@ -284,8 +304,9 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                     continue
                 waits = [asyncio.ensure_future(sub.wake.wait()), asyncio.ensure_future(self._shutdown.wait())]
                 try:
-                    await asyncio.wait(waits, timeout=min(cfg.poll_s, next_beat - now),
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        waits, timeout=min(cfg.poll_s, next_beat - now), return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     for w in waits:
                         w.cancel()
@@ -294,10 +315,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             self._dispatcher.unsubscribe(sub)
             # Give back what this stream holds so that another executor gets it now, not when
             # the lease runs out. Best effort: if the database is down the lease expires.
-            try:
+            with contextlib.suppress(Exception):  # the lease expiry covers every failure here
                 await asyncio.shield(self._store.dispatch.release_stream(token, f"{reason} ({request.executor_id})"))
-            except Exception:  # noqa: BLE001 - the lease expiry covers every failure here
-                pass
             if sub.held:
                 self._dispatcher.wake_all()
 
@@ -309,11 +328,16 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             raise InvalidArgument.one("exhausted_limit", "must be 0 (default 100) to 1000")
         state = await self._store.dispatch.state(request.exhausted_limit or 100)
         response = enforcement_pb2.GetDispatchStateResponse(
-            pending=state.pending, waiting=state.waiting, exhausted_count=state.exhausted_count,
+            pending=state.pending,
+            waiting=state.waiting,
+            exhausted_count=state.exhausted_count,
             leases=[enforcement_pb2.ExecutorLeases(executor_id=e, leased=n) for e, n in state.leases],
             exhausted=[
                 enforcement_pb2.ExhaustedEnforcement(
-                    id=x.id, rule_ref=x.rule_ref, attempts=x.attempts, last_error=x.last_error or "",
+                    id=x.id,
+                    rule_ref=x.rule_ref,
+                    attempts=x.attempts,
+                    last_error=x.last_error or "",
                     created=convert.ts(x.created),
                 )
                 for x in state.exhausted
@@ -362,7 +386,9 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         _check_ref(v, "trigger.ref", t.ref)
         v.raise_if_any()
         created = await self._store.rules.create_trigger(
-            t.ref, t.label, t.description,
+            t.ref,
+            t.label,
+            t.description,
             convert.from_struct(t.param_schema) if t.HasField("param_schema") else None,
             convert.from_struct(t.out_schema) if t.HasField("out_schema") else None,
         )
@@ -373,7 +399,9 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         return convert.trigger(await self._store.rules.get_trigger(_key(request, "trigger")))
 
     @rpc
-    async def ListTriggers(self, request: rule_pb2.ListTriggersRequest, context: Context) -> rule_pb2.ListTriggersResponse:
+    async def ListTriggers(
+        self, request: rule_pb2.ListTriggersRequest, context: Context
+    ) -> rule_pb2.ListTriggersResponse:
         page = await self._store.rules.list_triggers(page_size(request.page_size), request.page_token, request.pack_ref)
         return rule_pb2.ListTriggersResponse(
             triggers=[convert.trigger(t) for t in page.items], next_page_token=page.next_token
@@ -396,9 +424,14 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         conditions = _conditions(v, "rule.conditions", r.conditions)
         v.raise_if_any()
         created = await self._store.rules.create_rule(
-            ref=r.ref, label=r.label, description=r.description, trigger_ref=r.trigger_ref,
-            action_ref=r.action_ref or None, action_params=convert.from_struct(r.action_params),
-            conditions=conditions, condition=convert.CONDITION_NAME[r.condition],
+            ref=r.ref,
+            label=r.label,
+            description=r.description,
+            trigger_ref=r.trigger_ref,
+            action_ref=r.action_ref or None,
+            action_params=convert.from_struct(r.action_params),
+            conditions=conditions,
+            condition=convert.CONDITION_NAME[r.condition],
             enabled=r.enabled if r.HasField("enabled") else True,
         )
         return convert.rule(created)
@@ -410,8 +443,11 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
     @rpc
     async def ListRules(self, request: rule_pb2.ListRulesRequest, context: Context) -> rule_pb2.ListRulesResponse:
         page = await self._store.rules.list_rules(
-            page_size(request.page_size), request.page_token, pack_ref=request.pack_ref,
-            trigger_ref=request.trigger_ref, action_ref=request.action_ref,
+            page_size(request.page_size),
+            request.page_token,
+            pack_ref=request.pack_ref,
+            trigger_ref=request.trigger_ref,
+            action_ref=request.action_ref,
             enabled=request.enabled if request.HasField("enabled") else None,
         )
         return rule_pb2.ListRulesResponse(rules=[convert.rule(r) for r in page.items], next_page_token=page.next_token)
@@ -466,7 +502,9 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         self._store = store
 
     @rpc
-    async def GetExecution(self, request: execution_pb2.GetExecutionRequest, context: Context) -> execution_pb2.Execution:
+    async def GetExecution(
+        self, request: execution_pb2.GetExecutionRequest, context: Context
+    ) -> execution_pb2.Execution:
         return convert.execution(await self._store.executions.get(_check_id("id", request.id)))
 
     @rpc
@@ -481,8 +519,13 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             if not status:
                 raise InvalidArgument.one("status", f"unknown status {request.status}")
         page = await self._store.executions.list(
-            size, request.page_token, enforcement=request.enforcement if request.HasField("enforcement") else None,
-            action_ref=request.action_ref, status=status, created_from=start, created_to=end,
+            size,
+            request.page_token,
+            enforcement=request.enforcement if request.HasField("enforcement") else None,
+            action_ref=request.action_ref,
+            status=status,
+            created_from=start,
+            created_to=end,
         )
         return execution_pb2.ListExecutionsResponse(
             executions=[convert.execution(x) for x in page.items], next_page_token=page.next_token
@@ -494,7 +537,9 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         self._store = store
 
     @rpc
-    async def ListHistory(self, request: history_pb2.ListHistoryRequest, context: Context) -> history_pb2.ListHistoryResponse:
+    async def ListHistory(
+        self, request: history_pb2.ListHistoryRequest, context: Context
+    ) -> history_pb2.ListHistoryResponse:
         v = Violations()
         if request.operation and request.operation not in ("INSERT", "UPDATE", "DELETE"):
             v.add("operation", "must be INSERT, UPDATE or DELETE")
@@ -504,9 +549,14 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         size = page_size(request.page_size)
         start, end = _time_range("time", request.time)
         page = await self._store.history.list(
-            request.entity_type, size, request.page_token,
+            request.entity_type,
+            size,
+            request.page_token,
             entity_id=request.entity_id if request.HasField("entity_id") else None,
-            operation=request.operation, changed_field=request.changed_field, time_from=start, time_to=end,
+            operation=request.operation,
+            changed_field=request.changed_field,
+            time_from=start,
+            time_to=end,
         )
         return history_pb2.ListHistoryResponse(
             records=[convert.history(h) for h in page.items], next_page_token=page.next_token

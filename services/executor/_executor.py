@@ -43,7 +43,7 @@ def default_executor_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    status: int
+    status: common_pb2.EnforcementStatus.ValueType
     reason: str
 
 
@@ -123,6 +123,7 @@ class Executor:
             return cached[1]
         try:
             rule = await self._call(self._rule_stub.GetRule, rule_pb2.GetRuleRequest(id=rule_id))
+            assert isinstance(rule, rule_pb2.Rule)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 self._rules.pop(rule_id, None)

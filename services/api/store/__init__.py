@@ -34,9 +34,23 @@ from .types import (
 )
 
 __all__ = [
-    "CreatedEvent", "Delivery", "DispatchState", "Enforcement", "EnforcementVolume", "Event",
-    "EventVolume", "Execution", "HistoryRecord", "NewEvent", "Page", "Resolution", "Rule", "Store",
-    "Trigger", "create_pool", "translate",
+    "CreatedEvent",
+    "Delivery",
+    "DispatchState",
+    "Enforcement",
+    "EnforcementVolume",
+    "Event",
+    "EventVolume",
+    "Execution",
+    "HistoryRecord",
+    "NewEvent",
+    "Page",
+    "Resolution",
+    "Rule",
+    "Store",
+    "Trigger",
+    "create_pool",
+    "translate",
 ]
 
 

@@ -11,6 +11,9 @@ import asyncpg
 
 from shared.errors import AlreadyExists, DomainError, InvalidArgument, NotFound, Unavailable
 
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+"""A connection of our own or one borrowed from the pool."""
+
 # SQLSTATE classes that mean "the database is not there right now": connection exceptions,
 # operator intervention (shutdown, statement timeout), insufficient resources.
 _UNAVAILABLE_CLASSES = ("08", "57", "53")
@@ -18,9 +21,7 @@ _UNAVAILABLE_CLASSES = ("08", "57", "53")
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
-        await conn.set_type_codec(
-            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
+        await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def create_pool(

@@ -81,4 +81,4 @@ def page_of(items: list[T], size: int, time_attr: str = "created") -> Page[T]:
         return Page(items, "")
     items = items[:size]
     last = items[-1]
-    return Page(items, encode_token(getattr(last, time_attr), getattr(last, "id")))
+    return Page(items, encode_token(getattr(last, time_attr), getattr(last, "id")))  # noqa: B009

@@ -19,8 +19,10 @@ class Analytics(Repo):
         where.add("bucket < {}", end)
         if trigger_ref:
             where.add("trigger_ref = {}", trigger_ref)
-        sql = (f"SELECT bucket, trigger_ref, event_count FROM event_volume_hourly {where.sql()} "
-               "ORDER BY bucket, trigger_ref")
+        sql = (
+            f"SELECT bucket, trigger_ref, event_count FROM event_volume_hourly {where.sql()} "
+            "ORDER BY bucket, trigger_ref"
+        )
         return [EventVolume(*r) for r in await self._fetch(sql, *where.args)]
 
     async def enforcement_volume(
@@ -33,6 +35,8 @@ class Analytics(Repo):
             where.add("rule_ref = {}", rule_ref)
         if status:
             where.add("status = {}::enforcement_status", status)
-        sql = (f"SELECT bucket, rule_ref, status::text, enforcement_count FROM enforcement_volume_hourly "
-               f"{where.sql()} ORDER BY bucket, rule_ref, status")
+        sql = (
+            f"SELECT bucket, rule_ref, status::text, enforcement_count FROM enforcement_volume_hourly "
+            f"{where.sql()} ORDER BY bucket, rule_ref, status"
+        )
         return [EnforcementVolume(*r) for r in await self._fetch(sql, *where.args)]

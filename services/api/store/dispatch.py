@@ -21,7 +21,8 @@ from .types import Delivery, DispatchState, Enforcement, ExhaustedEnforcement, c
 _ENFORCEMENT_E = columns(Enforcement, "e.")
 _N_ENF = len(_ENFORCEMENT_E.split(", "))
 
-_CLAIM = """
+_CLAIM = (
+    """
 WITH picked AS (
     SELECT enforcement FROM enforcement_dispatch
      WHERE exhausted_at IS NULL AND attempts < {max_attempts}
@@ -41,11 +42,14 @@ WITH picked AS (
      WHERE d.enforcement = p.enforcement
     RETURNING d.enforcement, d.enforcement_created, d.attempts, d.lease_expires_at
 )
-SELECT """ + _ENFORCEMENT_E + """, c.attempts, c.lease_expires_at
+SELECT """
+    + _ENFORCEMENT_E
+    + """, c.attempts, c.lease_expires_at
   FROM claimed c
   JOIN enforcement e ON e.id = c.enforcement AND e.created = c.enforcement_created
  ORDER BY e.created, e.id
 """
+)
 
 _RENEW = """
 UPDATE enforcement_dispatch SET lease_expires_at = now() + $2 * interval '1 second'
@@ -100,8 +104,15 @@ class Dispatch(Repo):
     """Claims, renews and releases leases on pending enforcements."""
 
     async def claim(
-        self, *, executor_id: str, token: str, limit: int, lease_s: float, max_attempts: int,
-        rule_refs: Sequence[str] = (), trigger_refs: Sequence[str] = (),
+        self,
+        *,
+        executor_id: str,
+        token: str,
+        limit: int,
+        lease_s: float,
+        max_attempts: int,
+        rule_refs: Sequence[str] = (),
+        trigger_refs: Sequence[str] = (),
     ) -> list[Delivery]:
         """Leases up to ``limit`` waiting enforcements to one stream, oldest first."""
         where = Where()
@@ -119,10 +130,7 @@ class Dispatch(Repo):
             filters.append(f"AND trigger_ref = ANY({where.param(list(trigger_refs))}::text[])")
         sql = _CLAIM.format(filters=" ".join(filters), **parts)
         rows = await self._fetch(sql, *where.args)
-        return [
-            Delivery(Enforcement(*list(r.values())[:_N_ENF]), r["attempts"], r["lease_expires_at"])
-            for r in rows
-        ]
+        return [Delivery(Enforcement(*list(r.values())[:_N_ENF]), r["attempts"], r["lease_expires_at"]) for r in rows]
 
     async def renew(self, token: str, lease_s: float) -> set[int]:
         """Extends every lease of a stream; returns the enforcements it still holds."""
@@ -146,8 +154,13 @@ class Dispatch(Repo):
         leases = [(r[0], r[1]) for r in await self._fetch(_LEASES)]
         exhausted = [ExhaustedEnforcement(*r) for r in await self._fetch(_EXHAUSTED, exhausted_limit)]
         return DispatchState(
-            pending=row["pending"], waiting=row["waiting"], oldest_pending_created=row["oldest"],
-            now=row["now"], leases=leases, exhausted=exhausted, exhausted_count=row["exhausted_count"],
+            pending=row["pending"],
+            waiting=row["waiting"],
+            oldest_pending_created=row["oldest"],
+            now=row["now"],
+            leases=leases,
+            exhausted=exhausted,
+            exhausted_count=row["exhausted_count"],
         )
 
     async def retry(self, enforcement: int) -> None:

@@ -14,7 +14,6 @@ import hashlib
 import json
 from datetime import datetime
 
-
 import asyncpg
 
 from services.api import matching
@@ -97,7 +96,7 @@ _BY_ID_CREATED = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE id = $1 AND crea
 
 
 def _execution(row: asyncpg.Record) -> Execution | None:
-    values = list(row.values())[_N_ENF:_N_ENF + len(_EXECUTION.split(", "))]
+    values = list(row.values())[_N_ENF : _N_ENF + len(_EXECUTION.split(", "))]
     return None if values[0] is None else Execution(*values)
 
 
@@ -105,7 +104,12 @@ class Enforcements(Repo):
     """Stores, reads and resolves enforcements."""
 
     async def create(
-        self, *, rule_ref: str, event: int | None, payload: dict[str, JSON], config: dict[str, JSON] | None,
+        self,
+        *,
+        rule_ref: str,
+        event: int | None,
+        payload: dict[str, JSON],
+        config: dict[str, JSON] | None,
         request_id: str | None,
     ) -> tuple[Enforcement, bool]:
         """Records an enforcement; returns it and whether it answers an earlier request."""
@@ -118,7 +122,8 @@ class Enforcements(Repo):
                 if stored is not None:
                     if stored["fingerprint"] != fp:
                         raise InvalidArgument.one(
-                            "request_id", "was already used for a different enforcement (keys are kept at least 24 hours)"
+                            "request_id",
+                            "was already used for a different enforcement (keys are kept at least 24 hours)",
                         )
                     row = await conn.fetchrow(_BY_ID_CREATED, stored["entity_id"], stored["entity_created"])
                     if row is None:
@@ -137,13 +142,23 @@ class Enforcements(Repo):
             if config is None:
                 created = await conn.fetchval(_EVENT_CREATED, event) if event is not None else None
                 context = matching.template_context(
-                    event_id=event, trigger_ref=rule["trigger_ref"],
-                    created_iso=created.isoformat() if created else None, payload=payload, rule_ref=rule_ref,
+                    event_id=event,
+                    trigger_ref=rule["trigger_ref"],
+                    created_iso=created.isoformat() if created else None,
+                    payload=payload,
+                    rule_ref=rule_ref,
                 )
                 config = matching.render(rule["action_params"], context)
             row = await conn.fetchrow(
-                _INSERT, rule["id"], rule_ref, rule["trigger_ref"], config, event, payload,
-                rule["condition"], rule["conditions"],
+                _INSERT,
+                rule["id"],
+                rule_ref,
+                rule["trigger_ref"],
+                config,
+                event,
+                payload,
+                rule["condition"],
+                rule["conditions"],
             )
             assert row is not None
             enforcement = Enforcement(*row)
@@ -158,8 +173,16 @@ class Enforcements(Repo):
         return Enforcement(*row)
 
     async def list(
-        self, size: int, token: str, *, rule_ref: str = "", event: int | None = None, status: str = "",
-        trigger_ref: str = "", created_from: datetime | None = None, created_to: datetime | None = None,
+        self,
+        size: int,
+        token: str,
+        *,
+        rule_ref: str = "",
+        event: int | None = None,
+        status: str = "",
+        trigger_ref: str = "",
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
     ) -> Page[Enforcement]:
         where = Where()
         if rule_ref:
@@ -213,5 +236,3 @@ class Enforcements(Repo):
         raise FailedPrecondition(
             f"enforcement {id_} cannot be processed: {why}; resolve it as DISABLED", reason="RULE_NOT_ENABLED"
         )
-
-

@@ -26,7 +26,7 @@ import asyncpg
 from services.api import matching
 from shared.errors import InvalidArgument, NotFound
 
-from ._db import Repo, guarded
+from ._db import Connection, Repo, guarded
 from ._paging import Where, keyset_query, page_of
 from .types import CreatedEvent, Enforcement, Event, NewEvent, Page, columns
 
@@ -123,13 +123,18 @@ class Events(Repo):
             if not e.request_id:
                 continue
             if e.request_id in seen and seen[e.request_id][0] != prints[i]:
-                raise InvalidArgument.one(_field(i, many, "request_id"), "is used twice in this batch for different events")
+                raise InvalidArgument.one(
+                    _field(i, many, "request_id"), "is used twice in this batch for different events"
+                )
             seen.setdefault(e.request_id, (prints[i], i))
 
         async with self._pool.acquire() as conn:
             prep = await conn.fetchrow(
-                _PREPARE, len(new), list({e.trigger_ref for e in new}),
-                [e.rule_ref for e in new if e.rule_ref], keys,
+                _PREPARE,
+                len(new),
+                list({e.trigger_ref for e in new}),
+                [e.rule_ref for e in new if e.rule_ref],
+                keys,
             )
             assert prep is not None
             now: datetime = prep["now"]
@@ -179,8 +184,17 @@ class Events(Repo):
                 else:
                     candidates = by_trigger.get(e.trigger_ref, [])
                 event_id = ids[i]
-                values = (event_id, trigger_id, e.trigger_ref, e.config, e.payload, e.source,
-                          e.source_ref, targeted["id"] if targeted else None, e.rule_ref)
+                values = (
+                    event_id,
+                    trigger_id,
+                    e.trigger_ref,
+                    e.config,
+                    e.payload,
+                    e.source,
+                    e.source_ref,
+                    targeted["id"] if targeted else None,
+                    e.rule_ref,
+                )
                 payload_json = _json(e.payload)
                 for col, value in zip(ev_cols, (*values[:3], _json(e.config), payload_json, *values[5:]), strict=True):
                     col.append(value)
@@ -193,12 +207,23 @@ class Events(Repo):
                     if not matching.matches(rule["conditions"], rule["condition"], e.payload):
                         continue
                     context = matching.template_context(
-                        event_id=event_id, trigger_ref=e.trigger_ref, created_iso=created_iso,
-                        payload=e.payload, rule_ref=rule["ref"], source_ref=e.source_ref,
+                        event_id=event_id,
+                        trigger_ref=e.trigger_ref,
+                        created_iso=created_iso,
+                        payload=e.payload,
+                        rule_ref=rule["ref"],
+                        source_ref=e.source_ref,
                     )
-                    row = (rule["id"], rule["ref"], e.trigger_ref,
-                           _json(matching.render(rule["action_params"], context)), event_id, payload_json,
-                           rule["condition"], _json(rule["conditions"]))
+                    row = (
+                        rule["id"],
+                        rule["ref"],
+                        e.trigger_ref,
+                        _json(matching.render(rule["action_params"], context)),
+                        event_id,
+                        payload_json,
+                        rule["condition"],
+                        _json(rule["conditions"]),
+                    )
                     for col, value in zip(enf_cols, row, strict=True):
                         col.append(value)
 
@@ -226,7 +251,7 @@ class Events(Repo):
                 results.append(CreatedEvent(first.event, first.enforcements, replayed=True))
         return results
 
-    async def _replay(self, conn: asyncpg.Connection, stored: list[dict[str, Any]]) -> dict[str, CreatedEvent]:
+    async def _replay(self, conn: Connection, stored: list[dict[str, Any]]) -> dict[str, CreatedEvent]:
         if not stored:
             return {}
         ids = [s["id"] for s in stored]
@@ -252,8 +277,15 @@ class Events(Repo):
         return Event(*row)
 
     async def list(
-        self, size: int, token: str, *, trigger_ref: str = "", source_ref: str = "", rule_ref: str = "",
-        created_from: datetime | None = None, created_to: datetime | None = None,
+        self,
+        size: int,
+        token: str,
+        *,
+        trigger_ref: str = "",
+        source_ref: str = "",
+        rule_ref: str = "",
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
     ) -> Page[Event]:
         where = Where()
         if trigger_ref:
@@ -268,4 +300,3 @@ class Events(Repo):
             where.add("created < {}", created_to)
         sql, args = keyset_query(f"SELECT {_EVENT} FROM event", where, token, size)
         return page_of([Event(*r) for r in await self._fetch(sql, *args)], size)
-

@@ -23,8 +23,15 @@ class Executions(Repo):
         return Execution(*row)
 
     async def list(
-        self, size: int, token: str, *, enforcement: int | None = None, action_ref: str = "", status: str = "",
-        created_from: datetime | None = None, created_to: datetime | None = None,
+        self,
+        size: int,
+        token: str,
+        *,
+        enforcement: int | None = None,
+        action_ref: str = "",
+        status: str = "",
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
     ) -> Page[Execution]:
         where = Where()
         if enforcement is not None:

@@ -20,8 +20,16 @@ class History(Repo):
     """Reads history records."""
 
     async def list(
-        self, entity_type: str, size: int, token: str, *, entity_id: int | None = None, operation: str = "",
-        changed_field: str = "", time_from: datetime | None = None, time_to: datetime | None = None,
+        self,
+        entity_type: str,
+        size: int,
+        token: str,
+        *,
+        entity_id: int | None = None,
+        operation: str = "",
+        changed_field: str = "",
+        time_from: datetime | None = None,
+        time_to: datetime | None = None,
     ) -> Page[HistoryRecord]:
         table = TABLES.get(entity_type)
         if table is None:

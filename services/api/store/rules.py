@@ -85,13 +85,30 @@ class Rules(Repo):
             raise NotFound(f"trigger {key} not found")
 
     async def create_rule(
-        self, *, ref: str, label: str, description: str, trigger_ref: str, action_ref: str | None,
-        action_params: dict[str, JSON], conditions: list[dict[str, JSON]], condition: str, enabled: bool,
+        self,
+        *,
+        ref: str,
+        label: str,
+        description: str,
+        trigger_ref: str,
+        action_ref: str | None,
+        action_params: dict[str, JSON],
+        conditions: list[dict[str, JSON]],
+        condition: str,
+        enabled: bool,
     ) -> Rule:
         try:
             row = await self._fetchrow(
-                _INSERT_RULE, ref, label, description, trigger_ref, action_ref, action_params,
-                conditions, condition, enabled,
+                _INSERT_RULE,
+                ref,
+                label,
+                description,
+                trigger_ref,
+                action_ref,
+                action_params,
+                conditions,
+                condition,
+                enabled,
             )
         except AlreadyExists:
             raise AlreadyExists(f"rule {ref} already exists") from None
@@ -104,7 +121,13 @@ class Rules(Repo):
         return _rule(await self._fetchrow(sql, key), key)
 
     async def list_rules(
-        self, size: int, token: str, *, pack_ref: str = "", trigger_ref: str = "", action_ref: str = "",
+        self,
+        size: int,
+        token: str,
+        *,
+        pack_ref: str = "",
+        trigger_ref: str = "",
+        action_ref: str = "",
         enabled: bool | None = None,
     ) -> Page[Rule]:
         where = Where()

@@ -1,0 +1,77 @@
+"""Small helpers the tests share: waiting on conditions, building requests, reading errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 15.0, what: str = "condition") -> T:
+    """Polls ``check`` until it returns a truthy value; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)  # poll interval of a condition wait, not a synchronisation
+
+
+def struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(value)
+    return s
+
+
+def rule(
+    ref: str,
+    trigger_ref: str,
+    action_ref: str = "core.echo",
+    *,
+    params: dict[str, Any] | None = None,
+    conditions: Sequence[tuple[str, int, Any]] = (),
+    any_of: bool = False,
+    enabled: bool = True,
+) -> rule_pb2.Rule:
+    """A rule message; conditions are (field, CONDITION_OPERATOR_*, value)."""
+    msg = rule_pb2.Rule(
+        ref=ref,
+        trigger_ref=trigger_ref,
+        action_ref=action_ref,
+        action_params=struct(params or {}),
+        condition=common_pb2.ENFORCEMENT_CONDITION_ANY if any_of else common_pb2.ENFORCEMENT_CONDITION_ALL,
+        enabled=enabled,
+    )
+    for field, op, value in conditions:
+        c = msg.conditions.add(field=field, operator=op)
+        c.value.CopyFrom(struct({"v": value}).fields["v"])
+    return msg
+
+
+def new_event(trigger_ref: str, payload: dict[str, Any] | None = None, **kw: Any) -> event_pb2.NewEvent:
+    return event_pb2.NewEvent(trigger_ref=trigger_ref, payload=struct(payload or {}), **kw)
+
+
+def field_violations(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The BadRequest field violations of a failed call, as {field: description}."""
+    out: dict[str, str] = {}
+    for key, value in exc.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                if detail.TypeName() == error_details_pb2.BadRequest.DESCRIPTOR.full_name:
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    out.update({v.field: v.description for v in bad.field_violations})
+    return out
