@@ -56,12 +56,27 @@ def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
     return out
 
 
-def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(value)
-
-
 def from_value(value: struct_pb2.Value) -> Any:
-    return json_format.MessageToDict(value)
+    """A protobuf Value as plain JSON data. Struct numbers are doubles on the wire; whole
+    numbers come back as ints, so that 3 stays 3 in storage and in templates ("n=3", not
+    "n=3.0")."""
+    kind = value.WhichOneof("kind")
+    if kind == "number_value":
+        number = value.number_value
+        return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return from_struct(value.struct_value)
+    if kind == "list_value":
+        return [from_value(v) for v in value.list_value.values]
+    return None
+
+
+def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
+    return {k: from_value(v) for k, v in value.fields.items()}
 
 
 def list_value(value: list[Any]) -> struct_pb2.ListValue:
