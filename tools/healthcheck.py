@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
-async def check(target: str, service: str = "", timeout: float = 3.0) -> bool:
+async def check(target: str, service: str = "", timeout: float = 3.0, quiet: bool = False) -> bool:
     async with grpc.aio.insecure_channel(target) as channel:
         try:
             stub: Any = health_pb2_grpc.HealthStub(channel)
@@ -23,10 +23,11 @@ async def check(target: str, service: str = "", timeout: float = 3.0) -> bool:
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
-            print(f"{target}: {exc.code().name} {exc.details()}", file=sys.stderr)
+            if not quiet:
+                print(f"{target}: {exc.code().name} {exc.details()}", file=sys.stderr)
             return False
     serving: bool = response.status == health_pb2.HealthCheckResponse.SERVING
-    if not serving:
+    if not serving and not quiet:
         print(f"{target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)}", file=sys.stderr)
     return serving
 
@@ -35,7 +36,7 @@ async def wait_serving(target: str, timeout: float = 30.0) -> None:
     """Waits until ``target`` is SERVING; raises TimeoutError after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not await check(target, timeout=1.0):
+    while not await check(target, timeout=1.0, quiet=True):
         if loop.time() > deadline:
             raise TimeoutError(f"{target} not SERVING after {timeout}s")
         await asyncio.sleep(0.1)
