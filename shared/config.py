@@ -102,6 +102,9 @@ class ExecutorConfig:
     re-checks at commit time, so a stale entry costs a retry, never a wrong execution)."""
     grace_s: float = 10.0
     """SHUTDOWN_GRACE_SECONDS: how long in-flight decisions may finish after SIGTERM."""
+    health_file: str = ""
+    """EXECUTOR_HEALTH_FILE: a file touched whenever the watch stream delivers (heartbeats
+    included), for container health checks; empty for none."""
 
 
 def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
@@ -144,4 +147,5 @@ def executor_config(env: Mapping[str, str] | None = None) -> ExecutorConfig:
         backoff_max_s=_float(env, "RECONNECT_BACKOFF_MAX_SECONDS", 5.0, minimum=0.001),
         rule_cache_s=_float(env, "RULE_CACHE_SECONDS", 1.0),
         grace_s=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
+        health_file=env.get("EXECUTOR_HEALTH_FILE", ""),
     )

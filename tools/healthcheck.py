@@ -1,14 +1,17 @@
-"""``python -m tools.healthcheck [target] [service]``: exit 0 when the api reports SERVING.
+"""Health checks for compose and scripts (no grpc_health_probe can be installed here).
 
-A tiny gRPC health client for compose health checks (no grpc_health_probe can be installed
-here) and for scripts that wait for the api.
+``python -m tools.healthcheck [target] [service]``: exit 0 when the api reports SERVING.
+``python -m tools.healthcheck --file PATH --max-age S``: exit 0 when PATH was touched within S
+seconds (the executor touches its health file whenever its watch stream delivers anything).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -42,10 +45,27 @@ async def wait_serving(target: str, timeout: float = 30.0) -> None:
         await asyncio.sleep(0.1)
 
 
+def file_fresh(path: str, max_age: float) -> bool:
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError as exc:
+        print(f"{path}: {exc.strerror}", file=sys.stderr)
+        return False
+    if age > max_age:
+        print(f"{path}: last touched {age:.0f}s ago (more than {max_age:.0f}s)", file=sys.stderr)
+    return age <= max_age
+
+
 def main() -> int:
-    target = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("API_TARGET", "127.0.0.1:50051")
-    service = sys.argv[2] if len(sys.argv) > 2 else ""
-    return 0 if asyncio.run(check(target, service)) else 1
+    parser = argparse.ArgumentParser(prog="python -m tools.healthcheck", description=__doc__.splitlines()[0])
+    parser.add_argument("target", nargs="?", default=os.environ.get("API_TARGET", "127.0.0.1:50051"))
+    parser.add_argument("service", nargs="?", default="")
+    parser.add_argument("--file", help="check a health file's age instead of gRPC health")
+    parser.add_argument("--max-age", type=float, default=30.0, help="seconds (with --file)")
+    ns = parser.parse_args()
+    if ns.file:
+        return 0 if file_fresh(ns.file, ns.max_age) else 1
+    return 0 if asyncio.run(check(ns.target, ns.service)) else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,17 @@
+# One image for the api, the executor and the migration step (compose picks the command).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+
+COPY pyproject.toml README.md ./
+COPY shared shared
+COPY services services
+COPY tools tools
+COPY migrations migrations
+# Installs the dependencies; the code runs from /app, where migrations/ sits beside it.
+RUN pip install --no-cache-dir . && useradd --system --uid 10001 automation
+USER automation
+
+EXPOSE 50051
+CMD ["python", "-m", "services.api"]
