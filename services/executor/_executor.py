@@ -57,6 +57,7 @@ class Executor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rules: dict[int, tuple[float, rule_pb2.Rule]] = {}
         self.resolved = 0
+        self._health_touched = float("-inf")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -92,6 +93,7 @@ class Executor:
             log.info("watching enforcements on %s as %s", self.config.target, self.executor_id)
             async for message in call:
                 got_any = True
+                self._touch_health_file()
                 if message.HasField("delivery"):
                     task = asyncio.create_task(self._handle(message.delivery))
                     self._tasks.add(task)
@@ -106,6 +108,19 @@ class Executor:
         finally:
             stopper.cancel()
         return got_any
+
+    def _touch_health_file(self) -> None:
+        """Marks the stream alive for container health checks (at most once a second)."""
+        path = self.config.health_file
+        now = time.monotonic()
+        if not path or now - self._health_touched < 1.0:
+            return
+        self._health_touched = now
+        try:
+            with open(path, "a"):
+                os.utime(path)
+        except OSError as exc:
+            log.warning("cannot touch health file %s: %s", path, exc)
 
     async def _drain(self) -> None:
         if not self._tasks:
