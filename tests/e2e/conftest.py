@@ -38,8 +38,14 @@ class Cluster:
     def _env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
-            DATABASE_URL=self.database_url, API_ADDR=self.target, API_TARGET=self.target, LOG_LEVEL="INFO",
-            LEASE_SECONDS="2", HEARTBEAT_SECONDS="0.5", DISPATCH_POLL_SECONDS="0.2", SHUTDOWN_GRACE_SECONDS="3",
+            DATABASE_URL=self.database_url,
+            API_ADDR=self.target,
+            API_TARGET=self.target,
+            LOG_LEVEL="INFO",
+            LEASE_SECONDS="2",
+            HEARTBEAT_SECONDS="0.5",
+            DISPATCH_POLL_SECONDS="0.2",
+            SHUTDOWN_GRACE_SECONDS="3",
             RECONNECT_BACKOFF_MAX_SECONDS="0.5",
         )
         env.update(extra)
@@ -62,9 +68,9 @@ class Cluster:
             self.api.send_signal(signal.SIGTERM)
             await asyncio.wait_for(self.api.wait(), 20)
 
-    async def start_executor(self, executor_id: str = "") -> asyncio.subprocess.Process:
+    async def start_executor(self, executor_id: str = "", **env: str) -> asyncio.subprocess.Process:
         extra = {"EXECUTOR_ID": executor_id} if executor_id else {}
-        proc = await self._spawn("services.executor", executor_id or "executor", **extra)
+        proc = await self._spawn("services.executor", executor_id or "executor", **extra, **env)
         self.executors.append(proc)
         return proc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -12,6 +13,7 @@ from google.protobuf import field_mask_pb2
 from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
 from tests.e2e.conftest import Client, Cluster
 from tests.helpers import eventually, new_event, rule
+from tools.healthcheck import file_fresh
 
 pytestmark = pytest.mark.e2e
 
@@ -76,10 +78,11 @@ async def _assert_exactly_once(conn: asyncpg.Connection, expected_processed: int
 
 
 async def test_event_flows_to_processed_enforcement_with_execution(
-    cluster: Cluster, client_factory: Callable[[str], Client], conn: asyncpg.Connection
+    cluster: Cluster, client_factory: Callable[[str], Client], conn: asyncpg.Connection, tmp_path: Path
 ) -> None:
     await cluster.start_api()
-    await cluster.start_executor()
+    health_file = tmp_path / "executor.alive"
+    await cluster.start_executor(EXECUTOR_HEALTH_FILE=str(health_file))
     client = client_factory(cluster.target)
     await _define(client)
     (enf_id,) = await _send(client, 1)
@@ -96,6 +99,11 @@ async def test_event_flows_to_processed_enforcement_with_execution(
     assert row is not None
     assert (row["action_ref"], row["status"]) == ("core.echo", "requested")
     assert row["config"] == '{"count": 0, "greeting": "hello n0"}'
+
+    async def health_file_fresh() -> bool:
+        return file_fresh(str(health_file), max_age=30)
+
+    await eventually(health_file_fresh, what="the executor to touch its health file")
 
 
 async def test_rule_disabled_before_resolution_yields_disabled(

@@ -1,0 +1,27 @@
+"""The file-age health check used by the executor's compose health check."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tools.healthcheck import file_fresh
+
+
+def test_recently_touched_file_is_fresh(tmp_path: Path) -> None:
+    path = tmp_path / "alive"
+    path.touch()
+    assert file_fresh(str(path), max_age=30)
+
+
+def test_file_touched_long_ago_is_stale(tmp_path: Path) -> None:
+    path = tmp_path / "alive"
+    path.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    assert not file_fresh(str(path), max_age=30)
+
+
+def test_missing_file_is_unhealthy(tmp_path: Path) -> None:
+    assert not file_fresh(str(tmp_path / "never-written"), max_age=30)
