@@ -37,6 +37,8 @@ BEGIN
             INSERT INTO enforcement_dispatch (enforcement, enforcement_created, rule_ref, trigger_ref)
             VALUES (NEW.id, NEW.created, NEW.rule_ref, NEW.trigger_ref);
         END IF;
+    ELSIF TG_OP = 'DELETE' THEN
+        DELETE FROM enforcement_dispatch WHERE enforcement = OLD.id;
     ELSIF OLD.status = 'created' AND NEW.status <> 'created' THEN
         DELETE FROM enforcement_dispatch WHERE enforcement = NEW.id;
     END IF;
@@ -44,7 +46,7 @@ BEGIN
 END;
 $$;
 CREATE TRIGGER enforcement_dispatch_track
-    AFTER INSERT OR UPDATE OF status ON enforcement
+    AFTER INSERT OR UPDATE OF status OR DELETE ON enforcement
     FOR EACH ROW EXECUTE FUNCTION enforcement_dispatch_track();
 
 -- An enforcement changes exactly once: from created to processed or disabled.

@@ -73,6 +73,56 @@ def load(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
+_DOLLAR = re.compile(r"\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$")
+
+
+def split_statements(sql: str) -> list[str]:
+    """The statements of a script, split at semicolons outside quotes, comments and $$ bodies."""
+    statements: list[str] = []
+    start = i = 0
+    n = len(sql)
+    while i < n:
+        ch = sql[i]
+        if sql.startswith("--", i):
+            end = sql.find("\n", i)
+            i = n if end < 0 else end + 1
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+        elif ch in "'\"":
+            escapes = ch == "'" and i > 0 and sql[i - 1] in "eE"
+            i += 1
+            while i < n:
+                if escapes and sql[i] == "\\":
+                    i += 2
+                    continue
+                if sql[i] == ch:
+                    if sql.startswith(ch, i + 1):
+                        i += 2
+                        continue
+                    break
+                i += 1
+            i += 1
+        elif (
+            ch == "$" and (tag := _DOLLAR.match(sql, i)) and not (i > 0 and (sql[i - 1].isalnum() or sql[i - 1] == "_"))
+        ):
+            end = sql.find(tag.group(), tag.end())
+            i = n if end < 0 else end + len(tag.group())
+        elif ch == ";":
+            statements.append(sql[start:i])
+            i += 1
+            start = i
+        else:
+            i += 1
+    statements.append(sql[start:])
+    return [s for s in statements if _has_code(s)]
+
+
+def _has_code(statement: str) -> bool:
+    text = re.sub(r"--[^\n]*|/\*.*?\*/", "", statement, flags=re.S)
+    return bool(text.strip())
+
+
 def _check_applied(migrations: list[Migration], applied: list[asyncpg.Record]) -> None:
     by_version = {m.version: m for m in migrations}
     for row in applied:
@@ -114,7 +164,10 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
                     await conn.execute(m.sql)
                     await conn.execute(_RECORD, m.version, m.name, m.checksum)
             else:
-                await conn.execute(m.sql)
+                # Several statements sent in one query run as one implicit transaction, which
+                # is what CREATE INDEX CONCURRENTLY and the like refuse: send them one by one.
+                for statement in split_statements(m.sql):
+                    await conn.execute(statement)
                 await conn.execute(_RECORD, m.version, m.name, m.checksum)
         if not todo:
             log.info("migrations are up to date")

@@ -39,9 +39,12 @@ def encode_token(created: datetime, id_: int) -> str:
 def decode_token(token: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        micros, id_ = raw.split(":")
-        return _EPOCH + timedelta(microseconds=int(micros)), int(id_)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        micros, id_text = raw.split(":")
+        id_ = int(id_text)
+        if not 0 < id_ < 2**63:
+            raise ValueError("id out of range")
+        return _EPOCH + timedelta(microseconds=int(micros)), id_
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise InvalidArgument.one("page_token", "is not a token returned by this list") from None
 
 

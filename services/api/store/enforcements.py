@@ -32,21 +32,26 @@ _N_ENF = len(_ENFORCEMENT.split(", "))
 _GET = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE id = $1"
 
 # The dispatch row exists exactly while the enforcement is pending (triggers keep it so) and
-# carries `created`, which lets TimescaleDB go straight to the right chunk.
+# carries `created`, which lets TimescaleDB go straight to the right chunk. The pending row is
+# looked up first and the UPDATE then names it by constants only: on a compressed chunk
+# TimescaleDB decompresses the batches the UPDATE may touch before it runs, and a scan of the
+# same chunk planned inside the statement (a CTE joined to it) would no longer see the row.
+_TARGET = """
+SELECT d.enforcement_created AS created, e.rule
+  FROM enforcement_dispatch d
+  JOIN enforcement e ON e.id = d.enforcement AND e.created = d.enforcement_created
+ WHERE d.enforcement = $1 AND e.status = 'created'
+"""
+
 _RESOLVE_PROCESSED = f"""
-WITH target AS (
-    SELECT e.id, e.created, e.rule
-      FROM enforcement_dispatch d
-      JOIN enforcement e ON e.id = d.enforcement AND e.created = d.enforcement_created
-     WHERE d.enforcement = $1 AND e.status = 'created'
-), live_rule AS (
+WITH live_rule AS (
     SELECT r.id, r.action_ref FROM rule r
-     WHERE r.id = (SELECT rule FROM target) AND r.enabled AND r.action_ref IS NOT NULL
+     WHERE r.id = $3 AND r.enabled AND r.action_ref IS NOT NULL
        FOR SHARE
 ), resolved AS (
     UPDATE enforcement e SET status = 'processed', resolved_at = now()
-      FROM target t, live_rule l
-     WHERE e.id = t.id AND e.created = t.created AND e.status = 'created'
+      FROM live_rule l
+     WHERE e.id = $1 AND e.created = $2 AND e.status = 'created' AND e.rule = l.id
     RETURNING {_ENFORCEMENT_E}
 ), x AS (
     INSERT INTO execution (action_ref, config, enforcement)
@@ -57,15 +62,8 @@ SELECT r.*, {_EXECUTION_X} FROM resolved r, x
 """
 
 _RESOLVE_DISABLED = f"""
-WITH target AS (
-    SELECT e.id, e.created
-      FROM enforcement_dispatch d
-      JOIN enforcement e ON e.id = d.enforcement AND e.created = d.enforcement_created
-     WHERE d.enforcement = $1 AND e.status = 'created'
-)
 UPDATE enforcement e SET status = 'disabled', resolved_at = now()
-  FROM target t
- WHERE e.id = t.id AND e.created = t.created AND e.status = 'created'
+ WHERE e.id = $1 AND e.created = $2 AND e.status = 'created'
 RETURNING {_ENFORCEMENT_E}
 """
 
@@ -202,14 +200,17 @@ class Enforcements(Repo):
 
     async def resolve(self, id_: int, status: str) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""
-        if status == "processed":
-            row = await self._fetchrow(_RESOLVE_PROCESSED, id_)
-            if row is not None:
-                return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
-        else:
-            row = await self._fetchrow(_RESOLVE_DISABLED, id_)
-            if row is not None:
-                return Resolution(Enforcement(*row), None)
+        async with guarded(), self._pool.acquire() as conn:
+            target = await conn.fetchrow(_TARGET, id_)
+            if target is not None and status == "processed":
+                if target["rule"] is not None:
+                    row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, target["created"], target["rule"])
+                    if row is not None:
+                        return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
+            elif target is not None:
+                row = await conn.fetchrow(_RESOLVE_DISABLED, id_, target["created"])
+                if row is not None:
+                    return Resolution(Enforcement(*row), None)
         return await self._explain_unresolved(id_, status)
 
     async def _explain_unresolved(self, id_: int, status: str) -> Resolution:

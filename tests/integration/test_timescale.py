@@ -1,0 +1,213 @@
+"""The TimescaleDB side of the schema: hypertables, compression, retention, continuous aggregates.
+
+Tests marked ``timescale`` need the extension (set TEST_DATABASE_URL to a TimescaleDB server);
+the conftest skips them, with the reason, elsewhere. The file check and the volume-view test
+run on every database.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from services.api import migrate
+from services.api.store import NewEvent, Store
+
+HOOK = "core.webhook"
+
+
+async def setup_rule(store: Store) -> None:
+    await store.rules.create_trigger(HOOK, "", "", None, None)
+    await store.rules.create_rule(
+        ref="demo.rule",
+        label="",
+        description="",
+        trigger_ref=HOOK,
+        action_ref="core.echo",
+        action_params={"p": "{{ event.payload.p }}"},
+        conditions=[],
+        condition="all",
+        enabled=True,
+    )
+
+
+async def insert_old(conn: asyncpg.Connection, age: str) -> tuple[int, int]:
+    """An event and its pending enforcement, ``age`` old, written with an explicit created."""
+    row = await conn.fetchrow(
+        f"""
+        WITH ev AS (
+            INSERT INTO event (trigger, trigger_ref, payload, created)
+            SELECT id, ref, '{{"p": 1}}', now() - interval '{age}' FROM trigger WHERE ref = $1
+            RETURNING id, created
+        )
+        INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, created)
+        SELECT r.id, r.ref, r.trigger_ref, '{{"p": 1}}', ev.id, ev.created FROM rule r, ev WHERE r.ref = 'demo.rule'
+        RETURNING event, id
+        """,
+        HOOK,
+    )
+    assert row is not None
+    return row["event"], row["id"]
+
+
+async def job_id(conn: asyncpg.Connection, proc: str, table: str) -> int:
+    value = await conn.fetchval(
+        "SELECT job_id FROM timescaledb_information.jobs WHERE proc_name = $1 AND hypertable_name = $2", proc, table
+    )
+    assert isinstance(value, int), f"no {proc} job on {table}"
+    return value
+
+
+@pytest.mark.timescale
+async def test_event_and_enforcement_are_hypertables_with_daily_chunks(conn: asyncpg.Connection) -> None:
+    rows = await conn.fetch(
+        "SELECT hypertable_name, column_name, time_interval FROM timescaledb_information.dimensions "
+        "WHERE hypertable_schema = 'public' ORDER BY hypertable_name"
+    )
+    dims = {r["hypertable_name"]: (r["column_name"], r["time_interval"]) for r in rows}
+    assert dims["event"] == ("created", timedelta(days=1))
+    assert dims["enforcement"] == ("created", timedelta(days=1))
+    assert dims["execution_history"][0] == "time"
+    assert dims["worker_history"][0] == "time"
+
+
+@pytest.mark.timescale
+async def test_compression_is_segmented_by_trigger_and_rule(conn: asyncpg.Connection) -> None:
+    rows = await conn.fetch(
+        "SELECT hypertable::text AS h, segmentby FROM timescaledb_information.hypertable_compression_settings"
+    )
+    settings = {r["h"]: r["segmentby"] for r in rows}
+    assert settings["event"] == "trigger_ref"
+    assert settings["enforcement"] == "rule_ref"
+
+
+@pytest.mark.timescale
+@pytest.mark.parametrize("table", ["event", "enforcement"])
+async def test_compression_after_7_days_and_retention_of_90_days(conn: asyncpg.Connection, table: str) -> None:
+    rows = await conn.fetch(
+        "SELECT proc_name, config->>'compress_after' AS compress_after, config->>'drop_after' AS drop_after "
+        "FROM timescaledb_information.jobs WHERE hypertable_name = $1 ORDER BY proc_name",
+        table,
+    )
+    assert [(r["proc_name"], r["compress_after"], r["drop_after"]) for r in rows] == [
+        ("policy_compression", "7 days", None),
+        ("policy_retention", None, "90 days"),
+    ]
+
+
+@pytest.mark.timescale
+async def test_volume_views_are_real_time_continuous_aggregates(conn: asyncpg.Connection) -> None:
+    rows = await conn.fetch(
+        "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates ORDER BY view_name"
+    )
+    assert [(r["view_name"], r["materialized_only"]) for r in rows] == [
+        ("enforcement_volume_hourly", False),
+        ("event_volume_hourly", False),
+    ]
+
+
+@pytest.mark.timescale
+async def test_resolving_an_enforcement_in_a_compressed_chunk(store: Store, conn: asyncpg.Connection) -> None:
+    await setup_rule(store)
+    event_id, enf_id = await insert_old(conn, "10 days")
+    compressed = await conn.fetch(
+        "SELECT compress_chunk(c)::text FROM show_chunks('enforcement', older_than => INTERVAL '7 days') c"
+    )
+    await conn.execute("SELECT compress_chunk(c) FROM show_chunks('event', older_than => INTERVAL '7 days') c")
+    assert len(compressed) == 1
+    assert await conn.fetchval(
+        "SELECT bool_and(is_compressed) FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = 'enforcement' AND range_end < now() - interval '7 days'"
+    )
+    pending = await store.enforcements.get(enf_id)
+    assert (pending.status, pending.event) == ("created", event_id)
+    assert (await store.events.get(event_id)).payload == {"p": 1}
+
+    resolution = await store.enforcements.resolve(enf_id, "processed")
+    assert resolution.enforcement.status == "processed" and resolution.enforcement.resolved_at is not None
+    assert resolution.execution is not None
+    assert (resolution.execution.action_ref, resolution.execution.config, resolution.execution.enforcement) == (
+        "core.echo",
+        {"p": 1},
+        enf_id,
+    )
+    assert (await store.enforcements.get(enf_id)).status == "processed"
+    assert await conn.fetchval("SELECT count(*) FROM enforcement_dispatch WHERE enforcement = $1", enf_id) == 0
+    again = await store.enforcements.resolve(enf_id, "processed")
+    assert again.replayed is True and again.execution == resolution.execution
+
+
+@pytest.mark.timescale
+async def test_retention_drops_old_chunks_and_keeps_recent_rows(store: Store, conn: asyncpg.Connection) -> None:
+    await setup_rule(store)
+    old_event, old_enf = await insert_old(conn, "100 days")
+    [recent] = await store.events.create_many([NewEvent(HOOK, {"p": 2})])
+    assert await conn.fetchval("SELECT count(*) FROM show_chunks('event', older_than => INTERVAL '90 days')") == 1
+
+    for table in ("event", "enforcement"):
+        await conn.execute(f"CALL run_job({await job_id(conn, 'policy_retention', table)})")
+
+    assert await conn.fetchval("SELECT count(*) FROM show_chunks('event', older_than => INTERVAL '90 days')") == 0
+    assert await conn.fetchval("SELECT count(*) FROM show_chunks('enforcement', older_than => INTERVAL '90 days')") == 0
+    assert await conn.fetchval("SELECT count(*) FROM event WHERE id = $1", old_event) == 0
+    assert await conn.fetchval("SELECT count(*) FROM enforcement WHERE id = $1", old_enf) == 0
+    assert (await store.events.get(recent.event.id)).payload == {"p": 2}
+    [enf] = recent.enforcements
+    assert (await store.enforcements.get(enf.id)).event == recent.event.id
+    assert (await store.enforcements.resolve(enf.id, "processed")).execution is not None
+
+
+# ---- runs on every database -------------------------------------------------------------------------
+
+
+async def test_volume_views_show_a_just_inserted_row(store: Store) -> None:
+    await setup_rule(store)
+    [created] = await store.events.create_many([NewEvent(HOOK, {"p": 1})])
+    [enf] = created.enforcements
+    hour = created.event.created.replace(minute=0, second=0, microsecond=0)
+    start, end = hour - timedelta(hours=1), hour + timedelta(hours=2)
+
+    events = await store.analytics.event_volume(start, end)
+    assert [(v.bucket, v.trigger_ref, v.event_count) for v in events] == [(hour, HOOK, 1)]
+    enforcements = await store.analytics.enforcement_volume(start, end, rule_ref="demo.rule")
+    assert [(v.bucket, v.rule_ref, v.status, v.enforcement_count) for v in enforcements] == [
+        (hour, "demo.rule", "created", 1)
+    ]
+    await store.enforcements.resolve(enf.id, "disabled")
+    after = await store.analytics.enforcement_volume(start, end, status="disabled")
+    assert [(v.status, v.enforcement_count) for v in after] == [("disabled", 1)]
+    assert await store.analytics.enforcement_volume(start, end, status="created") == []
+    assert await store.analytics.event_volume(start, end, trigger_ref="other.trigger") == []
+
+
+_TIMESCALE_CALL = re.compile(
+    r"\b(create_hypertable|add_\w+_policy|compress_chunk|time_bucket|timescaledb[._]\w*|by_range|"
+    r"CREATE\s+EXTENSION|show_chunks|drop_chunks|run_job)\b",
+    re.IGNORECASE,
+)
+
+
+def _code(sql: str) -> str:
+    return re.sub(r"--[^\n]*", "", sql)
+
+
+def test_timescaledb_statements_stay_inside_the_marked_do_block() -> None:
+    migrations = migrate.load()
+    for m in migrations:
+        if m.name != "timescaledb":
+            assert not _TIMESCALE_CALL.search(_code(m.sql)), f"{m.name} uses TimescaleDB outside 0005"
+    [ts] = [m for m in migrations if m.name == "timescaledb"]
+    code = _code(ts.sql)
+    block = re.search(r"DO \$migration\$(.*)\$migration\$;", code, re.DOTALL)
+    assert block is not None
+    outside = code[: block.start()] + code[block.end() :]
+    assert outside.strip() == ""
+    inside = block.group(1)
+    assert _TIMESCALE_CALL.search(inside)
+    # Every TimescaleDB statement comes after the branch that returns without the extension.
+    fallback_end = inside.index("RETURN;")
+    assert not _TIMESCALE_CALL.search(inside[:fallback_end].split("IF NOT use_timescaledb THEN", 1)[1])
+    assert inside.index("CREATE EXTENSION IF NOT EXISTS timescaledb") > fallback_end

@@ -1,0 +1,268 @@
+"""Rule conditions and action-parameter templates (pure functions, no database)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from services.api import matching
+
+
+def cond(field: str, operator: str, value: Any) -> dict[str, Any]:
+    return {"field": field, "operator": operator, "value": value}
+
+
+# ---- condition_violations ---------------------------------------------------------------------
+
+
+def test_valid_conditions_have_no_violations() -> None:
+    conditions = [cond("body.action", "equals", "push"), cond("a.0.b", "contains", 1), cond("x", "not_equals", None)]
+    assert matching.condition_violations(conditions) == []
+
+
+def test_empty_condition_list_is_valid() -> None:
+    assert matching.condition_violations([]) == []
+
+
+@pytest.mark.parametrize("bad", ["equals", 3, None, ["field", "equals", 1]])
+def test_condition_that_is_not_an_object_is_named_by_index(bad: Any) -> None:
+    problems = matching.condition_violations([cond("a", "equals", 1), bad])
+    assert problems == [("rule.conditions[1]", "must be an object with field, operator and value")]
+
+
+def test_unknown_condition_keys_are_listed() -> None:
+    problems = matching.condition_violations([{**cond("a", "equals", 1), "op": "x", "extra": 2}])
+    assert problems == [("rule.conditions[0]", "unknown keys ['extra', 'op']")]
+
+
+@pytest.mark.parametrize("field", ["", " ", "a..b", ".a", "a.", "a b", 7, None])
+def test_field_that_is_not_a_dot_path_is_refused(field: Any) -> None:
+    problems = matching.condition_violations([{"field": field, "operator": "equals", "value": 1}])
+    assert problems == [("rule.conditions[0].field", "must be a dot path such as body.action")]
+
+
+def test_missing_field_is_refused() -> None:
+    problems = matching.condition_violations([{"operator": "equals", "value": 1}])
+    assert [p[0] for p in problems] == ["rule.conditions[0].field"]
+
+
+@pytest.mark.parametrize("operator", ["eq", "EQUALS", "", None, 1, "matches"])
+def test_unknown_operator_is_refused_with_the_allowed_ones(operator: Any) -> None:
+    problems = matching.condition_violations([cond("a", operator, 1)])
+    assert len(problems) == 1
+    where, why = problems[0]
+    assert where == "rule.conditions[0].operator"
+    assert "['contains', 'equals', 'not_equals']" in why
+    assert repr(operator) in why
+
+
+def test_missing_value_is_refused_but_null_value_is_allowed() -> None:
+    assert matching.condition_violations([{"field": "a", "operator": "equals"}]) == [
+        ("rule.conditions[0].value", "is required")
+    ]
+    assert matching.condition_violations([cond("a", "equals", None)]) == []
+
+
+def test_every_problem_of_one_condition_is_reported_with_custom_field_name() -> None:
+    problems = matching.condition_violations([{"field": "", "operator": "nope", "zzz": 1}], "conditions")
+    assert [p[0] for p in problems] == [
+        "conditions[0]",
+        "conditions[0].field",
+        "conditions[0].operator",
+        "conditions[0].value",
+    ]
+
+
+# ---- lookup -------------------------------------------------------------------------------------
+
+DATA: dict[str, Any] = {
+    "a": {"b": {"c": 3}},
+    "items": [{"name": "first"}, {"name": "second"}],
+    "n": None,
+    "flag": False,
+    "1": "key one",
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("a", {"b": {"c": 3}}),
+        ("a.b.c", 3),
+        ("items.0.name", "first"),
+        ("items.1.name", "second"),
+        ("n", None),
+        ("flag", False),
+        ("1", "key one"),
+    ],
+)
+def test_lookup_follows_dot_paths_and_list_indexes(path: str, expected: Any) -> None:
+    assert matching.lookup(DATA, path) == expected
+
+
+@pytest.mark.parametrize("path", ["missing", "a.x", "a.b.c.d", "items.2.name", "items.-1", "items.name", "n.x"])
+def test_lookup_of_absent_path_is_missing_not_none(path: str) -> None:
+    assert matching.lookup(DATA, path) is matching._MISSING
+
+
+# ---- matches ------------------------------------------------------------------------------------
+
+
+def test_empty_conditions_always_match() -> None:
+    assert matching.matches([], "all", {}) is True
+    assert matching.matches([], "any", {"x": 1}) is True
+
+
+def test_all_requires_every_condition_any_requires_one() -> None:
+    conditions = [cond("a", "equals", 1), cond("b", "equals", 2)]
+    assert matching.matches(conditions, "all", {"a": 1, "b": 2}) is True
+    assert matching.matches(conditions, "all", {"a": 1, "b": 3}) is False
+    assert matching.matches(conditions, "any", {"a": 1, "b": 3}) is True
+    assert matching.matches(conditions, "any", {"a": 0, "b": 3}) is False
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "equal"),
+    [
+        (1, 1, True),
+        (1, 1.0, True),
+        ("1", 1, False),
+        (True, True, True),
+        (True, 1, False),
+        (1, True, False),
+        (False, 0, False),
+        (0, False, False),
+        (None, None, True),
+        ({"k": [1, 2]}, {"k": [1, 2]}, True),
+        ([1, 2], [2, 1], False),
+        ("push", "push", True),
+        ("Push", "push", False),
+    ],
+)
+def test_equals_and_not_equals_use_json_equality(actual: Any, expected: Any, equal: bool) -> None:
+    payload = {"f": actual}
+    assert matching.matches([cond("f", "equals", expected)], "all", payload) is equal
+    assert matching.matches([cond("f", "not_equals", expected)], "all", payload) is (not equal)
+
+
+def test_missing_field_equals_nothing_and_differs_from_everything() -> None:
+    assert matching.matches([cond("gone", "equals", None)], "all", {}) is False
+    assert matching.matches([cond("gone", "not_equals", None)], "all", {}) is True
+    assert matching.matches([cond("gone", "contains", "x")], "all", {}) is False
+
+
+@pytest.mark.parametrize(
+    ("actual", "expected", "holds"),
+    [
+        ("refs/heads/main", "heads", True),
+        ("refs/heads/main", "tags", False),
+        ("abc", 1, False),
+        (["a", "b"], "b", True),
+        (["a", "b"], "c", False),
+        ([1, 2], 1.0, True),
+        ([1, 2], True, False),
+        ([True], 1, False),
+        ([{"k": 1}], {"k": 1}, True),
+        ({"key": 1}, "key", True),
+        ({"key": 1}, "other", False),
+        ({"1": 1}, 1, False),
+        (5, 5, False),
+        (None, None, False),
+    ],
+)
+def test_contains_is_substring_element_or_key(actual: Any, expected: Any, holds: bool) -> None:
+    assert matching.matches([cond("f", "contains", expected)], "all", {"f": actual}) is holds
+
+
+def test_conditions_on_nested_paths_and_list_indexes() -> None:
+    payload = {"body": {"commits": [{"author": "ann"}, {"author": "bob"}]}}
+    assert matching.matches([cond("body.commits.1.author", "equals", "bob")], "all", payload) is True
+    assert matching.matches([cond("body.commits.2.author", "equals", "bob")], "all", payload) is False
+
+
+# ---- render -------------------------------------------------------------------------------------
+
+CONTEXT = matching.template_context(
+    event_id=42,
+    trigger_ref="core.webhook",
+    created_iso="2024-05-01T12:00:00+00:00",
+    payload={"n": 7, "flag": True, "obj": {"b": 2, "a": 1}, "list": [1, "x"], "name": "ann", "none": None},
+    rule_ref="demo.rule",
+    source_ref="sensor.one",
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("{{ event.payload.n }}", 7),
+        ("{{event.payload.flag}}", True),
+        ("  {{ event.payload.obj }}  ", {"b": 2, "a": 1}),
+        ("{{ event.payload.list }}", [1, "x"]),
+        ("{{ event.payload.none }}", None),
+        ("{{ event.payload.list.1 }}", "x"),
+        ("{{ event.id }}", 42),
+        ("{{ event.trigger }}", "core.webhook"),
+        ("{{ event.created }}", "2024-05-01T12:00:00+00:00"),
+        ("{{ event.source_ref }}", "sensor.one"),
+        ("{{ rule.ref }}", "demo.rule"),
+        ("{{ event.payload.gone }}", None),
+    ],
+)
+def test_whole_template_keeps_the_json_type(template: str, expected: Any) -> None:
+    assert matching.render(template, CONTEXT) == expected
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("n={{ event.payload.n }}", "n=7"),
+        ("{{ event.payload.name }}/{{ rule.ref }}", "ann/demo.rule"),
+        ("flag {{ event.payload.flag }}", "flag true"),
+        ("obj {{ event.payload.obj }}", 'obj {"a":1,"b":2}'),
+        ("list {{ event.payload.list }}", 'list [1,"x"]'),
+        ("[{{ event.payload.gone }}]", "[]"),
+        ("[{{ event.payload.none }}]", "[]"),
+        ("event {{ event.id }} of {{ event.trigger }}", "event 42 of core.webhook"),
+    ],
+)
+def test_mixed_template_interpolates_text(template: str, expected: str) -> None:
+    assert matching.render(template, CONTEXT) == expected
+
+
+def test_render_walks_nested_objects_and_lists_and_leaves_other_values() -> None:
+    params = {
+        "who": "{{ event.payload.name }}",
+        "nested": {"list": ["{{ event.payload.n }}", "plain", 3, None, False]},
+        "text": "no templates here",
+        "braces": "{ not a template }",
+        "number": 1.5,
+    }
+    assert matching.render(params, CONTEXT) == {
+        "who": "ann",
+        "nested": {"list": [7, "plain", 3, None, False]},
+        "text": "no templates here",
+        "braces": "{ not a template }",
+        "number": 1.5,
+    }
+
+
+def test_render_does_not_evaluate_expressions() -> None:
+    assert matching.render("{{ event.payload.n + 1 }}", CONTEXT) == "{{ event.payload.n + 1 }}"
+    assert matching.render("{{ __import__('os') }}", CONTEXT) == "{{ __import__('os') }}"
+
+
+def test_template_context_names() -> None:
+    ctx = matching.template_context(event_id=None, trigger_ref="a.b", created_iso=None, payload={}, rule_ref="r.x")
+    assert ctx == {
+        "event": {
+            "id": None,
+            "trigger": "a.b",
+            "trigger_ref": "a.b",
+            "created": None,
+            "payload": {},
+            "source_ref": None,
+        },
+        "rule": {"ref": "r.x"},
+    }
