@@ -53,13 +53,31 @@ SERVICE_NAMES = [
 ]
 
 
+def server_options(config: ApiConfig) -> list[tuple[str, int]]:
+    """Keepalive no slower than the lease.
+
+    A watch stream's leases are renewed by this process for as long as the stream lives, and a
+    stopped or frozen executor keeps its TCP connection (the kernel still acknowledges), so only
+    an unanswered HTTP/2 PING tells that it is gone. Pinging every half lease, with half a lease
+    to answer, ends such a stream (releasing its work) about one lease after it froze, instead
+    of after the 30 + 10 s of the default keepalive.
+    """
+    options = dict(SERVER_KEEPALIVE)
+    half_lease_ms = max(int(config.lease_s * 500), 1000)
+    for key in ("grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms"):
+        options[key] = min(options[key], half_lease_ms)
+    # gRPC core waits for the ack of any ping (keepalive ones too) this long: 60 s by default.
+    options["grpc.http2.ping_timeout_ms"] = half_lease_ms
+    return list(options.items())
+
+
 class ApiServer:
     """One api process. ``start`` serves; ``stop`` drains and closes."""
 
     def __init__(self, config: ApiConfig) -> None:
         self.config = config
         self.shutdown = asyncio.Event()
-        self.server = grpc.aio.server(options=SERVER_KEEPALIVE)
+        self.server = grpc.aio.server(options=server_options(config))
         self.health = health.aio.HealthServicer()
         self.store: Store | None = None
         self.dispatcher = Dispatcher(config.database_url)
@@ -161,6 +179,9 @@ class ApiServer:
                     purged = await self.store.dispatch.purge_requests(cfg.request_retention_h)
                     if purged:
                         log.info("forgot %d idempotency keys older than %.0fh", purged, cfg.request_retention_h)
+                    orphans = await self.store.dispatch.purge_orphans()
+                    if orphans:
+                        log.warning("pending enforcements dropped by retention before resolution: %s", orphans)
                     next_purge = loop.time() + 3600
             except Exception as exc:  # noqa: BLE001 - maintenance retries on its next round
                 log.debug("maintenance skipped: %s", exc)

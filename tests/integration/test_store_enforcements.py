@@ -581,3 +581,21 @@ async def test_deleting_a_pending_enforcement_removes_its_dispatch_row(
     await conn.execute("DELETE FROM enforcement WHERE id = $1", enf)
     assert await dispatch_row(conn, enf) is None
     assert (await store.dispatch.state(10)).pending == 0
+
+
+async def test_dispatch_rows_of_enforcements_dropped_without_triggers_are_purged(
+    store: Store, rule: Rule, conn: asyncpg.Connection
+) -> None:
+    old = await pending(store)
+    recent = await pending(store)
+    # What retention's drop_chunks does: remove the rows without firing DELETE triggers.
+    await conn.execute("ALTER TABLE enforcement DISABLE TRIGGER USER")
+    await conn.execute(
+        "UPDATE enforcement_dispatch SET enforcement_created = now() - interval '100 days' WHERE enforcement = $1",
+        old.id,
+    )
+    await conn.execute("DELETE FROM enforcement WHERE id = $1", old.id)
+    await conn.execute("ALTER TABLE enforcement ENABLE TRIGGER USER")
+    assert await store.dispatch.purge_orphans() == [old.id]
+    remaining = await conn.fetch("SELECT enforcement FROM enforcement_dispatch ORDER BY 1")
+    assert [r["enforcement"] for r in remaining] == [recent.id]

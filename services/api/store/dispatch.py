@@ -97,6 +97,14 @@ UPDATE enforcement_dispatch
  WHERE enforcement = $1 AND exhausted_at IS NOT NULL
 RETURNING enforcement"""
 _DISPATCH_ROW = "SELECT exhausted_at FROM enforcement_dispatch WHERE enforcement = $1"
+# Retention (drop_chunks) removes enforcements without firing triggers, so a pending one older
+# than the retention window leaves its dispatch row behind; this forgets such orphans.
+_PURGE_ORPHANS = """
+DELETE FROM enforcement_dispatch d
+ WHERE d.enforcement_created < now() - interval '89 days'
+   AND NOT EXISTS (SELECT 1 FROM enforcement e
+                    WHERE e.id = d.enforcement AND e.created = d.enforcement_created)
+RETURNING d.enforcement"""
 _PURGE_REQUESTS = "DELETE FROM ingest_request WHERE created < now() - $1 * interval '1 hour'"
 
 
@@ -174,6 +182,10 @@ class Dispatch(Repo):
                 reason="NOT_EXHAUSTED",
             )
         raise NotFound(f"enforcement {enforcement} is not pending (unknown or already resolved)")
+
+    async def purge_orphans(self) -> list[int]:
+        """Forgets dispatch rows whose enforcement retention dropped (see _PURGE_ORPHANS)."""
+        return [r["enforcement"] for r in await self._fetch(_PURGE_ORPHANS)]
 
     async def purge_requests(self, older_than_h: float) -> int:
         """Forgets idempotency keys older than ``older_than_h`` hours."""
