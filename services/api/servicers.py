@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2, empty_pb2
+from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 
 from services.api import convert, matching
 from services.api._rpc import rpc
@@ -61,9 +61,16 @@ def _check_id(field: str, value: int) -> int:
     return value
 
 
+def _timestamp(field: str, t: timestamp_pb2.Timestamp) -> datetime:
+    try:
+        return convert.from_ts(t)
+    except ValueError as exc:  # seconds outside years 1..9999, or nanos outside [0, 1e9)
+        raise InvalidArgument.one(field, str(exc)) from None
+
+
 def _time_range(field: str, r: common_pb2.TimeRange) -> tuple[datetime | None, datetime | None]:
-    start = convert.from_ts(r.start) if r.HasField("start") else None
-    end = convert.from_ts(r.end) if r.HasField("end") else None
+    start = _timestamp(f"{field}.start", r.start) if r.HasField("start") else None
+    end = _timestamp(f"{field}.end", r.end) if r.HasField("end") else None
     if start and end and start >= end:
         raise InvalidArgument.one(field, "start must be before end")
     return start, end
@@ -369,7 +376,9 @@ def _conditions(v: Violations, field: str, conditions: Any) -> list[dict[str, An
         if not c.HasField("value"):
             v.add(f"{field}[{i}].value", "is required")
         out.append(convert.condition_to_json(c))
-    for f, why in matching.condition_violations([c for c in out if c["operator"]], field):
+    # Only the field paths are checked here (operator and value were checked above); the
+    # list is passed whole so that each violation names the condition's own index.
+    for f, why in matching.condition_violations(out, field):
         if f.endswith(".field"):
             v.add(f, why)
     return out
@@ -566,7 +575,11 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
 def _volume_range(r: common_pb2.TimeRange) -> tuple[datetime, datetime]:
     start, end = _time_range("range", r)
     end = end or datetime.now(UTC)
-    start = start or end - timedelta(hours=24)
+    if start is None:
+        try:
+            start = end - timedelta(hours=24)
+        except OverflowError:
+            raise InvalidArgument.one("range.end", "is too early to default start to 24 hours before it") from None
     if start >= end:
         raise InvalidArgument.one("range", "start must be before end")
     if end - start > MAX_VOLUME_RANGE:
@@ -591,6 +604,10 @@ class AnalyticsService(analytics_pb2_grpc.AnalyticsServiceServicer):
         self, request: analytics_pb2.QueryEnforcementVolumeRequest, context: Context
     ) -> analytics_pb2.QueryEnforcementVolumeResponse:
         start, end = _volume_range(request.range)
-        status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
+        status = ""
+        if request.status != common_pb2.ENFORCEMENT_STATUS_UNSPECIFIED:
+            status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
+            if not status:
+                raise InvalidArgument.one("status", f"unknown status {request.status}")
         rows = await self._store.analytics.enforcement_volume(start, end, request.rule_ref, status)
         return analytics_pb2.QueryEnforcementVolumeResponse(buckets=[convert.enforcement_volume(r) for r in rows])
