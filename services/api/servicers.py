@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from services.api._rpc import rpc
 from services.api.dispatcher import Dispatcher
 from services.api.store import NewEvent, Store
 from services.api.store._paging import page_size
+from services.api.store.history import TABLES as HISTORY_TABLES
 from services.api.store.rules import UPDATABLE
 from shared.config import ApiConfig
 from shared.errors import InvalidArgument, Violations
@@ -39,6 +41,7 @@ from shared.gen.automation.v1 import (
     rule_pb2_grpc,
 )
 
+log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 REF = re.compile(r"^[a-z0-9_-]+\.[a-z0-9_.-]+$")
 REF_HINT = "must look like pack.name (lower case letters, digits, '_', '-')"
@@ -237,8 +240,17 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         id_ = _check_id("id", request.id)
         if request.status not in (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_STATUS_DISABLED):
             raise InvalidArgument.one("status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED")
-        result = await self._store.enforcements.resolve(id_, convert.ENFORCEMENT_STATUS_NAME[request.status])
+        status = convert.ENFORCEMENT_STATUS_NAME[request.status]
+        result = await self._store.enforcements.resolve(id_, status)
         self._dispatcher.resolved(id_)
+        log.debug(
+            "enforcement %d %s by %s%s: %s",
+            id_,
+            status,
+            request.executor_id or "?",
+            " (retry)" if result.replayed else "",
+            request.reason or "no reason given",
+        )
         response = enforcement_pb2.ResolveEnforcementResponse(
             enforcement=convert.enforcement(result.enforcement), replayed=result.replayed
         )
@@ -550,6 +562,11 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         self, request: history_pb2.ListHistoryRequest, context: Context
     ) -> history_pb2.ListHistoryResponse:
         v = Violations()
+        if request.entity_type not in HISTORY_TABLES:
+            v.add(
+                "entity_type",
+                f"only {' and '.join(sorted(HISTORY_TABLES))} have history (got {request.entity_type!r})",
+            )
         if request.operation and request.operation not in ("INSERT", "UPDATE", "DELETE"):
             v.add("operation", "must be INSERT, UPDATE or DELETE")
         if request.HasField("entity_id") and request.entity_id <= 0:

@@ -253,6 +253,14 @@ async def test_history_of_other_entity_types_is_invalid_argument_saying_which_ha
     assert "execution" in violations["entity_type"] and "worker" in violations["entity_type"]
 
 
+async def test_history_request_with_several_bad_fields_names_them_all(stubs: Stubs) -> None:
+    err = await rpc_error(
+        stubs.history.ListHistory(history_pb2.ListHistoryRequest(entity_type="event", operation="UPSERT")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(field_violations(err)) == {"entity_type", "operation"}
+
+
 @pytest.mark.parametrize(
     ("kw", "field"),
     [

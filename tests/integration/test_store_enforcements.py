@@ -124,6 +124,17 @@ async def test_second_enforcement_for_same_rule_and_event_is_a_replay(
     assert await count(conn, "SELECT count(*) FROM enforcement WHERE event = $1", enf.event) == 1
 
 
+async def test_replay_by_rule_and_event_remembers_the_request_id(
+    store: Store, rule: Rule, conn: asyncpg.Connection
+) -> None:
+    enf = await pending(store)
+    await store.enforcements.create(
+        rule_ref="demo.rule", event=enf.event, payload={"who": "ann"}, config=None, request_id="key-1"
+    )
+    stored = await conn.fetchrow("SELECT entity_id FROM ingest_request WHERE request_id = 'key-1'")
+    assert stored is not None and stored["entity_id"] == enf.id
+
+
 async def test_concurrent_creates_for_same_rule_and_event_store_one(
     store: Store, rule: Rule, conn: asyncpg.Connection
 ) -> None:

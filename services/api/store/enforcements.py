@@ -136,7 +136,11 @@ class Enforcements(Repo):
                 await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", rule["id"] % 2**31, event % 2**31)
                 existing = await conn.fetchrow(_EXISTING_FOR_EVENT, event, rule["id"])
                 if existing is not None:
-                    return Enforcement(*existing), True
+                    found = Enforcement(*existing)
+                    if request_id:
+                        # Remember the key too, so that its next retry is answered by key.
+                        await conn.execute(_RECORD_REQUEST, request_id, fp, found.id, found.created)
+                    return found, True
             if config is None:
                 created = await conn.fetchval(_EVENT_CREATED, event) if event is not None else None
                 context = matching.template_context(
