@@ -2,6 +2,12 @@
 -- They only wake listeners early: nothing depends on them for correctness (the api also
 -- polls). Payloads carry resolved_at, never an `updated` column, and never TG_TABLE_NAME
 -- (a chunk's name on a hypertable).
+--
+-- A NOTIFY inside a write transaction takes a global lock at commit, which serialises every
+-- notifying commit. Sessions that set `automation.notify = off` skip these triggers: the api
+-- does, and announces its own writes itself, batched and debounced outside its write
+-- transactions (services/api/dispatcher.py), with the same payloads in JSON arrays. Every
+-- other writer (psql, scripts, tools) notifies through these triggers.
 
 CREATE FUNCTION notify_event_created() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -12,7 +18,8 @@ BEGIN
 END;
 $$;
 CREATE TRIGGER event_notify AFTER INSERT ON event
-    FOR EACH ROW EXECUTE FUNCTION notify_event_created();
+    FOR EACH ROW WHEN (current_setting('automation.notify', true) IS DISTINCT FROM 'off')
+    EXECUTE FUNCTION notify_event_created();
 
 CREATE FUNCTION notify_enforcement_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -28,4 +35,5 @@ BEGIN
 END;
 $$;
 CREATE TRIGGER enforcement_notify AFTER INSERT OR UPDATE OF status ON enforcement
-    FOR EACH ROW EXECUTE FUNCTION notify_enforcement_change();
+    FOR EACH ROW WHEN (current_setting('automation.notify', true) IS DISTINCT FROM 'off')
+    EXECUTE FUNCTION notify_enforcement_change();

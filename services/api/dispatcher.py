@@ -1,9 +1,15 @@
-"""Wakes watch streams when there may be work, and tells them when their work got resolved.
+"""Wakes watch streams when there may be work, and announces this api's writes.
 
-Three sources, none needed for correctness (streams also poll): a commit in this process
-(CreateEvent, ResolveEnforcement) calls ``wake_all`` / ``resolved`` directly, without waiting
-for the database; NOTIFY from other api replicas arrives on one dedicated LISTEN connection
-(reconnected after any failure); and each stream's own poll timer.
+Wake-ups come from three sources, none needed for correctness (streams also poll): a commit
+in this process (CreateEvent, ResolveEnforcement) calls ``wake_all`` / ``resolved`` directly,
+without waiting for the database; NOTIFY from other api replicas (and from any other writer)
+arrives on one dedicated LISTEN connection, reconnected after any failure; and each
+stream's own poll timer.
+
+Announcements: the api's sessions skip the NOTIFY triggers (a NOTIFY inside a write
+transaction serialises commits), so the api tells listeners about its own writes itself,
+after they commit: the trigger's payloads, gathered into JSON arrays, at most one notifying
+statement per ``announce_interval_s``. Ingestion never waits for it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,48 @@ from typing import Any
 
 import asyncpg
 
+from services.api.store import Enforcement, Event
+
 log = logging.getLogger(__name__)
+
+# NOTIFY payloads must stay under 8000 bytes.
+_MAX_PAYLOAD = 7000
+_ANNOUNCE = "SELECT pg_notify(u.channel, u.payload) FROM unnest($1::text[], $2::text[]) AS u(channel, payload)"
+
+
+def event_note(e: Event) -> dict[str, Any]:
+    """The payload the event_created trigger would send."""
+    return {"id": e.id, "trigger_ref": e.trigger_ref, "rule_ref": e.rule_ref, "created": e.created.isoformat()}
+
+
+def enforcement_note(e: Enforcement) -> dict[str, Any]:
+    """The payload the enforcement_created / enforcement_resolved trigger would send."""
+    return {
+        "id": e.id,
+        "rule_ref": e.rule_ref,
+        "trigger_ref": e.trigger_ref,
+        "event": e.event,
+        "status": e.status,
+        "created": e.created.isoformat(),
+        "resolved_at": e.resolved_at.isoformat() if e.resolved_at else None,
+    }
+
+
+def pack(notes: list[dict[str, Any]]) -> list[str]:
+    """JSON arrays of notes, each small enough for one NOTIFY payload."""
+    out: list[str] = []
+    batch: list[str] = []
+    size = 2
+    for note in notes:
+        text = json.dumps(note, separators=(",", ":"))
+        if batch and size + len(text) + 1 > _MAX_PAYLOAD:
+            out.append("[" + ",".join(batch) + "]")
+            batch, size = [], 2
+        batch.append(text)
+        size += len(text) + 1
+    if batch:
+        out.append("[" + ",".join(batch) + "]")
+    return out
 
 
 class Subscription:
@@ -30,11 +77,16 @@ class Subscription:
 class Dispatcher:
     """Fans wake-ups out to every watch stream of this process."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, announce_interval_s: float = 0.01) -> None:
         self._url = database_url
         self._subs: set[Subscription] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._interval = announce_interval_s
+        self._notes: dict[str, list[dict[str, Any]]] = {}
+        self._notes_ready = asyncio.Event()
+        self._announcer: asyncio.Task[None] | None = None
+        self._pool: asyncpg.Pool | None = None
 
     def subscribe(self) -> Subscription:
         sub = Subscription()
@@ -56,12 +108,53 @@ class Dispatcher:
                 sub.held.discard(enforcement)
                 sub.wake.set()
 
+    def announce(self, events: list[Event], created: list[Enforcement], resolved: list[Enforcement]) -> None:
+        """Queues NOTIFY announcements of committed writes (sent soon, batched)."""
+        if self._pool is None:
+            return
+        for channel, notes in (
+            ("event_created", [event_note(e) for e in events]),
+            ("enforcement_created", [enforcement_note(e) for e in created]),
+            ("enforcement_resolved", [enforcement_note(e) for e in resolved]),
+        ):
+            if notes:
+                self._notes.setdefault(channel, []).extend(notes)
+                self._notes_ready.set()
+
+    async def _announce_loop(self) -> None:
+        assert self._pool is not None
+        while not self._stopping.is_set() or self._notes:
+            if not self._notes:
+                stop = asyncio.ensure_future(self._stopping.wait())
+                ready = asyncio.ensure_future(self._notes_ready.wait())
+                await asyncio.wait({stop, ready}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                ready.cancel()
+                continue
+            self._notes_ready.clear()
+            notes, self._notes = self._notes, {}
+            channels, payloads = [], []
+            for channel, items in notes.items():
+                for payload in pack(items):
+                    channels.append(channel)
+                    payloads.append(payload)
+            try:
+                await self._pool.execute(_ANNOUNCE, channels, payloads)
+            except Exception as exc:  # noqa: BLE001 - announcements are best effort; polling covers
+                log.debug("announcement of %d notes dropped: %s", len(payloads), exc)
+            if not self._stopping.is_set():
+                # Bounds this api's notifying commits, however fast it writes.
+                await asyncio.sleep(self._interval)
+
     def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
         if channel == "enforcement_created":
             self.wake_all()
             return
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            self.resolved(int(json.loads(str(payload))["id"]))
+        # enforcement_resolved: one object from the trigger, or an array from an api.
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            data = json.loads(str(payload))
+            for note in data if isinstance(data, list) else [data]:
+                self.resolved(int(note["id"]))
 
     async def _listen(self) -> None:
         delay = 0.1
@@ -92,12 +185,17 @@ class Dispatcher:
                     with contextlib.suppress(Exception):
                         await conn.close(timeout=1)
 
-    def start(self) -> None:
+    def start(self, pool: asyncpg.Pool | None = None) -> None:
+        """Starts listening; with a pool, also announcing this api's writes through it."""
         self._task = asyncio.create_task(self._listen(), name="dispatcher-listen")
+        if pool is not None:
+            self._pool = pool
+            self._announcer = asyncio.create_task(self._announce_loop(), name="dispatcher-announce")
 
     async def stop(self) -> None:
         self._stopping.set()
         self.wake_all()
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._announcer):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

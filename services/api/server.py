@@ -93,6 +93,8 @@ class ApiServer:
                     self.config.pool_min,
                     self.config.pool_max,
                     self.config.statement_timeout_s,
+                    # The dispatcher announces our writes after they commit (see dispatcher.py).
+                    notify_triggers=False,
                 )
                 return Store(pool)
             except Unavailable as exc:
@@ -120,7 +122,7 @@ class ApiServer:
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {cfg.addr}")
         await self._check_health()
-        self.dispatcher.start()
+        self.dispatcher.start(store.pool)
         await self.server.start()
         self._tasks = [
             asyncio.create_task(self._health_loop(), name="health"),

@@ -121,8 +121,10 @@ class EventService(event_pb2_grpc.EventServiceServicer):
 
     async def _create(self, new: list[NewEvent], many: bool) -> list[Any]:
         results = await self._store.events.create_many(new, many=many)
-        if any(r.enforcements and not r.replayed for r in results):
+        fresh = [r for r in results if not r.replayed]
+        if any(r.enforcements for r in fresh):
             self._dispatcher.wake_all()
+        self._dispatcher.announce([r.event for r in fresh], [e for r in fresh for e in r.enforcements], [])
         return results
 
     @rpc
@@ -198,6 +200,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         )
         if not replayed:
             self._dispatcher.wake_all()
+            self._dispatcher.announce([], [enforcement], [])
         return enforcement_pb2.CreateEnforcementResponse(
             enforcement=convert.enforcement(enforcement), replayed=replayed
         )
@@ -243,6 +246,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         status = convert.ENFORCEMENT_STATUS_NAME[request.status]
         result = await self._store.enforcements.resolve(id_, status)
         self._dispatcher.resolved(id_)
+        if not result.replayed:
+            self._dispatcher.announce([], [], [result.enforcement])
         log.debug(
             "enforcement %d %s by %s%s: %s",
             id_,

@@ -25,19 +25,30 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def create_pool(
-    url: str, min_size: int = 2, max_size: int = 16, statement_timeout_s: float = 30.0
+    url: str,
+    min_size: int = 2,
+    max_size: int = 16,
+    statement_timeout_s: float = 30.0,
+    notify_triggers: bool = True,
 ) -> asyncpg.Pool:
-    """A pool whose connections decode JSON to Python values and bound every statement."""
+    """A pool whose connections decode JSON to Python values and bound every statement.
+
+    With ``notify_triggers=False`` its sessions skip the NOTIFY triggers (migration 0004):
+    the caller then announces its writes itself, outside its write transactions.
+    """
+    settings = {
+        "statement_timeout": str(int(statement_timeout_s * 1000)),
+        "application_name": "automation-api",
+    }
+    if not notify_triggers:
+        settings["automation.notify"] = "off"
     try:
         pool = await asyncpg.create_pool(
             url,
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
-            server_settings={
-                "statement_timeout": str(int(statement_timeout_s * 1000)),
-                "application_name": "automation-api",
-            },
+            server_settings=settings,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise Unavailable(f"cannot connect to the database: {exc}") from exc
@@ -49,7 +60,9 @@ def translate(exc: BaseException) -> DomainError | None:
     """The domain error for a database failure, or None when it is a bug to report as such."""
     if isinstance(exc, DomainError):
         return exc
-    if isinstance(exc, (OSError, asyncpg.InterfaceError, ConnectionError)):
+    # InternalClientError: asyncpg's protocol state can trip when the server goes away
+    # mid-operation (a restart); it means "connection unusable", not a bug of ours.
+    if isinstance(exc, (OSError, asyncpg.InterfaceError, ConnectionError, asyncpg.InternalClientError)):
         return Unavailable(f"the database is unavailable: {exc.__class__.__name__}")
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
