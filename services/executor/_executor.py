@@ -64,7 +64,16 @@ class Executor:
 
     async def run(self) -> None:
         cfg = self.config
-        async with grpc.aio.insecure_channel(cfg.target, options=CLIENT_KEEPALIVE) as channel:
+        # gRPC's own reconnect backoff grows to 120 s by default: after a long api outage the
+        # channel would stay in backoff (every call failing fast) long after the api is back.
+        # Cap it at ours.
+        backoff_ms = max(int(cfg.backoff_max_s * 1000), 100)
+        options = [
+            *CLIENT_KEEPALIVE,
+            ("grpc.initial_reconnect_backoff_ms", min(max(int(cfg.backoff_initial_s * 1000), 100), backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ]
+        async with grpc.aio.insecure_channel(cfg.target, options=options) as channel:
             self._enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
             self._rule_stub = rule_pb2_grpc.RuleServiceStub(channel)
             delay = cfg.backoff_initial_s
