@@ -1,0 +1,224 @@
+"""PostgreSQL and the real processes the benchmarks drive.
+
+``Cluster`` is one PostgreSQL server (a durable ``LocalPostgres``, fsync on, unless
+``DATABASE_URL`` names one) on which each scenario gets a fresh, migrated database.
+``Proc`` is an api or executor subprocess, with its resident memory read from /proc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+
+from services.api.migrate import migrate_url
+from tools.healthcheck import wait_serving
+from tools.postgres import LocalPostgres, free_port
+
+from .report import progress
+
+ROOT = Path(__file__).resolve().parents[2]
+# The services log each resolution at INFO; at thousands per second that is a measurable cost
+# that has nothing to do with the pipeline, so the benchmark runs them at WARNING.
+SERVICE_LOG_LEVEL = "WARNING"
+
+
+def with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@dataclass
+class Cluster:
+    """The PostgreSQL server of the run and the databases made on it."""
+
+    admin_url: str
+    server: LocalPostgres | None = None
+    databases: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls) -> Cluster:
+        if url := os.environ.get("DATABASE_URL"):
+            progress("using DATABASE_URL")
+            return cls(url)
+        server = LocalPostgres(durable=True)
+        await asyncio.to_thread(server.start)
+        progress(f"started durable PostgreSQL (fsync on) on port {server.port}")
+        return cls(server.url, server)
+
+    async def describe(self) -> str:
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            version = await conn.fetchval("SHOW server_version")
+            fsync = await conn.fetchval("SHOW fsync")
+            sync = await conn.fetchval("SHOW synchronous_commit")
+        finally:
+            await conn.close()
+        return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync}"
+
+    async def fresh_database(self, purpose: str) -> str:
+        """A new database with the schema migrated; returns its URL."""
+        name = f"bench_{purpose}_{uuid.uuid4().hex[:6]}"
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        self.databases.append(name)
+        url = with_database(self.admin_url, name)
+        await migrate_url(url)
+        return url
+
+    async def drop(self, url: str) -> None:
+        name = urlsplit(url).path.lstrip("/")
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+        if name in self.databases:
+            self.databases.remove(name)
+
+    async def close(self) -> None:
+        for name in list(self.databases):
+            with contextlib.suppress(Exception):
+                await self.drop(with_database(self.admin_url, name))
+        if self.server is not None:
+            await asyncio.to_thread(self.server.destroy)
+
+
+def _status_kb(pid: int, key: str) -> int:
+    """A ``VmRSS``/``VmHWM`` line of /proc/PID/status, in kB (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    return 0
+
+
+@dataclass
+class Proc:
+    """One service subprocess."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def rss_mb(self) -> float:
+        return _status_kb(self.pid, "VmRSS") / 1024
+
+    def peak_rss_mb(self) -> float:
+        return _status_kb(self.pid, "VmHWM") / 1024
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def stop(self, grace: float = 15.0) -> None:
+        if self.process.returncode is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.process.wait(), grace)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def _spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
+    log_path = logdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            env={**os.environ, "LOG_LEVEL": SERVICE_LOG_LEVEL, **env},
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+        )
+    return Proc(name, process, log_path)
+
+
+@dataclass
+class Services:
+    """The api and its executors for one scenario."""
+
+    database_url: str
+    logdir: Path
+    api: Proc | None = None
+    target: str = ""
+    executors: list[Proc] = field(default_factory=list)
+    spawned: int = 0
+
+    async def start_api(self, **env: str) -> str:
+        port = free_port()
+        self.target = f"127.0.0.1:{port}"
+        self.api = await _spawn(
+            "api",
+            "services.api",
+            {"DATABASE_URL": self.database_url, "API_ADDR": self.target, **env},
+            self.logdir,
+        )
+        try:
+            await wait_serving(self.target, timeout=60)
+        except TimeoutError:
+            raise RuntimeError(f"the api did not become SERVING:\n{self.api.log_tail()}") from None
+        return self.target
+
+    async def start_executors(self, count: int, **env: str) -> None:
+        for _ in range(count):
+            self.spawned += 1
+            self.executors.append(
+                await _spawn(
+                    f"executor{self.spawned}",
+                    "services.executor",
+                    {"API_TARGET": self.target, "EXECUTOR_ID": f"bench-{self.spawned}", **env},
+                    self.logdir,
+                )
+            )
+
+    async def stop_executors(self) -> None:
+        await asyncio.gather(*(p.stop() for p in self.executors))
+        self.executors.clear()
+
+    async def stop(self) -> None:
+        await self.stop_executors()
+        if self.api is not None:
+            await self.api.stop()
+            self.api = None
+
+
+@asynccontextmanager
+async def services(database_url: str) -> AsyncIterator[Services]:
+    with tempfile.TemporaryDirectory(prefix="bench-logs-") as logdir:
+        s = Services(database_url, Path(logdir))
+        try:
+            yield s
+        finally:
+            await s.stop()
+
+
+@asynccontextmanager
+async def channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(target) as ch:
+        yield ch

@@ -1,0 +1,323 @@
+"""Scenario 4: ListEvents / ListEnforcements, a page of 100, first page and a far page.
+
+The store is filled with COPY (``copy_records_to_table``) straight into the tables, with every
+trigger, foreign key and index in place: ``read_events`` events and twice as many
+enforcements, ``created`` spread over 30 days. The token of the far page is the keyset of the
+last row of the page before it (found in SQL, encoded as the api encodes tokens), which is
+exactly the token a client walking there would hold. Each case times the RPC and, as the raw
+baseline, the very statement the store issues (captured from the repository), sequentially.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from google.protobuf import timestamp_pb2
+
+from services.api.store._paging import encode_token
+from shared.gen.automation.v1 import (
+    common_pb2,
+    enforcement_pb2,
+    enforcement_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+)
+
+from . import workload
+from .capture import list_enforcements_sql, list_events_sql
+from .fixture import Cluster, channel, services
+from .report import Row, percentile, progress
+from .settings import Settings
+
+PAGE = 100
+TRIGGERS = [f"bench.t{i}" for i in range(4)]
+RULES = [f"bench.r{i}" for i in range(8)]  # rules 2t and 2t+1 watch trigger t
+TARGETED_RULE = "bench.r0"
+SOURCES = [f"sensor.s{i}" for i in range(4)]
+CHUNK = 50_000
+DAYS = 30
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Where generated rows fall: ids 1..n, created evenly over the last 30 days."""
+
+    events: int
+    start: datetime
+    step: timedelta
+
+    def created(self, i: int) -> datetime:
+        return self.start + self.step * i
+
+    def trigger(self, i: int) -> int:
+        return i % 4
+
+
+def _event_rows(shape: Shape, lo: int, hi: int, trigger_ids: list[int], targeted_id: int) -> Iterator[tuple[Any, ...]]:
+    for i in range(lo, hi):
+        t = shape.trigger(i)
+        targeted = t == 0  # every event of trigger 0 targets rule 0: a quarter of them
+        yield (
+            i,
+            trigger_ids[t],
+            TRIGGERS[t],
+            workload.PAYLOAD_JSON,
+            SOURCES[(i // 7) % 4],
+            targeted_id if targeted else None,
+            TARGETED_RULE if targeted else None,
+            shape.created(i),
+        )
+
+
+def _enforcement_rows(shape: Shape, lo: int, hi: int, rule_ids: list[int]) -> Iterator[tuple[Any, ...]]:
+    for i in range(lo, hi):
+        t = shape.trigger(i)
+        created = shape.created(i)
+        for k in (0, 1):
+            j = 2 * i - 1 + k
+            r = 2 * t + k
+            kind = j % 100
+            status = "created" if kind == 0 else "disabled" if kind < 10 else "processed"
+            yield (
+                j,
+                rule_ids[r],
+                RULES[r],
+                TRIGGERS[t],
+                workload.RAW_CONFIG,
+                i,
+                status,
+                workload.PAYLOAD_JSON,
+                created,
+                None if status == "created" else created + timedelta(milliseconds=50),
+            )
+
+
+async def load(url: str, events: int) -> Shape:
+    """Fills the tables; returns the shape of what it wrote."""
+    conn = await asyncpg.connect(url)
+    try:
+        trigger_ids = [
+            int(await conn.fetchval("INSERT INTO trigger (ref) VALUES ($1) RETURNING id", ref)) for ref in TRIGGERS
+        ]
+        rule_ids = [
+            int(
+                await conn.fetchval(
+                    "INSERT INTO rule (ref, trigger, trigger_ref, action_ref) VALUES ($1, $2, $3, $4) RETURNING id",
+                    ref,
+                    trigger_ids[n // 2],
+                    TRIGGERS[n // 2],
+                    workload.ACTION,
+                )
+            )
+            for n, ref in enumerate(RULES)
+        ]
+        now = datetime.now(UTC)
+        shape = Shape(events, now - timedelta(days=DAYS), timedelta(days=DAYS) / (events + 1))
+    finally:
+        await conn.close()
+
+    async def copy(table: str, columns: list[str], chunks: Callable[[int, int], Iterator[tuple[Any, ...]]]) -> None:
+        c = await asyncpg.connect(url)
+        try:
+            for lo in range(1, events + 1, CHUNK):
+                hi = min(lo + CHUNK, events + 1)
+                await c.copy_records_to_table(table, columns=columns, records=chunks(lo, hi))
+        finally:
+            await c.close()
+
+    t = time.perf_counter()
+    await asyncio.gather(
+        copy(
+            "event",
+            ["id", "trigger", "trigger_ref", "payload", "source_ref", "rule", "rule_ref", "created"],
+            lambda lo, hi: _event_rows(shape, lo, hi, trigger_ids, rule_ids[0]),
+        ),
+        copy(
+            "enforcement",
+            [
+                "id",
+                "rule",
+                "rule_ref",
+                "trigger_ref",
+                "config",
+                "event",
+                "status",
+                "payload",
+                "created",
+                "resolved_at",
+            ],
+            lambda lo, hi: _enforcement_rows(shape, lo, hi, rule_ids),
+        ),
+    )
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SELECT setval('event_id_seq', $1)", events)
+        await conn.execute("SELECT setval('enforcement_id_seq', $1)", 2 * events)
+        await conn.execute("VACUUM ANALYZE event")
+        await conn.execute("VACUUM ANALYZE enforcement")
+        await conn.execute("VACUUM ANALYZE enforcement_dispatch")
+    finally:
+        await conn.close()
+    progress(
+        f"read: loaded {events:,} events + {2 * events:,} enforcements with COPY in {time.perf_counter() - t:.0f}s"
+    )
+    return shape
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # "events" or "enforcements"
+    label: str
+    filters: dict[str, Any]
+
+
+def _cases(shape: Shape) -> list[Case]:
+    # 20 of the 30 days: every filter combined with it still has over 1,000 pages.
+    start = shape.start + timedelta(days=5)
+    end = shape.start + timedelta(days=25)
+    rng = {"created_from": start, "created_to": end}
+    return [
+        Case("events", "no filter", {}),
+        Case("events", "trigger_ref", {"trigger_ref": TRIGGERS[1]}),
+        Case("events", "source_ref", {"source_ref": SOURCES[2]}),
+        Case("events", "rule_ref", {"rule_ref": TARGETED_RULE}),
+        Case("events", "created range", rng),
+        Case("events", "trigger_ref+range", {"trigger_ref": TRIGGERS[2], **rng}),
+        Case("enforcements", "no filter", {}),
+        Case("enforcements", "rule_ref", {"rule_ref": RULES[3]}),
+        Case("enforcements", "event", {"event": shape.events // 2}),
+        Case("enforcements", "status", {"status": "disabled"}),
+        Case("enforcements", "trigger_ref", {"trigger_ref": TRIGGERS[2]}),
+        Case("enforcements", "created range", rng),
+        Case("enforcements", "rule_ref+status", {"rule_ref": RULES[5], "status": "processed"}),
+    ]
+
+
+def _range(filters: dict[str, Any]) -> common_pb2.TimeRange:
+    r = common_pb2.TimeRange()
+    if "created_from" in filters:
+        r.start.CopyFrom(_ts(filters["created_from"]))
+    if "created_to" in filters:
+        r.end.CopyFrom(_ts(filters["created_to"]))
+    return r
+
+
+def _ts(value: datetime) -> timestamp_pb2.Timestamp:
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+STATUS = {"created": 1, "processed": 2, "disabled": 3}
+
+
+def _request(case: Case, token: str) -> event_pb2.ListEventsRequest | enforcement_pb2.ListEnforcementsRequest:
+    f = case.filters
+    if case.kind == "events":
+        return event_pb2.ListEventsRequest(
+            page_size=PAGE,
+            page_token=token,
+            trigger_ref=f.get("trigger_ref", ""),
+            source_ref=f.get("source_ref", ""),
+            rule_ref=f.get("rule_ref", ""),
+            created=_range(f),
+        )
+    req = enforcement_pb2.ListEnforcementsRequest(
+        page_size=PAGE,
+        page_token=token,
+        rule_ref=f.get("rule_ref", ""),
+        status=STATUS.get(f.get("status", ""), 0),  # type: ignore[arg-type]
+        trigger_ref=f.get("trigger_ref", ""),
+        created=_range(f),
+    )
+    if "event" in f:
+        req.event = f["event"]
+    return req
+
+
+async def _sql(case: Case, size: int, token: str) -> tuple[str, Any]:
+    if case.kind == "events":
+        return await list_events_sql(size, token, **case.filters)
+    return await list_enforcements_sql(size, token, **case.filters)
+
+
+async def _far_token(conn: asyncpg.Connection, case: Case, page: int) -> str | None:
+    """The token that a client holds after walking ``page - 1`` pages of 100."""
+    sql, args = await _sql(case, PAGE * (page - 1) - 1, "")
+    row = await conn.fetchrow(f"SELECT created, id FROM ({sql}) q ORDER BY created, id LIMIT 1", *args)
+    if row is None:
+        return None
+    # Exactly page-1 full pages must precede the far page.
+    count = await conn.fetchval(f"SELECT count(*) FROM ({sql}) q", *args)
+    if count < PAGE * (page - 1):
+        return None
+    return encode_token(row["created"], row["id"])
+
+
+async def run(cluster: Cluster, s: Settings) -> list[Row]:
+    url = await cluster.fresh_database("read")
+    progress(f"read: loading {s.read_events:,} events and {2 * s.read_events:,} enforcements")
+    shape = await load(url, s.read_events)
+    rows: list[Row] = []
+    async with services(url) as svc:
+        target = await svc.start_api()
+        conn = await asyncpg.connect(url)
+        try:
+            async with channel(target) as ch:
+                events: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)
+                enfs: enforcement_pb2_grpc.EnforcementServiceAsyncStub = enforcement_pb2_grpc.EnforcementServiceStub(ch)
+                for case in _cases(shape):
+                    for page in (1, s.read_far_page):
+                        token = "" if page == 1 else await _far_token(conn, case, page)
+                        name = f"read {case.kind} {case.label} p{page}"
+                        if token is None:
+                            rows.append(Row(name, notes=f"fewer than {page} pages match"))
+                            continue
+                        request = _request(case, token)
+                        sql, args = await _sql(case, PAGE, token)
+
+                        async def ours(req: Any = request, kind: str = case.kind) -> int:
+                            if kind == "events":
+                                return len((await events.ListEvents(req, timeout=30)).events)
+                            return len((await enfs.ListEnforcements(req, timeout=30)).enforcements)
+
+                        async def raw(q: str = sql, a: Any = args) -> int:
+                            return len(await conn.fetch(q, *a))
+
+                        rows.append(await _measure(name, ours, raw, s.read_samples))
+        finally:
+            await conn.close()
+    await cluster.drop(url)
+    return rows
+
+
+async def _measure(name: str, ours: Callable[[], Awaitable[int]], raw: Callable[[], Awaitable[int]], n: int) -> Row:
+    for _ in range(3):
+        got = await ours()
+        await raw()
+    mine: list[float] = []
+    base: list[float] = []
+    for _ in range(n):
+        t = time.perf_counter()
+        await raw()
+        base.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        await ours()
+        mine.append(time.perf_counter() - t)
+    row = Row(
+        name,
+        len(base) / sum(base),
+        len(mine) / sum(mine),
+        percentile(mine, 50),
+        percentile(mine, 99),
+        f"pages/s sequential; {got} rows/page; raw (same SQL) p50/p99 "
+        f"{percentile(base, 50) * 1000:.2f}/{percentile(base, 99) * 1000:.2f} ms; n={n}",
+    )
+    progress(f"{name}: p50 {row.p50 * 1000:.2f} ms p99 {row.p99 * 1000:.2f} ms")  # type: ignore[operator]
+    return row
