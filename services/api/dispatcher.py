@@ -67,11 +67,19 @@ def pack(notes: list[dict[str, Any]]) -> list[str]:
 
 
 class Subscription:
-    """One watch stream's wake-up flag and the enforcements it holds."""
+    """One watch stream's wake-up flag, its credit and the enforcements it holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, credit: int = 16, filtered: bool = False) -> None:
         self.wake = asyncio.Event()
         self.held: set[int] = set()
+        self.credit = credit
+        # A stream with rule/trigger filters may not want the new work: it is always woken,
+        # so that work it skips is not left waiting for another stream's poll.
+        self.filtered = filtered
+
+    @property
+    def free(self) -> int:
+        return max(self.credit - len(self.held), 0)
 
 
 class Dispatcher:
@@ -79,7 +87,8 @@ class Dispatcher:
 
     def __init__(self, database_url: str, announce_interval_s: float = 0.01) -> None:
         self._url = database_url
-        self._subs: set[Subscription] = set()
+        # Insertion-ordered: wake() rotates through it.
+        self._subs: dict[Subscription, None] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._interval = announce_interval_s
@@ -87,19 +96,40 @@ class Dispatcher:
         self._notes_ready = asyncio.Event()
         self._announcer: asyncio.Task[None] | None = None
         self._pool: asyncpg.Pool | None = None
+        # Backends this api announced through: their notifications come back to our own
+        # LISTEN connection and must not wake our streams a second time.
+        self._own_pids: set[int] = set()
 
-    def subscribe(self) -> Subscription:
-        sub = Subscription()
-        self._subs.add(sub)
+    def subscribe(self, credit: int = 16, filtered: bool = False) -> Subscription:
+        sub = Subscription(credit, filtered)
+        self._subs[sub] = None
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
+        self._subs.pop(sub, None)
 
     def wake_all(self) -> None:
-        """New enforcements may be waiting."""
+        """Anything may be waiting (start-up, reconnects, released work): every stream looks."""
         for sub in self._subs:
             sub.wake.set()
+
+    def wake(self, new: int) -> None:
+        """``new`` enforcements were committed: wake just enough streams to take them.
+
+        Waking every stream for every commit makes each run a claim query that mostly finds
+        nothing (N streams, N claims per event). Streams with free credit are woken in turn,
+        rotating so that work spreads, until their free credit covers ``new``.
+        """
+        covered = 0
+        for sub in list(self._subs):
+            if sub.filtered:
+                sub.wake.set()
+            elif covered < new and sub.free > 0:
+                sub.wake.set()
+                covered += sub.free
+                # Move it to the back: the next wake starts with another stream.
+                self._subs.pop(sub)
+                self._subs[sub] = None
 
     def resolved(self, enforcement: int) -> None:
         """An enforcement was resolved: its stream has credit again."""
@@ -139,15 +169,23 @@ class Dispatcher:
                     channels.append(channel)
                     payloads.append(payload)
             try:
-                await self._pool.execute(_ANNOUNCE, channels, payloads)
+                async with self._pool.acquire() as conn:
+                    self._own_pids.add(conn.get_server_pid())
+                    await conn.execute(_ANNOUNCE, channels, payloads)
             except Exception as exc:  # noqa: BLE001 - announcements are best effort; polling covers
                 log.debug("announcement of %d notes dropped: %s", len(payloads), exc)
             if not self._stopping.is_set():
                 # Bounds this api's notifying commits, however fast it writes.
                 await asyncio.sleep(self._interval)
 
-    def _on_notify(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
+    def _on_notify(self, _conn: Any, pid: int, channel: str, payload: object) -> None:
+        if pid in self._own_pids:
+            return  # our own announcement: our streams were woken when we committed
         if channel == "enforcement_created":
+            with contextlib.suppress(ValueError):
+                data = json.loads(str(payload))
+                self.wake(len(data) if isinstance(data, list) else 1)
+                return
             self.wake_all()
             return
         # enforcement_resolved: one object from the trigger, or an array from an api.

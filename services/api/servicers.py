@@ -122,8 +122,9 @@ class EventService(event_pb2_grpc.EventServiceServicer):
     async def _create(self, new: list[NewEvent], many: bool) -> list[Any]:
         results = await self._store.events.create_many(new, many=many)
         fresh = [r for r in results if not r.replayed]
-        if any(r.enforcements for r in fresh):
-            self._dispatcher.wake_all()
+        created = sum(len(r.enforcements) for r in fresh)
+        if created:
+            self._dispatcher.wake(created)
         self._dispatcher.announce([r.event for r in fresh], [e for r in fresh for e in r.enforcements], [])
         return results
 
@@ -199,7 +200,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             request_id=request.request_id or None,
         )
         if not replayed:
-            self._dispatcher.wake_all()
+            self._dispatcher.wake(1)
             self._dispatcher.announce([], [enforcement], [])
         return enforcement_pb2.CreateEnforcementResponse(
             enforcement=convert.enforcement(enforcement), replayed=replayed
@@ -291,7 +292,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         cfg = self._config
         credit = request.max_in_flight or 16
         token = f"{request.executor_id}/{uuid.uuid4().hex[:12]}"
-        sub = self._dispatcher.subscribe()
+        sub = self._dispatcher.subscribe(credit, filtered=bool(request.rule_refs or request.trigger_refs))
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
         reason = "stream closed"
