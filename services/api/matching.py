@@ -1,5 +1,8 @@
 """Rule conditions and action-parameter templates: pure functions, no I/O.
 
+Values are JSON data (dict, list, str, int, float, bool, None); type checks test dict and
+list directly, since the abstract-class checks cost more than the matching itself.
+
 Conditions are ``{field, operator, value}`` objects over the event payload, where ``field``
 is a dot path (``body.items.0.name``; a numeric segment indexes a list). Operators:
 ``equals`` and ``not_equals`` (JSON equality; a missing field equals nothing), ``contains``
@@ -54,7 +57,7 @@ def lookup(data: Any, path: str) -> Any:
     """The value at a dot path, or the _MISSING sentinel."""
     current = data
     for segment in path.split("."):
-        if isinstance(current, Mapping):
+        if isinstance(current, dict):
             if segment not in current:
                 return _MISSING
             current = current[segment]
@@ -87,7 +90,7 @@ def _holds(cond: Mapping[str, Any], payload: Mapping[str, Any]) -> bool:
         return isinstance(expected, str) and expected in actual
     if isinstance(actual, list):
         return any(_json_equal(item, expected) for item in actual)
-    if isinstance(actual, Mapping):
+    if isinstance(actual, dict):
         return isinstance(expected, str) and expected in actual
     return False
 
@@ -120,7 +123,7 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
         if "{{" not in value:
             return value
         return _TEMPLATE.sub(lambda m: _text(lookup(context, m.group(1))), value)
-    if isinstance(value, Mapping):
+    if isinstance(value, dict):
         return {k: render(v, context) for k, v in value.items()}
     if isinstance(value, list):
         return [render(v, context) for v in value]

@@ -150,7 +150,18 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         new = [_new_event(v, f"events[{i}]", e) for i, e in enumerate(request.events)]
         v.raise_if_any()
         results = await self._create(new, many=True)
-        return event_pb2.CreateEventsResponse(results=[_created_event(r) for r in results])
+        return event_pb2.CreateEventsResponse(
+            receipts=[
+                event_pb2.EventReceipt(
+                    event_id=r.event.id,
+                    created=convert.ts(r.event.created),
+                    enforcement_ids=[e.id for e in r.enforcements],
+                    rule_refs=[e.rule_ref for e in r.enforcements],
+                    replayed=r.replayed,
+                )
+                for r in results
+            ]
+        )
 
     @rpc
     async def GetEvent(self, request: event_pb2.GetEventRequest, context: Context) -> common_pb2.Event:

@@ -237,10 +237,17 @@ async def test_create_events_stores_each_in_request_order(stubs: Stubs, conn: as
             ]
         )
     )
-    assert [r.event.payload["n"] for r in resp.results] == [1, 2, 3]
-    assert [[e.rule_ref for e in r.enforcements] for r in resp.results] == [[], ["demo.a"], ["demo.t"]]
-    assert [r.enforcements[0].event for r in resp.results[1:]] == [r.event.id for r in resp.results[1:]]
-    assert len({r.event.id for r in resp.results}) == 3
+    receipts = resp.receipts
+    stored = await conn.fetch(
+        "SELECT (payload->>'n')::int AS n FROM event WHERE id = ANY($1) ORDER BY id", [r.event_id for r in receipts]
+    )
+    assert [r["n"] for r in stored] == [1, 2, 3]
+    assert [r.event_id for r in receipts] == sorted(r.event_id for r in receipts)
+    assert [list(r.rule_refs) for r in receipts] == [[], ["demo.a"], ["demo.t"]]
+    for r in receipts[1:]:
+        (enf_id,) = r.enforcement_ids
+        assert await conn.fetchval("SELECT event FROM enforcement WHERE id = $1", enf_id) == r.event_id
+    assert len({r.event_id for r in receipts}) == 3
     assert await counts(conn) == (3, 2, 0)
 
 
@@ -250,8 +257,10 @@ async def test_create_events_accepts_a_batch_of_1000(stubs: Stubs, conn: asyncpg
     resp = await stubs.events.CreateEvents(
         event_pb2.CreateEventsRequest(events=[new_event("core.webhook", {"i": i}) for i in range(1000)])
     )
-    assert len(resp.results) == 1000
-    assert [r.event.payload["i"] for r in resp.results] == list(range(1000))
+    assert len(resp.receipts) == 1000
+    stored = {r["id"]: r["i"] for r in await conn.fetch("SELECT id, (payload->>'i')::int AS i FROM event")}
+    assert [stored[r.event_id] for r in resp.receipts] == list(range(1000))
+    assert all(len(r.enforcement_ids) == 1 for r in resp.receipts)
     assert await counts(conn) == (1000, 1000, 0)
 
 
@@ -325,10 +334,10 @@ async def test_create_events_replays_known_request_ids_and_stores_the_rest(
             ]
         )
     )
-    assert [r.replayed for r in resp.results] == [True, False, True]
-    assert resp.results[0].event.id == first.event.id
-    assert [e.id for e in resp.results[0].enforcements] == [e.id for e in first.enforcements]
-    assert resp.results[2].event.id == resp.results[1].event.id
+    assert [r.replayed for r in resp.receipts] == [True, False, True]
+    assert resp.receipts[0].event_id == first.event.id
+    assert list(resp.receipts[0].enforcement_ids) == [e.id for e in first.enforcements]
+    assert resp.receipts[2].event_id == resp.receipts[1].event_id
     assert await counts(conn) == (2, 2, 2)
 
 
@@ -431,7 +440,7 @@ async def test_list_events_pages_through_all_events_without_duplicates(stubs: St
         event_pb2.CreateEventsRequest(events=[new_event("core.webhook", {"i": i}) for i in range(4)])
     )
     singles = [(await create(stubs, new_event("core.webhook", {"i": 4 + i}))).event.id for i in range(4)]
-    expected = (singles[::-1]) + [r.event.id for r in reversed(batch.results)]
+    expected = (singles[::-1]) + [r.event_id for r in reversed(batch.receipts)]
 
     seen: list[int] = []
     token = ""

@@ -281,7 +281,7 @@ async def test_two_streams_never_receive_the_same_enforcement(stubs: Stubs, watc
     batch = await stubs.events.CreateEvents(
         event_pb2.CreateEventsRequest(events=[new_event("core.webhook", {"i": i}) for i in range(15)])
     )
-    ids = [e.id for r in batch.results for e in r.enforcements]
+    ids = [i for r in batch.receipts for i in r.enforcement_ids]
 
     async def all_delivered() -> bool:
         return len(a.deliveries) + len(b.deliveries) >= 15

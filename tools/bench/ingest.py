@@ -106,7 +106,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
 
                 async def ours_batch() -> int:
                     response = await stub.CreateEvents(batch, timeout=60)
-                    assert len(response.results) == s.batch_size
+                    assert len(response.receipts) == s.batch_size
                     return s.batch_size
 
                 async def raw_batch() -> int:

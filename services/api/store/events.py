@@ -51,7 +51,7 @@ SELECT now() AS now,
          WHERE q.kind = 'event' AND q.request_id = ANY($4::text[])) AS replays
 """
 
-_INSERT = f"""
+_INSERT = """
 WITH ev AS (
     INSERT INTO event (id, trigger, trigger_ref, config, payload, source, source_ref, rule,
                        rule_ref, created)
@@ -69,7 +69,7 @@ SELECT u.r, u.rr, u.tr, u.c::jsonb, u.e, u.p::jsonb, u.cond::enforcement_conditi
        u.conds::jsonb, $10::timestamptz
   FROM unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::bigint[],
               $19::text[], $20::text[], $21::text[]) AS u(r, rr, tr, c, e, p, cond, conds)
-RETURNING {_ENFORCEMENT}
+RETURNING id, event, rule
 """
 
 _REPLAY_EVENTS = f"""
@@ -143,6 +143,8 @@ class Events(Repo):
             rules: list[dict[str, Any]] = prep["rules"]
             replays = {r["request_id"]: r for r in prep["replays"]}
 
+            for r in rules:
+                r["conditions_json"] = _json(r["conditions"])  # once per rule, not per enforcement
             by_ref = {r["ref"]: r for r in rules}
             by_trigger: dict[str, list[dict[str, Any]]] = {}
             for r in rules:
@@ -153,6 +155,7 @@ class Events(Repo):
             req_cols: list[list[Any]] = [[], [], []]
             enf_cols: list[list[Any]] = [[] for _ in range(8)]
             events: list[Event | None] = []
+            unsaved: list[tuple[dict[str, Any], NewEvent, int, Any]] = []
             first_of_key: dict[str, int] = {}
             created_iso = now.isoformat()
             for i, e in enumerate(new):
@@ -214,23 +217,44 @@ class Events(Repo):
                         rule_ref=rule["ref"],
                         source_ref=e.source_ref,
                     )
+                    config = matching.render(rule["action_params"], context)
                     row = (
                         rule["id"],
                         rule["ref"],
                         e.trigger_ref,
-                        _json(matching.render(rule["action_params"], context)),
+                        _json(config),
                         event_id,
                         payload_json,
                         rule["condition"],
-                        _json(rule["conditions"]),
+                        rule["conditions_json"],
                     )
                     for col, value in zip(enf_cols, row, strict=True):
                         col.append(value)
+                    unsaved.append((rule, e, event_id, config))
 
             enforcements: list[Enforcement] = []
             if ev_cols[0]:
+                # Only the ids come back: every other value is already here, and decoding
+                # the JSON columns of thousands of rows again would cost more than the insert.
                 rows = await conn.fetch(_INSERT, *ev_cols, now, *req_cols, *enf_cols)
-                enforcements = [Enforcement(*r) for r in rows]
+                ids_by_key = {(r["event"], r["rule"]): r["id"] for r in rows}
+                enforcements = [
+                    Enforcement(
+                        ids_by_key[(event_id, rule["id"])],
+                        rule["id"],
+                        rule["ref"],
+                        e.trigger_ref,
+                        config,
+                        event_id,
+                        "created",
+                        e.payload,
+                        rule["condition"],
+                        rule["conditions"],
+                        now,
+                        None,
+                    )
+                    for rule, e, event_id, config in unsaved
+                ]
 
             wanted = dict.fromkeys(e.request_id for e in new if e.request_id in replays)
             replayed = await self._replay(conn, [replays[k] for k in wanted if k])

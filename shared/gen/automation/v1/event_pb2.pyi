@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -158,27 +159,73 @@ Global___CreateEventsRequest: _TypeAlias = CreateEventsRequest  # noqa: Y015
 
 @_typing.final
 class CreateEventsResponse(_message.Message):
-    """Response of CreateEvents."""
+    """Response of CreateEvents: receipts, not echoes (the caller has what it sent; rebuilding
+    thousands of full messages would cost more than storing them).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    RESULTS_FIELD_NUMBER: _builtins.int
+    RECEIPTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CreateEventResponse]:
-        """One result per requested event, in request order."""
+    def receipts(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventReceipt]:
+        """One receipt per requested event, in request order."""
 
     def __init__(
         self,
         *,
-        results: _abc.Iterable[Global___CreateEventResponse] | None = ...,
+        receipts: _abc.Iterable[Global___EventReceipt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipts", b"receipts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateEventsResponse: _TypeAlias = CreateEventsResponse  # noqa: Y015
+
+@_typing.final
+class EventReceipt(_message.Message):
+    """What was stored for one event of a batch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    ENFORCEMENT_IDS_FIELD_NUMBER: _builtins.int
+    RULE_REFS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """Id of the stored event."""
+    replayed: _builtins.bool
+    """True when this answers a retry of an earlier request with the same request_id."""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp:
+        """When it was stored (all events of one batch share it)."""
+
+    @_builtins.property
+    def enforcement_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Ids of the enforcements it produced, one per matching rule."""
+
+    @_builtins.property
+    def rule_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """References of the rules that fired, in the order of enforcement_ids."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        enforcement_ids: _abc.Iterable[_builtins.int] | None = ...,
+        rule_refs: _abc.Iterable[_builtins.str] | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "enforcement_ids", b"enforcement_ids", "event_id", b"event_id", "replayed", b"replayed", "rule_refs", b"rule_refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventReceipt: _TypeAlias = EventReceipt  # noqa: Y015
 
 @_typing.final
 class GetEventRequest(_message.Message):
