@@ -45,8 +45,13 @@ def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     out.mkdir(parents=True, exist_ok=True)
     wkt = Path(protoc.__file__).parent / "_proto"
+    # The mypy plugins are installed beside this interpreter; the venv's bin/ need not be
+    # on PATH (./dev runs .venv/bin/python without activating the venv).
+    bindir = Path(sys.executable).parent
     args = [
         "protoc",
+        f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
         f"-I{PROTO_ROOT}",
         f"-I{wkt}",
         f"--python_out={out}",
