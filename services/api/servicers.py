@@ -10,6 +10,7 @@ import contextlib
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -77,6 +78,15 @@ def _time_range(field: str, r: common_pb2.TimeRange) -> tuple[datetime | None, d
     if start and end and start >= end:
         raise InvalidArgument.one(field, "start must be before end")
     return start, end
+
+
+def _status_filter(value: int, names: Mapping[Any, str]) -> str:
+    """A status filter's stored name; '' for UNSPECIFIED (0, any status)."""
+    if value == 0:
+        return ""
+    if value not in names:
+        raise InvalidArgument.one("status", f"unknown status {value}")
+    return names[value]
 
 
 def _key(request: Any, what: str) -> int | str:
@@ -229,11 +239,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     ) -> enforcement_pb2.ListEnforcementsResponse:
         size = page_size(request.page_size)
         start, end = _time_range("created", request.created)
-        status = ""
-        if request.status != common_pb2.ENFORCEMENT_STATUS_UNSPECIFIED:
-            status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
-            if not status:
-                raise InvalidArgument.one("status", f"unknown status {request.status}")
+        status = _status_filter(request.status, convert.ENFORCEMENT_STATUS_NAME)
         page = await self._store.enforcements.list(
             size,
             request.page_token,
@@ -551,11 +557,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     ) -> execution_pb2.ListExecutionsResponse:
         size = page_size(request.page_size)
         start, end = _time_range("created", request.created)
-        status = ""
-        if request.status != execution_pb2.EXECUTION_STATUS_UNSPECIFIED:
-            status = convert.EXECUTION_STATUS_NAME.get(request.status, "")
-            if not status:
-                raise InvalidArgument.one("status", f"unknown status {request.status}")
+        status = _status_filter(request.status, convert.EXECUTION_STATUS_NAME)
         page = await self._store.executions.list(
             size,
             request.page_token,
@@ -638,10 +640,6 @@ class AnalyticsService(analytics_pb2_grpc.AnalyticsServiceServicer):
         self, request: analytics_pb2.QueryEnforcementVolumeRequest, context: Context
     ) -> analytics_pb2.QueryEnforcementVolumeResponse:
         start, end = _volume_range(request.range)
-        status = ""
-        if request.status != common_pb2.ENFORCEMENT_STATUS_UNSPECIFIED:
-            status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
-            if not status:
-                raise InvalidArgument.one("status", f"unknown status {request.status}")
+        status = _status_filter(request.status, convert.ENFORCEMENT_STATUS_NAME)
         rows = await self._store.analytics.enforcement_volume(start, end, request.rule_ref, status)
         return analytics_pb2.QueryEnforcementVolumeResponse(buckets=[convert.enforcement_volume(r) for r in rows])
