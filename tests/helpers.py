@@ -7,7 +7,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+import asyncpg
 import grpc
+import pytest
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
@@ -75,3 +77,16 @@ def field_violations(exc: grpc.aio.AioRpcError) -> dict[str, str]:
                     detail.Unpack(bad)
                     out.update({v.field: v.description for v in bad.field_violations})
     return out
+
+
+async def rpc_error(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
+    """Awaits a call that must fail with ``code``; returns the error."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    return info.value
+
+
+async def count(conn: asyncpg.Connection, table: str) -> int:
+    """Rows in ``table`` (a name written in the test, never input)."""
+    return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -21,19 +20,11 @@ from shared.gen.automation.v1 import (
     rule_pb2,
 )
 from tests.conftest import Stubs
-from tests.helpers import field_violations, new_event, rule, struct
+from tests.helpers import field_violations, new_event, rpc_error, rule, struct
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED
 CREATED = common_pb2.ENFORCEMENT_STATUS_CREATED
-
-
-async def rpc_error(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    """Awaits a call that must fail with ``code``; returns the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return info.value
 
 
 def ts(value: datetime) -> timestamp_pb2.Timestamp:

@@ -12,21 +12,9 @@ from google.protobuf import field_mask_pb2
 
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
-from tests.helpers import field_violations, new_event, rule, struct
+from tests.helpers import count, field_violations, new_event, rpc_error, rule, struct
 
 EQUALS = rule_pb2.CONDITION_OPERATOR_EQUALS
-
-
-async def rpc_error(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    """Awaits a call that must fail with ``code``; returns the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return info.value
-
-
-async def count(conn: asyncpg.Connection, table: str) -> int:
-    return int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
 
 
 async def make_trigger(stubs: Stubs, ref: str, **kw: Any) -> rule_pb2.Trigger:

@@ -35,18 +35,10 @@ from shared.gen.automation.v1 import (
     rule_pb2_grpc,
 )
 from tests.conftest import Stubs
-from tests.helpers import eventually, field_violations, new_event, rule
+from tests.helpers import eventually, field_violations, new_event, rpc_error, rule
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED
-
-
-async def rpc_error(call: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.AioRpcError:
-    """Awaits a call that must fail with ``code``; returns the error."""
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    assert info.value.code() == code, info.value.details()
-    return info.value
 
 
 class Watch:
