@@ -76,6 +76,10 @@ class Subscription:
         # A stream with rule/trigger filters may not want the new work: it is always woken,
         # so that work it skips is not left waiting for another stream's poll.
         self.filtered = filtered
+        # Work may be waiting that this stream could not take for want of credit: its last
+        # claim filled its credit, or a wake passed it by. Only then does a returned credit
+        # wake it; otherwise every resolution would cost a claim that finds nothing.
+        self.starved = False
 
     @property
     def free(self) -> int:
@@ -130,13 +134,18 @@ class Dispatcher:
                 # Move it to the back: the next wake starts with another stream.
                 self._subs.pop(sub)
                 self._subs[sub] = None
+        if covered < new:
+            for sub in self._subs:
+                if sub.free == 0:
+                    sub.starved = True
 
     def resolved(self, enforcement: int) -> None:
-        """An enforcement was resolved: its stream has credit again."""
+        """An enforcement was resolved: its stream has credit again, and looks if it is starved."""
         for sub in self._subs:
             if enforcement in sub.held:
                 sub.held.discard(enforcement)
-                sub.wake.set()
+                if sub.starved:
+                    sub.wake.set()
 
     def announce(self, events: list[Event], created: list[Enforcement], resolved: list[Enforcement]) -> None:
         """Queues NOTIFY announcements of committed writes (sent soon, batched)."""

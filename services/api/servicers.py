@@ -327,6 +327,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                         rule_refs=request.rule_refs,
                         trigger_refs=request.trigger_refs,
                     )
+                    sub.starved = len(deliveries) == free
                     for d in deliveries:
                         sub.held.add(d.enforcement.id)
                         yield convert.delivery(d)
