@@ -1,6 +1,7 @@
 """Enforcements: created pending, resolved exactly once.
 
-Resolution is one conditional statement (``... AND status = 'created'``). For PROCESSED it
+Resolution is one conditional statement (``... AND status = 'created'``), normally one round
+trip (see ``_RESOLVE_PROCESSED_DIRECT``). For PROCESSED it
 also share-locks the rule and requires it enabled with an action, and inserts the execution
 in the same statement: a rule disabled (or deleted) before the resolution commits can never
 get an execution, and a concurrent disable waits for the resolution instead. The partial
@@ -59,6 +60,37 @@ WITH live_rule AS (
     RETURNING {_EXECUTION}
 )
 SELECT r.*, {_EXECUTION_X} FROM resolved r, x
+"""
+
+# The same resolution in one round trip, the pending row found through its dispatch row and
+# the rule through the dispatch row's rule_ref (FOR SHARE OF the rule, as above). It changes
+# nothing when the row sits in a compressed chunk (see above), when the rule was renamed, or
+# when there is nothing to resolve: the two-step path then decides.
+_RESOLVE_PROCESSED_DIRECT = f"""
+WITH live_rule AS (
+    SELECT r.id, r.action_ref, d.enforcement_created AS created
+      FROM enforcement_dispatch d
+      JOIN rule r ON r.ref = d.rule_ref
+     WHERE d.enforcement = $1 AND r.enabled AND r.action_ref IS NOT NULL
+       FOR SHARE OF r
+), resolved AS (
+    UPDATE enforcement e SET status = 'processed', resolved_at = now()
+      FROM live_rule l
+     WHERE e.id = $1 AND e.created = l.created AND e.status = 'created' AND e.rule = l.id
+    RETURNING {_ENFORCEMENT_E}
+), x AS (
+    INSERT INTO execution (action_ref, config, enforcement)
+    SELECT l.action_ref, COALESCE(r.config, '{{}}'::jsonb), r.id FROM resolved r, live_rule l
+    RETURNING {_EXECUTION}
+)
+SELECT r.*, {_EXECUTION_X} FROM resolved r, x
+"""
+
+_RESOLVE_DISABLED_DIRECT = f"""
+UPDATE enforcement e SET status = 'disabled', resolved_at = now()
+  FROM enforcement_dispatch d
+ WHERE d.enforcement = $1 AND e.id = $1 AND e.created = d.enforcement_created AND e.status = 'created'
+RETURNING {_ENFORCEMENT_E}
 """
 
 _RESOLVE_DISABLED = f"""
@@ -205,6 +237,14 @@ class Enforcements(Repo):
     async def resolve(self, id_: int, status: str) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""
         async with guarded(), self._pool.acquire() as conn:
+            if status == "processed":
+                row = await conn.fetchrow(_RESOLVE_PROCESSED_DIRECT, id_)
+                if row is not None:
+                    return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
+            else:
+                row = await conn.fetchrow(_RESOLVE_DISABLED_DIRECT, id_)
+                if row is not None:
+                    return Resolution(Enforcement(*row), None)
             target = await conn.fetchrow(_TARGET, id_)
             if target is not None and status == "processed":
                 if target["rule"] is not None:
