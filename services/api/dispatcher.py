@@ -18,11 +18,12 @@ import asyncio
 import contextlib
 import json
 import logging
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
 
-from services.api.store import Enforcement, Event
+from services.api.store import Delivery, Enforcement, Event, Lease
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,19 @@ def pack(notes: list[dict[str, Any]]) -> list[str]:
 
 
 class Subscription:
-    """One watch stream's wake-up flag, its credit and the enforcements it holds."""
+    """One watch stream's wake-up flag, its credit, what it holds and what was handed to it."""
 
-    def __init__(self, credit: int = 16, filtered: bool = False) -> None:
+    def __init__(self, credit: int = 16, filtered: bool = False, executor_id: str = "", token: str = "") -> None:
         self.wake = asyncio.Event()
+        # Set with ``wake`` when the stream should run a claim; a hand-off wakes it without.
+        self.look = True
         self.held: set[int] = set()
         self.credit = credit
+        self.executor_id = executor_id
+        self.token = token
+        # Credit promised to inserts in flight (direct hand-off), and what they delivered.
+        self.reserved = 0
+        self.inbox: list[Delivery] = []
         # A stream with rule/trigger filters may not want the new work: it is always woken,
         # so that work it skips is not left waiting for another stream's poll.
         self.filtered = filtered
@@ -83,7 +91,61 @@ class Subscription:
 
     @property
     def free(self) -> int:
-        return max(self.credit - len(self.held), 0)
+        return max(self.credit - len(self.held) - self.reserved, 0)
+
+    def poke(self) -> None:
+        """Wakes the stream to claim waiting work."""
+        self.look = True
+        self.wake.set()
+
+
+class Handoff:
+    """Direct hand-off of the enforcements one insert creates to one watch stream of this api.
+
+    ``reserve(n)`` (given to the store, called just before the insert) picks a stream with
+    ``n`` free credit and promises it; ``deliver`` gives the committed enforcements to it, and
+    ``cancel`` withdraws the promise when the insert failed. Only a stream that is not starved
+    is chosen: when work is already waiting, new work must not overtake it.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, lease_s: float) -> None:
+        self._dispatcher = dispatcher
+        self._lease_s = lease_s
+        self._sub: Subscription | None = None
+        self._n = 0
+
+    def reserve(self, n: int) -> Lease | None:
+        self.cancel()  # the store may retry its insert
+        sub = self._dispatcher._take_credit(n)
+        if sub is None:
+            return None
+        self._sub, self._n = sub, n
+        return Lease(sub.executor_id, sub.token, self._lease_s)
+
+    def cancel(self) -> None:
+        if self._sub is not None:
+            self._sub.reserved -= self._n
+            self._sub, self._n = None, 0
+
+    @property
+    def taken(self) -> bool:
+        return self._sub is not None
+
+    def deliver(self, enforcements: list[Enforcement]) -> str | None:
+        """Hands the committed enforcements to the stream; returns its lease token when the
+        stream has closed meanwhile (the caller then releases what was leased to it)."""
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return None
+        sub.reserved -= self._n
+        self._n = 0
+        if sub not in self._dispatcher._subs:
+            return sub.token
+        for e in enforcements:
+            sub.held.add(e.id)
+            sub.inbox.append(Delivery(e, 1, e.created + timedelta(seconds=self._lease_s)))
+        sub.wake.set()
+        return None
 
 
 class Dispatcher:
@@ -104,8 +166,10 @@ class Dispatcher:
         # LISTEN connection and must not wake our streams a second time.
         self._own_pids: set[int] = set()
 
-    def subscribe(self, credit: int = 16, filtered: bool = False) -> Subscription:
-        sub = Subscription(credit, filtered)
+    def subscribe(
+        self, credit: int = 16, filtered: bool = False, executor_id: str = "", token: str = ""
+    ) -> Subscription:
+        sub = Subscription(credit, filtered, executor_id, token)
         self._subs[sub] = None
         return sub
 
@@ -115,7 +179,21 @@ class Dispatcher:
     def wake_all(self) -> None:
         """Anything may be waiting (start-up, reconnects, released work): every stream looks."""
         for sub in self._subs:
-            sub.wake.set()
+            sub.poke()
+
+    def handoff(self, lease_s: float) -> Handoff:
+        """A hand-off for one insert (see ``Handoff``)."""
+        return Handoff(self, lease_s)
+
+    def _take_credit(self, n: int) -> Subscription | None:
+        """The next stream (in turn) able to take ``n`` new enforcements now, its credit taken."""
+        for sub in self._subs:
+            if not sub.filtered and not sub.starved and sub.token and sub.free >= n:
+                sub.reserved += n
+                self._subs.pop(sub)
+                self._subs[sub] = None
+                return sub
+        return None
 
     def wake(self, new: int) -> None:
         """``new`` enforcements were committed: wake just enough streams to take them.
@@ -127,9 +205,9 @@ class Dispatcher:
         covered = 0
         for sub in list(self._subs):
             if sub.filtered:
-                sub.wake.set()
+                sub.poke()
             elif covered < new and sub.free > 0:
-                sub.wake.set()
+                sub.poke()
                 covered += sub.free
                 # Move it to the back: the next wake starts with another stream.
                 self._subs.pop(sub)
@@ -145,15 +223,23 @@ class Dispatcher:
             if enforcement in sub.held:
                 sub.held.discard(enforcement)
                 if sub.starved:
-                    sub.wake.set()
+                    sub.poke()
 
-    def announce(self, events: list[Event], created: list[Enforcement], resolved: list[Enforcement]) -> None:
-        """Queues NOTIFY announcements of committed writes (sent soon, batched)."""
+    def announce(
+        self, events: list[Event], created: list[Enforcement], resolved: list[Enforcement], leased: bool = False
+    ) -> None:
+        """Queues NOTIFY announcements of committed writes (sent soon, batched). ``leased``:
+        the new enforcements were handed to a stream already; their notes say so, and other
+        replicas do not wake their streams for them."""
         if self._pool is None:
             return
+        created_notes = [enforcement_note(e) for e in created]
+        if leased:
+            for note in created_notes:
+                note["leased"] = True
         for channel, notes in (
             ("event_created", [event_note(e) for e in events]),
-            ("enforcement_created", [enforcement_note(e) for e in created]),
+            ("enforcement_created", created_notes),
             ("enforcement_resolved", [enforcement_note(e) for e in resolved]),
         ):
             if notes:
@@ -191,9 +277,11 @@ class Dispatcher:
         if pid in self._own_pids:
             return  # our own announcement: our streams were woken when we committed
         if channel == "enforcement_created":
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError):
                 data = json.loads(str(payload))
-                self.wake(len(data) if isinstance(data, list) else 1)
+                waiting = sum(1 for n in data if not n.get("leased")) if isinstance(data, list) else 1
+                if waiting:
+                    self.wake(waiting)
                 return
             self.wake_all()
             return

@@ -108,7 +108,9 @@ class ApiServer:
             applied = await migrations.migrate_url(cfg.database_url)
             log.info("migrations: %d applied", len(applied))
         self.store = store = await self._connect()
-        event_pb2_grpc.add_EventServiceServicer_to_server(EventService(store, self.dispatcher), self.server)
+        event_pb2_grpc.add_EventServiceServicer_to_server(
+            EventService(store, self.dispatcher, cfg.lease_s), self.server
+        )
         enforcement_pb2_grpc.add_EnforcementServiceServicer_to_server(
             EnforcementService(store, self.dispatcher, cfg, self.shutdown), self.server
         )

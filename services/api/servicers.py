@@ -125,17 +125,33 @@ def _created_event(c: Any) -> event_pb2.CreateEventResponse:
 
 
 class EventService(event_pb2_grpc.EventServiceServicer):
-    def __init__(self, store: Store, dispatcher: Dispatcher) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, lease_s: float) -> None:
         self._store = store
         self._dispatcher = dispatcher
+        self._lease_s = lease_s
 
     async def _create(self, new: list[NewEvent], many: bool) -> list[Any]:
-        results = await self._store.events.create_many(new, many=many)
+        handoff = self._dispatcher.handoff(self._lease_s)
+        try:
+            results = await self._store.events.create_many(new, many=many, lease=handoff.reserve)
+        except BaseException:
+            handoff.cancel()
+            raise
         fresh = [r for r in results if not r.replayed]
-        created = sum(len(r.enforcements) for r in fresh)
-        if created:
-            self._dispatcher.wake(created)
-        self._dispatcher.announce([r.event for r in fresh], [e for r in fresh for e in r.enforcements], [])
+        created = [e for r in fresh for e in r.enforcements]
+        handoff_done = handoff.taken
+        if handoff_done:
+            closed = handoff.deliver(created)
+            if closed is not None:
+                handoff_done = False
+                # The stream closed while the insert ran: give its new leases back now. Best
+                # effort (the lease expiry covers a failure): the events are stored already.
+                with contextlib.suppress(Exception):
+                    await self._store.dispatch.release_stream(closed, "stream closed during hand-off")
+                self._dispatcher.wake(len(created))
+        elif created:
+            self._dispatcher.wake(len(created))
+        self._dispatcher.announce([r.event for r in fresh], created, [], leased=handoff_done)
         return results
 
     @rpc
@@ -309,15 +325,25 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         cfg = self._config
         credit = request.max_in_flight or 16
         token = f"{request.executor_id}/{uuid.uuid4().hex[:12]}"
-        sub = self._dispatcher.subscribe(credit, filtered=bool(request.rule_refs or request.trigger_refs))
+        sub = self._dispatcher.subscribe(
+            credit,
+            filtered=bool(request.rule_refs or request.trigger_refs),
+            executor_id=request.executor_id,
+            token=token,
+        )
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
         reason = "stream closed"
         try:
             while not self._shutdown.is_set():
                 sub.wake.clear()
-                free = credit - len(sub.held)
-                if free > 0:
+                if sub.inbox:
+                    handed, sub.inbox = sub.inbox, []
+                    for d in handed:
+                        yield convert.delivery(d)
+                free = sub.free
+                if free > 0 and sub.look:
+                    sub.look = False
                     deliveries = await self._store.dispatch.claim(
                         executor_id=request.executor_id,
                         token=token,
@@ -332,12 +358,16 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                         sub.held.add(d.enforcement.id)
                         yield convert.delivery(d)
                     if len(deliveries) == free:
+                        sub.look = True
                         continue
                 now = loop.time()
                 if now >= next_beat:
                     # Renewal doubles as reconciliation: what we no longer hold was resolved
                     # (possibly through another api replica).
-                    sub.held &= await self._store.dispatch.renew(token, cfg.lease_s)
+                    before = set(sub.held)
+                    renewed = await self._store.dispatch.renew(token, cfg.lease_s)
+                    # Hand-offs that landed while the renewal ran are not in its answer.
+                    sub.held = (sub.held & renewed) | (sub.held - before)
                     next_beat = now + cfg.heartbeat_s
                     yield enforcement_pb2.WatchEnforcementsResponse(
                         heartbeat=enforcement_pb2.Heartbeat(
@@ -347,12 +377,14 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                     continue
                 waits = [asyncio.ensure_future(sub.wake.wait()), asyncio.ensure_future(self._shutdown.wait())]
                 try:
-                    await asyncio.wait(
+                    done, _ = await asyncio.wait(
                         waits, timeout=min(cfg.poll_s, next_beat - now), return_when=asyncio.FIRST_COMPLETED
                     )
                 finally:
                     for w in waits:
                         w.cancel()
+                if not done:
+                    sub.look = True  # the poll: other writers' work, expired leases
             reason = "api shutting down"
         finally:
             self._dispatcher.unsubscribe(sub)

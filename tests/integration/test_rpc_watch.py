@@ -238,6 +238,41 @@ async def test_watch_hands_out_at_most_max_in_flight_until_one_is_resolved(stubs
     assert w.ids == ids
 
 
+async def test_new_work_is_handed_to_an_open_stream_leased_by_its_own_insert(
+    stubs: Stubs, watch: Opener, api_config: ApiConfig
+) -> None:
+    await setup(stubs)
+    w = watch(stubs, "exec-a")
+    await w.beats(1)  # the stream is open and has looked for waiting work
+    (enf_id,) = await pending(stubs, 1)
+    (d,) = await w.delivered(1)
+    assert (d.enforcement.id, d.attempt) == (enf_id, 1)
+    # A claim would lease from its own later now(); the hand-off leases in the insert, whose
+    # transaction also stamped `created`.
+    lease = d.lease_expires_at.ToDatetime() - d.enforcement.created.ToDatetime()
+    assert lease.total_seconds() == api_config.lease_s
+    s = await state(stubs)
+    assert (s.pending, s.waiting, leases(s)) == (1, 0, {"exec-a": 1})
+    await resolve(stubs, enf_id)
+    assert (await state(stubs)).pending == 0
+
+
+async def test_new_work_does_not_overtake_work_waiting_for_credit(stubs: Stubs, watch: Opener) -> None:
+    await setup(stubs)
+    w = watch(stubs, "exec-a", max_in_flight=1)
+    await w.beats(1)
+    first, second = await pending(stubs, 2)
+    await w.delivered(1)
+    (third,) = await pending(stubs, 1)
+    await w.beats(2)
+    assert w.ids == [first]
+    await resolve(stubs, first)
+    await w.delivered(2)
+    await resolve(stubs, second)
+    await w.delivered(3)
+    assert w.ids == [first, second, third]
+
+
 async def test_watch_sends_heartbeats_while_idle(stubs: Stubs, watch: Opener) -> None:
     w = watch(stubs, "exec-a")
     await w.beats(3)

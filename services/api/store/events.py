@@ -6,8 +6,9 @@ trips and no explicit transaction:
 1. one read gathers the triggers, the rules that may match, fresh event ids and any
    idempotency keys already used;
 2. after matching and rendering in Python, one INSERT statement (CTEs over ``unnest``
-   arrays) writes the events, their enforcements and the new idempotency keys. A single
-   statement is atomic: all of it is stored or none of it.
+   arrays) writes the events, their enforcements, the new idempotency keys and, when a
+   watch stream of this api has the credit, the enforcements' dispatch rows already leased
+   to it (direct hand-off). A single statement is atomic: all of it is stored or none of it.
 
 Matching reads the rules as they are at step 1; a rule disabled just after still gets its
 enforcement, which the executor then resolves DISABLED.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +29,10 @@ from shared.errors import InvalidArgument, NotFound
 
 from ._db import Connection, Repo, guarded
 from ._paging import Where, keyset_query, page_of
-from .types import CreatedEvent, Enforcement, Event, NewEvent, Page, columns
+from .types import CreatedEvent, Enforcement, Event, Lease, NewEvent, Page, columns
+
+LeaseFor = Callable[[int], Lease | None]
+"""Asked with the number of enforcements about to be inserted: the stream to hand them to."""
 
 _EVENT = columns(Event)
 _ENFORCEMENT = columns(Enforcement)
@@ -62,14 +66,24 @@ WITH ev AS (
     INSERT INTO ingest_request (kind, request_id, fingerprint, entity_id, entity_created)
     SELECT 'event', u.*, $10::timestamptz
       FROM unnest($11::text[], $12::text[], $13::bigint[]) AS u
+), enf AS (
+    INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, payload, condition,
+                             conditions, created)
+    SELECT u.r, u.rr, u.tr, u.c::jsonb, u.e, u.p::jsonb, u.cond::enforcement_condition,
+           u.conds::jsonb, $10::timestamptz
+      FROM unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::bigint[],
+                  $19::text[], $20::text[], $21::text[]) AS u(r, rr, tr, c, e, p, cond, conds)
+    RETURNING id, event, rule, created, rule_ref, trigger_ref
+), handed AS (
+    -- Direct hand-off ($23, a stream's lease token, given): the dispatch rows are written here,
+    -- already leased, and the tracking trigger leaves them so (migration 0006).
+    INSERT INTO enforcement_dispatch (enforcement, enforcement_created, rule_ref, trigger_ref,
+                                      attempts, leased_by, lease_token, lease_expires_at)
+    SELECT id, created, rule_ref, trigger_ref, 1, $22::text, $23::text,
+           now() + $24::float8 * interval '1 second'
+      FROM enf WHERE $23::text IS NOT NULL
 )
-INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, payload, condition,
-                         conditions, created)
-SELECT u.r, u.rr, u.tr, u.c::jsonb, u.e, u.p::jsonb, u.cond::enforcement_condition,
-       u.conds::jsonb, $10::timestamptz
-  FROM unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::bigint[],
-              $19::text[], $20::text[], $21::text[]) AS u(r, rr, tr, c, e, p, cond, conds)
-RETURNING id, event, rule
+SELECT id, event, rule FROM enf
 """
 
 _REPLAY_EVENTS = f"""
@@ -102,12 +116,19 @@ def _field(index: int, many: bool, name: str) -> str:
 class Events(Repo):
     """Stores and reads events."""
 
-    async def create_many(self, new: Sequence[NewEvent], many: bool = False) -> list[CreatedEvent]:
-        """Stores the events and their enforcements (all or nothing); replays known keys."""
+    async def create_many(
+        self, new: Sequence[NewEvent], many: bool = False, lease: LeaseFor | None = None
+    ) -> list[CreatedEvent]:
+        """Stores the events and their enforcements (all or nothing); replays known keys.
+
+        ``lease(n)``, called just before the insert with the number of new enforcements, may
+        name a watch stream to hand them to: their dispatch rows are then written leased to it
+        (attempt 1, expiring after ``Lease.seconds``) in the same statement.
+        """
         async with guarded():
             for _attempt in range(3):
                 try:
-                    return await self._create_many(new, many)
+                    return await self._create_many(new, many, lease)
                 except asyncpg.UniqueViolationError as exc:
                     # A concurrent request with the same idempotency key committed first: go
                     # round again, and the read step will find it and replay it.
@@ -115,7 +136,7 @@ class Events(Repo):
                         raise
         raise InvalidArgument.one("request_id", "is being used by concurrent requests; retry")
 
-    async def _create_many(self, new: Sequence[NewEvent], many: bool) -> list[CreatedEvent]:
+    async def _create_many(self, new: Sequence[NewEvent], many: bool, lease: LeaseFor | None) -> list[CreatedEvent]:
         keys = [e.request_id for e in new if e.request_id]
         prints = [fingerprint(e) if e.request_id else "" for e in new]
         seen: dict[str, tuple[str, int]] = {}
@@ -236,7 +257,17 @@ class Events(Repo):
             if ev_cols[0]:
                 # Only the ids come back: every other value is already here, and decoding
                 # the JSON columns of thousands of rows again would cost more than the insert.
-                rows = await conn.fetch(_INSERT, *ev_cols, now, *req_cols, *enf_cols)
+                to = lease(len(unsaved)) if lease is not None and unsaved else None
+                rows = await conn.fetch(
+                    _INSERT,
+                    *ev_cols,
+                    now,
+                    *req_cols,
+                    *enf_cols,
+                    to.executor_id if to else None,
+                    to.token if to else None,
+                    to.seconds if to else 0.0,
+                )
                 ids_by_key = {(r["event"], r["rule"]): r["id"] for r in rows}
                 enforcements = [
                     Enforcement(

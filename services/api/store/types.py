@@ -162,6 +162,15 @@ class Delivery:
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """A watch stream that takes new enforcements as they are inserted (direct hand-off)."""
+
+    executor_id: str
+    token: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class ExhaustedEnforcement:
     id: int
     rule_ref: str
