@@ -25,7 +25,7 @@ from services.api.store._paging import page_size
 from services.api.store.history import TABLES as HISTORY_TABLES
 from services.api.store.rules import UPDATABLE
 from shared.config import ApiConfig
-from shared.errors import InvalidArgument, Violations
+from shared.errors import DomainError, InvalidArgument, Violations
 from shared.gen.automation.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,
@@ -47,6 +47,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 REF = re.compile(r"^[a-z0-9_-]+\.[a-z0-9_.-]+$")
 REF_HINT = "must look like pack.name (lower case letters, digits, '_', '-')"
 MAX_BATCH = 1000
+_RESOLVABLE = (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_STATUS_DISABLED)
 MAX_REQUEST_ID = 200
 MAX_VOLUME_RANGE = timedelta(days=90)
 
@@ -275,7 +276,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         self, request: enforcement_pb2.ResolveEnforcementRequest, context: Context
     ) -> enforcement_pb2.ResolveEnforcementResponse:
         id_ = _check_id("id", request.id)
-        if request.status not in (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_STATUS_DISABLED):
+        if request.status not in _RESOLVABLE:
             raise InvalidArgument.one("status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED")
         status = convert.ENFORCEMENT_STATUS_NAME[request.status]
         result = await self._store.enforcements.resolve(id_, status)
@@ -296,6 +297,48 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         if result.execution is not None:
             response.execution.CopyFrom(convert.execution(result.execution))
         return response
+
+    @rpc
+    async def ResolveEnforcements(
+        self, request: enforcement_pb2.ResolveEnforcementsRequest, context: Context
+    ) -> enforcement_pb2.ResolveEnforcementsResponse:
+        if not 1 <= len(request.decisions) <= MAX_BATCH:
+            raise InvalidArgument.one(
+                "decisions", f"must hold 1 to {MAX_BATCH} decisions, got {len(request.decisions)}"
+            )
+        v = Violations()
+        decisions: list[tuple[int, str]] = []
+        seen: set[int] = set()
+        for i, d in enumerate(request.decisions):
+            if d.id <= 0:
+                v.add(f"decisions[{i}].id", f"must be a positive id, got {d.id}")
+            elif d.id in seen:
+                v.add(f"decisions[{i}].id", f"enforcement {d.id} appears twice")
+            seen.add(d.id)
+            if d.status not in _RESOLVABLE:
+                v.add(f"decisions[{i}].status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED")
+            decisions.append((d.id, convert.ENFORCEMENT_STATUS_NAME.get(d.status, "")))
+        v.raise_if_any()
+        results = await self._store.enforcements.resolve_many(decisions)
+        outcomes: list[enforcement_pb2.ResolutionOutcome] = []
+        resolved = []
+        for (id_, _status), r in zip(decisions, results, strict=True):
+            if isinstance(r, DomainError):
+                error = enforcement_pb2.ResolutionError(code=r.code.value[0], message=r.message, reason=r.reason)
+                outcomes.append(enforcement_pb2.ResolutionOutcome(id=id_, error=error))
+                continue
+            self._dispatcher.resolved(id_)
+            if not r.replayed:
+                resolved.append(r.enforcement)
+            outcome = enforcement_pb2.ResolutionOutcome(
+                id=id_, status=convert.ENFORCEMENT_STATUS[r.enforcement.status], replayed=r.replayed
+            )
+            if r.execution is not None:
+                outcome.execution_id = r.execution.id
+            outcomes.append(outcome)
+        if resolved:
+            self._dispatcher.announce([], [], resolved)
+        return enforcement_pb2.ResolveEnforcementsResponse(outcomes=outcomes)
 
     @rpc
     async def ReleaseEnforcement(

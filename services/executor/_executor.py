@@ -15,12 +15,13 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import grpc
 
 from shared.config import ExecutorConfig
-from shared.errors import error_reason
 from shared.gen.automation.v1 import (
     common_pb2,
     enforcement_pb2,
@@ -31,6 +32,9 @@ from shared.gen.automation.v1 import (
 from shared.runtime import CLIENT_KEEPALIVE
 
 log = logging.getLogger("services.executor")
+
+Req = TypeVar("Req")
+Out = TypeVar("Out")
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED
@@ -57,6 +61,9 @@ class Executor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._rules: dict[int, tuple[float, rule_pb2.Rule]] = {}
         self.resolved = 0
+        self._decisions: Batcher[enforcement_pb2.ResolveEnforcementRequest, enforcement_pb2.ResolutionOutcome] = (
+            Batcher(self._send_decisions)
+        )
         self._health_touched = float("-inf")
 
     def stop(self) -> None:
@@ -186,45 +193,105 @@ class Executor:
             await asyncio.sleep(random.uniform(0, delay))
             delay = min(delay * 2, self.config.backoff_max_s)
 
-    async def _resolve(self, id_: int, decision: Decision) -> enforcement_pb2.ResolveEnforcementResponse:
-        request = enforcement_pb2.ResolveEnforcementRequest(
-            id=id_, status=decision.status, executor_id=self.executor_id, reason=decision.reason
+    async def _send_decisions(
+        self, batch: list[enforcement_pb2.ResolveEnforcementRequest]
+    ) -> list[enforcement_pb2.ResolutionOutcome]:
+        request = enforcement_pb2.ResolveEnforcementsRequest(decisions=batch)
+        response = await self._call(self._enforcements.ResolveEnforcements, request)
+        assert isinstance(response, enforcement_pb2.ResolveEnforcementsResponse)
+        return list(response.outcomes)
+
+    async def _resolve(self, id_: int, decision: Decision) -> enforcement_pb2.ResolutionOutcome:
+        return await self._decisions.submit(
+            enforcement_pb2.ResolveEnforcementRequest(
+                id=id_, status=decision.status, executor_id=self.executor_id, reason=decision.reason
+            )
         )
-        response = await self._call(self._enforcements.ResolveEnforcement, request)
-        assert isinstance(response, enforcement_pb2.ResolveEnforcementResponse)
-        return response
 
     async def _handle(self, delivery: enforcement_pb2.Delivery) -> None:
         enforcement = delivery.enforcement
         id_ = enforcement.id
         try:
             decision = await self.decide(enforcement)
-            try:
-                response = await self._resolve(id_, decision)
-            except grpc.aio.AioRpcError as exc:
-                reason = error_reason(exc)
-                if reason == "RULE_NOT_ENABLED" and decision.status == PROCESSED:
-                    # The rule was disabled between our look and the commit.
-                    self._rules.pop(enforcement.rule, None)
-                    decision = Decision(DISABLED, f"{exc.details()} (refused at commit)")
-                    response = await self._resolve(id_, decision)
-                elif reason == "ALREADY_RESOLVED" or exc.code() == grpc.StatusCode.NOT_FOUND:
-                    log.info("enforcement %d: nothing to do (%s)", id_, exc.details())
+            outcome = await self._resolve(id_, decision)
+            if outcome.error.reason == "RULE_NOT_ENABLED" and decision.status == PROCESSED:
+                # The rule was disabled between our look and the commit.
+                self._rules.pop(enforcement.rule, None)
+                decision = Decision(DISABLED, f"{outcome.error.message} (refused at commit)")
+                outcome = await self._resolve(id_, decision)
+            if outcome.HasField("error"):
+                error = outcome.error
+                if error.reason == "ALREADY_RESOLVED" or error.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                    log.info("enforcement %d: nothing to do (%s)", id_, error.message)
                     return
-                else:
-                    raise
+                await self._release(id_, f"{error.reason}: {error.message}")
+                return
             self.resolved += 1
-            status = common_pb2.EnforcementStatus.Name(response.enforcement.status).removeprefix("ENFORCEMENT_STATUS_")
-            extra = f", execution {response.execution.id}" if response.HasField("execution") else ""
-            retry = " (already resolved so)" if response.replayed else ""
+            status = common_pb2.EnforcementStatus.Name(outcome.status).removeprefix("ENFORCEMENT_STATUS_")
+            extra = f", execution {outcome.execution_id}" if outcome.HasField("execution_id") else ""
+            retry = " (already resolved so)" if outcome.replayed else ""
             log.info("enforcement %d %s%s%s: %s", id_, status, extra, retry, decision.reason)
         except grpc.aio.AioRpcError as exc:
-            # Give it back so another attempt comes soon; if even that fails, the lease expires.
-            log.warning("enforcement %d not resolved: %s %s", id_, exc.code().name, exc.details())
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self._enforcements.ReleaseEnforcement(
-                    enforcement_pb2.ReleaseEnforcementRequest(
-                        id=id_, executor_id=self.executor_id, error=f"{exc.code().name}: {exc.details()}"
-                    ),
-                    timeout=self.config.rpc_timeout_s,
-                )
+            await self._release(id_, f"{exc.code().name}: {exc.details()}")
+
+    async def _release(self, id_: int, error: str) -> None:
+        """Gives an enforcement back so another attempt comes soon; if even that fails, the
+        lease expires."""
+        log.warning("enforcement %d not resolved: %s", id_, error)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._enforcements.ReleaseEnforcement(
+                enforcement_pb2.ReleaseEnforcementRequest(id=id_, executor_id=self.executor_id, error=error),
+                timeout=self.config.rpc_timeout_s,
+            )
+
+
+class Batcher(Generic[Req, Out]):
+    """Gathers single requests into batch calls without waiting for a batch to fill.
+
+    A request goes out at once when fewer than ``max_calls`` calls are in flight; otherwise it
+    waits for one to return and leaves with everything that gathered meanwhile. Idle, every
+    decision is its own call (no added latency); under load, calls carry many decisions and
+    the cost of each call is shared.
+    """
+
+    def __init__(
+        self, send: Callable[[list[Req]], Awaitable[list[Out]]], max_batch: int = 500, max_calls: int = 2
+    ) -> None:
+        self._send = send
+        self._max_batch = max_batch
+        self._max_calls = max_calls
+        self._waiting: list[tuple[Req, asyncio.Future[Out]]] = []
+        self._calls: set[asyncio.Task[None]] = set()
+
+    async def submit(self, request: Req) -> Out:
+        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        self._waiting.append((request, future))
+        self._start()
+        return await future
+
+    def _start(self) -> None:
+        while self._waiting and len(self._calls) < self._max_calls:
+            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
+            task = asyncio.create_task(self._call(batch))
+            self._calls.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._calls.discard(task)
+        self._start()
+
+    async def _call(self, batch: list[tuple[Req, asyncio.Future[Out]]]) -> None:
+        try:
+            outcomes = await self._send([request for request, _ in batch])
+            if len(outcomes) != len(batch):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} requests")
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)

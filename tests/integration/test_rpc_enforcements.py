@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
@@ -356,3 +357,84 @@ async def test_resolve_unknown_enforcement_is_not_found_and_bad_id_invalid(stubs
     await rpc_error(resolve(stubs, 777777, DISABLED), grpc.StatusCode.NOT_FOUND)
     err = await rpc_error(resolve(stubs, 0, DISABLED), grpc.StatusCode.INVALID_ARGUMENT)
     assert "id" in field_violations(err)
+
+
+# --- ResolveEnforcements ----------------------------------------------------------------------
+
+
+def resolve_many(stubs: Stubs, *decisions: tuple[int, int]) -> Awaitable[enforcement_pb2.ResolveEnforcementsResponse]:
+    return stubs.enforcements.ResolveEnforcements(
+        enforcement_pb2.ResolveEnforcementsRequest(
+            decisions=[
+                enforcement_pb2.ResolveEnforcementRequest(id=i, status=s)  # type: ignore[arg-type]
+                for i, s in decisions
+            ]
+        )
+    )
+
+
+async def test_resolve_many_decides_each_on_its_own_as_resolve_would(stubs: Stubs, conn: asyncpg.Connection) -> None:
+    await setup(stubs, rule("demo.a", "core.webhook"), rule("demo.off", "core.webhook"))
+    ok, off, done, dis = [
+        (await enforce(stubs, ref)).enforcement.id for ref in ("demo.a", "demo.off", "demo.a", "demo.a")
+    ]
+    await resolve(stubs, done, DISABLED)
+    await set_enabled(stubs, "demo.off", False)
+
+    resp = await resolve_many(
+        stubs, (ok, PROCESSED), (off, PROCESSED), (777777, DISABLED), (done, PROCESSED), (dis, DISABLED)
+    )
+
+    by_id = {o.id: o for o in resp.outcomes}
+    assert [o.id for o in resp.outcomes] == [ok, off, 777777, done, dis]
+    assert by_id[ok].status == PROCESSED and by_id[ok].HasField("execution_id") and not by_id[ok].HasField("error")
+    assert by_id[dis].status == DISABLED and not by_id[dis].HasField("execution_id")
+    assert (by_id[off].error.code, by_id[off].error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION.value[0],
+        "RULE_NOT_ENABLED",
+    )
+    assert by_id[off].status == common_pb2.ENFORCEMENT_STATUS_UNSPECIFIED
+    assert by_id[777777].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert (by_id[done].error.reason, "already disabled" in by_id[done].error.message) == ("ALREADY_RESOLVED", True)
+    assert (await get(stubs, off)).status == CREATED
+    executions = await conn.fetch("SELECT id, enforcement FROM execution")
+    assert [(r["id"], r["enforcement"]) for r in executions] == [(by_id[ok].execution_id, ok)]
+
+
+async def test_resolve_many_again_is_replayed_and_executes_once(stubs: Stubs, conn: asyncpg.Connection) -> None:
+    await setup(stubs, rule("demo.a", "core.webhook"))
+    ids = [(await enforce(stubs, "demo.a")).enforcement.id for _ in range(3)]
+    first = await resolve_many(stubs, *[(i, PROCESSED) for i in ids])
+    again = await resolve_many(stubs, *[(i, PROCESSED) for i in ids])
+    assert [o.replayed for o in first.outcomes] == [False] * 3
+    assert [o.replayed for o in again.outcomes] == [True] * 3
+    assert [o.execution_id for o in again.outcomes] == [o.execution_id for o in first.outcomes]
+    assert await count(conn, "execution") == 3
+
+
+async def test_concurrent_batches_of_the_same_enforcements_resolve_each_once(
+    stubs: Stubs, conn: asyncpg.Connection
+) -> None:
+    await setup(stubs, rule("demo.a", "core.webhook"))
+    ids = [(await enforce(stubs, "demo.a")).enforcement.id for _ in range(20)]
+    answers = await asyncio.gather(
+        *(resolve_many(stubs, *[(i, PROCESSED) for i in ids[::step]]) for step in (1, -1, 1, -1))
+    )
+    fresh = [o.id for a in answers for o in a.outcomes if not o.replayed and not o.HasField("error")]
+    assert sorted(fresh) == sorted(ids)
+    assert all(not o.HasField("error") for a in answers for o in a.outcomes)
+    assert await count(conn, "execution") == 20
+    assert await conn.fetchval("SELECT count(DISTINCT enforcement) FROM execution") == 20
+
+
+async def test_resolve_many_with_bad_decisions_is_invalid_argument_and_resolves_nothing(stubs: Stubs) -> None:
+    await setup(stubs, rule("demo.a", "core.webhook"))
+    a, b = [(await enforce(stubs, "demo.a")).enforcement.id for _ in range(2)]
+    err = await rpc_error(
+        resolve_many(stubs, (a, PROCESSED), (b, CREATED), (a, DISABLED), (0, DISABLED)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert set(field_violations(err)) == {"decisions[1].status", "decisions[2].id", "decisions[3].id"}
+    err = await rpc_error(resolve_many(stubs), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "decisions" in field_violations(err)
+    assert [(await get(stubs, i)).status for i in (a, b)] == [CREATED, CREATED]

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from services.api import migrate
-from services.api.store import NewEvent, Store
+from services.api.store import NewEvent, Resolution, Store
 
 HOOK = "core.webhook"
 
@@ -109,8 +109,20 @@ async def test_volume_views_are_real_time_continuous_aggregates(conn: asyncpg.Co
     ]
 
 
+async def resolve_one(store: Store, enf_id: int, many: bool) -> Resolution:
+    """Through ``resolve`` or, as ResolveEnforcements does, ``resolve_many``."""
+    if not many:
+        return await store.enforcements.resolve(enf_id, "processed")
+    (outcome,) = await store.enforcements.resolve_many([(enf_id, "processed")])
+    assert isinstance(outcome, Resolution)
+    return outcome
+
+
 @pytest.mark.timescale
-async def test_resolving_an_enforcement_in_a_compressed_chunk(store: Store, conn: asyncpg.Connection) -> None:
+@pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
+async def test_resolving_an_enforcement_in_a_compressed_chunk(
+    store: Store, conn: asyncpg.Connection, many: bool
+) -> None:
     await setup_rule(store)
     event_id, enf_id = await insert_old(conn, "10 days")
     compressed = await conn.fetch(
@@ -126,7 +138,7 @@ async def test_resolving_an_enforcement_in_a_compressed_chunk(store: Store, conn
     assert (pending.status, pending.event) == ("created", event_id)
     assert (await store.events.get(event_id)).payload == {"p": 1}
 
-    resolution = await store.enforcements.resolve(enf_id, "processed")
+    resolution = await resolve_one(store, enf_id, many)
     assert resolution.enforcement.status == "processed" and resolution.enforcement.resolved_at is not None
     assert resolution.execution is not None
     assert (resolution.execution.action_ref, resolution.execution.config, resolution.execution.enforcement) == (
@@ -136,7 +148,7 @@ async def test_resolving_an_enforcement_in_a_compressed_chunk(store: Store, conn
     )
     assert (await store.enforcements.get(enf_id)).status == "processed"
     assert await conn.fetchval("SELECT count(*) FROM enforcement_dispatch WHERE enforcement = $1", enf_id) == 0
-    again = await store.enforcements.resolve(enf_id, "processed")
+    again = await resolve_one(store, enf_id, many)
     assert again.replayed is True and again.execution == resolution.execution
 
 

@@ -11,14 +11,16 @@ second read tells a retry (same outcome: answer with the stored rows) from a con
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import datetime
 
 import asyncpg
 
 from services.api import matching
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
 
 from ._db import Repo, guarded
 from ._paging import Where, keyset_query, page_of
@@ -90,6 +92,38 @@ _RESOLVE_DISABLED_DIRECT = f"""
 UPDATE enforcement e SET status = 'disabled', resolved_at = now()
   FROM enforcement_dispatch d
  WHERE d.enforcement = $1 AND e.id = $1 AND e.created = d.enforcement_created AND e.status = 'created'
+RETURNING {_ENFORCEMENT_E}
+"""
+
+# Many resolutions at once (ResolveEnforcements): the statements above, set-wise. What they
+# leave unresolved goes through ``resolve`` one by one, which decides or explains it.
+_RESOLVE_PROCESSED_MANY = f"""
+WITH live_rule AS (
+    SELECT d.enforcement, d.enforcement_created AS created, r.id, r.action_ref
+      FROM enforcement_dispatch d
+      JOIN rule r ON r.ref = d.rule_ref
+     WHERE d.enforcement = ANY($1::bigint[]) AND r.enabled AND r.action_ref IS NOT NULL
+     ORDER BY d.enforcement
+       FOR SHARE OF r
+), resolved AS (
+    UPDATE enforcement e SET status = 'processed', resolved_at = now()
+      FROM live_rule l
+     WHERE e.id = l.enforcement AND e.created = l.created AND e.status = 'created' AND e.rule = l.id
+    RETURNING {_ENFORCEMENT_E}
+), x AS (
+    INSERT INTO execution (action_ref, config, enforcement)
+    SELECT l.action_ref, COALESCE(r.config, '{{}}'::jsonb), r.id
+      FROM resolved r JOIN live_rule l ON l.enforcement = r.id
+    RETURNING {_EXECUTION}
+)
+SELECT r.*, {_EXECUTION_X} FROM resolved r JOIN x ON x.enforcement = r.id
+"""
+
+_RESOLVE_DISABLED_MANY = f"""
+UPDATE enforcement e SET status = 'disabled', resolved_at = now()
+  FROM enforcement_dispatch d
+ WHERE d.enforcement = ANY($1::bigint[]) AND e.id = d.enforcement
+   AND e.created = d.enforcement_created AND e.status = 'created'
 RETURNING {_ENFORCEMENT_E}
 """
 
@@ -256,6 +290,30 @@ class Enforcements(Repo):
                 if row is not None:
                     return Resolution(Enforcement(*row), None)
         return await self._explain_unresolved(id_, status)
+
+    async def resolve_many(self, decisions: Sequence[tuple[int, str]]) -> Sequence[Resolution | DomainError]:
+        """Resolves each (id, 'processed' | 'disabled') as ``resolve`` would, set-wise where it
+        can. Per decision: its Resolution, or the NotFound / FailedPrecondition that ``resolve``
+        would raise. Any other failure (the database is down) fails the whole call; what was
+        resolved before it stays resolved, and a retry answers it as replayed."""
+        done: dict[int, Resolution] = {}
+        for status, sql in (("processed", _RESOLVE_PROCESSED_MANY), ("disabled", _RESOLVE_DISABLED_MANY)):
+            ids = sorted(i for i, s in decisions if s == status)
+            if not ids:
+                continue
+            for row in await self._fetch(sql, ids):
+                enforcement = Enforcement(*list(row.values())[:_N_ENF])
+                done[enforcement.id] = Resolution(enforcement, _execution(row) if status == "processed" else None)
+        out: builtins.list[Resolution | DomainError] = []
+        for id_, status in decisions:
+            if id_ in done:
+                out.append(done[id_])
+                continue
+            try:
+                out.append(await self.resolve(id_, status))
+            except (NotFound, FailedPrecondition) as exc:
+                out.append(exc)
+        return out
 
     async def _explain_unresolved(self, id_: int, status: str) -> Resolution:
         row = await self._fetchrow(_STORED, id_)

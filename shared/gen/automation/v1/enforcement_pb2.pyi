@@ -272,6 +272,131 @@ class ResolveEnforcementResponse(_message.Message):
 Global___ResolveEnforcementResponse: _TypeAlias = ResolveEnforcementResponse  # noqa: Y015
 
 @_typing.final
+class ResolveEnforcementsRequest(_message.Message):
+    """Request of ResolveEnforcements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolveEnforcementRequest]:
+        """The decisions, 1 to 1,000, each id at most once."""
+
+    def __init__(
+        self,
+        *,
+        decisions: _abc.Iterable[Global___ResolveEnforcementRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decisions", b"decisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveEnforcementsRequest: _TypeAlias = ResolveEnforcementsRequest  # noqa: Y015
+
+@_typing.final
+class ResolveEnforcementsResponse(_message.Message):
+    """Response of ResolveEnforcements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ResolutionOutcome]:
+        """One outcome per decision, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___ResolutionOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveEnforcementsResponse: _TypeAlias = ResolveEnforcementsResponse  # noqa: Y015
+
+@_typing.final
+class ResolutionOutcome(_message.Message):
+    """What became of one decision of ResolveEnforcements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EXECUTION_ID_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Id of the enforcement."""
+    status: _common_pb2.EnforcementStatus.ValueType
+    """Its status after the call; unset when the decision failed."""
+    execution_id: _builtins.int
+    """Id of the execution it requested, when PROCESSED."""
+    replayed: _builtins.bool
+    """True when it was already resolved this way (a retry)."""
+    @_builtins.property
+    def error(self) -> Global___ResolutionError:
+        """Why the decision failed; unset when it succeeded."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        status: _common_pb2.EnforcementStatus.ValueType = ...,
+        execution_id: _builtins.int | None = ...,
+        replayed: _builtins.bool = ...,
+        error: Global___ResolutionError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "_execution_id", b"_execution_id", "error", b"error", "execution_id", b"execution_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_error", b"_error", "_execution_id", b"_execution_id", "error", b"error", "execution_id", b"execution_id", "id", b"id", "replayed", b"replayed", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__error: _TypeAlias = _typing.Literal["error"]  # noqa: Y015
+    _WhichOneofArgType__error: _TypeAlias = _typing.Literal["_error", b"_error"]  # noqa: Y015
+    _WhichOneofReturnType__execution_id: _TypeAlias = _typing.Literal["execution_id"]  # noqa: Y015
+    _WhichOneofArgType__execution_id: _TypeAlias = _typing.Literal["_execution_id", b"_execution_id"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error) -> _WhichOneofReturnType__error | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__execution_id) -> _WhichOneofReturnType__execution_id | None: ...
+
+Global___ResolutionOutcome: _TypeAlias = ResolutionOutcome  # noqa: Y015
+
+@_typing.final
+class ResolutionError(_message.Message):
+    """The error ResolveEnforcement would have returned for one decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """Canonical status code (google.rpc.Code), e.g. 5 NOT_FOUND, 9 FAILED_PRECONDITION."""
+    message: _builtins.str
+    """Human-readable message."""
+    reason: _builtins.str
+    """Machine-readable reason (the ErrorInfo reason: ALREADY_RESOLVED, RULE_NOT_ENABLED), if any."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolutionError: _TypeAlias = ResolutionError  # noqa: Y015
+
+@_typing.final
 class ReleaseEnforcementRequest(_message.Message):
     """Request of ReleaseEnforcement."""
 

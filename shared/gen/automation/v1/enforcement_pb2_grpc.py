@@ -56,6 +56,11 @@ class EnforcementServiceStub:
                 request_serializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementRequest.SerializeToString,
                 response_deserializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementResponse.FromString,
                 _registered_method=True)
+        self.ResolveEnforcements = channel.unary_unary(
+                '/automation.v1.EnforcementService/ResolveEnforcements',
+                request_serializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementsRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementsResponse.FromString,
+                _registered_method=True)
         self.ReleaseEnforcement = channel.unary_unary(
                 '/automation.v1.EnforcementService/ReleaseEnforcement',
                 request_serializer=automation_dot_v1_dot_enforcement__pb2.ReleaseEnforcementRequest.SerializeToString,
@@ -114,6 +119,17 @@ class EnforcementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveEnforcements(self, request, context):
+        """Resolves 1 to 1,000 enforcements in one call, each exactly as ResolveEnforcement would
+        and each on its own: one refused does not stop the others, and its outcome carries the
+        error ResolveEnforcement would have returned. Executors send in one call the decisions
+        they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
+        when a decision is malformed or an id appears twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleaseEnforcement(self, request, context):
         """Gives a leased enforcement back undecided (it will be offered again), recording why.
         """
@@ -167,6 +183,11 @@ def add_EnforcementServiceServicer_to_server(servicer, server):
                     servicer.ResolveEnforcement,
                     request_deserializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementRequest.FromString,
                     response_serializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementResponse.SerializeToString,
+            ),
+            'ResolveEnforcements': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveEnforcements,
+                    request_deserializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementsRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementsResponse.SerializeToString,
             ),
             'ReleaseEnforcement': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseEnforcement,
@@ -298,6 +319,33 @@ class EnforcementService:
             '/automation.v1.EnforcementService/ResolveEnforcement',
             automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementRequest.SerializeToString,
             automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveEnforcements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.EnforcementService/ResolveEnforcements',
+            automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementsRequest.SerializeToString,
+            automation_dot_v1_dot_enforcement__pb2.ResolveEnforcementsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,13 @@ class EnforcementServiceStub:
     stored result; a different resolution of a resolved enforcement is FAILED_PRECONDITION.
     PROCESSED is FAILED_PRECONDITION while the rule is disabled or deleted.
     """
+    ResolveEnforcements: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.ResolveEnforcementsRequest, _enforcement_pb2.ResolveEnforcementsResponse]
+    """Resolves 1 to 1,000 enforcements in one call, each exactly as ResolveEnforcement would
+    and each on its own: one refused does not stop the others, and its outcome carries the
+    error ResolveEnforcement would have returned. Executors send in one call the decisions
+    they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
+    when a decision is malformed or an id appears twice.
+    """
     ReleaseEnforcement: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.ReleaseEnforcementRequest, _enforcement_pb2.ReleaseEnforcementResponse]
     """Gives a leased enforcement back undecided (it will be offered again), recording why."""
     WatchEnforcements: _grpc.UnaryStreamMultiCallable[_enforcement_pb2.WatchEnforcementsRequest, _enforcement_pb2.WatchEnforcementsResponse]
@@ -79,6 +86,13 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     action in the same transaction) or DISABLED. A retry of the same resolution returns the
     stored result; a different resolution of a resolved enforcement is FAILED_PRECONDITION.
     PROCESSED is FAILED_PRECONDITION while the rule is disabled or deleted.
+    """
+    ResolveEnforcements: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.ResolveEnforcementsRequest, _enforcement_pb2.ResolveEnforcementsResponse]  # type: ignore[assignment]
+    """Resolves 1 to 1,000 enforcements in one call, each exactly as ResolveEnforcement would
+    and each on its own: one refused does not stop the others, and its outcome carries the
+    error ResolveEnforcement would have returned. Executors send in one call the decisions
+    they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
+    when a decision is malformed or an id appears twice.
     """
     ReleaseEnforcement: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.ReleaseEnforcementRequest, _enforcement_pb2.ReleaseEnforcementResponse]  # type: ignore[assignment]
     """Gives a leased enforcement back undecided (it will be offered again), recording why."""
@@ -132,6 +146,19 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         action in the same transaction) or DISABLED. A retry of the same resolution returns the
         stored result; a different resolution of a resolved enforcement is FAILED_PRECONDITION.
         PROCESSED is FAILED_PRECONDITION while the rule is disabled or deleted.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveEnforcements(
+        self,
+        request: _enforcement_pb2.ResolveEnforcementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enforcement_pb2.ResolveEnforcementsResponse, _abc.Awaitable[_enforcement_pb2.ResolveEnforcementsResponse]]:
+        """Resolves 1 to 1,000 enforcements in one call, each exactly as ResolveEnforcement would
+        and each on its own: one refused does not stop the others, and its outcome carries the
+        error ResolveEnforcement would have returned. Executors send in one call the decisions
+        they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
+        when a decision is malformed or an id appears twice.
         """
 
     @_abc_1.abstractmethod
