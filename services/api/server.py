@@ -169,13 +169,15 @@ class ApiServer:
             was = ok
 
     async def _maintenance_loop(self) -> None:
-        """Marks enforcements that ran out of attempts; forgets old idempotency keys."""
+        """Vacuums the dispatch table, marks enforcements that ran out of attempts, forgets old
+        idempotency keys."""
         assert self.store is not None
         cfg = self.config
         next_purge = 0.0
         loop = asyncio.get_running_loop()
         while not self.shutdown.is_set():
             try:
+                await self.store.dispatch.vacuum()
                 exhausted = await self.store.dispatch.exhaust(cfg.max_attempts)
                 if exhausted:
                     log.error("enforcements out of attempts (see GetDispatchState, RetryEnforcement): %s", exhausted)

@@ -610,3 +610,14 @@ async def test_dispatch_rows_of_enforcements_dropped_without_triggers_are_purged
     assert await store.dispatch.purge_orphans() == [old.id]
     remaining = await conn.fetch("SELECT enforcement FROM enforcement_dispatch ORDER BY 1")
     assert [r["enforcement"] for r in remaining] == [recent.id]
+
+
+async def test_the_dispatch_table_is_vacuumed_on_demand(store: Store, rule: Rule, conn: asyncpg.Connection) -> None:
+    enforcement, _ = await store.enforcements.create(
+        rule_ref=rule.ref, event=None, payload={}, config=None, request_id=None
+    )
+    await store.enforcements.resolve(enforcement.id, "disabled")
+    count_sql = "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'enforcement_dispatch'"
+    before = await conn.fetchval(count_sql)
+    await store.dispatch.vacuum()
+    assert await conn.fetchval(count_sql) == before + 1
