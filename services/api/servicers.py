@@ -20,12 +20,13 @@ from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from services.api import convert, matching
 from services.api._rpc import rpc
 from services.api.dispatcher import Dispatcher
-from services.api.store import NewEvent, Store
+from services.api.store import CreatedEvent, NewEvent, Store
 from services.api.store._paging import page_size
 from services.api.store.history import TABLES as HISTORY_TABLES
 from services.api.store.rules import UPDATABLE
+from shared.batching import Batcher
 from shared.config import ApiConfig
-from shared.errors import DomainError, InvalidArgument, Violations
+from shared.errors import DomainError, InvalidArgument, Unavailable, Violations
 from shared.gen.automation.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,
@@ -130,8 +131,33 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         self._store = store
         self._dispatcher = dispatcher
         self._lease_s = lease_s
+        # Concurrent CreateEvent calls share statements: one goes at once while fewer than
+        # four inserts are in flight; the rest gather and go together when one returns.
+        self._coalescer: Batcher[NewEvent, CreatedEvent | DomainError] = Batcher(
+            self._create_coalesced, max_batch=MAX_BATCH, max_calls=4
+        )
 
-    async def _create(self, new: list[NewEvent], many: bool) -> list[Any]:
+    async def _create_coalesced(self, new: list[NewEvent]) -> list[CreatedEvent | DomainError]:
+        """Stores events of separate CreateEvent calls in one statement. If that fails, each
+        is stored on its own (a statement is atomic: nothing of the failed one was written),
+        so that one bad event fails only its own call, with its own error."""
+        if len(new) > 1:
+            try:
+                return list(await self._create(new, many=True))
+            except Unavailable as exc:
+                # Not about any one event: the database is away for all of them.
+                return [Unavailable(exc.message) for _ in new]
+            except DomainError:
+                pass
+        out: list[CreatedEvent | DomainError] = []
+        for one in new:
+            try:
+                out.extend(await self._create([one], many=False))
+            except DomainError as exc:
+                out.append(exc)
+        return out
+
+    async def _create(self, new: list[NewEvent], many: bool) -> list[CreatedEvent]:
         handoff = self._dispatcher.handoff(self._lease_s)
         try:
             results = await self._store.events.create_many(new, many=many, lease=handoff.reserve)
@@ -164,7 +190,14 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         v = Violations()
         new = _new_event(v, "event", request.event)
         v.raise_if_any()
-        (result,) = await self._create([new], many=False)
+        if new.request_id:
+            # A key is checked against the others of its statement; alone, its errors are its own.
+            (result,) = await self._create([new], many=False)
+        else:
+            outcome = await self._coalescer.submit(new)
+            if isinstance(outcome, DomainError):
+                raise outcome
+            result = outcome
         return _created_event(result)
 
     @rpc

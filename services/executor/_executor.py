@@ -15,12 +15,11 @@ import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 import grpc
 
+from shared.batching import Batcher
 from shared.config import ExecutorConfig
 from shared.gen.automation.v1 import (
     common_pb2,
@@ -32,9 +31,6 @@ from shared.gen.automation.v1 import (
 from shared.runtime import CLIENT_KEEPALIVE
 
 log = logging.getLogger("services.executor")
-
-Req = TypeVar("Req")
-Out = TypeVar("Out")
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED
@@ -243,55 +239,3 @@ class Executor:
                 enforcement_pb2.ReleaseEnforcementRequest(id=id_, executor_id=self.executor_id, error=error),
                 timeout=self.config.rpc_timeout_s,
             )
-
-
-class Batcher(Generic[Req, Out]):
-    """Gathers single requests into batch calls without waiting for a batch to fill.
-
-    A request goes out at once when fewer than ``max_calls`` calls are in flight; otherwise it
-    waits for one to return and leaves with everything that gathered meanwhile. Idle, every
-    decision is its own call (no added latency); under load, calls carry many decisions and
-    the cost of each call is shared.
-    """
-
-    def __init__(
-        self, send: Callable[[list[Req]], Awaitable[list[Out]]], max_batch: int = 500, max_calls: int = 2
-    ) -> None:
-        self._send = send
-        self._max_batch = max_batch
-        self._max_calls = max_calls
-        self._waiting: list[tuple[Req, asyncio.Future[Out]]] = []
-        self._calls: set[asyncio.Task[None]] = set()
-
-    async def submit(self, request: Req) -> Out:
-        future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
-        self._waiting.append((request, future))
-        self._start()
-        return await future
-
-    def _start(self) -> None:
-        while self._waiting and len(self._calls) < self._max_calls:
-            batch, self._waiting = self._waiting[: self._max_batch], self._waiting[self._max_batch :]
-            task = asyncio.create_task(self._call(batch))
-            self._calls.add(task)
-            task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._calls.discard(task)
-        self._start()
-
-    async def _call(self, batch: list[tuple[Req, asyncio.Future[Out]]]) -> None:
-        try:
-            outcomes = await self._send([request for request, _ in batch])
-            if len(outcomes) != len(batch):
-                raise RuntimeError(f"{len(outcomes)} outcomes for {len(batch)} requests")
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if not future.done():
-                future.set_result(outcome)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -10,6 +11,9 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from services.api.dispatcher import Dispatcher
+from services.api.servicers import EventService
+from services.api.store import NewEvent, Store
 from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
 from tests.helpers import field_violations, new_event, rpc_error, rule, struct
@@ -156,6 +160,38 @@ async def test_create_event_targeting_unknown_or_foreign_rule_fails_and_writes_n
     )
     assert "event.rule_ref" in field_violations(err)
     assert await counts(conn) == (0, 0, 0)
+
+
+async def test_concurrent_create_events_each_get_their_own_outcome(stubs: Stubs, conn: asyncpg.Connection) -> None:
+    # Concurrent calls may share one statement: a bad event must fail only its own call.
+    await setup(stubs, "core.webhook", "core.timer")
+    await add_rule(stubs, rule("demo.timer", "core.timer"))
+    good = [new_event("core.webhook", {"i": i}) for i in range(12)]
+    bad = [new_event("core.missing"), new_event("core.webhook", rule_ref="demo.timer")]
+    calls = [create(stubs, e) for e in good[:6] + bad[:1] + good[6:] + bad[1:]]
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    created = [o for o in outcomes if isinstance(o, event_pb2.CreateEventResponse)]
+    failed = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert sorted(int(c.event.payload["i"]) for c in created) == list(range(12))  # type: ignore[arg-type]
+    assert len({c.event.id for c in created}) == 12
+    assert sorted(f.code().name for f in failed) == ["INVALID_ARGUMENT", "NOT_FOUND"]
+    assert any("event.rule_ref" in field_violations(f) for f in failed if f.code() == grpc.StatusCode.INVALID_ARGUMENT)
+    assert await counts(conn) == (12, 0, 0)
+
+
+async def test_coalesced_events_are_stored_together_or_each_with_its_own_error(
+    stubs: Stubs, store: Store, conn: asyncpg.Connection
+) -> None:
+    await setup(stubs, "core.webhook")
+    await add_rule(stubs, rule("demo.a", "core.webhook"))
+    service = EventService(store, Dispatcher("postgresql://unused"), lease_s=15.0)
+    ok = NewEvent("core.webhook", {"n": 1})
+    together = await service._create_coalesced([ok, ok])
+    assert [type(o).__name__ for o in together] == ["CreatedEvent", "CreatedEvent"]
+    mixed = await service._create_coalesced([ok, NewEvent("core.missing", {}), ok])
+    assert [type(o).__name__ for o in mixed] == ["CreatedEvent", "NotFound", "CreatedEvent"]
+    assert "event.trigger_ref" in str(mixed[1])
+    assert await counts(conn) == (4, 4, 0)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""The executor's Batcher: single decisions leave at once when a call slot is free, and
-gather into one call while the slots are busy."""
+"""Batcher: single requests leave at once when a call slot is free, and gather into one call
+while the slots are busy."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from services.executor._executor import Batcher
+from shared.batching import Batcher
 
 
 class Remote:
