@@ -132,9 +132,11 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         self._dispatcher = dispatcher
         self._lease_s = lease_s
         # Concurrent CreateEvent calls share statements: one goes at once while fewer than
-        # four inserts are in flight; the rest gather and go together when one returns.
+        # two inserts are in flight; the rest gather and go together when one returns. Two,
+        # not more: measured on 2 cores, unary ingest at 16 concurrent calls went from 857/s
+        # with four to 1,153/s with two (bigger shared statements, fewer commits).
         self._coalescer: Batcher[NewEvent, CreatedEvent | DomainError] = Batcher(
-            self._create_coalesced, max_batch=MAX_BATCH, max_calls=4
+            self._create_coalesced, max_batch=MAX_BATCH, max_calls=2
         )
 
     async def _create_coalesced(self, new: list[NewEvent]) -> list[CreatedEvent | DomainError]:
