@@ -411,10 +411,16 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         )
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
+        next_poll = loop.time() + cfg.poll_s
         reason = "stream closed"
         try:
             while not self._shutdown.is_set():
                 sub.wake.clear()
+                if loop.time() >= next_poll:
+                    # At least every poll_s, whatever wakes came in between (hand-offs can keep a
+                    # stream awake without a claim): other writers' work, expired leases.
+                    sub.look = True
+                    next_poll = loop.time() + cfg.poll_s
                 if sub.inbox:
                     handed, sub.inbox = sub.inbox, []
                     for d in handed:
@@ -422,6 +428,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 free = sub.free
                 if free > 0 and sub.look:
                     sub.look = False
+                    next_poll = loop.time() + cfg.poll_s
                     deliveries = await self._store.dispatch.claim(
                         executor_id=request.executor_id,
                         token=token,
@@ -455,14 +462,14 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                     continue
                 waits = [asyncio.ensure_future(sub.wake.wait()), asyncio.ensure_future(self._shutdown.wait())]
                 try:
-                    done, _ = await asyncio.wait(
-                        waits, timeout=min(cfg.poll_s, next_beat - now), return_when=asyncio.FIRST_COMPLETED
+                    await asyncio.wait(
+                        waits,
+                        timeout=max(min(next_poll, next_beat) - now, 0.0),
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
                     for w in waits:
                         w.cancel()
-                if not done:
-                    sub.look = True  # the poll: other writers' work, expired leases
             reason = "api shutting down"
         finally:
             self._dispatcher.unsubscribe(sub)

@@ -257,6 +257,44 @@ async def test_new_work_is_handed_to_an_open_stream_leased_by_its_own_insert(
     assert (await state(stubs)).pending == 0
 
 
+async def test_a_stream_kept_busy_by_hand_offs_still_polls_for_other_work(
+    api_config: ApiConfig, watch: Opener, conn: asyncpg.Connection
+) -> None:
+    async with serve(dataclasses.replace(api_config, poll_s=1.0)) as stubs:
+        await _busy_stream_polls(stubs, watch, conn)
+
+
+async def _busy_stream_polls(stubs: Stubs, watch: Opener, conn: asyncpg.Connection) -> None:
+    await setup(stubs)
+    w = watch(stubs, "exec-a", max_in_flight=1000)
+    stop = asyncio.Event()
+
+    async def flood() -> None:
+        # Hand-offs wake the stream far more often than its poll interval (1 s here).
+        while not stop.is_set():
+            await pending(stubs, 1)
+
+    flooding = asyncio.create_task(flood())
+    try:
+        await w.delivered(20)
+        # Work from another writer that announces nothing: only a poll finds it.
+        await conn.execute("SET automation.notify = off")
+        orphan = await conn.fetchval(
+            "INSERT INTO enforcement (rule, rule_ref, trigger_ref) "
+            "SELECT id, ref, trigger_ref FROM rule WHERE ref = 'demo.a' RETURNING id"
+        )
+        enough = len(w.ids) + 800  # a few seconds of hand-offs: several poll intervals
+
+        async def found_or_enough() -> bool:
+            return orphan in w.ids or len(w.ids) >= enough
+
+        await eventually(found_or_enough, timeout=30, what="the orphan or 800 more hand-offs")
+    finally:
+        stop.set()
+        await flooding
+    assert orphan in w.ids
+
+
 async def test_new_work_does_not_overtake_work_waiting_for_credit(stubs: Stubs, watch: Opener) -> None:
     await setup(stubs)
     w = watch(stubs, "exec-a", max_in_flight=1)
