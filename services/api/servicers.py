@@ -168,19 +168,17 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             raise
         fresh = [r for r in results if not r.replayed]
         created = [e for r in fresh for e in r.enforcements]
-        handoff_done = handoff.taken
-        if handoff_done:
-            closed = handoff.deliver(created)
-            if closed is not None:
-                handoff_done = False
-                # The stream closed while the insert ran: give its new leases back now. Best
-                # effort (the lease expiry covers a failure): the events are stored already.
-                with contextlib.suppress(Exception):
-                    await self._store.dispatch.release_stream(closed, "stream closed during hand-off")
-                self._dispatcher.wake(len(created))
-        elif created:
+        handed = handoff.taken
+        closed = handoff.deliver(created)
+        if closed is not None:
+            handed = False
+            # The stream closed while the insert ran: give its new leases back now. Best
+            # effort (the lease expiry covers a failure): the events are stored already.
+            with contextlib.suppress(Exception):
+                await self._store.dispatch.release_stream(closed, "stream closed during hand-off")
+        if created and not handed:
             self._dispatcher.wake(len(created))
-        self._dispatcher.announce([r.event for r in fresh], created, [], leased=handoff_done)
+        self._dispatcher.announce([r.event for r in fresh], created, [], leased=handed)
         return results
 
     @rpc
@@ -438,11 +436,11 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                         rule_refs=request.rule_refs,
                         trigger_refs=request.trigger_refs,
                     )
-                    sub.starved = len(deliveries) == free
+                    full = sub.starved = len(deliveries) == free
                     for d in deliveries:
                         sub.held.add(d.enforcement.id)
                         yield convert.delivery(d)
-                    if len(deliveries) == free:
+                    if full:
                         sub.look = True
                         continue
                 now = loop.time()

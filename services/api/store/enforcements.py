@@ -1,7 +1,7 @@
 """Enforcements: created pending, resolved exactly once.
 
 Resolution is one conditional statement (``... AND status = 'created'``), normally one round
-trip (see ``_RESOLVE_PROCESSED_DIRECT``). For PROCESSED it
+trip (see ``_RESOLVE_PROCESSED_MANY``). For PROCESSED it
 also share-locks the rule and requires it enabled with an action, and inserts the execution
 in the same statement: a rule disabled (or deleted) before the resolution commits can never
 get an execution, and a concurrent disable waits for the resolution instead. The partial
@@ -64,39 +64,11 @@ WITH live_rule AS (
 SELECT r.*, {_EXECUTION_X} FROM resolved r, x
 """
 
-# The same resolution in one round trip, the pending row found through its dispatch row and
-# the rule through the dispatch row's rule_ref (FOR SHARE OF the rule, as above). It changes
-# nothing when the row sits in a compressed chunk (see above), when the rule was renamed, or
-# when there is nothing to resolve: the two-step path then decides.
-_RESOLVE_PROCESSED_DIRECT = f"""
-WITH live_rule AS (
-    SELECT r.id, r.action_ref, d.enforcement_created AS created
-      FROM enforcement_dispatch d
-      JOIN rule r ON r.ref = d.rule_ref
-     WHERE d.enforcement = $1 AND r.enabled AND r.action_ref IS NOT NULL
-       FOR SHARE OF r
-), resolved AS (
-    UPDATE enforcement e SET status = 'processed', resolved_at = now()
-      FROM live_rule l
-     WHERE e.id = $1 AND e.created = l.created AND e.status = 'created' AND e.rule = l.id
-    RETURNING {_ENFORCEMENT_E}
-), x AS (
-    INSERT INTO execution (action_ref, config, enforcement)
-    SELECT l.action_ref, COALESCE(r.config, '{{}}'::jsonb), r.id FROM resolved r, live_rule l
-    RETURNING {_EXECUTION}
-)
-SELECT r.*, {_EXECUTION_X} FROM resolved r, x
-"""
-
-_RESOLVE_DISABLED_DIRECT = f"""
-UPDATE enforcement e SET status = 'disabled', resolved_at = now()
-  FROM enforcement_dispatch d
- WHERE d.enforcement = $1 AND e.id = $1 AND e.created = d.enforcement_created AND e.status = 'created'
-RETURNING {_ENFORCEMENT_E}
-"""
-
-# Many resolutions at once (ResolveEnforcements): the statements above, set-wise. What they
-# leave unresolved goes through ``resolve`` one by one, which decides or explains it.
+# The same resolutions in one round trip, for one id or many (ResolveEnforcements): the
+# pending rows found through their dispatch rows and the rule through the dispatch row's
+# rule_ref (FOR SHARE OF the rule, as above). They change nothing for a row in a compressed
+# chunk (see above), a renamed rule, or a row with nothing to resolve: the two-step path
+# (``_resolve_one``) then decides or explains it.
 _RESOLVE_PROCESSED_MANY = f"""
 WITH live_rule AS (
     SELECT d.enforcement, d.enforcement_created AS created, r.id, r.action_ref
@@ -270,15 +242,14 @@ class Enforcements(Repo):
 
     async def resolve(self, id_: int, status: str) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""
+        (result,) = await self.resolve_many([(id_, status)])
+        if isinstance(result, DomainError):
+            raise result
+        return result
+
+    async def _resolve_one(self, id_: int, status: str) -> Resolution:
+        """The two-step path: looks the pending row up, then updates it by constants."""
         async with guarded(), self._pool.acquire() as conn:
-            if status == "processed":
-                row = await conn.fetchrow(_RESOLVE_PROCESSED_DIRECT, id_)
-                if row is not None:
-                    return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
-            else:
-                row = await conn.fetchrow(_RESOLVE_DISABLED_DIRECT, id_)
-                if row is not None:
-                    return Resolution(Enforcement(*row), None)
             target = await conn.fetchrow(_TARGET, id_)
             if target is not None and status == "processed":
                 if target["rule"] is not None:
@@ -292,9 +263,9 @@ class Enforcements(Repo):
         return await self._explain_unresolved(id_, status)
 
     async def resolve_many(self, decisions: Sequence[tuple[int, str]]) -> Sequence[Resolution | DomainError]:
-        """Resolves each (id, 'processed' | 'disabled') as ``resolve`` would, set-wise where it
-        can. Per decision: its Resolution, or the NotFound / FailedPrecondition that ``resolve``
-        would raise. Any other failure (the database is down) fails the whole call; what was
+        """Resolves each (id, 'processed' | 'disabled'), set-wise where it can, the rest one by
+        one. Per decision: its Resolution, or why it was refused (NotFound, FailedPrecondition).
+        Any other failure (the database is down) fails the whole call; what was
         resolved before it stays resolved, and a retry answers it as replayed."""
         done: dict[int, Resolution] = {}
         for status, sql in (("processed", _RESOLVE_PROCESSED_MANY), ("disabled", _RESOLVE_DISABLED_MANY)):
@@ -310,7 +281,7 @@ class Enforcements(Repo):
                 out.append(done[id_])
                 continue
             try:
-                out.append(await self.resolve(id_, status))
+                out.append(await self._resolve_one(id_, status))
             except (NotFound, FailedPrecondition) as exc:
                 out.append(exc)
         return out
