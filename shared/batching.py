@@ -33,11 +33,15 @@ class Batcher(Generic[Req, Out]):
         self._waiting: list[tuple[Req, asyncio.Future[Out]]] = []
         self._calls: set[asyncio.Task[None]] = set()
 
-    async def submit(self, request: Req) -> Out:
+    def enqueue(self, request: Req) -> asyncio.Future[Out]:
+        """Queues a request (sent now if a call slot is free); the future gets its outcome."""
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         self._start()
-        return await future
+        return future
+
+    async def submit(self, request: Req) -> Out:
+        return await self.enqueue(request)
 
     def _start(self) -> None:
         while self._waiting and len(self._calls) < self._max_calls:

@@ -51,10 +51,9 @@ async def test_idle_requests_leave_at_once_each_in_its_own_call() -> None:
 async def test_requests_made_while_the_slots_are_busy_leave_together() -> None:
     remote = Remote()
     batcher: Batcher[int, str] = Batcher(remote.send, max_calls=1)
-    first = asyncio.create_task(batcher.submit(1))
+    first = batcher.enqueue(1)
     await remote.started(1)
-    rest = [asyncio.create_task(batcher.submit(i)) for i in (2, 3, 4)]
-    await asyncio.sleep(0)  # one turn of the loop: the three submits run up to their wait
+    rest = [batcher.enqueue(i) for i in (2, 3, 4)]
     assert remote.calls == [[1]]
     remote.gates[0].set()
     await remote.started(2)
@@ -80,10 +79,9 @@ async def test_a_failed_call_fails_each_of_its_requests_and_the_next_call_still_
     remote = Remote()
     remote.fail = ConnectionError("api gone")
     batcher: Batcher[int, str] = Batcher(remote.send, max_calls=1)
-    first = asyncio.create_task(batcher.submit(1))
+    first = batcher.enqueue(1)
     await remote.started(1)
-    second = asyncio.create_task(batcher.submit(2))
-    await asyncio.sleep(0)  # one turn of the loop: the submit waits for the busy slot
+    second = batcher.enqueue(2)  # waits for the busy slot
     remote.gates[0].set()
     with pytest.raises(ConnectionError):
         await first
