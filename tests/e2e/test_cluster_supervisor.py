@@ -1,0 +1,286 @@
+"""``./dev up`` survives its children: ``python -m tools.cluster`` restarts a killed executor or api.
+
+The first test runs the cluster as a real process on a fresh test database (so no embedded
+PostgreSQL), with its output in a log file: it kills the children with SIGKILL, reads what the
+cluster says about them, checks that the pipeline still works, and stops it with SIGINT as
+Ctrl-C would. The others drive the Supervisor in this process with small backoffs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from shared.gen.automation.v1 import (
+    common_pb2,
+    enforcement_pb2,
+    enforcement_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    rule_pb2,
+    rule_pb2_grpc,
+)
+from tests.helpers import eventually, new_event, rule
+from tools.cluster import ChildFailed, Supervisor
+from tools.healthcheck import check, wait_serving
+from tools.postgres import free_port
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def children(pid: int) -> dict[int, str]:
+    """The live children of ``pid`` as {pid: module run with -m}.
+
+    Found by scanning /proc for their parent pid: /proc/<pid>/task/*/children is missing on
+    kernels built without CONFIG_PROC_CHILDREN, and psutil is not a dependency.
+    """
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # it exited while we looked
+            continue
+        # The command name in parentheses may itself hold spaces: the fields follow the last ')'.
+        state, ppid = text[text.rindex(")") + 2 :].split()[:2]
+        if int(ppid) == pid and state != "Z" and b"-m" in args:
+            found[int(stat.parent.name)] = args[args.index(b"-m") + 1].decode()
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs one of our services (a reused pid running something else does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        args = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z" and b"services." in args
+
+
+class ClusterRun:
+    """One ``python -m tools.cluster`` process and what it wrote."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, log: Path, target: str) -> None:
+        self.proc = proc
+        self.log = log
+        self.target = target
+        self.seen: set[int] = set()  # every child pid ever seen, to prove none outlives the cluster
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def child(self, module: str) -> int | None:
+        kids = children(self.proc.pid)
+        # A child caught between fork and exec still shows the cluster's own command line.
+        self.seen.update(pid for pid, m in kids.items() if m.startswith("services."))
+        return next((pid for pid, m in kids.items() if m == module), None)
+
+    async def wait_log(self, pattern: str, what: str) -> re.Match[str]:
+        async def found() -> re.Match[str] | None:
+            return re.search(pattern, self.text())
+
+        return await eventually(found, timeout=30, what=what)
+
+    async def wait_child(self, module: str, other_than: int = 0) -> int:
+        async def found() -> int | None:
+            pid = self.child(module)
+            return pid if pid not in (None, other_than) else None
+
+        return await eventually(found, timeout=30, what=f"a running {module} child")
+
+
+async def enforcement_processed(target: str, name: str) -> None:
+    """An event sent now is resolved PROCESSED by the cluster's executor (a fresh channel each
+    time: one that saw the api die may still be waiting out its reconnect backoff)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        events = event_pb2_grpc.EventServiceStub(channel)
+        enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
+        resp = await events.CreateEvent(
+            event_pb2.CreateEventRequest(event=new_event("core.webhook", {"kind": "greet", "name": name}))
+        )
+        (enforcement,) = resp.enforcements
+
+        async def processed() -> bool:
+            e = await enforcements.GetEnforcement(enforcement_pb2.GetEnforcementRequest(id=enforcement.id))
+            return e.status == common_pb2.ENFORCEMENT_STATUS_PROCESSED
+
+        await eventually(processed, timeout=20, what=f"the enforcement of {name!r} to be PROCESSED")
+
+
+async def define_rule(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        rules = rule_pb2_grpc.RuleServiceStub(channel)
+        await rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref="core.webhook")))
+        await rules.CreateRule(
+            rule_pb2.CreateRuleRequest(
+                rule=rule(
+                    "demo.greet",
+                    "core.webhook",
+                    "core.echo",
+                    params={"greeting": "hello {{ event.payload.name }}"},
+                    conditions=[("kind", rule_pb2.CONDITION_OPERATOR_EQUALS, "greet")],
+                )
+            )
+        )
+
+
+async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, tmp_path: Path) -> None:
+    target = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ)
+    env.update(
+        DATABASE_URL=db_url,
+        API_ADDR=target,
+        API_TARGET=target,
+        LOG_LEVEL="INFO",
+        LEASE_SECONDS="2",
+        HEARTBEAT_SECONDS="0.5",
+        DISPATCH_POLL_SECONDS="0.2",
+        SHUTDOWN_GRACE_SECONDS="3",
+        RECONNECT_BACKOFF_MAX_SECONDS="0.5",
+    )
+    log = tmp_path / "cluster.log"
+    # The cluster and its children keep their own descriptors of the log; ours is closed at once.
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tools.cluster", "--executors", "1", env=env, cwd=ROOT, stdout=out, stderr=out
+        )
+    cluster = ClusterRun(proc, log, target)
+    try:
+        await wait_serving(target, timeout=30)
+        banner = await cluster.wait_log(r"executors 1 \((\d+)\)", "the banner")
+        executor = int(banner[1])
+        assert await cluster.wait_child("services.executor") == executor
+        await define_rule(target)
+        await enforcement_processed(target, "before")
+
+        # An executor killed outright (a poison message, say) is restarted; the rest keeps running.
+        os.kill(executor, signal.SIGKILL)
+        restarted = await cluster.wait_log(r"executor-1 restarted \(pid (\d+)\)", "the executor's restart")
+        assert "executor-1 exited with code -9 (signal SIGKILL); restarting in 0.5s (restart #1)" in cluster.text()
+        assert int(restarted[1]) != executor
+        executor = await cluster.wait_child("services.executor", other_than=executor)
+        assert executor == int(restarted[1])
+        await enforcement_processed(target, "after executor restart")
+
+        # The api too; "restarted" is said only once it is SERVING again.
+        api = await cluster.wait_child("services.api")
+        os.kill(api, signal.SIGKILL)
+        restarted = await cluster.wait_log(r"api restarted \(pid (\d+)\)", "the api's restart")
+        assert "api exited with code -9 (signal SIGKILL); restarting in 0.5s (restart #1)" in cluster.text()
+        assert int(restarted[1]) != api
+        assert await check(target, quiet=True)
+        assert await cluster.wait_child("services.api", other_than=api) == int(restarted[1])
+        # The executor lived through it and reconnects by itself.
+        await enforcement_processed(target, "after api restart")
+        assert cluster.child("services.executor") == executor
+
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        text = cluster.text()
+        assert text.count("restarting in") == 2, "no restart during shutdown"
+        assert "cluster stopped" in text
+        assert len(cluster.seen) == 4
+        assert not [pid for pid in cluster.seen if alive(pid)], "a child outlived the cluster"
+    except BaseException:
+        print(cluster.text()[-6000:])
+        raise
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        for pid in cluster.seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+class Restarts:
+    """The supervisor's restart lines, as the test's log capture holds them."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.INFO, logger="cluster")
+        self.caplog = caplog
+
+    def delays(self) -> list[str]:
+        return re.findall(r"restarting in ([\d.]+)s \(restart #\d+\)", "\n".join(self.caplog.messages))
+
+    async def wait_pid(self, n: int) -> int:
+        """The pid of the n-th restart, once it is logged."""
+
+        async def restarted() -> int | None:
+            pids = re.findall(r"restarted \(pid (\d+)\)", "\n".join(self.caplog.messages))
+            return int(pids[n - 1]) if len(pids) >= n else None
+
+        return await eventually(restarted, timeout=20, what=f"restart #{n}")
+
+
+def executors_of_this_process() -> list[int]:
+    return [pid for pid, module in children(os.getpid()).items() if module == "services.executor"]
+
+
+async def test_supervisor_backoff_doubles_up_to_its_cap_and_close_ends_the_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    restarts = Restarts(caplog)
+    # A configuration error: the executor exits with code 2 as soon as it starts, every time.
+    supervisor = Supervisor({**os.environ, "EXECUTOR_MAX_IN_FLIGHT": "0"}, backoff_initial=0.1, backoff_max=0.4)
+    try:
+        await supervisor.start("executor-1", "services.executor")
+        await restarts.wait_pid(4)
+    finally:
+        await supervisor.close()
+    assert restarts.delays()[:4] == ["0.1", "0.2", "0.4", "0.4"]
+    assert "executor-1 exited with code 2; restarting in 0.1s (restart #1)" in caplog.messages
+    assert executors_of_this_process() == []
+
+
+async def test_supervisor_backoff_starts_over_once_a_child_stayed_up(caplog: pytest.LogCaptureFixture) -> None:
+    restarts = Restarts(caplog)
+    # Nothing listens on this target: the executor lives on, reconnecting, until it is killed.
+    env = {**os.environ, "API_TARGET": f"127.0.0.1:{free_port()}", "RECONNECT_BACKOFF_MAX_SECONDS": "0.5"}
+    stable_after = 1.0
+    supervisor = Supervisor(env, backoff_initial=0.1, backoff_max=10, stable_after=stable_after)
+    try:
+        pid = await supervisor.start("executor-1", "services.executor")
+        for n in (1, 2):  # killed right after each start: the delay doubles
+            os.kill(pid, signal.SIGKILL)
+            pid = await restarts.wait_pid(n)
+        assert restarts.delays() == ["0.1", "0.2"]
+        # The point here is a duration: the child must stay up longer than stable_after.
+        await asyncio.sleep(stable_after + 0.2)
+        os.kill(pid, signal.SIGKILL)
+        await restarts.wait_pid(3)
+        assert restarts.delays() == ["0.1", "0.2", "0.1"]
+    finally:
+        await supervisor.close()
+    assert executors_of_this_process() == []
+
+
+async def test_supervisor_first_start_fails_when_the_child_never_gets_ready() -> None:
+    crashing = Supervisor({**os.environ, "EXECUTOR_MAX_IN_FLIGHT": "0"})
+    with pytest.raises(ChildFailed, match=r"executor-1 did not start: exited with code 2"):
+        await crashing.start("executor-1", "services.executor", ready=asyncio.Event().wait)
+    await crashing.close()
+
+    # Running but never SERVING: the check's own timeout decides, and close() still stops it.
+    env = {**os.environ, "API_TARGET": f"127.0.0.1:{free_port()}"}
+    never_ready = Supervisor(env)
+    try:
+        with pytest.raises(ChildFailed, match=r"executor-1 did not start: .* not SERVING after 0.5s"):
+            await never_ready.start(
+                "executor-1", "services.executor", ready=functools.partial(wait_serving, env["API_TARGET"], 0.5)
+            )
+        assert len(executors_of_this_process()) == 1
+    finally:
+        await never_ready.close()
+    assert executors_of_this_process() == []
