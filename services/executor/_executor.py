@@ -3,6 +3,10 @@
 It holds no database connection. Exactly-once does not rest on it: the api resolves with one
 conditional statement, so a duplicate or late decision (after a lease was lost, say) is
 answered as a retry or refused, never applied twice.
+
+One bad enforcement must not take the others down with it: a delivery that does not decode is
+released on its own (its id read from the raw bytes), and whatever goes wrong while one is
+decided releases that one, with the reason, while the stream and the rest carry on.
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ import random
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from shared.batching import Batcher
 from shared.config import ExecutorConfig
@@ -28,13 +35,39 @@ from shared.gen.automation.v1 import (
     rule_pb2,
     rule_pb2_grpc,
 )
+from shared.limits import MAX_MESSAGE_BYTES
 from shared.runtime import CLIENT_KEEPALIVE
+
+from ._salvage import Unsalvageable, salvage_delivery
 
 log = logging.getLogger("services.executor")
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED
+M = TypeVar("M", bound=Message)
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_WATCH = enforcement_pb2.DESCRIPTOR.services_by_name["EnforcementService"].methods_by_name["WatchEnforcements"]
+_WATCH_PATH = f"/{_WATCH.containing_service.full_name}/{_WATCH.name}"
+MAX_RELEASE_ERROR = 500
+"""Characters of the error a release records (the api keeps up to 1,024; the log has the rest)."""
+
+
+def _bounded(text: str, limit: int = MAX_RELEASE_ERROR) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _describe(exc: BaseException) -> str:
+    return _bounded(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
+def _answer(answer: object, kind: type[M], method: str) -> M:
+    """``answer`` as a ``kind``. grpc answers None for a response it could not decode (it
+    only logs why), and an assert would vanish under ``python -O``."""
+    if isinstance(answer, kind):
+        return answer
+    if answer is None:
+        raise ValueError(f"{method}: undecodable answer")
+    raise TypeError(f"{method} answered {type(answer).__name__}, not {kind.__name__}")
 
 
 def default_executor_id() -> str:
@@ -75,9 +108,20 @@ class Executor:
             *CLIENT_KEEPALIVE,
             ("grpc.initial_reconnect_backoff_ms", min(max(int(cfg.backoff_initial_s * 1000), 100), backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", backoff_ms),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         async with grpc.aio.insecure_channel(cfg.target, options=options) as channel:
             self._enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
+            # The stream hands us raw bytes: grpc's own decoding would turn an undecodable
+            # message into a bare None, losing the bytes that say which enforcement it was.
+            self._watch: grpc.aio.UnaryStreamMultiCallable[enforcement_pb2.WatchEnforcementsRequest, bytes] = (
+                channel.unary_stream(
+                    _WATCH_PATH,
+                    request_serializer=enforcement_pb2.WatchEnforcementsRequest.SerializeToString,
+                    response_deserializer=None,
+                )
+            )
             self._rule_stub = rule_pb2_grpc.RuleServiceStub(channel)
             delay = cfg.backoff_initial_s
             while not self._stopping.is_set():
@@ -97,19 +141,22 @@ class Executor:
         request = enforcement_pb2.WatchEnforcementsRequest(
             executor_id=self.executor_id, max_in_flight=self.config.max_in_flight
         )
-        call = self._enforcements.WatchEnforcements(request)
+        call = self._watch(request)
         stopper = asyncio.ensure_future(self._stopping.wait())
         stopper.add_done_callback(lambda _f: call.cancel())
         got_any = False
         try:
             log.info("watching enforcements on %s as %s", self.config.target, self.executor_id)
-            async for message in call:
+            async for raw in call:
                 got_any = True
                 self._touch_health_file()
+                try:
+                    message = enforcement_pb2.WatchEnforcementsResponse.FromString(raw)
+                except Exception as exc:  # noqa: BLE001 - what the decoder refuses costs one message, not the stream
+                    self._undecodable(raw, exc)
+                    continue
                 if message.HasField("delivery"):
-                    task = asyncio.create_task(self._handle(message.delivery))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._spawn(self._handle(message.delivery))
             log.info("watch stream ended by the api")
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED or not self._stopping.is_set():
@@ -120,6 +167,38 @@ class Executor:
         finally:
             stopper.cancel()
         return got_any
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # _handle catches everything itself; this is the net under that net, so that nothing
+        # a task raises is lost unseen.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("enforcement task failed unexpectedly", exc_info=exc)
+
+    def _undecodable(self, raw: bytes, exc: Exception) -> None:
+        """Releases the enforcement of a watch message that does not decode, if its id can be
+        read: the api charges that one an attempt and, after the last, marks it exhausted for
+        an operator. Without an id the lease runs out on its own."""
+        reason = _describe(exc)
+        try:
+            found = salvage_delivery(raw)
+        except Unsalvageable as why:
+            log.warning("dropped an undecodable watch message (%d bytes, %s): %s", len(raw), reason, why)
+            return
+        log.warning(
+            "enforcement %d (rule %r, attempt %d): undecodable delivery (%d bytes, %s); releasing it",
+            found.id,
+            found.rule_ref or "?",
+            found.attempt,
+            len(raw),
+            reason,
+        )
+        self._spawn(self._give_back(found.id, _bounded(f"undecodable delivery: {reason}")))
 
     def _touch_health_file(self) -> None:
         """Marks the stream alive for container health checks (at most once a second)."""
@@ -149,13 +228,13 @@ class Executor:
         if cached and now - cached[0] < self.config.rule_cache_s:
             return cached[1]
         try:
-            rule = await self._call(self._rule_stub.GetRule, rule_pb2.GetRuleRequest(id=rule_id))
-            assert isinstance(rule, rule_pb2.Rule)
+            answer = await self._call(self._rule_stub.GetRule, rule_pb2.GetRuleRequest(id=rule_id))
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 self._rules.pop(rule_id, None)
                 return None
             raise
+        rule = _answer(answer, rule_pb2.Rule, "GetRule")
         # Only enabled rules are cached: a stale "enabled" costs one refused PROCESSED (the
         # api re-checks at commit), while a stale "disabled" would be a wrong decision.
         if rule.enabled:
@@ -193,9 +272,8 @@ class Executor:
         self, batch: list[enforcement_pb2.ResolveEnforcementRequest]
     ) -> list[enforcement_pb2.ResolutionOutcome]:
         request = enforcement_pb2.ResolveEnforcementsRequest(decisions=batch)
-        response = await self._call(self._enforcements.ResolveEnforcements, request)
-        assert isinstance(response, enforcement_pb2.ResolveEnforcementsResponse)
-        return list(response.outcomes)
+        answer = await self._call(self._enforcements.ResolveEnforcements, request)
+        return list(_answer(answer, enforcement_pb2.ResolveEnforcementsResponse, "ResolveEnforcements").outcomes)
 
     async def _resolve(self, id_: int, decision: Decision) -> enforcement_pb2.ResolutionOutcome:
         return await self._decisions.submit(
@@ -228,12 +306,21 @@ class Executor:
             retry = " (already resolved so)" if outcome.replayed else ""
             log.info("enforcement %d %s%s%s: %s", id_, status, extra, retry, decision.reason)
         except grpc.aio.AioRpcError as exc:
-            await self._release(id_, f"{exc.code().name}: {exc.details()}")
+            await self._release(id_, _bounded(f"{exc.code().name}: {exc.details()}"))
+        except Exception as exc:
+            # Not a transport failure but a surprise (a bug, an answer we cannot use). It must
+            # not reach the other enforcements: this one is released, with the gist for the
+            # api and the traceback for the log, once.
+            log.warning("enforcement %d: %s while handling it; releasing it", id_, type(exc).__name__, exc_info=True)
+            await self._give_back(id_, _describe(exc))
 
     async def _release(self, id_: int, error: str) -> None:
         """Gives an enforcement back so another attempt comes soon; if even that fails, the
         lease expires."""
         log.warning("enforcement %d not resolved: %s", id_, error)
+        await self._give_back(id_, error)
+
+    async def _give_back(self, id_: int, error: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._enforcements.ReleaseEnforcement(
                 enforcement_pb2.ReleaseEnforcementRequest(id=id_, executor_id=self.executor_id, error=error),
