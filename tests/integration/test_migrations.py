@@ -46,7 +46,7 @@ def _copy_with(tmp_path: Path, extra: dict[str, str]) -> Path:
 async def test_applies_every_migration_to_an_empty_database(empty_db_url: str) -> None:
     applied = await migrate.migrate_url(empty_db_url)
     assert [m.version for m in applied] == [m.version for m in ALL]
-    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6]
+    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6, 7]
     assert await _rows(empty_db_url) == [(m.version, m.name, m.checksum) for m in ALL]
     assert await _fetchval(empty_db_url, "SELECT to_regclass('enforcement') IS NOT NULL") is True
 
@@ -202,6 +202,7 @@ async def _columns(conn: asyncpg.Connection, relation: str) -> dict[str, tuple[s
         "schema_migrations",
         "enforcement_dispatch",
         "ingest_request",
+        "api_secret",
     ],
 )
 async def test_table_exists(conn: asyncpg.Connection, table: str) -> None:
@@ -210,6 +211,18 @@ async def test_table_exists(conn: asyncpg.Connection, table: str) -> None:
 
 async def test_schema_migrations_columns(conn: asyncpg.Connection) -> None:
     assert list(await _columns(conn, "schema_migrations")) == ["version", "name", "checksum", "applied_at"]
+
+
+async def test_api_secret_columns_and_key_length(conn: asyncpg.Connection) -> None:
+    assert await _columns(conn, "api_secret") == {
+        "name": ("text", False),
+        "value": ("bytea", False),
+        "created": ("timestamp with time zone", False),
+    }
+    # The migration leaves it empty: the api creates its key on first need.
+    assert await conn.fetchval("SELECT count(*) FROM api_secret") == 0
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute("INSERT INTO api_secret (name, value) VALUES ('short', $1)", bytes(31))
 
 
 async def test_event_has_no_updated_column(conn: asyncpg.Connection) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncpg
 
 from ._db import create_pool, translate
+from ._secret import SharedKey
 from .analytics import Analytics
 from .dispatch import Dispatch
 from .enforcements import Enforcements
@@ -61,12 +62,15 @@ class Store:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self.rules = Rules(pool)
-        self.events = Events(pool)
-        self.enforcements = Enforcements(pool)
+        # One key signs the page tokens of every list; it is read from the database, where
+        # every replica finds the same one, on the first list call.
+        keys = SharedKey(pool)
+        self.rules = Rules(pool, keys)
+        self.events = Events(pool, keys)
+        self.enforcements = Enforcements(pool, keys)
         self.dispatch = Dispatch(pool)
-        self.executions = Executions(pool)
-        self.history = History(pool)
+        self.executions = Executions(pool, keys)
+        self.history = History(pool, keys)
         self.analytics = Analytics(pool)
 
     async def ping(self) -> None:

@@ -1,27 +1,70 @@
-"""Keyset pagination on (created, id), newest first, with filters composed from fixed SQL.
+"""Keyset pagination on (created, id), newest first, with filters composed from fixed SQL, and
+the signed page tokens that carry a list from one page to the next.
 
 The WHERE clause is assembled only from constant fragments chosen by which filters are set;
-every value is a bound parameter. The page token is opaque to callers: base64 of the last
-row's (created in microseconds, id).
+every value is a bound parameter.
+
+A page token is opaque to callers and valid only where it came from: the same list with the
+same filters. That *scope* is derived here, in ``Paged._page``, from the list's SELECT (which
+names the table) and every filter fragment with its bound value, taken before the cursor
+condition joins them: no repository states what to bind, so none can forget a filter. The
+token is urlsafe base64, without padding, of 41 bytes::
+
+    version (1) | created, microseconds since the epoch (int64) | id (uint64)
+    | scope digest: SHA-256(scope)[:8] | tag: HMAC-SHA256(key, the first 25 bytes + scope)[:16]
+
+keyed by the secret that every api replica shares and that survives restarts (``_secret.py``).
+The tag decides; the digest only tells a token of another list or other filters from a forged
+or altered one, so that the error can say which.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Sequence
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
+import asyncpg
+
+from shared import limits
 from shared.errors import InvalidArgument
+from shared.limits import MAX_PAGE_TOKEN
 
+from ._db import Repo
 from .types import Page
 
 T = TypeVar("T")
 
+Cursor = tuple[datetime, int]
+"""The (created, id) of the last row of a page: the next page starts below it."""
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = limits.DEFAULT_PAGE_SIZE
+MAX_PAGE_SIZE = limits.MAX_PAGE_SIZE
+
+_VERSION = 1
+# Tokens of encode_token: bound to no scope, so accepted only by a signer of this process's
+# own key (see LOCAL), never by one of the shared key the api serves with.
+_LOCAL_VERSION = 0
+_HEAD = struct.Struct(">BqQ8s")
+_TAG_BYTES = 16
+_TOKEN_BYTES = _HEAD.size + _TAG_BYTES
+_MIN_KEY_BYTES = 32
+_URLSAFE = re.compile(r"[A-Za-z0-9_-]*")
+
+_RESTART = "start again without a page_token"
+_FOREIGN = f"was not issued by this list with these filters; {_RESTART}, or send the filters it was issued with"
+_NOT_OURS = f"is not a page token issued by this api (it is malformed or was altered); {_RESTART}"
+_TOO_LONG = f"is longer than the {MAX_PAGE_TOKEN} characters of any page token; {_RESTART}"
 
 
 def page_size(requested: int) -> int:
@@ -29,23 +72,6 @@ def page_size(requested: int) -> int:
     if requested < 0:
         raise InvalidArgument.one("page_size", f"must not be negative (got {requested})")
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-
-
-def encode_token(created: datetime, id_: int) -> str:
-    micros = (created - _EPOCH) // timedelta(microseconds=1)
-    return base64.urlsafe_b64encode(f"{micros}:{id_}".encode()).decode().rstrip("=")
-
-
-def decode_token(token: str) -> tuple[datetime, int]:
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        micros, id_text = raw.split(":")
-        id_ = int(id_text)
-        if not 0 < id_ < 2**63:
-            raise ValueError("id out of range")
-        return _EPOCH + timedelta(microseconds=int(micros)), id_
-    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument.one("page_token", "is not a token returned by this list") from None
 
 
 class Where:
@@ -67,21 +93,211 @@ class Where:
         return ("WHERE " + " AND ".join(self.parts)) if self.parts else ""
 
 
+# ---- scope ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a token is bound to: a list query and its filters, as canonical bytes."""
+
+    text: bytes
+    digest: bytes
+
+    @classmethod
+    def of(cls, select: str, where: Where, time_column: str = "created") -> Scope:
+        # JSON because its escaping is unambiguous: no two different filter sets (whatever
+        # text a caller puts in a value) serialise to the same bytes.
+        text = json.dumps(
+            [select, time_column, where.parts, [_canonical(v) for v in where.args]],
+            ensure_ascii=True,
+            separators=(",", ":"),
+        ).encode()
+        return cls(text, hashlib.sha256(text).digest()[:8])
+
+
+def _canonical(value: Any) -> Any:
+    """A filter value as JSON that is the same for equal values on every replica."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # before int: bool is one
+        return ["bool", value]
+    if isinstance(value, int):
+        return ["int", value]
+    if isinstance(value, str):
+        return ["str", value]
+    if isinstance(value, datetime):
+        # The same instant in any time zone is the same filter.
+        if value.tzinfo is not None:
+            return ["at", (value - _EPOCH) // timedelta(microseconds=1)]
+        return ["naive", value.isoformat()]
+    if isinstance(value, bytes):
+        return ["bytes", value.hex()]
+    if isinstance(value, list | tuple):
+        return ["list", [_canonical(v) for v in value]]
+    # Failing loudly beats a scope that differs between replicas (a repr with an address).
+    raise TypeError(f"a page token cannot be bound to a filter value of type {type(value).__name__}")
+
+
+# ---- tokens -----------------------------------------------------------------------------------
+
+
+def _invalid(why: str) -> InvalidArgument:
+    return InvalidArgument.one("page_token", why)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _micros(created: datetime) -> int:
+    return (created - _EPOCH) // timedelta(microseconds=1)
+
+
+def _tag(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, hashlib.sha256).digest()[:_TAG_BYTES]
+
+
+def _seal(key: bytes, version: int, created: datetime, id_: int, scope: Scope | None) -> str:
+    if not 0 < id_ < 2**63:
+        raise ValueError(f"a cursor's id is positive and below 2**63 (got {id_})")
+    head = _HEAD.pack(version, _micros(created), id_, scope.digest if scope else bytes(8))
+    return _b64(head + _tag(key, head + (scope.text if scope else b"")))
+
+
+def _open(token: str) -> tuple[bytes, int, int, int, bytes, bytes]:
+    """Splits a token into (head, version, micros, id, digest, tag); checks only its form."""
+    if len(token) > MAX_PAGE_TOKEN:
+        raise _invalid(_TOO_LONG)
+    if not _URLSAFE.fullmatch(token):
+        raise _invalid(_NOT_OURS)
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise _invalid(_NOT_OURS) from None
+    # Re-encoding catches a changed final character whose low bits base64 ignores: the token
+    # must be the one string that encodes these bytes.
+    if len(raw) != _TOKEN_BYTES or _b64(raw) != token:
+        raise _invalid(_NOT_OURS)
+    head, tag = raw[: _HEAD.size], raw[_HEAD.size :]
+    version, micros, id_, digest = _HEAD.unpack(head)
+    return head, version, micros, id_, digest, tag
+
+
+class Signer:
+    """Issues and checks page tokens with one key."""
+
+    def __init__(self, key: bytes, *, local: bool = False) -> None:
+        if len(key) < _MIN_KEY_BYTES:
+            raise ValueError(f"a page-token key has at least {_MIN_KEY_BYTES} bytes (got {len(key)})")
+        self._key = key
+        self._local = local
+
+    def encode(self, scope: Scope, cursor: Cursor) -> str:
+        """The token of the page that starts below ``cursor`` in ``scope``."""
+        return _seal(self._key, _VERSION, cursor[0], cursor[1], scope)
+
+    def decode(self, scope: Scope, token: str) -> Cursor:
+        """The cursor of ``token``; INVALID_ARGUMENT on page_token unless this signer issued it
+        for ``scope``. The message never quotes the token."""
+        head, version, micros, id_, digest, tag = _open(token)
+        if version == _VERSION:
+            if not hmac.compare_digest(digest, scope.digest):
+                raise _invalid(_FOREIGN)
+            bound = scope.text
+        elif version == _LOCAL_VERSION and self._local:
+            bound = b""
+        else:
+            raise _invalid(_NOT_OURS)
+        if not hmac.compare_digest(tag, _tag(self._key, head + bound)):
+            raise _invalid(_NOT_OURS)
+        try:
+            created = _EPOCH + timedelta(microseconds=micros)
+        except OverflowError:
+            raise _invalid(_NOT_OURS) from None
+        if not 0 < id_ < 2**63:
+            raise _invalid(_NOT_OURS)
+        return created, id_
+
+
+_LOCAL_KEY = secrets.token_bytes(32)
+LOCAL = Signer(_LOCAL_KEY, local=True)
+"""The signer of repositories built without a Store (tools that capture a list's SQL): its key
+exists only in this process, so none of its tokens is valid anywhere else."""
+
+
+def encode_token(created: datetime, id_: int) -> str:
+    """A token of the page below (created, id_) in any list, for code in this process that
+    composes list queries itself (``tools.bench.capture``, the EXPLAIN test). Only LOCAL
+    accepts it; the api's lists refuse it."""
+    return _seal(_LOCAL_KEY, _LOCAL_VERSION, created, id_, None)
+
+
+class Keys(Protocol):
+    """Where a repository gets the signer of its page tokens."""
+
+    async def signer(self) -> Signer: ...
+
+
+class _LocalKeys:
+    async def signer(self) -> Signer:
+        return LOCAL
+
+
+# ---- queries and pages ------------------------------------------------------------------------
+
+
 def keyset_query(
-    select: str, where: Where, token: str, size: int, time_column: str = "created"
+    select: str, where: Where, cursor: Cursor | None, size: int, time_column: str = "created"
 ) -> tuple[str, Sequence[Any]]:
     """Completes a list query: the cursor condition, newest-first order and LIMIT size+1."""
-    if token:
-        created, id_ = decode_token(token)
-        where.add(f"({time_column}, id) < ({{}}, {{}})", created, id_)
+    if cursor is not None:
+        where.add(f"({time_column}, id) < ({{}}, {{}})", *cursor)
     limit = where.param(size + 1)
     return f"{select} {where.sql()} ORDER BY {time_column} DESC, id DESC LIMIT {limit}", where.args
 
 
-def page_of(items: list[T], size: int, time_attr: str = "created") -> Page[T]:
-    """Cuts the size+1 fetched rows to a page and derives the next token from its last row."""
+def page_of(items: list[T], size: int, token_after: Callable[[T], str]) -> Page[T]:
+    """Cuts the size+1 fetched rows to a page; its next token points below its last row."""
     if len(items) <= size:
-        return Page(items, "")
+        return Page(items, "", token_after)
     items = items[:size]
-    last = items[-1]
-    return Page(items, encode_token(getattr(last, time_attr), getattr(last, "id")))  # noqa: B009
+    return Page(items, token_after(items[-1]), token_after)
+
+
+class Paged(Repo):
+    """A repository with list methods.
+
+    The Store hands every such repository the signer of the api's shared key. Built on its own
+    (``tools.bench.capture``), a repository signs with LOCAL, valid in this process only.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
+        super().__init__(pool)
+        self._keys: Keys = keys or _LocalKeys()
+
+    async def _page(
+        self,
+        select: str,
+        where: Where,
+        token: str,
+        size: int,
+        row: Callable[..., T],
+        time_column: str = "created",
+    ) -> Page[T]:
+        """One page of ``select`` filtered by ``where``, below the cursor of ``token``.
+
+        ``time_column`` is also the attribute of ``row`` that holds it.
+        """
+        # The signer first, even for a first page: a page must be able to mint the tokens of
+        # Page.cut without I/O. After the first call of this api it is cached.
+        signer = await self._keys.signer()
+        # Taken before the cursor joins the filters: the filters are what the token is bound to.
+        scope = Scope.of(select, where, time_column)
+        cursor = signer.decode(scope, token) if token else None
+        sql, args = keyset_query(select, where, cursor, size, time_column)
+        rows = [row(*r) for r in await self._fetch(sql, *args)]
+
+        def token_after(item: T) -> str:
+            return signer.encode(scope, (getattr(item, time_column), getattr(item, "id")))  # noqa: B009
+
+        return page_of(rows, size, token_after)

@@ -6,14 +6,13 @@ from datetime import datetime
 
 from shared.errors import NotFound
 
-from ._db import Repo
-from ._paging import Where, keyset_query, page_of
+from ._paging import Paged, Where
 from .types import Execution, Page, columns
 
 _EXECUTION = columns(Execution)
 
 
-class Executions(Repo):
+class Executions(Paged):
     """Reads executions."""
 
     async def get(self, id_: int) -> Execution:
@@ -44,5 +43,4 @@ class Executions(Repo):
             where.add("created >= {}", created_from)
         if created_to is not None:
             where.add("created < {}", created_to)
-        sql, args = keyset_query(f"SELECT {_EXECUTION} FROM execution", where, token, size)
-        return page_of([Execution(*r) for r in await self._fetch(sql, *args)], size)
+        return await self._page(f"SELECT {_EXECUTION} FROM execution", where, token, size, Execution)

@@ -6,8 +6,7 @@ from datetime import datetime
 
 from shared.errors import InvalidArgument
 
-from ._db import Repo
-from ._paging import Where, keyset_query, page_of
+from ._paging import Paged, Where
 from .types import HistoryRecord, Page, columns
 
 # The entity types that have history, and their tables. Events never change and an
@@ -16,7 +15,7 @@ TABLES = {"execution": "execution_history", "worker": "worker_history"}
 _RECORD = columns(HistoryRecord)
 
 
-class History(Repo):
+class History(Paged):
     """Reads history records."""
 
     async def list(
@@ -47,5 +46,4 @@ class History(Repo):
             where.add("time >= {}", time_from)
         if time_to is not None:
             where.add("time < {}", time_to)
-        sql, args = keyset_query(f"SELECT {_RECORD} FROM {table}", where, token, size, time_column="time")
-        return page_of([HistoryRecord(*r) for r in await self._fetch(sql, *args)], size, time_attr="time")
+        return await self._page(f"SELECT {_RECORD} FROM {table}", where, token, size, HistoryRecord, "time")

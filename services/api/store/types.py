@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
@@ -196,3 +197,19 @@ class Page(Generic[T]):
 
     items: list[T]
     next_token: str
+    token_after: Callable[[T], str] | None = field(default=None, repr=False, compare=False)
+    """The token of the page that continues after a given item, bound and signed as next_token
+    is (set by the list that built the page)."""
+
+    def cut(self, n: int) -> Page[T]:
+        """The first ``n`` items, with the token of the page that continues right after them.
+
+        For a caller that must stop a page short (the servicer, when the answer would exceed its
+        byte budget): asked with that token, the list goes on from item ``n``.
+        """
+        if not 1 <= n < len(self.items):
+            raise ValueError(f"a page of {len(self.items)} items cuts to 1 .. {len(self.items) - 1} items, not {n}")
+        if self.token_after is None:
+            raise ValueError("this page was not built by a list, so it cannot issue a token to cut it with")
+        kept = self.items[:n]
+        return Page(kept, self.token_after(kept[-1]), self.token_after)
