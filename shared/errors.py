@@ -14,7 +14,33 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from shared.limits import MAX_ECHO, MAX_ERROR_MESSAGE, MAX_VIOLATIONS
+
 DOMAIN = "automation.v1"
+# With MAX_VIOLATIONS and MAX_ERROR_MESSAGE, a status stays under ~6 KiB of trailing metadata,
+# below the 8 KiB a default gRPC client accepts.
+_MAX_FIELD = 120
+_MAX_DESCRIPTION = 200
+
+
+def brief(value: object, limit: int = MAX_ECHO) -> str:
+    """A caller's value as an error message may quote it: repr, ASCII only (NUL, control and
+    non-ASCII characters escaped), at most ``limit`` characters, with the full length named when
+    cut. Messages travel in metadata, where an echoed 5,000-character input would not fit."""
+    text = ascii(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:limit]}...{size}"
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, everything but printable ASCII escaped: control
+    characters break logs, and in the ``grpc-message`` header every other byte costs three."""
+    if len(text) <= limit and text.isascii() and text.isprintable():
+        return text
+    safe = "".join(c if c.isascii() and c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
 
 
 class DomainError(Exception):
@@ -24,7 +50,7 @@ class DomainError(Exception):
     reason: str = "INTERNAL"
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip())
+        super().__init__(clip(message or (self.__doc__ or "").strip(), MAX_ERROR_MESSAGE))
 
     @property
     def message(self) -> str:
@@ -71,8 +97,13 @@ class InvalidArgument(DomainError):
     reason = "INVALID_ARGUMENT"
 
     def __init__(self, violations: Sequence[tuple[str, str]]) -> None:
-        self.violations = list(violations)
-        super().__init__("; ".join(f"{field}: {why}" for field, why in self.violations))
+        # Bounded, so that the status (message and BadRequest detail) always fits the metadata
+        # a client accepts, however many fields a request got wrong.
+        items = [(clip(f, _MAX_FIELD), clip(d, _MAX_DESCRIPTION)) for f, d in violations[:MAX_VIOLATIONS]]
+        if len(violations) > MAX_VIOLATIONS:
+            items.append(("", f"and {len(violations) - MAX_VIOLATIONS} more violations"))
+        self.violations = items
+        super().__init__("; ".join(f"{field}: {why}" if field else why for field, why in self.violations))
 
     @classmethod
     def one(cls, field: str, description: str) -> InvalidArgument:

@@ -21,14 +21,60 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
+
+from shared import limits
 
 OPERATORS = frozenset({"equals", "not_equals", "contains"})
 _MISSING = object()
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*)\s*\}\}")
 _WHOLE = re.compile(r"^\s*\{\{\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*)\s*\}\}\s*$")
-_FIELD = re.compile(r"^[^.\s]+(\.[^.\s]+)*$")
+_FIELD = re.compile(r"[^.\s]+(\.[^.\s]+)*")
+
+
+class RenderTooLarge(Exception):
+    """Rendering would produce more text than the event's budget allows."""
+
+
+def path_problem(path: str) -> str | None:
+    """Why a dot path (a condition's field, a template's path) is refused, or None."""
+    if len(path) > limits.MAX_FIELD_PATH:
+        return f"must be at most {limits.MAX_FIELD_PATH} characters, got {len(path)}"
+    if not _FIELD.fullmatch(path):
+        return "must be a dot path such as body.action"
+    if path.count(".") + 1 > limits.MAX_FIELD_SEGMENTS:
+        return f"may have at most {limits.MAX_FIELD_SEGMENTS} segments"
+    return None
+
+
+def templates(value: Any) -> Iterator[str]:
+    """The paths of every template inside a JSON value (keys are never rendered)."""
+    if isinstance(value, str):
+        if "{{" in value:
+            for m in _TEMPLATE.finditer(value):
+                yield m.group(1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from templates(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from templates(item)
+
+
+def template_violations(action_params: Any, field_name: str) -> list[tuple[str, str]]:
+    """Problems of a rule's templates: too many, or paths too long (matching cost is bounded
+    by construction: every path is walked once per event)."""
+    paths = list(templates(action_params))
+    problems = []
+    if len(paths) > limits.MAX_TEMPLATES:
+        problems.append((field_name, f"may hold at most {limits.MAX_TEMPLATES} templates, got {len(paths)}"))
+    for path in paths:
+        why = path_problem(path)
+        if why:
+            problems.append((field_name, f"template {{{{ {path[:40]} }}}}: {why}"))
+            break
+    return problems
 
 
 def condition_violations(conditions: Sequence[Any], field_name: str = "rule.conditions") -> list[tuple[str, str]]:
@@ -43,8 +89,9 @@ def condition_violations(conditions: Sequence[Any], field_name: str = "rule.cond
         if unknown:
             problems.append((where, f"unknown keys {sorted(unknown)}"))
         fld = cond.get("field")
-        if not isinstance(fld, str) or not _FIELD.match(fld):
-            problems.append((f"{where}.field", "must be a dot path such as body.action"))
+        why = path_problem(fld) if isinstance(fld, str) else "must be a dot path such as body.action"
+        if why:
+            problems.append((f"{where}.field", why))
         op = cond.get("operator")
         if op not in OPERATORS:
             problems.append((f"{where}.operator", f"must be one of {sorted(OPERATORS)}, got {op!r}"))
@@ -78,8 +125,51 @@ def _json_equal(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _holds(cond: Mapping[str, Any], payload: Mapping[str, Any]) -> bool:
-    actual = lookup(payload, cond["field"])
+def _scalar_key(value: Any) -> tuple[str, Any] | None:
+    """A hashable key with JSON equality (1 == 1.0, but true != 1), or None for containers."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", float(value))
+    if isinstance(value, str):
+        return ("s", value)
+    if value is None:
+        return ("z", None)
+    return None
+
+
+class Facts:
+    """One event's payload as conditions see it: every path is looked up once, and a list that
+    a ``contains`` condition searches is indexed once, however many rules ask."""
+
+    __slots__ = ("_at", "_index", "payload")
+
+    def __init__(self, payload: Mapping[str, Any]) -> None:
+        self.payload = payload
+        self._at: dict[str, Any] = {}
+        self._index: dict[int, tuple[list[Any], frozenset[tuple[str, Any]], list[Any]]] = {}
+
+    def at(self, path: str) -> Any:
+        try:
+            return self._at[path]
+        except KeyError:
+            found = self._at[path] = lookup(self.payload, path)
+            return found
+
+    def list_contains(self, items: list[Any], expected: Any) -> bool:
+        known = self._index.get(id(items))
+        if known is None:
+            scalars = frozenset(k for k in map(_scalar_key, items) if k is not None)
+            containers = [item for item in items if isinstance(item, (dict, list))]
+            known = self._index[id(items)] = (items, scalars, containers)
+        key = _scalar_key(expected)
+        if key is not None:
+            return key in known[1]
+        return any(_json_equal(item, expected) for item in known[2])
+
+
+def _holds(cond: Mapping[str, Any], facts: Facts) -> bool:
+    actual = facts.at(cond["field"])
     expected = cond["value"]
     op = cond["operator"]
     if op == "equals":
@@ -89,17 +179,19 @@ def _holds(cond: Mapping[str, Any], payload: Mapping[str, Any]) -> bool:
     if isinstance(actual, str):
         return isinstance(expected, str) and expected in actual
     if isinstance(actual, list):
-        return any(_json_equal(item, expected) for item in actual)
+        return facts.list_contains(actual, expected)
     if isinstance(actual, dict):
         return isinstance(expected, str) and expected in actual
     return False
 
 
-def matches(conditions: Sequence[Mapping[str, Any]], condition: str, payload: Mapping[str, Any]) -> bool:
-    """Whether a payload satisfies a (valid) condition list combined with ``all`` or ``any``."""
+def matches(conditions: Sequence[Mapping[str, Any]], condition: str, payload: Mapping[str, Any] | Facts) -> bool:
+    """Whether a payload satisfies a (valid) condition list combined with ``all`` or ``any``.
+    Give ``Facts`` when several rules look at the same payload."""
     if not conditions:
         return True
-    results = (_holds(c, payload) for c in conditions)
+    facts = payload if isinstance(payload, Facts) else Facts(payload)
+    results = (_holds(c, facts) for c in conditions)
     return any(results) if condition == "any" else all(results)
 
 
@@ -113,8 +205,43 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def render(value: Any, context: Mapping[str, Any]) -> Any:
-    """Renders every template string inside a JSON value against ``context``."""
+class Budget:
+    """Text that rendering may still produce for one event, shared by all its rules.
+
+    A whole-string template inserts the looked-up value itself (no copy, measured later by
+    ``encoded.Measure``); a template inside text copies the value's text, which is what can
+    multiply a payload. Each value's text is made once per event.
+    """
+
+    __slots__ = ("_texts", "remaining")
+
+    def __init__(self, chars: int) -> None:
+        self.remaining = chars
+        self._texts: dict[int, tuple[Any, str]] = {}
+
+    def text(self, value: Any) -> str:
+        if isinstance(value, (dict, list)):
+            known = self._texts.get(id(value))
+            if known is None:
+                known = self._texts[id(value)] = (value, _text(value))
+            piece = known[1]
+        else:
+            piece = _text(value)
+        self.remaining -= len(piece)
+        if self.remaining < 0:
+            raise RenderTooLarge
+        return piece
+
+
+def render(value: Any, context: Mapping[str, Any], budget: Budget | None = None) -> Any:
+    """Renders every template string inside a JSON value against ``context``; raises
+    ``RenderTooLarge`` when templates inside text would produce more than the budget."""
+    if budget is None:
+        budget = Budget(2**62)
+    return _render(value, context, budget)
+
+
+def _render(value: Any, context: Mapping[str, Any], budget: Budget) -> Any:
     if isinstance(value, str):
         whole = _WHOLE.match(value)
         if whole:
@@ -122,11 +249,11 @@ def render(value: Any, context: Mapping[str, Any]) -> Any:
             return None if found is _MISSING else found
         if "{{" not in value:
             return value
-        return _TEMPLATE.sub(lambda m: _text(lookup(context, m.group(1))), value)
+        return _TEMPLATE.sub(lambda m: budget.text(lookup(context, m.group(1))), value)
     if isinstance(value, dict):
-        return {k: render(v, context) for k, v in value.items()}
+        return {k: _render(v, context, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [render(v, context) for v in value]
+        return [_render(v, context, budget) for v in value]
     return value
 
 

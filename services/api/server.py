@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.api import migrate as migrations
+from services.api._guard import DecodeGuard
 from services.api.dispatcher import Dispatcher
 from services.api.servicers import (
     AnalyticsService,
@@ -23,6 +24,7 @@ from services.api.servicers import (
     RuleService,
 )
 from services.api.store import Store, create_pool
+from shared import limits
 from shared.config import ApiConfig
 from shared.errors import Unavailable
 from shared.gen.automation.v1 import (
@@ -68,6 +70,20 @@ def server_options(config: ApiConfig) -> list[tuple[str, int]]:
         options[key] = min(options[key], half_lease_ms)
     # gRPC core waits for the ack of any ping (keepalive ones too) this long: 60 s by default.
     options["grpc.http2.ping_timeout_ms"] = half_lease_ms
+    # Limits set on purpose (shared/limits.py says why each value): requests and answers no
+    # bigger than a default client accepts, bounded headers, streams per connection, and
+    # connections that do not live forever.
+    options.update(
+        {
+            "grpc.max_receive_message_length": limits.MAX_MESSAGE_BYTES,
+            "grpc.max_send_message_length": limits.MAX_MESSAGE_BYTES,
+            "grpc.max_metadata_size": limits.MAX_METADATA_BYTES,
+            "grpc.max_concurrent_streams": limits.MAX_CONCURRENT_STREAMS,
+            "grpc.max_connection_idle_ms": limits.MAX_CONNECTION_IDLE_MS,
+            "grpc.max_connection_age_ms": limits.MAX_CONNECTION_AGE_MS,
+            "grpc.max_connection_age_grace_ms": limits.MAX_CONNECTION_AGE_GRACE_MS,
+        }
+    )
     return list(options.items())
 
 
@@ -77,7 +93,11 @@ class ApiServer:
     def __init__(self, config: ApiConfig) -> None:
         self.config = config
         self.shutdown = asyncio.Event()
-        self.server = grpc.aio.server(options=server_options(config))
+        self.server = grpc.aio.server(
+            options=server_options(config),
+            interceptors=[DecodeGuard()],
+            maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS,
+        )
         self.health = health.aio.HealthServicer()
         self.store: Store | None = None
         self.dispatcher = Dispatcher(config.database_url)

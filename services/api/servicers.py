@@ -8,25 +8,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
-from services.api import convert, matching
+from services.api import convert, matching, validate
 from services.api._rpc import rpc
-from services.api.dispatcher import Dispatcher
-from services.api.store import CreatedEvent, NewEvent, Store
+from services.api.dispatcher import Dispatcher, Handoff, Subscription
+from services.api.store import CreatedEvent, Delivery, NewEvent, Page, Store, translate
 from services.api.store._paging import page_size
 from services.api.store.history import TABLES as HISTORY_TABLES
 from services.api.store.rules import UPDATABLE
+from shared import limits
 from shared.batching import Batcher
 from shared.config import ApiConfig
-from shared.errors import DomainError, InvalidArgument, Unavailable, Violations
+from shared.errors import DomainError, InvalidArgument, Unavailable, Violations, brief
 from shared.gen.automation.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,
@@ -45,20 +46,12 @@ from shared.gen.automation.v1 import (
 
 log = logging.getLogger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
-REF = re.compile(r"^[a-z0-9_-]+\.[a-z0-9_.-]+$")
-REF_HINT = "must look like pack.name (lower case letters, digits, '_', '-')"
-MAX_BATCH = 1000
+MAX_BATCH = limits.MAX_BATCH
 _RESOLVABLE = (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_STATUS_DISABLED)
-MAX_REQUEST_ID = 200
 MAX_VOLUME_RANGE = timedelta(days=90)
 
 
-def _check_ref(v: Violations, field: str, value: str, required: bool = True) -> None:
-    if not value:
-        if required:
-            v.add(field, "is required")
-    elif not REF.match(value):
-        v.add(field, f"{REF_HINT}, got {value!r}")
+_check_ref = validate.ref
 
 
 def _check_id(field: str, value: int) -> int:
@@ -96,21 +89,57 @@ def _key(request: Any, what: str) -> int | str:
     if which == "id":
         return _check_id("id", request.id)
     if which == "ref":
-        if not REF.match(request.ref):
-            raise InvalidArgument.one("ref", f"{REF_HINT}, got {request.ref!r}")
-        return str(request.ref)
+        return validate.ref_or_raise("ref", request.ref)
     raise InvalidArgument.one("key", f"give the {what}'s id or ref")
+
+
+def _filters(request: Any, refs: tuple[str, ...] = (), texts: tuple[str, ...] = (), ids: tuple[str, ...] = ()) -> None:
+    """Checks a list request's filters: refs must be possible refs, text is bounded and has no
+    NUL, optional ids are positive."""
+    v = Violations()
+    for name in refs:
+        validate.filter_ref(v, name, getattr(request, name))
+    for name in texts:
+        validate.text(v, name, getattr(request, name), limits.MAX_FILTER_TEXT)
+    for name in ids:
+        if request.HasField(name):
+            validate.positive_id(v, name, getattr(request, name))
+    v.raise_if_any()
+
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+def _page(page: Page[T], to_message: Callable[[T], M]) -> tuple[list[M], str]:
+    """A page's messages, cut short (with a token to go on from there) before their encoded
+    size would pass MAX_PAGE_BYTES, so that every default-configured client can receive it."""
+    out: list[M] = []
+    total = 0
+    for item in page.items:
+        message = to_message(item)
+        total += message.ByteSize() + 8  # the repeated field's tag and length
+        if total > limits.MAX_PAGE_BYTES and out:
+            return out, page.cut(len(out)).next_token
+        out.append(message)
+    return out, page.next_token
 
 
 def _new_event(v: Violations, field: str, e: event_pb2.NewEvent) -> NewEvent:
     _check_ref(v, f"{field}.trigger_ref", e.trigger_ref)
     _check_ref(v, f"{field}.rule_ref", e.rule_ref, required=False)
-    if len(e.request_id) > MAX_REQUEST_ID:
-        v.add(f"{field}.request_id", f"must be at most {MAX_REQUEST_ID} characters")
+    validate.text(v, f"{field}.request_id", e.request_id, limits.MAX_REQUEST_ID)
+    validate.text(v, f"{field}.source_ref", e.source_ref, limits.MAX_SOURCE_REF)
+    if e.HasField("source"):
+        validate.positive_id(v, f"{field}.source", e.source)
     return NewEvent(
         trigger_ref=e.trigger_ref,
-        payload=convert.from_struct(e.payload),
-        config=convert.from_struct(e.config) if e.HasField("config") else None,
+        payload=validate.json_object(v, f"{field}.payload", e.payload, limits.MAX_PAYLOAD_BYTES),
+        config=(
+            validate.json_object(v, f"{field}.config", e.config, limits.MAX_CONFIG_BYTES)
+            if e.HasField("config")
+            else None
+        ),
         source=e.source if e.HasField("source") else None,
         source_ref=e.source_ref or None,
         rule_ref=e.rule_ref or None,
@@ -142,21 +171,26 @@ class EventService(event_pb2_grpc.EventServiceServicer):
     async def _create_coalesced(self, new: list[NewEvent]) -> list[CreatedEvent | DomainError]:
         """Stores events of separate CreateEvent calls in one statement. If that fails, each
         is stored on its own (a statement is atomic: nothing of the failed one was written),
-        so that one bad event fails only its own call, with its own error."""
+        so that one bad event fails only its own call, with its own error. Nothing here
+        raises: every call gets exactly its own outcome."""
         if len(new) > 1:
             try:
                 return list(await self._create(new, many=True))
-            except Unavailable as exc:
-                # Not about any one event: the database is away for all of them.
-                return [Unavailable(exc.message) for _ in new]
-            except DomainError:
-                pass
+            except Exception as exc:  # noqa: BLE001 - whatever failed, each event goes alone
+                mapped = translate(exc)
+                if isinstance(mapped, Unavailable):
+                    # Not about any one event: the database is away for all of them.
+                    return [Unavailable(mapped.message) for _ in new]
         out: list[CreatedEvent | DomainError] = []
         for one in new:
             try:
                 out.extend(await self._create([one], many=False))
-            except DomainError as exc:
-                out.append(exc)
+            except Exception as exc:
+                mapped = translate(exc)
+                if mapped is None:
+                    log.exception("CreateEvent failed with an unexpected error")
+                    mapped = DomainError("internal error; the server log has the details")
+                out.append(mapped)
         return out
 
     async def _create(self, new: list[NewEvent], many: bool) -> list[CreatedEvent]:
@@ -166,20 +200,29 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         except BaseException:
             handoff.cancel()
             raise
+        # Committed: from here on nothing may fail the call (a caller told "error" would
+        # retry and store the events twice). Hand-off, wake-ups and announcements are best
+        # effort; polling and lease expiry cover anything they miss.
+        try:
+            await self._after_commit(results, handoff)
+        except Exception:
+            log.exception("after storing %d event(s): hand-off or announcement failed", len(results))
+        return results
+
+    async def _after_commit(self, results: list[CreatedEvent], handoff: Handoff) -> None:
         fresh = [r for r in results if not r.replayed]
         created = [e for r in fresh for e in r.enforcements]
         handed = handoff.taken
         closed = handoff.deliver(created)
         if closed is not None:
             handed = False
-            # The stream closed while the insert ran: give its new leases back now. Best
-            # effort (the lease expiry covers a failure): the events are stored already.
+            # The stream closed while the insert ran: give its new leases back now (the
+            # lease expiry covers a failure).
             with contextlib.suppress(Exception):
                 await self._store.dispatch.release_stream(closed, "stream closed during hand-off")
         if created and not handed:
             self._dispatcher.wake(len(created))
         self._dispatcher.announce([r.event for r in fresh], created, [], leased=handed)
-        return results
 
     @rpc
     async def CreateEvent(
@@ -229,6 +272,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
 
     @rpc
     async def ListEvents(self, request: event_pb2.ListEventsRequest, context: Context) -> event_pb2.ListEventsResponse:
+        _filters(request, refs=("trigger_ref", "rule_ref"), texts=("source_ref",))
         size = page_size(request.page_size)
         start, end = _time_range("created", request.created)
         page = await self._store.events.list(
@@ -240,9 +284,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             created_from=start,
             created_to=end,
         )
-        return event_pb2.ListEventsResponse(
-            events=[convert.event(e) for e in page.items], next_page_token=page.next_token
-        )
+        events, token = _page(page, convert.event)
+        return event_pb2.ListEventsResponse(events=events, next_page_token=token)
 
 
 class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
@@ -258,16 +301,21 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     ) -> enforcement_pb2.CreateEnforcementResponse:
         v = Violations()
         _check_ref(v, "rule_ref", request.rule_ref)
-        if request.HasField("event") and request.event <= 0:
-            v.add("event", f"must be a positive id, got {request.event}")
-        if len(request.request_id) > MAX_REQUEST_ID:
-            v.add("request_id", f"must be at most {MAX_REQUEST_ID} characters")
+        if request.HasField("event"):
+            validate.positive_id(v, "event", request.event)
+        validate.text(v, "request_id", request.request_id, limits.MAX_REQUEST_ID)
+        payload = validate.json_object(v, "payload", request.payload, limits.MAX_PAYLOAD_BYTES)
+        config = (
+            validate.json_object(v, "config", request.config, limits.MAX_CONFIG_BYTES)
+            if request.HasField("config")
+            else None
+        )
         v.raise_if_any()
         enforcement, replayed = await self._store.enforcements.create(
             rule_ref=request.rule_ref,
             event=request.event if request.HasField("event") else None,
-            payload=convert.from_struct(request.payload),
-            config=convert.from_struct(request.config) if request.HasField("config") else None,
+            payload=payload,
+            config=config,
             request_id=request.request_id or None,
         )
         if not replayed:
@@ -287,6 +335,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     async def ListEnforcements(
         self, request: enforcement_pb2.ListEnforcementsRequest, context: Context
     ) -> enforcement_pb2.ListEnforcementsResponse:
+        _filters(request, refs=("rule_ref", "trigger_ref"), ids=("event",))
         size = page_size(request.page_size)
         start, end = _time_range("created", request.created)
         status = _status_filter(request.status, convert.ENFORCEMENT_STATUS_NAME)
@@ -300,17 +349,21 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             created_from=start,
             created_to=end,
         )
-        return enforcement_pb2.ListEnforcementsResponse(
-            enforcements=[convert.enforcement(e) for e in page.items], next_page_token=page.next_token
-        )
+        enforcements, token = _page(page, convert.enforcement)
+        return enforcement_pb2.ListEnforcementsResponse(enforcements=enforcements, next_page_token=token)
 
     @rpc
     async def ResolveEnforcement(
         self, request: enforcement_pb2.ResolveEnforcementRequest, context: Context
     ) -> enforcement_pb2.ResolveEnforcementResponse:
-        id_ = _check_id("id", request.id)
+        v = Violations()
+        validate.positive_id(v, "id", request.id)
         if request.status not in _RESOLVABLE:
-            raise InvalidArgument.one("status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED")
+            v.add("status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED")
+        validate.text(v, "executor_id", request.executor_id, limits.MAX_EXECUTOR_ID)
+        validate.text(v, "reason", request.reason, limits.MAX_REASON)
+        v.raise_if_any()
+        id_ = request.id
         status = convert.ENFORCEMENT_STATUS_NAME[request.status]
         result = await self._store.enforcements.resolve(id_, status)
         self._dispatcher.resolved(id_)
@@ -350,6 +403,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             seen.add(d.id)
             if d.status not in _RESOLVABLE:
                 v.add(f"decisions[{i}].status", "must be ENFORCEMENT_STATUS_PROCESSED or ENFORCEMENT_STATUS_DISABLED")
+            validate.text(v, f"decisions[{i}].executor_id", d.executor_id, limits.MAX_EXECUTOR_ID)
+            validate.text(v, f"decisions[{i}].reason", d.reason, limits.MAX_REASON)
             decisions.append((d.id, convert.ENFORCEMENT_STATUS_NAME.get(d.status, "")))
         v.raise_if_any()
         results = await self._store.enforcements.resolve_many(decisions)
@@ -377,9 +432,12 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     async def ReleaseEnforcement(
         self, request: enforcement_pb2.ReleaseEnforcementRequest, context: Context
     ) -> enforcement_pb2.ReleaseEnforcementResponse:
-        id_ = _check_id("id", request.id)
-        if not request.executor_id:
-            raise InvalidArgument.one("executor_id", "is required")
+        v = Violations()
+        validate.positive_id(v, "id", request.id)
+        validate.text(v, "executor_id", request.executor_id, limits.MAX_EXECUTOR_ID, required=True)
+        validate.text(v, "error", request.error, limits.MAX_REASON)
+        v.raise_if_any()
+        id_ = request.id
         released = await self._store.dispatch.release(id_, request.executor_id, request.error or "released")
         if released:
             self._dispatcher.resolved(id_)
@@ -389,14 +447,16 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     @rpc
     async def WatchEnforcements(self, request: enforcement_pb2.WatchEnforcementsRequest, context: Context) -> Any:
         v = Violations()
-        if not request.executor_id:
-            v.add("executor_id", "is required")
-        if not 0 <= request.max_in_flight <= 1000:
-            v.add("max_in_flight", f"must be 0 (default 16) to 1000, got {request.max_in_flight}")
-        for i, ref in enumerate(request.rule_refs):
-            _check_ref(v, f"rule_refs[{i}]", ref)
-        for i, ref in enumerate(request.trigger_refs):
-            _check_ref(v, f"trigger_refs[{i}]", ref)
+        validate.text(v, "executor_id", request.executor_id, limits.MAX_EXECUTOR_ID, required=True)
+        if not 0 <= request.max_in_flight <= limits.MAX_IN_FLIGHT:
+            v.add("max_in_flight", f"must be 0 (default 16) to {limits.MAX_IN_FLIGHT}, got {request.max_in_flight}")
+        for name in ("rule_refs", "trigger_refs"):
+            refs = getattr(request, name)
+            if len(refs) > limits.MAX_WATCH_FILTERS:
+                v.add(name, f"may name at most {limits.MAX_WATCH_FILTERS}, got {len(refs)}")
+                continue
+            for i, ref in enumerate(refs):
+                _check_ref(v, f"{name}[{i}]", ref)
         v.raise_if_any()
         cfg = self._config
         credit = request.max_in_flight or 16
@@ -422,7 +482,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 if sub.inbox:
                     handed, sub.inbox = sub.inbox, []
                     for d in handed:
-                        yield convert.delivery(d)
+                        if (message := await self._sendable(d, request.executor_id, sub)) is not None:
+                            yield message
                 free = sub.free
                 if free > 0 and sub.look:
                     sub.look = False
@@ -439,7 +500,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                     full = sub.starved = len(deliveries) == free
                     for d in deliveries:
                         sub.held.add(d.enforcement.id)
-                        yield convert.delivery(d)
+                        if (message := await self._sendable(d, request.executor_id, sub)) is not None:
+                            yield message
                     if full:
                         sub.look = True
                         continue
@@ -477,6 +539,28 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 await asyncio.shield(self._store.dispatch.release_stream(token, f"{reason} ({request.executor_id})"))
             if sub.held:
                 self._dispatcher.wake_all()
+
+    async def _sendable(
+        self, d: Delivery, executor_id: str, sub: Subscription
+    ) -> enforcement_pb2.WatchEnforcementsResponse | None:
+        """The delivery's message, or None when it cannot be sent: then it is released with the
+        reason, charged to that enforcement alone, instead of breaking the stream (and so
+        every other enforcement it holds). Writes are checked so that this never happens;
+        this keeps one bad record from stopping the pipeline if one slips through."""
+        try:
+            message = convert.delivery(d)
+            size = message.ByteSize()
+            if size <= limits.MAX_MESSAGE_BYTES:
+                return message
+            why = f"{size:,} bytes encoded, over the {limits.MAX_MESSAGE_BYTES:,} a message may have"
+        except Exception as exc:  # noqa: BLE001 - any failure to encode is this record's alone
+            why = f"cannot be encoded: {exc.__class__.__name__}"
+        id_ = d.enforcement.id
+        log.error("enforcement %d cannot be delivered (%s); releasing it", id_, why)
+        sub.held.discard(id_)
+        with contextlib.suppress(Exception):  # the lease expiry covers a failure here
+            await self._store.dispatch.release(id_, executor_id, f"undeliverable: {why}")
+        return None
 
     @rpc
     async def GetDispatchState(
@@ -520,18 +604,31 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
 
 
 def _conditions(v: Violations, field: str, conditions: Any) -> list[dict[str, Any]]:
+    if len(conditions) > limits.MAX_CONDITIONS:
+        v.add(field, f"may hold at most {limits.MAX_CONDITIONS} conditions, got {len(conditions)}")
+        return []
     out = []
     for i, c in enumerate(conditions):
+        where = f"{field}[{i}]"
         if c.operator not in convert.OPERATOR_NAME:
-            v.add(f"{field}[{i}].operator", "must be CONDITION_OPERATOR_EQUALS, _NOT_EQUALS or _CONTAINS")
+            v.add(f"{where}.operator", "must be CONDITION_OPERATOR_EQUALS, _NOT_EQUALS or _CONTAINS")
+        if "\x00" in c.field:
+            v.add(f"{where}.field", "contains a NUL character, which cannot be stored")
+        elif why := matching.path_problem(c.field):
+            v.add(f"{where}.field", why)
         if not c.HasField("value"):
-            v.add(f"{field}[{i}].value", "is required")
-        out.append(convert.condition_to_json(c))
-    # Only the field paths are checked here (operator and value were checked above); the
-    # list is passed whole so that each violation names the condition's own index.
-    for f, why in matching.condition_violations(out, field):
-        if f.endswith(".field"):
-            v.add(f, why)
+            v.add(f"{where}.value", "is required")
+            value = None
+        else:
+            value = validate.json_value(v, f"{where}.value", c.value, limits.MAX_CONDITION_VALUE_BYTES)
+        out.append({"field": c.field, "operator": convert.OPERATOR_NAME.get(c.operator, ""), "value": value})
+    return out
+
+
+def _action_params(v: Violations, params: Any) -> dict[str, Any]:
+    out = validate.json_object(v, "rule.action_params", params, limits.MAX_ACTION_PARAMS_BYTES)
+    for f, why in matching.template_violations(out, "rule.action_params"):
+        v.add(f, why)
     return out
 
 
@@ -544,14 +641,16 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         t = request.trigger
         v = Violations()
         _check_ref(v, "trigger.ref", t.ref)
+        validate.text(v, "trigger.label", t.label, limits.MAX_LABEL)
+        validate.text(v, "trigger.description", t.description, limits.MAX_DESCRIPTION)
+        schemas = [
+            validate.json_object(v, f"trigger.{name}", getattr(t, name), limits.MAX_SCHEMA_BYTES)
+            if t.HasField(name)
+            else None
+            for name in ("param_schema", "out_schema")
+        ]
         v.raise_if_any()
-        created = await self._store.rules.create_trigger(
-            t.ref,
-            t.label,
-            t.description,
-            convert.from_struct(t.param_schema) if t.HasField("param_schema") else None,
-            convert.from_struct(t.out_schema) if t.HasField("out_schema") else None,
-        )
+        created = await self._store.rules.create_trigger(t.ref, t.label, t.description, *schemas)
         return convert.trigger(created)
 
     @rpc
@@ -562,10 +661,10 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
     async def ListTriggers(
         self, request: rule_pb2.ListTriggersRequest, context: Context
     ) -> rule_pb2.ListTriggersResponse:
+        _filters(request, texts=("pack_ref",))
         page = await self._store.rules.list_triggers(page_size(request.page_size), request.page_token, request.pack_ref)
-        return rule_pb2.ListTriggersResponse(
-            triggers=[convert.trigger(t) for t in page.items], next_page_token=page.next_token
-        )
+        triggers, token = _page(page, convert.trigger)
+        return rule_pb2.ListTriggersResponse(triggers=triggers, next_page_token=token)
 
     @rpc
     async def DeleteTrigger(self, request: rule_pb2.DeleteTriggerRequest, context: Context) -> empty_pb2.Empty:
@@ -579,9 +678,12 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         _check_ref(v, "rule.ref", r.ref)
         _check_ref(v, "rule.trigger_ref", r.trigger_ref)
         _check_ref(v, "rule.action_ref", r.action_ref, required=False)
+        validate.text(v, "rule.label", r.label, limits.MAX_LABEL)
+        validate.text(v, "rule.description", r.description, limits.MAX_DESCRIPTION)
         if r.condition not in convert.CONDITION_NAME:
             v.add("rule.condition", "must be ENFORCEMENT_CONDITION_ALL or ENFORCEMENT_CONDITION_ANY")
         conditions = _conditions(v, "rule.conditions", r.conditions)
+        action_params = _action_params(v, r.action_params)
         v.raise_if_any()
         created = await self._store.rules.create_rule(
             ref=r.ref,
@@ -589,7 +691,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             description=r.description,
             trigger_ref=r.trigger_ref,
             action_ref=r.action_ref or None,
-            action_params=convert.from_struct(r.action_params),
+            action_params=action_params,
             conditions=conditions,
             condition=convert.CONDITION_NAME[r.condition],
             enabled=r.enabled if r.HasField("enabled") else True,
@@ -602,6 +704,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
 
     @rpc
     async def ListRules(self, request: rule_pb2.ListRulesRequest, context: Context) -> rule_pb2.ListRulesResponse:
+        _filters(request, refs=("trigger_ref", "action_ref"), texts=("pack_ref",))
         page = await self._store.rules.list_rules(
             page_size(request.page_size),
             request.page_token,
@@ -610,7 +713,8 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             action_ref=request.action_ref,
             enabled=request.enabled if request.HasField("enabled") else None,
         )
-        return rule_pb2.ListRulesResponse(rules=[convert.rule(r) for r in page.items], next_page_token=page.next_token)
+        rules, token = _page(page, convert.rule)
+        return rule_pb2.ListRulesResponse(rules=rules, next_page_token=token)
 
     @rpc
     async def UpdateRule(self, request: rule_pb2.UpdateRuleRequest, context: Context) -> rule_pb2.Rule:
@@ -619,7 +723,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         if r.id:
             key = _check_id("rule.id", r.id)
         elif r.ref:
-            key = r.ref
+            key = validate.ref_or_raise("rule.ref", r.ref)
         else:
             raise InvalidArgument.one("rule", "give the rule's id or ref")
         paths = list(request.update_mask.paths)
@@ -634,7 +738,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                 _check_ref(v, "rule.action_ref", r.action_ref, required=False)
                 changes[path] = r.action_ref or None
             elif path == "action_params":
-                changes[path] = convert.from_struct(r.action_params)
+                changes[path] = _action_params(v, r.action_params)
             elif path == "conditions":
                 changes[path] = _conditions(v, "rule.conditions", r.conditions)
             elif path == "condition":
@@ -647,7 +751,12 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                     v.add("rule.enabled", "must be set when update_mask names it")
                 changes[path] = r.enabled
             else:
-                changes[path] = getattr(r, path)
+                value = getattr(r, path)
+                if isinstance(value, str):
+                    validate.text(
+                        v, f"rule.{path}", value, limits.MAX_DESCRIPTION if path == "description" else limits.MAX_LABEL
+                    )
+                changes[path] = value
         v.raise_if_any()
         return convert.rule(await self._store.rules.update_rule(key, changes))
 
@@ -671,6 +780,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     async def ListExecutions(
         self, request: execution_pb2.ListExecutionsRequest, context: Context
     ) -> execution_pb2.ListExecutionsResponse:
+        _filters(request, refs=("action_ref",), ids=("enforcement",))
         size = page_size(request.page_size)
         start, end = _time_range("created", request.created)
         status = _status_filter(request.status, convert.EXECUTION_STATUS_NAME)
@@ -683,9 +793,8 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             created_from=start,
             created_to=end,
         )
-        return execution_pb2.ListExecutionsResponse(
-            executions=[convert.execution(x) for x in page.items], next_page_token=page.next_token
-        )
+        executions, token = _page(page, convert.execution)
+        return execution_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
 
 
 class HistoryService(history_pb2_grpc.HistoryServiceServicer):
@@ -700,8 +809,9 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         if request.entity_type not in HISTORY_TABLES:
             v.add(
                 "entity_type",
-                f"only {' and '.join(sorted(HISTORY_TABLES))} have history (got {request.entity_type!r})",
+                f"only {' and '.join(sorted(HISTORY_TABLES))} have history (got {brief(request.entity_type)})",
             )
+        validate.text(v, "changed_field", request.changed_field, limits.MAX_FILTER_TEXT)
         if request.operation and request.operation not in ("INSERT", "UPDATE", "DELETE"):
             v.add("operation", "must be INSERT, UPDATE or DELETE")
         if request.HasField("entity_id") and request.entity_id <= 0:
@@ -719,9 +829,8 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
             time_from=start,
             time_to=end,
         )
-        return history_pb2.ListHistoryResponse(
-            records=[convert.history(h) for h in page.items], next_page_token=page.next_token
-        )
+        records, token = _page(page, convert.history)
+        return history_pb2.ListHistoryResponse(records=records, next_page_token=token)
 
 
 def _volume_range(r: common_pb2.TimeRange) -> tuple[datetime, datetime]:
@@ -747,6 +856,7 @@ class AnalyticsService(analytics_pb2_grpc.AnalyticsServiceServicer):
     async def QueryEventVolume(
         self, request: analytics_pb2.QueryEventVolumeRequest, context: Context
     ) -> analytics_pb2.QueryEventVolumeResponse:
+        _filters(request, refs=("trigger_ref",))
         start, end = _volume_range(request.range)
         rows = await self._store.analytics.event_volume(start, end, request.trigger_ref)
         return analytics_pb2.QueryEventVolumeResponse(buckets=[convert.event_volume(r) for r in rows])
@@ -755,6 +865,7 @@ class AnalyticsService(analytics_pb2_grpc.AnalyticsServiceServicer):
     async def QueryEnforcementVolume(
         self, request: analytics_pb2.QueryEnforcementVolumeRequest, context: Context
     ) -> analytics_pb2.QueryEnforcementVolumeResponse:
+        _filters(request, refs=("rule_ref",))
         start, end = _volume_range(request.range)
         status = _status_filter(request.status, convert.ENFORCEMENT_STATUS_NAME)
         rows = await self._store.analytics.enforcement_volume(start, end, request.rule_ref, status)

@@ -67,10 +67,25 @@ async def create_pool(
     return pool
 
 
+def _stored_field(exc: asyncpg.PostgresError) -> str:
+    """The stored field an error names, as ``table.column`` where PostgreSQL says which."""
+    table = getattr(exc, "table_name", None) or ""
+    column = getattr(exc, "column_name", None) or ""
+    return ".".join(p for p in (table, column) if p) or "value"
+
+
 def translate(exc: BaseException) -> DomainError | None:
-    """The domain error for a database failure, or None when it is a bug to report as such."""
+    """The domain error for a database failure, or None when it is a bug to report as such.
+
+    Messages never carry PostgreSQL's own text: it can quote the caller's data (NUL, NaN,
+    thousands of characters) and SQL. Validation in the servicers should leave data and limit
+    errors (SQLSTATE classes 22 and 54) nothing to catch; these mappings are the safety net.
+    """
     if isinstance(exc, DomainError):
         return exc
+    # asyncpg refuses a parameter it cannot encode before sending it: bad input, not an outage.
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        return InvalidArgument.one("value", "cannot be stored: a value has a type or range the database refuses")
     # InternalClientError: asyncpg's protocol state can trip when the server goes away
     # mid-operation (a restart); it means "connection unusable", not a bug of ours.
     if isinstance(exc, (OSError, asyncpg.InterfaceError, ConnectionError, asyncpg.InternalClientError)):
@@ -78,13 +93,17 @@ def translate(exc: BaseException) -> DomainError | None:
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
         if state.startswith(_UNAVAILABLE_CLASSES):
-            return Unavailable(f"the database is unavailable: {exc}")
+            return Unavailable(f"the database is unavailable (SQLSTATE {state})")
         if isinstance(exc, asyncpg.UniqueViolationError):
-            return AlreadyExists(f"already exists: {exc.detail or exc}")
+            return AlreadyExists(f"already exists ({exc.constraint_name or 'unique key'})")
         if isinstance(exc, asyncpg.ForeignKeyViolationError):
-            return NotFound(f"a referenced record does not exist: {exc.detail or exc}")
-        if isinstance(exc, (asyncpg.CheckViolationError, asyncpg.DataError)):
-            return InvalidArgument.one("request", str(exc))
+            return NotFound(f"a referenced record does not exist ({exc.constraint_name or 'foreign key'})")
+        if isinstance(exc, asyncpg.CheckViolationError):
+            return InvalidArgument.one(_stored_field(exc), f"violates {exc.constraint_name or 'a check'}")
+        if state.startswith("54"):
+            return InvalidArgument.one(_stored_field(exc), f"is too large to store (SQLSTATE {state})")
+        if state.startswith("22"):
+            return InvalidArgument.one(_stored_field(exc), f"cannot be stored (SQLSTATE {state})")
     return None
 
 

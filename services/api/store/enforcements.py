@@ -20,10 +20,13 @@ from datetime import datetime
 import asyncpg
 
 from services.api import matching
+from services.api.encoded import Measure
 from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
+from shared.limits import MAX_CREATE_RESPONSE_BYTES
 
-from ._db import Repo, guarded
-from ._paging import Where, keyset_query, page_of
+from ._db import guarded
+from ._derive import derive
+from ._paging import Paged, Where
 from .types import JSON, Enforcement, Execution, Page, Resolution, columns
 
 _ENFORCEMENT = columns(Enforcement)
@@ -136,7 +139,7 @@ def _execution(row: asyncpg.Record) -> Execution | None:
     return None if values[0] is None else Execution(*values)
 
 
-class Enforcements(Repo):
+class Enforcements(Paged):
     """Stores, reads and resolves enforcements."""
 
     async def create(
@@ -188,7 +191,16 @@ class Enforcements(Repo):
                     payload=payload,
                     rule_ref=rule_ref,
                 )
-                config = matching.render(rule["action_params"], context)
+                measure = Measure()
+                config, _ = derive(
+                    dict(rule),
+                    rule["trigger_ref"],
+                    payload,
+                    context,
+                    matching.Budget(MAX_CREATE_RESPONSE_BYTES),
+                    measure,
+                    "payload",
+                )
             row = await conn.fetchrow(
                 _INSERT,
                 rule["id"],
@@ -237,8 +249,7 @@ class Enforcements(Repo):
             where.add("created >= {}", created_from)
         if created_to is not None:
             where.add("created < {}", created_to)
-        sql, args = keyset_query(f"SELECT {_ENFORCEMENT} FROM enforcement", where, token, size)
-        return page_of([Enforcement(*r) for r in await self._fetch(sql, *args)], size)
+        return await self._page(f"SELECT {_ENFORCEMENT} FROM enforcement", where, token, size, Enforcement)
 
     async def resolve(self, id_: int, status: str) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""

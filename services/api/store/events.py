@@ -16,6 +16,7 @@ enforcement, which the executor then resolves DISABLED.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -25,11 +26,25 @@ from typing import Any
 import asyncpg
 
 from services.api import matching
+from services.api.encoded import Measure, record_size
+from shared import limits
 from shared.errors import InvalidArgument, NotFound
 
-from ._db import Connection, Repo, guarded
-from ._paging import Where, keyset_query, page_of
+from ._db import Connection, guarded
+from ._derive import derive
+from ._paging import Paged, Where
 from .types import CreatedEvent, Enforcement, Event, Lease, NewEvent, Page, columns
+
+_INLINE_WORK = 256
+"""Conditions (plus one per rule) a call may evaluate on the event loop; more go to a thread."""
+_Plan = tuple[
+    list[list[Any]],
+    list[list[Any]],
+    list[list[Any]],
+    list["Event | None"],
+    list[tuple[dict[str, Any], NewEvent, int, Any]],
+    dict[str, int],
+]
 
 LeaseFor = Callable[[int], Lease | None]
 """Asked with the number of enforcements about to be inserted: the stream to hand them to."""
@@ -113,7 +128,7 @@ def _field(index: int, many: bool, name: str) -> str:
     return f"events[{index}].{name}" if many else f"event.{name}"
 
 
-class Events(Repo):
+class Events(Paged):
     """Stores and reads events."""
 
     async def create_many(
@@ -172,86 +187,124 @@ class Events(Repo):
                 if r["enabled"]:
                     by_trigger.setdefault(r["trigger_ref"], []).append(r)
 
-            ev_cols: list[list[Any]] = [[] for _ in range(9)]
-            req_cols: list[list[Any]] = [[], [], []]
-            enf_cols: list[list[Any]] = [[] for _ in range(8)]
-            events: list[Event | None] = []
-            unsaved: list[tuple[dict[str, Any], NewEvent, int, Any]] = []
-            first_of_key: dict[str, int] = {}
-            created_iso = now.isoformat()
-            for i, e in enumerate(new):
-                if e.request_id and e.request_id in replays:
-                    if replays[e.request_id]["fingerprint"] != prints[i]:
-                        raise InvalidArgument.one(
-                            _field(i, many, "request_id"),
-                            "was already used for a different event (keys are kept at least 24 hours)",
-                        )
-                    events.append(None)
-                    continue
-                if e.request_id and e.request_id in first_of_key:
-                    events.append(None)
-                    continue
-                trigger_id = triggers.get(e.trigger_ref)
-                if trigger_id is None:
-                    raise NotFound(f"{_field(i, many, 'trigger_ref')}: trigger {e.trigger_ref} not found")
-                targeted: dict[str, Any] | None = None
-                if e.rule_ref:
-                    targeted = by_ref.get(e.rule_ref)
-                    if targeted is None:
-                        raise NotFound(f"{_field(i, many, 'rule_ref')}: rule {e.rule_ref} not found")
-                    if targeted["trigger_ref"] != e.trigger_ref:
-                        raise InvalidArgument.one(
-                            _field(i, many, "rule_ref"),
-                            f"rule {e.rule_ref} watches {targeted['trigger_ref']}, not {e.trigger_ref}",
-                        )
-                    candidates = [targeted] if targeted["enabled"] else []
-                else:
-                    candidates = by_trigger.get(e.trigger_ref, [])
-                event_id = ids[i]
-                values = (
-                    event_id,
-                    trigger_id,
-                    e.trigger_ref,
-                    e.config,
-                    e.payload,
-                    e.source,
-                    e.source_ref,
-                    targeted["id"] if targeted else None,
-                    e.rule_ref,
-                )
-                payload_json = _json(e.payload)
-                for col, value in zip(ev_cols, (*values[:3], _json(e.config), payload_json, *values[5:]), strict=True):
-                    col.append(value)
-                events.append(Event(*values, created=now))
-                if e.request_id:
-                    first_of_key[e.request_id] = i
-                    for col, value in zip(req_cols, (e.request_id, prints[i], event_id), strict=True):
-                        col.append(value)
-                for rule in candidates:
-                    if not matching.matches(rule["conditions"], rule["condition"], e.payload):
+            def plan() -> _Plan:
+                ev_cols: list[list[Any]] = [[] for _ in range(9)]
+                req_cols: list[list[Any]] = [[], [], []]
+                enf_cols: list[list[Any]] = [[] for _ in range(8)]
+                events: list[Event | None] = []
+                unsaved: list[tuple[dict[str, Any], NewEvent, int, Any]] = []
+                first_of_key: dict[str, int] = {}
+                created_iso = now.isoformat()
+                measure = Measure()
+                call_bytes = 0
+                for i, e in enumerate(new):
+                    if e.request_id and e.request_id in replays:
+                        if replays[e.request_id]["fingerprint"] != prints[i]:
+                            raise InvalidArgument.one(
+                                _field(i, many, "request_id"),
+                                "was already used for a different event (keys are kept at least 24 hours)",
+                            )
+                        events.append(None)
                         continue
-                    context = matching.template_context(
-                        event_id=event_id,
-                        trigger_ref=e.trigger_ref,
-                        created_iso=created_iso,
-                        payload=e.payload,
-                        rule_ref=rule["ref"],
-                        source_ref=e.source_ref,
-                    )
-                    config = matching.render(rule["action_params"], context)
-                    row = (
-                        rule["id"],
-                        rule["ref"],
-                        e.trigger_ref,
-                        _json(config),
+                    if e.request_id and e.request_id in first_of_key:
+                        events.append(None)
+                        continue
+                    trigger_id = triggers.get(e.trigger_ref)
+                    if trigger_id is None:
+                        raise NotFound(f"{_field(i, many, 'trigger_ref')}: trigger {e.trigger_ref} not found")
+                    targeted: dict[str, Any] | None = None
+                    if e.rule_ref:
+                        targeted = by_ref.get(e.rule_ref)
+                        if targeted is None:
+                            raise NotFound(f"{_field(i, many, 'rule_ref')}: rule {e.rule_ref} not found")
+                        if targeted["trigger_ref"] != e.trigger_ref:
+                            raise InvalidArgument.one(
+                                _field(i, many, "rule_ref"),
+                                f"rule {e.rule_ref} watches {targeted['trigger_ref']}, not {e.trigger_ref}",
+                            )
+                        candidates = [targeted] if targeted["enabled"] else []
+                    else:
+                        candidates = by_trigger.get(e.trigger_ref, [])
+                    event_id = ids[i]
+                    values = (
                         event_id,
-                        payload_json,
-                        rule["condition"],
-                        rule["conditions_json"],
+                        trigger_id,
+                        e.trigger_ref,
+                        e.config,
+                        e.payload,
+                        e.source,
+                        e.source_ref,
+                        targeted["id"] if targeted else None,
+                        e.rule_ref,
                     )
-                    for col, value in zip(enf_cols, row, strict=True):
+                    payload_json = _json(e.payload)
+                    for col, value in zip(
+                        ev_cols, (*values[:3], _json(e.config), payload_json, *values[5:]), strict=True
+                    ):
                         col.append(value)
-                    unsaved.append((rule, e, event_id, config))
+                    events.append(Event(*values, created=now))
+                    if e.request_id:
+                        first_of_key[e.request_id] = i
+                        for col, value in zip(req_cols, (e.request_id, prints[i], event_id), strict=True):
+                            col.append(value)
+                    facts = matching.Facts(e.payload)
+                    budget = matching.Budget(limits.MAX_CREATE_RESPONSE_BYTES)
+                    event_bytes = record_size(
+                        measure, [e.trigger_ref, e.source_ref or "", e.rule_ref or ""], [e.payload, e.config], []
+                    )
+                    for rule in candidates:
+                        if not matching.matches(rule["conditions"], rule["condition"], facts):
+                            continue
+                        context = matching.template_context(
+                            event_id=event_id,
+                            trigger_ref=e.trigger_ref,
+                            created_iso=created_iso,
+                            payload=e.payload,
+                            rule_ref=rule["ref"],
+                            source_ref=e.source_ref,
+                        )
+                        config, size = derive(
+                            rule, e.trigger_ref, e.payload, context, budget, measure, _field(i, many, "payload")
+                        )
+                        event_bytes += size
+                        if event_bytes > limits.MAX_CREATE_RESPONSE_BYTES:
+                            raise InvalidArgument.one(
+                                _field(i, many, "payload"),
+                                f"this event would make enforcements of more than {limits.MAX_CREATE_RESPONSE_BYTES:,} "
+                                "bytes in all (each carries the payload); send a smaller payload or match fewer rules",
+                            )
+                        row = (
+                            rule["id"],
+                            rule["ref"],
+                            e.trigger_ref,
+                            _json(config),
+                            event_id,
+                            payload_json,
+                            rule["condition"],
+                            rule["conditions_json"],
+                        )
+                        for col, value in zip(enf_cols, row, strict=True):
+                            col.append(value)
+                        unsaved.append((rule, e, event_id, config))
+                    call_bytes += event_bytes
+                    if call_bytes > limits.MAX_DERIVED_PER_CALL_BYTES:
+                        raise InvalidArgument.one(
+                            "events" if many else "event",
+                            "these events and their enforcements would be more than "
+                            f"{limits.MAX_DERIVED_PER_CALL_BYTES:,} bytes; send them in smaller batches",
+                        )
+                return ev_cols, req_cols, enf_cols, events, unsaved, first_of_key
+
+            # Matching and rendering cost grows with the conditions evaluated (bounded per
+            # trigger by MAX_CONDITIONS_PER_TRIGGER) and the payloads searched: past a small
+            # amount it runs in a thread, so that the event loop keeps serving other calls.
+            work = sum(
+                1 + len(r["conditions"])
+                for e in new
+                for r in ([by_ref[e.rule_ref]] if e.rule_ref in by_ref else by_trigger.get(e.trigger_ref, []))
+            )
+            planned = await asyncio.to_thread(plan) if work > _INLINE_WORK else plan()
+            ev_cols, req_cols, enf_cols, events, unsaved, first_of_key = planned
 
             enforcements: list[Enforcement] = []
             if ev_cols[0]:
@@ -353,5 +406,4 @@ class Events(Repo):
             where.add("created >= {}", created_from)
         if created_to is not None:
             where.add("created < {}", created_to)
-        sql, args = keyset_query(f"SELECT {_EVENT} FROM event", where, token, size)
-        return page_of([Event(*r) for r in await self._fetch(sql, *args)], size)
+        return await self._page(f"SELECT {_EVENT} FROM event", where, token, size, Event)

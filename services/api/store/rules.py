@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncpg
 
-from shared.errors import AlreadyExists, NotFound
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound
+from shared.limits import MAX_CONDITIONS_PER_TRIGGER, MAX_RULES_PER_TRIGGER
 
-from ._db import Repo
-from ._paging import Where, keyset_query, page_of
+from ._db import Connection, guarded
+from ._paging import Paged, Where
 from .types import JSON, Page, Rule, Trigger, columns
 
 _TRIGGER = columns(Trigger)
@@ -27,6 +28,14 @@ INSERT INTO rule (ref, label, description, trigger, trigger_ref, action_ref, act
 SELECT $1, $2, $3, t.id, t.ref, $5, $6, $7, $8::enforcement_condition, $9
 FROM trigger t WHERE t.ref = $4
 RETURNING {_RULE}"""
+# Rules of one trigger are counted under a lock of that trigger, so that concurrent creators
+# cannot pass MAX_RULES_PER_TRIGGER together.
+_LOCK_TRIGGER_RULES = "SELECT pg_advisory_xact_lock(hashtextextended($1, 2))"
+_TRIGGER_LOAD = """
+SELECT count(*) AS rules, coalesce(sum(jsonb_array_length(conditions)), 0) AS conditions
+  FROM rule WHERE trigger_ref = $1 AND id IS DISTINCT FROM $2"""
+_RULE_TRIGGER = "SELECT trigger_ref FROM rule WHERE id = $1"
+_RULE_TRIGGER_BY_REF = "SELECT trigger_ref FROM rule WHERE ref = $1"
 _RULE_BY_ID = f"SELECT {_RULE} FROM rule WHERE id = $1"
 _RULE_BY_REF = f"SELECT {_RULE} FROM rule WHERE ref = $1"
 _DELETE_RULE_BY_ID = "DELETE FROM rule WHERE id = $1 RETURNING id"
@@ -44,6 +53,28 @@ UPDATABLE = {
 }
 
 
+async def _check_trigger_load(conn: Connection, trigger_ref: str, rule_id: int | None, conditions: int) -> None:
+    """Refuses a rule (new, or ``rule_id`` changed) that would give its trigger more rules or
+    conditions than MAX_RULES_PER_TRIGGER and MAX_CONDITIONS_PER_TRIGGER: every event of the
+    trigger is matched against all of them, so these bound what one event costs. Locks the
+    trigger's rules until the transaction ends, so concurrent writers cannot pass together."""
+    await conn.execute(_LOCK_TRIGGER_RULES, trigger_ref)
+    load = await conn.fetchrow(_TRIGGER_LOAD, trigger_ref, rule_id)
+    assert load is not None
+    if rule_id is None and load["rules"] >= MAX_RULES_PER_TRIGGER:
+        raise FailedPrecondition(
+            f"trigger {trigger_ref} has {MAX_RULES_PER_TRIGGER} rules, the most one trigger may have "
+            "(each event is matched against all of them); delete one or use another trigger",
+            reason="TOO_MANY_RULES",
+        )
+    if load["conditions"] + conditions > MAX_CONDITIONS_PER_TRIGGER:
+        raise FailedPrecondition(
+            f"the rules of trigger {trigger_ref} would have {load['conditions'] + conditions} conditions in all; "
+            f"at most {MAX_CONDITIONS_PER_TRIGGER} (each event is matched against all of them)",
+            reason="TOO_MANY_CONDITIONS",
+        )
+
+
 def _trigger(row: asyncpg.Record | None, key: int | str) -> Trigger:
     if row is None:
         raise NotFound(f"trigger {key} not found")
@@ -56,7 +87,7 @@ def _rule(row: asyncpg.Record | None, key: int | str) -> Rule:
     return Rule(*row)
 
 
-class Rules(Repo):
+class Rules(Paged):
     """Triggers and the rules that watch them."""
 
     async def create_trigger(
@@ -76,8 +107,7 @@ class Rules(Repo):
         where = Where()
         if pack_ref:
             where.add("pack_ref = {}", pack_ref)
-        sql, args = keyset_query(f"SELECT {_TRIGGER} FROM trigger", where, token, size)
-        return page_of([Trigger(*r) for r in await self._fetch(sql, *args)], size)
+        return await self._page(f"SELECT {_TRIGGER} FROM trigger", where, token, size, Trigger)
 
     async def delete_trigger(self, key: int | str) -> None:
         sql = _DELETE_TRIGGER_BY_ID if isinstance(key, int) else _DELETE_TRIGGER_BY_REF
@@ -98,18 +128,20 @@ class Rules(Repo):
         enabled: bool,
     ) -> Rule:
         try:
-            row = await self._fetchrow(
-                _INSERT_RULE,
-                ref,
-                label,
-                description,
-                trigger_ref,
-                action_ref,
-                action_params,
-                conditions,
-                condition,
-                enabled,
-            )
+            async with guarded(), self._pool.acquire() as conn, conn.transaction():
+                await _check_trigger_load(conn, trigger_ref, None, len(conditions))
+                row = await conn.fetchrow(
+                    _INSERT_RULE,
+                    ref,
+                    label,
+                    description,
+                    trigger_ref,
+                    action_ref,
+                    action_params,
+                    conditions,
+                    condition,
+                    enabled,
+                )
         except AlreadyExists:
             raise AlreadyExists(f"rule {ref} already exists") from None
         if row is None:
@@ -139,8 +171,7 @@ class Rules(Repo):
             where.add("action_ref = {}", action_ref)
         if enabled is not None:
             where.add("enabled = {}", enabled)
-        sql, args = keyset_query(f"SELECT {_RULE} FROM rule", where, token, size)
-        return page_of([Rule(*r) for r in await self._fetch(sql, *args)], size)
+        return await self._page(f"SELECT {_RULE} FROM rule", where, token, size, Rule)
 
     async def update_rule(self, key: int | str, changes: dict[str, JSON]) -> Rule:
         """Sets the given columns (keys of UPDATABLE only) of one rule."""
@@ -150,7 +181,16 @@ class Rules(Repo):
             sets.append(f"{name} = {where.param(value)}{UPDATABLE[name]}")
         match = "id" if isinstance(key, int) else "ref"
         sql = f"UPDATE rule SET {', '.join(sets)} WHERE {match} = {where.param(key)} RETURNING {_RULE}"
-        return _rule(await self._fetchrow(sql, *where.args), key)
+        conditions = changes.get("conditions")
+        if not isinstance(conditions, list):
+            return _rule(await self._fetchrow(sql, *where.args), key)
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            trigger_ref = await conn.fetchval(_RULE_TRIGGER if isinstance(key, int) else _RULE_TRIGGER_BY_REF, key)
+            if trigger_ref is None:
+                raise NotFound(f"rule {key} not found")
+            rule_id = key if isinstance(key, int) else await conn.fetchval("SELECT id FROM rule WHERE ref = $1", key)
+            await _check_trigger_load(conn, trigger_ref, rule_id, len(conditions))
+            return _rule(await conn.fetchrow(sql, *where.args), key)
 
     async def delete_rule(self, key: int | str) -> None:
         sql = _DELETE_RULE_BY_ID if isinstance(key, int) else _DELETE_RULE_BY_REF

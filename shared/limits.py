@@ -1,0 +1,113 @@
+"""Every limit on what the api accepts, derives and sends: one table, one place.
+
+Each value is chosen so that whatever the api accepts it can also store (PostgreSQL's btree
+row limit is ~2,700 bytes, a jsonb value at most 255 MB), send (every message fits the
+4 MiB that gRPC clients receive by default) and decode again (protobuf refuses messages
+nested deeper than 100 levels; a JSON level inside a ``google.protobuf.Struct`` costs three:
+Struct, map entry, Value). The README's "Limits" table mirrors this module; the proto
+comments name the limit of each field.
+"""
+
+from __future__ import annotations
+
+KiB = 1024
+MiB = 1024 * KiB
+
+# --- transport -------------------------------------------------------------------------------
+MAX_MESSAGE_BYTES = 4 * MiB
+"""Largest request the api receives and largest message it sends: gRPC's default receive
+limit, so every default-configured client can read every answer."""
+MAX_METADATA_BYTES = 16 * KiB
+"""Largest request metadata (headers) the api accepts."""
+MAX_CONCURRENT_RPCS = 512
+"""Calls (watch streams included) the api serves at once; more are RESOURCE_EXHAUSTED. With
+MAX_MESSAGE_BYTES it bounds the memory requests can hold."""
+MAX_CONCURRENT_STREAMS = 128
+"""HTTP/2 streams (calls) one connection may have open at once."""
+MAX_CONNECTION_IDLE_MS = 30 * 60 * 1000
+"""A connection with no call for this long is closed (clients reconnect transparently)."""
+MAX_CONNECTION_AGE_MS = 4 * 3600 * 1000
+"""Connections are recycled after this long so load spreads over replicas; calls in flight
+get MAX_CONNECTION_AGE_GRACE_MS to finish (watch streams reconnect and resume)."""
+MAX_CONNECTION_AGE_GRACE_MS = 30 * 1000
+
+# --- text fields -----------------------------------------------------------------------------
+MAX_REF = 255
+"""A reference (``pack.name``): trigger, rule and action refs, and every ref filter."""
+MAX_SOURCE_REF = 255
+"""An event's ``source_ref`` (free text, indexed)."""
+MAX_LABEL = 255
+MAX_DESCRIPTION = 4096
+MAX_REQUEST_ID = 200
+MAX_EXECUTOR_ID = 200
+MAX_REASON = 1024
+"""ResolveEnforcement's ``reason`` and ReleaseEnforcement's ``error``."""
+MAX_FILTER_TEXT = 255
+"""A free-text filter (history's ``changed_field``, ``operation``)."""
+MAX_PAGE_TOKEN = 512
+
+# --- JSON values (google.protobuf.Struct fields) ---------------------------------------------
+MAX_JSON_DEPTH = 16
+"""Nesting of objects and lists in any JSON value given or derived (payload, config, action
+parameters, schemas, a rendered config): 16 JSON levels are about 50 protobuf levels, half
+of what a decoder accepts, so the value still decodes inside every message that carries it."""
+MAX_PAYLOAD_BYTES = 256 * KiB
+"""An event's ``payload`` (and CreateEnforcement's), encoded as protobuf."""
+MAX_CONFIG_BYTES = 64 * KiB
+"""An event's or enforcement's ``config`` as given."""
+MAX_ACTION_PARAMS_BYTES = 64 * KiB
+"""A rule's ``action_params``."""
+MAX_SCHEMA_BYTES = 64 * KiB
+"""A trigger's ``param_schema`` and ``out_schema``."""
+MAX_KEY = 256
+"""An object key inside any JSON value."""
+
+# --- rules -----------------------------------------------------------------------------------
+MAX_CONDITIONS = 64
+"""Conditions of one rule."""
+MAX_CONDITION_VALUE_BYTES = 4 * KiB
+"""The value a condition compares with, encoded as protobuf."""
+MAX_FIELD_PATH = 256
+"""A condition's field path or a template's path, in characters."""
+MAX_FIELD_SEGMENTS = 16
+"""Segments of a dot path (``a.b.c`` has three)."""
+MAX_TEMPLATES = 32
+"""``{{ ... }}`` references in one rule's action parameters."""
+MAX_RULES_PER_TRIGGER = 200
+"""Rules watching one trigger."""
+MAX_CONDITIONS_PER_TRIGGER = 1000
+"""Conditions of all the rules of one trigger, which every event of it is matched against:
+the bound on matching cost per event (the worst, 1,000 substring searches of a 256 KiB
+payload string, costs ~0.4 s of CPU and runs off the event loop)."""
+
+# --- derived records -------------------------------------------------------------------------
+MAX_DERIVED_DEPTH = 24
+"""Nesting of a rendered config: a template may put a (16-deep) payload value inside the
+action parameters' own nesting. 24 JSON levels are about 76 protobuf levels inside a watch
+stream message, still under the decoders' 100."""
+MAX_ENFORCEMENT_BYTES = 1 * MiB
+"""One enforcement as sent on the watch stream (payload, rendered config, conditions)."""
+MAX_CREATE_RESPONSE_BYTES = 3 * MiB
+"""CreateEvent's answer: the event and every enforcement it produced (each carries the payload)."""
+MAX_DERIVED_PER_CALL_BYTES = 32 * MiB
+"""Everything one CreateEvents call would write (events and enforcements), encoded."""
+
+# --- batches and pages -----------------------------------------------------------------------
+MAX_BATCH = 1000
+"""Events in CreateEvents, decisions in ResolveEnforcements."""
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_BYTES = 2 * MiB
+"""A list page stops early, with its next_page_token, before it would exceed this."""
+MAX_IN_FLIGHT = 1000
+"""A watch stream's ``max_in_flight``."""
+MAX_WATCH_FILTERS = 100
+"""Refs in a watch stream's ``rule_refs`` or ``trigger_refs``."""
+
+# --- errors ----------------------------------------------------------------------------------
+MAX_ERROR_MESSAGE = 512
+"""Characters of an error's message; longer ones are cut (the details stay in the log)."""
+MAX_VIOLATIONS = 10
+"""Field violations listed in one BadRequest detail."""
+MAX_ECHO = 60
+"""Characters of a caller's value an error message may quote."""
