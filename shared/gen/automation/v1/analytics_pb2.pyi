@@ -29,7 +29,7 @@ class QueryEventVolumeRequest(_message.Message):
     RANGE_FIELD_NUMBER: _builtins.int
     TRIGGER_REF_FIELD_NUMBER: _builtins.int
     trigger_ref: _builtins.str
-    """Only this trigger reference (empty: all)."""
+    """Only this trigger reference (empty: all), `pack.name`, at most 255 characters."""
     @_builtins.property
     def range(self) -> _common_pb2.TimeRange:
         """Hours to cover, by bucket start. Unset bounds default to the last 24 hours; at most
@@ -116,7 +116,7 @@ class QueryEnforcementVolumeRequest(_message.Message):
     RULE_REF_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     rule_ref: _builtins.str
-    """Only this rule reference (empty: all)."""
+    """Only this rule reference (empty: all), `pack.name`, at most 255 characters."""
     status: _common_pb2.EnforcementStatus.ValueType
     """Only this status; UNSPECIFIED means all."""
     @_builtins.property

@@ -35,21 +35,26 @@ class CreateEnforcementRequest(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     rule_ref: _builtins.str
-    """Reference of the rule that fired; the rule must exist."""
+    """Reference of the rule that fired, `pack.name`, at most 255 characters; the rule must
+    exist.
+    """
     event: _builtins.int
     """Id of the event that fired it (a soft reference: it need not exist)."""
     request_id: _builtins.str
-    """Idempotency key chosen by the caller (at most 200 characters); a retry with the same key
-    within 24 hours returns the original enforcement.
+    """Idempotency key chosen by the caller (at most 200 characters; NUL characters are
+    refused); a retry with the same key within 24 hours returns the original enforcement.
     """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
-        """The event payload as matched (optional, defaults to {})."""
+        """The event payload as matched (optional, defaults to {}), at most 256 KiB encoded and 16
+        levels deep; keys at most 256 characters; NaN, Infinity and NUL characters are refused.
+        """
 
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """The rendered action parameters (optional: when unset, the rule's action parameters are
-        rendered against the payload).
+        rendered against the payload): at most 64 KiB encoded and 16 levels deep; keys at most
+        256 characters; NaN, Infinity and NUL characters are refused.
         """
 
     def __init__(
@@ -137,17 +142,25 @@ class ListEnforcementsRequest(_message.Message):
     TRIGGER_REF_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum number of enforcements to return: default 50, at most 1,000."""
+    """Maximum number of enforcements to return: default 50, at most 1,000. A page also stops
+    early, before 2 MiB; next_page_token then continues it.
+    """
     page_token: _builtins.str
-    """Token from a previous response's next_page_token; empty for the first page."""
+    """Token from a previous response's next_page_token; empty for the first page. Valid only
+    with the list and filters that issued it (INVALID_ARGUMENT otherwise).
+    """
     rule_ref: _builtins.str
-    """Only enforcements of this rule reference."""
+    """Only enforcements of this rule reference (`pack.name`, at most 255 characters; empty:
+    any).
+    """
     event: _builtins.int
     """Only enforcements of this event id."""
     status: _common_pb2.EnforcementStatus.ValueType
     """Only enforcements in this status; UNSPECIFIED means any."""
     trigger_ref: _builtins.str
-    """Only enforcements of this trigger reference."""
+    """Only enforcements of this trigger reference (`pack.name`, at most 255 characters;
+    empty: any).
+    """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only enforcements created in this range."""
@@ -216,9 +229,13 @@ class ResolveEnforcementRequest(_message.Message):
     status: _common_pb2.EnforcementStatus.ValueType
     """The decision: PROCESSED or DISABLED."""
     executor_id: _builtins.str
-    """Identifier of the deciding executor, for logs (optional)."""
+    """Identifier of the deciding executor, for logs (optional), at most 200 characters; NUL
+    characters are refused.
+    """
     reason: _builtins.str
-    """Why the executor decided so, for logs (optional)."""
+    """Why the executor decided so, for logs (optional), at most 1,024 characters; NUL
+    characters are refused.
+    """
     def __init__(
         self,
         *,
@@ -408,9 +425,13 @@ class ReleaseEnforcementRequest(_message.Message):
     id: _builtins.int
     """Id of the enforcement."""
     executor_id: _builtins.str
-    """The executor that holds the lease; a release by another executor is ignored."""
+    """The executor that holds the lease (required, at most 200 characters; NUL characters are
+    refused); a release by another executor is ignored.
+    """
     error: _builtins.str
-    """Why it could not be decided (kept as the enforcement's last error)."""
+    """Why it could not be decided (kept as the enforcement's last error), at most 1,024
+    characters; NUL characters are refused.
+    """
     def __init__(
         self,
         *,
@@ -459,16 +480,24 @@ class WatchEnforcementsRequest(_message.Message):
     RULE_REFS_FIELD_NUMBER: _builtins.int
     TRIGGER_REFS_FIELD_NUMBER: _builtins.int
     executor_id: _builtins.str
-    """Identifier of the executor, unique among running executors (e.g. host-pid-random)."""
+    """Identifier of the executor, unique among running executors (e.g. host-pid-random).
+    Required, at most 200 characters; NUL characters are refused.
+    """
     max_in_flight: _builtins.int
-    """Most enforcements handed out and not yet resolved at once: default 16, at most 1,000."""
+    """Most enforcements handed out and not yet resolved at once: 0 to 1,000, where 0 means the
+    default, 16.
+    """
     @_builtins.property
     def rule_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only enforcements of these rule references (empty: all)."""
+        """Only enforcements of these rule references (empty: all): at most 100, each `pack.name`
+        of at most 255 characters.
+        """
 
     @_builtins.property
     def trigger_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only enforcements of these trigger references (empty: all)."""
+        """Only enforcements of these trigger references (empty: all): at most 100, each
+        `pack.name` of at most 255 characters.
+        """
 
     def __init__(
         self,

@@ -89,7 +89,10 @@ class EnforcementServiceServicer:
 
     def CreateEnforcement(self, request, context):
         """Records an enforcement for callers that match rules themselves. The rule must exist;
-        the event is a soft reference and need not exist. At most one per (rule, event).
+        the event is a soft reference and need not exist. At most one per (rule, event). When
+        config is unset, the enforcement may be at most 1 MiB encoded and its rendered config at
+        most 24 levels deep; past that the call is INVALID_ARGUMENT naming the payload and
+        nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,7 +127,8 @@ class EnforcementServiceServicer:
         and each on its own: one refused does not stop the others, and its outcome carries the
         error ResolveEnforcement would have returned. Executors send in one call the decisions
         they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
-        when a decision is malformed or an id appears twice.
+        when a decision is malformed or an id appears twice. A request over 4 MiB is
+        RESOURCE_EXHAUSTED (from gRPC).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,7 +36,10 @@ class EnforcementServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EnforcementServiceAsyncStub: ...
     CreateEnforcement: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.CreateEnforcementRequest, _enforcement_pb2.CreateEnforcementResponse]
     """Records an enforcement for callers that match rules themselves. The rule must exist;
-    the event is a soft reference and need not exist. At most one per (rule, event).
+    the event is a soft reference and need not exist. At most one per (rule, event). When
+    config is unset, the enforcement may be at most 1 MiB encoded and its rendered config at
+    most 24 levels deep; past that the call is INVALID_ARGUMENT naming the payload and
+    nothing is stored.
     """
     GetEnforcement: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.GetEnforcementRequest, _common_pb2.Enforcement]
     """Returns one enforcement."""
@@ -53,7 +56,8 @@ class EnforcementServiceStub:
     and each on its own: one refused does not stop the others, and its outcome carries the
     error ResolveEnforcement would have returned. Executors send in one call the decisions
     they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
-    when a decision is malformed or an id appears twice.
+    when a decision is malformed or an id appears twice. A request over 4 MiB is
+    RESOURCE_EXHAUSTED (from gRPC).
     """
     ReleaseEnforcement: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.ReleaseEnforcementRequest, _enforcement_pb2.ReleaseEnforcementResponse]
     """Gives a leased enforcement back undecided (it will be offered again), recording why."""
@@ -75,7 +79,10 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateEnforcement: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.CreateEnforcementRequest, _enforcement_pb2.CreateEnforcementResponse]  # type: ignore[assignment]
     """Records an enforcement for callers that match rules themselves. The rule must exist;
-    the event is a soft reference and need not exist. At most one per (rule, event).
+    the event is a soft reference and need not exist. At most one per (rule, event). When
+    config is unset, the enforcement may be at most 1 MiB encoded and its rendered config at
+    most 24 levels deep; past that the call is INVALID_ARGUMENT naming the payload and
+    nothing is stored.
     """
     GetEnforcement: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.GetEnforcementRequest, _common_pb2.Enforcement]  # type: ignore[assignment]
     """Returns one enforcement."""
@@ -92,7 +99,8 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     and each on its own: one refused does not stop the others, and its outcome carries the
     error ResolveEnforcement would have returned. Executors send in one call the decisions
     they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
-    when a decision is malformed or an id appears twice.
+    when a decision is malformed or an id appears twice. A request over 4 MiB is
+    RESOURCE_EXHAUSTED (from gRPC).
     """
     ReleaseEnforcement: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.ReleaseEnforcementRequest, _enforcement_pb2.ReleaseEnforcementResponse]  # type: ignore[assignment]
     """Gives a leased enforcement back undecided (it will be offered again), recording why."""
@@ -117,7 +125,10 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_enforcement_pb2.CreateEnforcementResponse, _abc.Awaitable[_enforcement_pb2.CreateEnforcementResponse]]:
         """Records an enforcement for callers that match rules themselves. The rule must exist;
-        the event is a soft reference and need not exist. At most one per (rule, event).
+        the event is a soft reference and need not exist. At most one per (rule, event). When
+        config is unset, the enforcement may be at most 1 MiB encoded and its rendered config at
+        most 24 levels deep; past that the call is INVALID_ARGUMENT naming the payload and
+        nothing is stored.
         """
 
     @_abc_1.abstractmethod
@@ -158,7 +169,8 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         and each on its own: one refused does not stop the others, and its outcome carries the
         error ResolveEnforcement would have returned. Executors send in one call the decisions
         they made while their previous call was in flight. INVALID_ARGUMENT (nothing resolved)
-        when a decision is malformed or an id appears twice.
+        when a decision is malformed or an id appears twice. A request over 4 MiB is
+        RESOURCE_EXHAUSTED (from gRPC).
         """
 
     @_abc_1.abstractmethod

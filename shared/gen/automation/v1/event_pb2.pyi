@@ -35,24 +35,33 @@ class NewEvent(_message.Message):
     RULE_REF_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     trigger_ref: _builtins.str
-    """Reference of the trigger, `pack.name`; the trigger must exist."""
+    """Reference of the trigger, `pack.name`, at most 255 characters; the trigger must exist."""
     source: _builtins.int
     """Id of the reporting sensor, if known."""
     source_ref: _builtins.str
-    """Reference of the reporting sensor (optional)."""
+    """Reference of the reporting sensor (optional), at most 255 characters; NUL characters
+    are refused.
+    """
     rule_ref: _builtins.str
-    """When set, only this rule (by reference) is evaluated; it must exist and watch the trigger."""
+    """When set, only this rule (`pack.name`, at most 255 characters) is evaluated; it must
+    exist and watch the trigger.
+    """
     request_id: _builtins.str
-    """Idempotency key chosen by the caller (at most 200 characters). A retry with the same key
-    within 24 hours returns the original result instead of storing a duplicate.
+    """Idempotency key chosen by the caller (at most 200 characters; NUL characters are
+    refused). A retry with the same key within 24 hours returns the original result instead
+    of storing a duplicate.
     """
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
-        """Configuration of the trigger instance (free form, optional)."""
+        """Configuration of the trigger instance (free form, optional): at most 64 KiB encoded and
+        16 levels deep; keys at most 256 characters; NaN, Infinity and NUL characters are refused.
+        """
 
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
-        """What happened: a JSON object (optional, defaults to {})."""
+        """What happened: a JSON object (optional, defaults to {}), at most 256 KiB encoded and 16
+        levels deep; keys at most 256 characters; NaN, Infinity and NUL characters are refused.
+        """
 
     def __init__(
         self,
@@ -262,15 +271,23 @@ class ListEventsRequest(_message.Message):
     RULE_REF_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum number of events to return: default 50, at most 1,000."""
+    """Maximum number of events to return: default 50, at most 1,000. A page also stops early,
+    before 2 MiB; next_page_token then continues it.
+    """
     page_token: _builtins.str
-    """Token from a previous response's next_page_token; empty for the first page."""
+    """Token from a previous response's next_page_token; empty for the first page. Valid only
+    with the list and filters that issued it (INVALID_ARGUMENT otherwise).
+    """
     trigger_ref: _builtins.str
-    """Only events of this trigger reference."""
+    """Only events of this trigger reference (`pack.name`, at most 255 characters; empty: any)."""
     source_ref: _builtins.str
-    """Only events reported by this sensor reference."""
+    """Only events reported by this sensor reference (at most 255 characters; NUL characters
+    are refused).
+    """
     rule_ref: _builtins.str
-    """Only events that targeted this rule reference."""
+    """Only events that targeted this rule reference (`pack.name`, at most 255 characters;
+    empty: any).
+    """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only events created in this range."""

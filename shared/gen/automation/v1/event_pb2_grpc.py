@@ -65,13 +65,19 @@ class EventServiceServicer:
     def CreateEvent(self, request, context):
         """Stores an event, matches it against the enabled rules of its trigger (or only the rule
         it targets) and stores one enforcement per matching rule, all in one transaction.
+        Derived limits: each enforcement at most 1 MiB encoded, its rendered config at most 24
+        levels deep, and the answer (event and enforcements) at most 3 MiB; past them the call
+        is INVALID_ARGUMENT naming the payload and nothing is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateEvents(self, request, context):
-        """Stores up to 1,000 events and their enforcements in one transaction (all or nothing).
+        """Stores 1 to 1,000 events and their enforcements in one transaction (all or nothing).
+        Each event has CreateEvent's derived limits, and one call at most 32 MiB of events and
+        enforcements in all; past them the call is INVALID_ARGUMENT naming the payload (or
+        `events`) and nothing is stored. A request over 4 MiB is RESOURCE_EXHAUSTED (from gRPC).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -37,9 +37,16 @@ class EventServiceStub:
     CreateEvent: _grpc.UnaryUnaryMultiCallable[_event_pb2.CreateEventRequest, _event_pb2.CreateEventResponse]
     """Stores an event, matches it against the enabled rules of its trigger (or only the rule
     it targets) and stores one enforcement per matching rule, all in one transaction.
+    Derived limits: each enforcement at most 1 MiB encoded, its rendered config at most 24
+    levels deep, and the answer (event and enforcements) at most 3 MiB; past them the call
+    is INVALID_ARGUMENT naming the payload and nothing is stored.
     """
     CreateEvents: _grpc.UnaryUnaryMultiCallable[_event_pb2.CreateEventsRequest, _event_pb2.CreateEventsResponse]
-    """Stores up to 1,000 events and their enforcements in one transaction (all or nothing)."""
+    """Stores 1 to 1,000 events and their enforcements in one transaction (all or nothing).
+    Each event has CreateEvent's derived limits, and one call at most 32 MiB of events and
+    enforcements in all; past them the call is INVALID_ARGUMENT naming the payload (or
+    `events`) and nothing is stored. A request over 4 MiB is RESOURCE_EXHAUSTED (from gRPC).
+    """
     GetEvent: _grpc.UnaryUnaryMultiCallable[_event_pb2.GetEventRequest, _common_pb2.Event]
     """Returns one event."""
     ListEvents: _grpc.UnaryUnaryMultiCallable[_event_pb2.ListEventsRequest, _event_pb2.ListEventsResponse]
@@ -53,9 +60,16 @@ class EventServiceAsyncStub(EventServiceStub):
     CreateEvent: _aio.UnaryUnaryMultiCallable[_event_pb2.CreateEventRequest, _event_pb2.CreateEventResponse]  # type: ignore[assignment]
     """Stores an event, matches it against the enabled rules of its trigger (or only the rule
     it targets) and stores one enforcement per matching rule, all in one transaction.
+    Derived limits: each enforcement at most 1 MiB encoded, its rendered config at most 24
+    levels deep, and the answer (event and enforcements) at most 3 MiB; past them the call
+    is INVALID_ARGUMENT naming the payload and nothing is stored.
     """
     CreateEvents: _aio.UnaryUnaryMultiCallable[_event_pb2.CreateEventsRequest, _event_pb2.CreateEventsResponse]  # type: ignore[assignment]
-    """Stores up to 1,000 events and their enforcements in one transaction (all or nothing)."""
+    """Stores 1 to 1,000 events and their enforcements in one transaction (all or nothing).
+    Each event has CreateEvent's derived limits, and one call at most 32 MiB of events and
+    enforcements in all; past them the call is INVALID_ARGUMENT naming the payload (or
+    `events`) and nothing is stored. A request over 4 MiB is RESOURCE_EXHAUSTED (from gRPC).
+    """
     GetEvent: _aio.UnaryUnaryMultiCallable[_event_pb2.GetEventRequest, _common_pb2.Event]  # type: ignore[assignment]
     """Returns one event."""
     ListEvents: _aio.UnaryUnaryMultiCallable[_event_pb2.ListEventsRequest, _event_pb2.ListEventsResponse]  # type: ignore[assignment]
@@ -72,6 +86,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_event_pb2.CreateEventResponse, _abc.Awaitable[_event_pb2.CreateEventResponse]]:
         """Stores an event, matches it against the enabled rules of its trigger (or only the rule
         it targets) and stores one enforcement per matching rule, all in one transaction.
+        Derived limits: each enforcement at most 1 MiB encoded, its rendered config at most 24
+        levels deep, and the answer (event and enforcements) at most 3 MiB; past them the call
+        is INVALID_ARGUMENT naming the payload and nothing is stored.
         """
 
     @_abc_1.abstractmethod
@@ -80,7 +97,11 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _event_pb2.CreateEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_event_pb2.CreateEventsResponse, _abc.Awaitable[_event_pb2.CreateEventsResponse]]:
-        """Stores up to 1,000 events and their enforcements in one transaction (all or nothing)."""
+        """Stores 1 to 1,000 events and their enforcements in one transaction (all or nothing).
+        Each event has CreateEvent's derived limits, and one call at most 32 MiB of events and
+        enforcements in all; past them the call is INVALID_ARGUMENT naming the payload (or
+        `events`) and nothing is stored. A request over 4 MiB is RESOURCE_EXHAUSTED (from gRPC).
+        """
 
     @_abc_1.abstractmethod
     def GetEvent(

@@ -190,13 +190,19 @@ class ListExecutionsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum number of executions to return: default 50, at most 1,000."""
+    """Maximum number of executions to return: default 50, at most 1,000. A page also stops
+    early, before 2 MiB; next_page_token then continues it.
+    """
     page_token: _builtins.str
-    """Token from a previous response's next_page_token; empty for the first page."""
+    """Token from a previous response's next_page_token; empty for the first page. Valid only
+    with the list and filters that issued it (INVALID_ARGUMENT otherwise).
+    """
     enforcement: _builtins.int
     """Only the execution(s) of this enforcement."""
     action_ref: _builtins.str
-    """Only executions of this action reference."""
+    """Only executions of this action reference (`pack.name`, at most 255 characters; empty:
+    any).
+    """
     status: Global___ExecutionStatus.ValueType
     """Only executions in this status; UNSPECIFIED means any."""
     @_builtins.property

@@ -99,11 +99,17 @@ class ListHistoryRequest(_message.Message):
     operation: _builtins.str
     """Only records of this operation: INSERT, UPDATE or DELETE."""
     changed_field: _builtins.str
-    """Only records where this field changed."""
+    """Only records where this field changed (at most 255 characters; NUL characters are
+    refused).
+    """
     page_size: _builtins.int
-    """Maximum number of records to return: default 50, at most 1,000."""
+    """Maximum number of records to return: default 50, at most 1,000. A page also stops
+    early, before 2 MiB; next_page_token then continues it.
+    """
     page_token: _builtins.str
-    """Token from a previous response's next_page_token; empty for the first page."""
+    """Token from a previous response's next_page_token; empty for the first page. Valid only
+    with the list and filters that issued it (INVALID_ARGUMENT otherwise).
+    """
     @_builtins.property
     def time(self) -> _common_pb2.TimeRange:
         """Only records in this time range."""

@@ -73,20 +73,28 @@ class Trigger(_message.Message):
     id: _builtins.int
     """Server-assigned identifier (output only)."""
     ref: _builtins.str
-    """Unique reference, `pack.name` (lower case letters, digits, `_` and `-`)."""
+    """Unique reference, `pack.name` (lower case letters, digits, `_` and `-`), at most 255
+    characters.
+    """
     pack_ref: _builtins.str
     """The pack part of ref (output only)."""
     label: _builtins.str
-    """Human-readable name (optional)."""
+    """Human-readable name (optional), at most 255 characters; NUL characters are refused."""
     description: _builtins.str
-    """What the trigger means (optional)."""
+    """What the trigger means (optional), at most 4,096 characters; NUL characters are refused."""
     @_builtins.property
     def param_schema(self) -> _struct_pb2.Struct:
-        """JSON schema of the trigger's parameters (optional, informative)."""
+        """JSON schema of the trigger's parameters (optional, informative): at most 64 KiB encoded
+        and 16 levels deep; keys at most 256 characters; NaN, Infinity and NUL characters are
+        refused.
+        """
 
     @_builtins.property
     def out_schema(self) -> _struct_pb2.Struct:
-        """JSON schema of the payloads of its events (optional, informative)."""
+        """JSON schema of the payloads of its events (optional, informative): at most 64 KiB
+        encoded and 16 levels deep; keys at most 256 characters; NaN, Infinity and NUL
+        characters are refused.
+        """
 
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp:
@@ -127,12 +135,16 @@ class RuleCondition(_message.Message):
     OPERATOR_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     field: _builtins.str
-    """Dot path into the payload, such as `body.action` (non-empty segments)."""
+    """Dot path into the payload, such as `body.action` (non-empty segments): at most 256
+    characters and 16 segments; NUL characters are refused.
+    """
     operator: Global___ConditionOperator.ValueType
     """The comparison."""
     @_builtins.property
     def value(self) -> _struct_pb2.Value:
-        """The value compared against (any JSON value; must be set)."""
+        """The value compared against (any JSON value; must be set): at most 4 KiB encoded and 16
+        levels deep; keys at most 256 characters; NaN, Infinity and NUL characters are refused.
+        """
 
     def __init__(
         self,
@@ -172,20 +184,22 @@ class Rule(_message.Message):
     id: _builtins.int
     """Server-assigned identifier (output only)."""
     ref: _builtins.str
-    """Unique reference, `pack.name`."""
+    """Unique reference, `pack.name`, at most 255 characters."""
     pack_ref: _builtins.str
     """The pack part of ref (output only)."""
     label: _builtins.str
-    """Human-readable name (optional)."""
+    """Human-readable name (optional), at most 255 characters; NUL characters are refused."""
     description: _builtins.str
-    """What the rule does (optional)."""
+    """What the rule does (optional), at most 4,096 characters; NUL characters are refused."""
     trigger: _builtins.int
     """Id of the watched trigger (output only; unset once the trigger is deleted)."""
     trigger_ref: _builtins.str
-    """Reference of the watched trigger; it must exist when the rule is created."""
+    """Reference of the watched trigger, `pack.name`, at most 255 characters; it must exist
+    when the rule is created.
+    """
     action_ref: _builtins.str
-    """Reference of the action to request, `pack.name`. Empty means no action: the rule's
-    enforcements resolve DISABLED.
+    """Reference of the action to request, `pack.name`, at most 255 characters. Empty means no
+    action: the rule's enforcements resolve DISABLED.
     """
     condition: _common_pb2.EnforcementCondition.ValueType
     """How the conditions combine; UNSPECIFIED means ALL."""
@@ -194,12 +208,14 @@ class Rule(_message.Message):
     @_builtins.property
     def action_params(self) -> _struct_pb2.Struct:
         """Parameters of the action; strings may hold templates such as {{ event.payload.a.b }},
-        {{ event.id }}, {{ event.trigger }}, {{ event.created }} and {{ rule.ref }}.
+        {{ event.id }}, {{ event.trigger }}, {{ event.created }} and {{ rule.ref }}. At most
+        64 KiB encoded, 16 levels deep and 32 templates (each path at most 256 characters and
+        16 segments); keys at most 256 characters; NaN, Infinity and NUL characters are refused.
         """
 
     @_builtins.property
     def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleCondition]:
-        """The tests an event's payload must pass."""
+        """The tests an event's payload must pass, at most 64."""
 
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp:
@@ -277,7 +293,7 @@ class GetTriggerRequest(_message.Message):
     id: _builtins.int
     """Id of the trigger."""
     ref: _builtins.str
-    """Reference of the trigger."""
+    """Reference of the trigger, `pack.name`, at most 255 characters."""
     def __init__(
         self,
         *,
@@ -304,11 +320,15 @@ class ListTriggersRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     PACK_REF_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum number of triggers to return: default 50, at most 1,000."""
+    """Maximum number of triggers to return: default 50, at most 1,000. A page also stops early,
+    before 2 MiB; next_page_token then continues it.
+    """
     page_token: _builtins.str
-    """Token from a previous response's next_page_token; empty for the first page."""
+    """Token from a previous response's next_page_token; empty for the first page. Valid only
+    with the list and filters that issued it (INVALID_ARGUMENT otherwise).
+    """
     pack_ref: _builtins.str
-    """Only triggers of this pack."""
+    """Only triggers of this pack (at most 255 characters; NUL characters are refused)."""
     def __init__(
         self,
         *,
@@ -363,7 +383,7 @@ class DeleteTriggerRequest(_message.Message):
     id: _builtins.int
     """Id of the trigger."""
     ref: _builtins.str
-    """Reference of the trigger."""
+    """Reference of the trigger, `pack.name`, at most 255 characters."""
     def __init__(
         self,
         *,
@@ -415,7 +435,7 @@ class GetRuleRequest(_message.Message):
     id: _builtins.int
     """Id of the rule."""
     ref: _builtins.str
-    """Reference of the rule."""
+    """Reference of the rule, `pack.name`, at most 255 characters."""
     def __init__(
         self,
         *,
@@ -445,15 +465,23 @@ class ListRulesRequest(_message.Message):
     ACTION_REF_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Maximum number of rules to return: default 50, at most 1,000."""
+    """Maximum number of rules to return: default 50, at most 1,000. A page also stops early,
+    before 2 MiB; next_page_token then continues it.
+    """
     page_token: _builtins.str
-    """Token from a previous response's next_page_token; empty for the first page."""
+    """Token from a previous response's next_page_token; empty for the first page. Valid only
+    with the list and filters that issued it (INVALID_ARGUMENT otherwise).
+    """
     pack_ref: _builtins.str
-    """Only rules of this pack."""
+    """Only rules of this pack (at most 255 characters; NUL characters are refused)."""
     trigger_ref: _builtins.str
-    """Only rules watching this trigger reference."""
+    """Only rules watching this trigger reference (`pack.name`, at most 255 characters; empty:
+    any).
+    """
     action_ref: _builtins.str
-    """Only rules requesting this action reference."""
+    """Only rules requesting this action reference (`pack.name`, at most 255 characters; empty:
+    any).
+    """
     enabled: _builtins.bool
     """Only enabled (true) or disabled (false) rules; unset means both."""
     def __init__(
@@ -547,7 +575,7 @@ class DeleteRuleRequest(_message.Message):
     id: _builtins.int
     """Id of the rule."""
     ref: _builtins.str
-    """Reference of the rule."""
+    """Reference of the rule, `pack.name`, at most 255 characters."""
     def __init__(
         self,
         *,

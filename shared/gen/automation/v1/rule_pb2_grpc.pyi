@@ -43,13 +43,17 @@ class RuleServiceStub:
     DeleteTrigger: _grpc.UnaryUnaryMultiCallable[_rule_pb2.DeleteTriggerRequest, _empty_pb2.Empty]
     """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset."""
     CreateRule: _grpc.UnaryUnaryMultiCallable[_rule_pb2.CreateRuleRequest, _rule_pb2.Rule]
-    """Defines a rule on an existing trigger. Malformed conditions are refused here."""
+    """Defines a rule on an existing trigger. Malformed conditions are refused here. A trigger
+    takes at most 200 rules and 1,000 conditions in all (FAILED_PRECONDITION past that).
+    """
     GetRule: _grpc.UnaryUnaryMultiCallable[_rule_pb2.GetRuleRequest, _rule_pb2.Rule]
     """Returns one rule, by id or reference."""
     ListRules: _grpc.UnaryUnaryMultiCallable[_rule_pb2.ListRulesRequest, _rule_pb2.ListRulesResponse]
     """Lists rules, newest first, with combinable filters."""
     UpdateRule: _grpc.UnaryUnaryMultiCallable[_rule_pb2.UpdateRuleRequest, _rule_pb2.Rule]
-    """Changes the fields of a rule named in update_mask (enabling and disabling included)."""
+    """Changes the fields of a rule named in update_mask (enabling and disabling included).
+    FAILED_PRECONDITION when new conditions would give the trigger more than 1,000 in all.
+    """
     DeleteRule: _grpc.UnaryUnaryMultiCallable[_rule_pb2.DeleteRuleRequest, _empty_pb2.Empty]
     """Deletes a rule. Its pending enforcements will resolve DISABLED."""
 
@@ -67,13 +71,17 @@ class RuleServiceAsyncStub(RuleServiceStub):
     DeleteTrigger: _aio.UnaryUnaryMultiCallable[_rule_pb2.DeleteTriggerRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset."""
     CreateRule: _aio.UnaryUnaryMultiCallable[_rule_pb2.CreateRuleRequest, _rule_pb2.Rule]  # type: ignore[assignment]
-    """Defines a rule on an existing trigger. Malformed conditions are refused here."""
+    """Defines a rule on an existing trigger. Malformed conditions are refused here. A trigger
+    takes at most 200 rules and 1,000 conditions in all (FAILED_PRECONDITION past that).
+    """
     GetRule: _aio.UnaryUnaryMultiCallable[_rule_pb2.GetRuleRequest, _rule_pb2.Rule]  # type: ignore[assignment]
     """Returns one rule, by id or reference."""
     ListRules: _aio.UnaryUnaryMultiCallable[_rule_pb2.ListRulesRequest, _rule_pb2.ListRulesResponse]  # type: ignore[assignment]
     """Lists rules, newest first, with combinable filters."""
     UpdateRule: _aio.UnaryUnaryMultiCallable[_rule_pb2.UpdateRuleRequest, _rule_pb2.Rule]  # type: ignore[assignment]
-    """Changes the fields of a rule named in update_mask (enabling and disabling included)."""
+    """Changes the fields of a rule named in update_mask (enabling and disabling included).
+    FAILED_PRECONDITION when new conditions would give the trigger more than 1,000 in all.
+    """
     DeleteRule: _aio.UnaryUnaryMultiCallable[_rule_pb2.DeleteRuleRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a rule. Its pending enforcements will resolve DISABLED."""
 
@@ -118,7 +126,9 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rule_pb2.CreateRuleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rule_pb2.Rule, _abc.Awaitable[_rule_pb2.Rule]]:
-        """Defines a rule on an existing trigger. Malformed conditions are refused here."""
+        """Defines a rule on an existing trigger. Malformed conditions are refused here. A trigger
+        takes at most 200 rules and 1,000 conditions in all (FAILED_PRECONDITION past that).
+        """
 
     @_abc_1.abstractmethod
     def GetRule(
@@ -142,7 +152,9 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _rule_pb2.UpdateRuleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_rule_pb2.Rule, _abc.Awaitable[_rule_pb2.Rule]]:
-        """Changes the fields of a rule named in update_mask (enabling and disabling included)."""
+        """Changes the fields of a rule named in update_mask (enabling and disabling included).
+        FAILED_PRECONDITION when new conditions would give the trigger more than 1,000 in all.
+        """
 
     @_abc_1.abstractmethod
     def DeleteRule(
