@@ -19,9 +19,15 @@ MAX_MESSAGE_BYTES = 4 * MiB
 limit, so every default-configured client can read every answer."""
 MAX_METADATA_BYTES = 16 * KiB
 """Largest request metadata (headers) the api accepts."""
-MAX_CONCURRENT_RPCS = 512
+MAX_CONCURRENT_RPCS = 256
 """Calls (watch streams included) the api serves at once; more are RESOURCE_EXHAUSTED. With
-MAX_MESSAGE_BYTES it bounds the memory requests can hold."""
+MAX_MESSAGE_BYTES it bounds the memory received requests can hold (1 GiB at the very worst)."""
+MAX_REQUEST_MEMORY_BYTES = 256 * MiB
+"""Memory the calls being handled may claim together (their size times REQUEST_AMPLIFICATION);
+past it, calls wait their turn within their deadline."""
+REQUEST_AMPLIFICATION = 8
+"""What a request costs while handled, as a multiple of its size: decoded messages and JSON,
+derived enforcements (bounded at 8x a CreateEvents call) and the answer."""
 MAX_CONCURRENT_STREAMS = 128
 """HTTP/2 streams (calls) one connection may have open at once."""
 MAX_CONNECTION_IDLE_MS = 30 * 60 * 1000

@@ -1,4 +1,5 @@
-"""A server interceptor that answers undecodable requests with INVALID_ARGUMENT.
+"""A server interceptor that answers undecodable requests with INVALID_ARGUMENT and bounds the
+memory that requests being handled can take.
 
 grpc decodes a request before any handler runs; when that fails (bytes that are not the
 message, invalid UTF-8 in a string, nesting past the decoder's 100 levels) it answers
@@ -6,10 +7,19 @@ UNKNOWN with a Python class name. This interceptor receives the request as bytes
 and decodes it itself, so a corrupt request gets a canonical status that names the message.
 Only this api's own services are wrapped (their streaming methods are async generators);
 health and reflection keep grpc's own handling.
+
+Memory: a request's decoded form, what is derived from it and its answer can take several
+times its size. Each call holds ``REQUEST_AMPLIFICATION`` times its size of one shared
+budget (``MAX_REQUEST_MEMORY_BYTES``) while it is handled; when the budget is spent, calls
+wait their turn (first come, first served) within their deadline. Small calls are well
+under it; only many large ones at once queue, instead of taking the process's memory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,6 +27,7 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor_pool
 
+from shared import limits
 from shared.errors import InvalidArgument, to_status
 
 log = logging.getLogger("services.api.rpc")
@@ -51,8 +62,56 @@ async def _decode(
         raise AssertionError("unreachable") from None  # abort_with_status always raises
 
 
+class ByteBudget:
+    """Bytes shared by the calls being handled; ``hold(n)`` waits (FIFO) until ``n`` are free."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, n: int) -> AsyncIterator[None]:
+        n = min(n, self.total)  # a call larger than the whole budget waits for all of it
+        if self.free >= n and not self._waiters:
+            self.free -= n
+        else:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((n, future))
+            try:
+                await future
+            except BaseException:
+                if future.done() and not future.cancelled():
+                    self._give(n)  # granted just as we were cancelled
+                else:
+                    self._waiters.remove((n, future))
+                    self._grant()
+                raise
+        try:
+            yield
+        finally:
+            self._give(n)
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for their share."""
+        return len(self._waiters)
+
+    def _give(self, n: int) -> None:
+        self.free += n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            n, future = self._waiters.popleft()
+            if not future.done():
+                self.free -= n
+                future.set_result(None)
+
+
 class DecodeGuard(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
+    def __init__(self, budget: ByteBudget | None = None) -> None:
+        self.budget = budget or ByteBudget(limits.MAX_REQUEST_MEMORY_BYTES)
         # The generic handlers answer the same handler object for a method every time, so its
         # wrapper is made once.
         self._wrapped: dict[str, tuple[Handler, Handler]] = {}
@@ -74,18 +133,20 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         known = self._wrapped.get(method)
         if known is not None and known[0] is handler:
             return known[1]
-        wrapped = _wrap(handler, _message_name(method))
+        wrapped = _wrap(handler, _message_name(method), self.budget)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
 
-def _wrap(handler: Handler, name: str) -> Handler:
+def _wrap(handler: Handler, name: str, budget: ByteBudget) -> Handler:
     deserialize = handler.request_deserializer
     if handler.response_streaming:
         inner_stream = handler.unary_stream
 
         async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            request = await _decode(raw, deserialize, name, context)
+            # A stream lives long: it holds the budget only while its request is decoded.
+            async with budget.hold(len(raw) * limits.REQUEST_AMPLIFICATION):
+                request = await _decode(raw, deserialize, name, context)
             async for item in inner_stream(request, context):
                 yield item
 
@@ -94,6 +155,7 @@ def _wrap(handler: Handler, name: str) -> Handler:
     inner = handler.unary_unary
 
     async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await inner(await _decode(raw, deserialize, name, context), context)
+        async with budget.hold(len(raw) * limits.REQUEST_AMPLIFICATION):
+            return await inner(await _decode(raw, deserialize, name, context), context)
 
     return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)
