@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ConfigError(ValueError):
@@ -33,6 +33,21 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
     if value != int(value):
         raise ConfigError(f"{name} must be a whole number, got {env[name]!r}")
     return int(value)
+
+
+def _pem_file(env: Mapping[str, str], name: str) -> str:
+    """The path in ``name``, checked to be a readable PEM file ("" when unset)."""
+    path = env.get(name, "").strip()
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path!r}: {exc.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{name}: {path!r} is not a PEM file")
+    return path
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -77,6 +92,51 @@ class ApiConfig:
     """SHUTDOWN_GRACE_SECONDS: how long in-flight calls may finish after SIGTERM."""
     request_retention_h: float = 48.0
     """REQUEST_ID_RETENTION_HOURS: idempotency keys are kept at least this long (>= 24)."""
+    insecure: bool = False
+    """API_INSECURE: development only: no authentication, every caller may do everything (the
+    api logs a warning on every start). Never the default."""
+    reflection_public: bool = False
+    """API_REFLECTION_PUBLIC: serve reflection without credentials (it needs a valid token of
+    any role otherwise)."""
+    certificate_principals: str = ""
+    """API_TLS_PRINCIPALS: with mutual TLS, client certificates that stand for a principal
+    without a token: ``CN=role[+role],...`` (e.g. ``executor-1=executor,ops=operator``); the
+    certificate's common name is the principal's name."""
+    token_refresh_s: float = 2.0
+    """API_TOKEN_REFRESH_SECONDS: how often the api reloads tokens (a revocation takes effect
+    within this)."""
+    tls_cert: str = ""
+    """API_TLS_CERT: the api's certificate (PEM; a chain may follow it). With API_TLS_KEY the api
+    speaks TLS only; without both, plaintext. Reloaded for new connections when the file changes
+    (rotation without a restart)."""
+    tls_key: str = ""
+    """API_TLS_KEY: the private key of API_TLS_CERT (PEM, unencrypted)."""
+    tls_client_ca: str = ""
+    """API_TLS_CLIENT_CA: mutual TLS: CA certificate(s) (PEM) that must have signed every client's
+    certificate; a client without one cannot connect at all. Needs API_TLS_CERT. Reloaded like it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSecurity:
+    """How a client reaches the api: TLS when ``ca`` is set, its own certificate for mutual TLS,
+    a bearer token on every call. Every client reads it from the same variables."""
+
+    ca: str = ""
+    """API_TLS_CA: CA certificate(s) (PEM) that signed the api's certificate; when set, the client
+    speaks TLS and checks the api's certificate against them."""
+    cert: str = ""
+    """API_TLS_CLIENT_CERT: this client's certificate (PEM) for mutual TLS; with API_TLS_CLIENT_KEY."""
+    key: str = ""
+    """API_TLS_CLIENT_KEY: the private key of API_TLS_CLIENT_CERT (PEM, unencrypted)."""
+    token: str = field(default="", repr=False)
+    """API_TOKEN: a bearer token, sent as ``authorization: Bearer <token>`` with every call."""
+    server_name: str = ""
+    """API_TLS_SERVER_NAME: the name checked in the api's certificate instead of the target's host
+    (when connecting by an address the certificate does not name)."""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +165,51 @@ class ExecutorConfig:
     health_file: str = ""
     """EXECUTOR_HEALTH_FILE: a file touched whenever the watch stream delivers (heartbeats
     included), for container health checks; empty for none."""
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+    """API_TLS_CA, API_TLS_CLIENT_CERT, API_TLS_CLIENT_KEY, API_TOKEN, API_TLS_SERVER_NAME: how it
+    reaches the api (see ClientSecurity)."""
+
+
+_ROLES = ("sensor", "executor", "viewer", "operator")
+
+
+def parse_principals(text: str) -> dict[str, tuple[str, ...]]:
+    """``CN=role[+role],...`` as {common name: roles}; ConfigError when malformed."""
+    out: dict[str, tuple[str, ...]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, roles = item.partition("=")
+        wanted = tuple(r.strip() for r in roles.split("+") if r.strip())
+        if not sep or not name.strip() or not wanted or any(r not in _ROLES for r in wanted):
+            raise ConfigError(
+                f"API_TLS_PRINCIPALS: {item!r} must look like COMMON_NAME=role[+role], roles from {', '.join(_ROLES)}"
+            )
+        out[name.strip()] = wanted
+    return out
+
+
+def _principals(text: str) -> str:
+    parse_principals(text)  # refuse a malformed mapping at start, not at the first call
+    return text
+
+
+def client_security(env: Mapping[str, str] | None = None) -> ClientSecurity:
+    """Reads how a client reaches the api from the environment (``os.environ`` by default);
+    ConfigError when the variables do not fit together or a file cannot be read."""
+    env = os.environ if env is None else env
+    ca = _pem_file(env, "API_TLS_CA")
+    cert = _pem_file(env, "API_TLS_CLIENT_CERT")
+    key = _pem_file(env, "API_TLS_CLIENT_KEY")
+    server_name = env.get("API_TLS_SERVER_NAME", "").strip()
+    token = env.get("API_TOKEN", "").strip()
+    if bool(cert) != bool(key):
+        raise ConfigError("API_TLS_CLIENT_CERT and API_TLS_CLIENT_KEY go together: set both or neither")
+    if cert and not ca:
+        raise ConfigError("API_TLS_CLIENT_CERT needs API_TLS_CA: a client certificate is only sent over TLS")
+    if server_name and not ca:
+        raise ConfigError("API_TLS_SERVER_NAME needs API_TLS_CA: it names the api's certificate, checked over TLS")
+    if token and not all("!" <= ch <= "~" for ch in token):
+        raise ConfigError("API_TOKEN must be printable ASCII without spaces")
+    return ClientSecurity(ca=ca, cert=cert, key=key, token=token, server_name=server_name)
 
 
 def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
@@ -117,6 +222,12 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
     pool_max = _int(env, "DB_POOL_MAX", 16)
     if pool_min > pool_max:
         raise ConfigError(f"DB_POOL_MIN ({pool_min}) exceeds DB_POOL_MAX ({pool_max})")
+    tls_cert, tls_key = _pem_file(env, "API_TLS_CERT"), _pem_file(env, "API_TLS_KEY")
+    tls_client_ca = _pem_file(env, "API_TLS_CLIENT_CA")
+    if bool(tls_cert) != bool(tls_key):
+        raise ConfigError("API_TLS_CERT and API_TLS_KEY go together: set both (TLS) or neither (plaintext)")
+    if tls_client_ca and not tls_cert:
+        raise ConfigError("API_TLS_CLIENT_CA needs API_TLS_CERT and API_TLS_KEY: mutual TLS is TLS first")
     return ApiConfig(
         database_url=url,
         addr=env.get("API_ADDR", "127.0.0.1:50051"),
@@ -131,6 +242,13 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
         heartbeat_s=_float(env, "HEARTBEAT_SECONDS", 5.0, minimum=0.05),
         grace_s=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
         request_retention_h=_float(env, "REQUEST_ID_RETENTION_HOURS", 48.0, minimum=24.0),
+        insecure=_bool(env, "API_INSECURE", False),
+        reflection_public=_bool(env, "API_REFLECTION_PUBLIC", False),
+        certificate_principals=_principals(env.get("API_TLS_PRINCIPALS", "")),
+        token_refresh_s=_float(env, "API_TOKEN_REFRESH_SECONDS", 2.0, minimum=0.1),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_client_ca=tls_client_ca,
     )
 
 
@@ -148,4 +266,5 @@ def executor_config(env: Mapping[str, str] | None = None) -> ExecutorConfig:
         rule_cache_s=_float(env, "RULE_CACHE_SECONDS", 1.0),
         grace_s=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
         health_file=env.get("EXECUTOR_HEALTH_FILE", ""),
+        security=client_security(env),
     )

@@ -83,6 +83,32 @@ class FailedPrecondition(DomainError):
             self.reason = reason
 
 
+class PermissionDenied(DomainError):
+    """The caller may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class Aborted(DomainError):
+    """The operation conflicted with a concurrent one and changed nothing; retry it."""
+
+    code = grpc.StatusCode.ABORTED
+    reason = "CONFLICT"
+
+
+class ResourceExhausted(DomainError):
+    """A per-caller quota is used up; free some of it first."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        if reason:
+            self.reason = reason
+
+
 class Unavailable(DomainError):
     """The database is unreachable; retry later."""
 

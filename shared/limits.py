@@ -107,6 +107,11 @@ MAX_PAGE_BYTES = 2 * MiB
 """A list page stops early, with its next_page_token, before it would exceed this."""
 MAX_IN_FLIGHT = 1000
 """A watch stream's ``max_in_flight``."""
+MAX_WATCH_STREAMS_PER_PRINCIPAL = 16
+"""Watch streams one principal may have open on one api replica."""
+MAX_CREDIT_PER_PRINCIPAL = 2000
+"""Enforcements one principal's watch streams may hold at once on one replica (their
+max_in_flight in all): a client that opens streams and never resolves cannot take all work."""
 MAX_WATCH_FILTERS = 100
 """Refs in a watch stream's ``rule_refs`` or ``trigger_refs``."""
 

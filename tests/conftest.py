@@ -32,6 +32,7 @@ from shared.gen.automation.v1 import (
     history_pb2_grpc,
     rule_pb2_grpc,
 )
+from tests.helpers import channel, store_test_tokens
 from tools.postgres import LocalPostgres
 
 TIMESCALE_IMAGE = "timescale/timescaledb:2.23.0-pg17"
@@ -84,12 +85,21 @@ async def _admin(url: str, *statements: str) -> None:
         await conn.close()
 
 
+async def _with_tokens(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await store_test_tokens(conn)
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="session")
 def template_db(pg_admin_url: str) -> Iterator[str]:
     """The name of a database holding the migrated schema, used as the template of each test's."""
     name = f"automation_tpl_{uuid.uuid4().hex[:8]}"
     asyncio.run(_admin(pg_admin_url, f'CREATE DATABASE "{name}"'))
     asyncio.run(migrate.migrate_url(with_database(pg_admin_url, name)))
+    asyncio.run(_with_tokens(with_database(pg_admin_url, name)))
     # TimescaleDB's scheduler keeps a connection to every database that has the extension,
     # which would block CREATE DATABASE ... TEMPLATE; it leaves alone databases that refuse
     # connections.
@@ -207,16 +217,16 @@ async def api(api_config: ApiConfig) -> AsyncIterator[ApiServer]:
 @pytest.fixture
 async def stubs(api: ApiServer) -> AsyncIterator[Stubs]:
     target = f"127.0.0.1:{api.port}"
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with channel(target) as ch:
         yield Stubs(
-            channel=channel,
+            channel=ch,
             target=target,
-            events=event_pb2_grpc.EventServiceStub(channel),
-            enforcements=enforcement_pb2_grpc.EnforcementServiceStub(channel),
-            rules=rule_pb2_grpc.RuleServiceStub(channel),
-            executions=execution_pb2_grpc.ExecutionServiceStub(channel),
-            history=history_pb2_grpc.HistoryServiceStub(channel),
-            analytics=analytics_pb2_grpc.AnalyticsServiceStub(channel),
+            events=event_pb2_grpc.EventServiceStub(ch),
+            enforcements=enforcement_pb2_grpc.EnforcementServiceStub(ch),
+            rules=rule_pb2_grpc.RuleServiceStub(ch),
+            executions=execution_pb2_grpc.ExecutionServiceStub(ch),
+            history=history_pb2_grpc.HistoryServiceStub(ch),
+            analytics=analytics_pb2_grpc.AnalyticsServiceStub(ch),
         )
 
 

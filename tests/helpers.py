@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -13,9 +14,32 @@ import pytest
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from services.api.auth import ROLES, token_hash
 from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
+from shared.transport import ClientSecurity, open_channel
 
 T = TypeVar("T")
+
+TOKENS = {role: f"atk_test-{role}-{secrets.token_urlsafe(24)}" for role in ROLES}
+"""One token per role, stored in every test database (tests/conftest.py): the in-process api
+and the real processes of the e2e tests authenticate callers as they would in production."""
+OPERATOR = TOKENS["operator"]
+
+
+def channel(target: str, token: str | None = OPERATOR) -> grpc.aio.Channel:
+    """A plaintext channel to a test api whose calls carry ``token`` (operator by default)."""
+    return open_channel(target, ClientSecurity(token=token or ""))
+
+
+async def store_test_tokens(conn: asyncpg.Connection) -> None:
+    """Stores TOKENS (hashes only) in a test database."""
+    for role, token in TOKENS.items():
+        await conn.execute(
+            "INSERT INTO api_token (name, roles, token_hash) VALUES ($1, $2, $3)",
+            f"test-{role}",
+            [role],
+            token_hash(token),
+        )
 
 
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 15.0, what: str = "condition") -> T:

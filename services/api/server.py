@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Sequence
+from datetime import datetime
 
 import asyncpg
 import grpc
@@ -14,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.api import migrate as migrations
 from services.api._guard import DecodeGuard
+from services.api.auth import Authenticator, AuthInterceptor, Principal
 from services.api.dispatcher import Dispatcher
 from services.api.servicers import (
     AnalyticsService,
@@ -23,13 +26,16 @@ from services.api.servicers import (
     HistoryService,
     RuleService,
 )
-from services.api.store import Store, create_pool
+from services.api.servicers_audit import AuditService
+from services.api.store import Store, TokenRow, create_pool
 from shared import limits
-from shared.config import ApiConfig
+from shared.config import ApiConfig, parse_principals
 from shared.errors import Unavailable
 from shared.gen.automation.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     enforcement_pb2,
     enforcement_pb2_grpc,
     event_pb2,
@@ -42,6 +48,7 @@ from shared.gen.automation.v1 import (
     rule_pb2_grpc,
 )
 from shared.runtime import SERVER_KEEPALIVE
+from shared.transport import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ SERVICE_NAMES = [
     execution_pb2.DESCRIPTOR.services_by_name["ExecutionService"].full_name,
     history_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name,
     analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 ]
 
 
@@ -87,15 +95,45 @@ def server_options(config: ApiConfig) -> list[tuple[str, int]]:
     return list(options.items())
 
 
+class _Deferred:
+    """The store's tokens, once the server has a store."""
+
+    def __init__(self, server: ApiServer) -> None:
+        self._server = server
+
+    async def all(self) -> Sequence[TokenRow]:
+        assert self._server.store is not None
+        return await self._server.store.tokens.all()
+
+    async def touch(self, last_used: dict[bytes, datetime]) -> None:
+        if self._server.store is not None:
+            await self._server.store.tokens.touch(last_used)
+
+
 class ApiServer:
     """One api process. ``start`` serves; ``stop`` drains and closes."""
 
     def __init__(self, config: ApiConfig) -> None:
         self.config = config
         self.shutdown = asyncio.Event()
+        # Tokens are read from the store, which exists once start() has connected.
+        self.authenticator = Authenticator(_Deferred(self), refresh_s=config.token_refresh_s)
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+        if not config.insecure:
+            principals = {
+                name: Principal(name, frozenset(roles))
+                for name, roles in parse_principals(config.certificate_principals).items()
+            }
+            # First: nobody unauthenticated gets as far as decoding a request.
+            interceptors.insert(
+                0,
+                AuthInterceptor(
+                    self.authenticator, reflection_public=config.reflection_public, certificate_principals=principals
+                ),
+            )
         self.server = grpc.aio.server(
             options=server_options(config),
-            interceptors=[DecodeGuard()],
+            interceptors=interceptors,
             maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS,
         )
         self.health = health.aio.HealthServicer()
@@ -124,6 +162,9 @@ class ApiServer:
 
     async def start(self) -> int:
         cfg = self.config
+        # TLS (mutual with a client CA) when configured, its certificate reloaded when the files
+        # change; plaintext otherwise. First, so that unusable files fail before anything starts.
+        credentials = server_credentials(cfg)
         if cfg.migrate_on_start:
             applied = await migrations.migrate_url(cfg.database_url)
             log.info("migrations: %d applied", len(applied))
@@ -138,12 +179,23 @@ class ApiServer:
         execution_pb2_grpc.add_ExecutionServiceServicer_to_server(ExecutionService(store), self.server)
         history_pb2_grpc.add_HistoryServiceServicer_to_server(HistoryService(store), self.server)
         analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsService(store), self.server)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(cfg.addr)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(cfg.addr)
+        else:
+            self.port = self.server.add_secure_port(cfg.addr, credentials)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {cfg.addr}")
         await self._check_health()
+        if cfg.insecure:
+            log.warning(
+                "API_INSECURE is set: authentication is OFF and every caller may do everything. "
+                "For development only; never expose this api."
+            )
+        else:
+            await self.authenticator.start()
         self.dispatcher.start(store.pool)
         await self.server.start()
         self._tasks = [
@@ -151,7 +203,8 @@ class ApiServer:
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
         host = cfg.addr.rsplit(":", 1)[0]
-        log.info("api listening on %s:%d", host, self.port)
+        transport = "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext"
+        log.info("api listening on %s:%d (%s)", host, self.port, transport)
         return self.port
 
     async def _set_health(self, serving: bool) -> None:
@@ -226,6 +279,7 @@ class ApiServer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.stop()
+        await self.authenticator.stop()
         if self.store is not None:
             await self.store.close()
         log.info("api stopped")

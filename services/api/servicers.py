@@ -19,15 +19,24 @@ from google.protobuf.message import Message
 
 from services.api import convert, matching, validate
 from services.api._rpc import rpc
+from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher, Handoff, Subscription
-from services.api.store import CreatedEvent, Delivery, NewEvent, Page, Store, translate
+from services.api.store import Actor, CreatedEvent, Delivery, NewEvent, Page, Store, translate
 from services.api.store._paging import page_size
 from services.api.store.history import TABLES as HISTORY_TABLES
 from services.api.store.rules import UPDATABLE
 from shared import limits
 from shared.batching import Batcher
 from shared.config import ApiConfig
-from shared.errors import DomainError, InvalidArgument, Unavailable, Violations, brief
+from shared.errors import (
+    DomainError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    Violations,
+    brief,
+)
 from shared.gen.automation.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,
@@ -91,6 +100,12 @@ def _key(request: Any, what: str) -> int | str:
     if which == "ref":
         return validate.ref_or_raise("ref", request.ref)
     raise InvalidArgument.one("key", f"give the {what}'s id or ref")
+
+
+def _holder() -> str | None:
+    """Whose leases the caller may resolve: its own (and unleased work); an operator's, any."""
+    principal = current_principal()
+    return None if principal.is_operator else principal.name
 
 
 def _filters(request: Any, refs: tuple[str, ...] = (), texts: tuple[str, ...] = (), ids: tuple[str, ...] = ()) -> None:
@@ -365,7 +380,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         v.raise_if_any()
         id_ = request.id
         status = convert.ENFORCEMENT_STATUS_NAME[request.status]
-        result = await self._store.enforcements.resolve(id_, status)
+        result = await self._store.enforcements.resolve(id_, status, _holder())
         self._dispatcher.resolved(id_)
         if not result.replayed:
             self._dispatcher.announce([], [], [result.enforcement])
@@ -407,7 +422,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             validate.text(v, f"decisions[{i}].reason", d.reason, limits.MAX_REASON)
             decisions.append((d.id, convert.ENFORCEMENT_STATUS_NAME.get(d.status, "")))
         v.raise_if_any()
-        results = await self._store.enforcements.resolve_many(decisions)
+        results = await self._store.enforcements.resolve_many(decisions, _holder())
         outcomes: list[enforcement_pb2.ResolutionOutcome] = []
         resolved = []
         for (id_, _status), r in zip(decisions, results, strict=True):
@@ -438,7 +453,17 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         validate.text(v, "error", request.error, limits.MAX_REASON)
         v.raise_if_any()
         id_ = request.id
-        released = await self._store.dispatch.release(id_, request.executor_id, request.error or "released")
+        principal = current_principal()
+        if request.force:
+            if not principal.is_operator:
+                raise PermissionDenied(f"{principal.name} may not force a release; it needs operator")
+            actor = Actor(principal.name, "automation.v1.EnforcementService/ReleaseEnforcement")
+            reason = request.error or f"released by operator {principal.name}"
+            released = await self._store.dispatch.force_release(id_, actor, reason)
+        else:
+            # Anyone else only what its own streams hold (operators: any principal's, by name).
+            holder = None if principal.is_operator else principal.name
+            released = await self._store.dispatch.release(id_, request.executor_id, request.error or "released", holder)
         if released:
             self._dispatcher.resolved(id_)
             self._dispatcher.wake_all()
@@ -459,13 +484,15 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 _check_ref(v, f"{name}[{i}]", ref)
         v.raise_if_any()
         cfg = self._config
-        credit = request.max_in_flight or 16
+        principal = current_principal()
+        credit = self._credit_for(principal.name, request.max_in_flight or 16)
         token = f"{request.executor_id}/{uuid.uuid4().hex[:12]}"
         sub = self._dispatcher.subscribe(
             credit,
             filtered=bool(request.rule_refs or request.trigger_refs),
             executor_id=request.executor_id,
             token=token,
+            principal=principal.name,
         )
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
@@ -491,6 +518,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                     deliveries = await self._store.dispatch.claim(
                         executor_id=request.executor_id,
                         token=token,
+                        principal=principal.name,
                         limit=free,
                         lease_s=cfg.lease_s,
                         max_attempts=cfg.max_attempts,
@@ -539,6 +567,28 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 await asyncio.shield(self._store.dispatch.release_stream(token, f"{reason} ({request.executor_id})"))
             if sub.held:
                 self._dispatcher.wake_all()
+
+    def _credit_for(self, principal: str, wanted: int) -> int:
+        """The credit a new watch stream of ``principal`` may have: a client that opens streams
+        and never resolves must not sit on all pending work (per api replica). With
+        authentication off every caller is one principal, so there is nothing to share fairly."""
+        if self._config.insecure:
+            return wanted
+        streams = self._dispatcher.streams_of(principal)
+        if len(streams) >= limits.MAX_WATCH_STREAMS_PER_PRINCIPAL:
+            raise ResourceExhausted(
+                f"{principal} already has {len(streams)} watch streams on this api, the most one principal may open; "
+                "close one first",
+                reason="TOO_MANY_STREAMS",
+            )
+        left = limits.MAX_CREDIT_PER_PRINCIPAL - sum(sub.credit for sub in streams)
+        if left <= 0:
+            raise ResourceExhausted(
+                f"{principal}'s watch streams already hold {limits.MAX_CREDIT_PER_PRINCIPAL} credit on this api "
+                "(max_in_flight in all); close a stream first",
+                reason="TOO_MUCH_CREDIT",
+            )
+        return min(wanted, left)
 
     async def _sendable(
         self, d: Delivery, executor_id: str, sub: Subscription
@@ -596,7 +646,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         self, request: enforcement_pb2.RetryEnforcementRequest, context: Context
     ) -> enforcement_pb2.RetryEnforcementResponse:
         id_ = _check_id("id", request.id)
-        await self._store.dispatch.retry(id_)
+        actor = Actor(current_principal().name, "automation.v1.EnforcementService/RetryEnforcement")
+        await self._store.dispatch.retry(id_, actor)
         self._dispatcher.wake_all()
         return enforcement_pb2.RetryEnforcementResponse(
             enforcement=convert.enforcement(await self._store.enforcements.get(id_))
@@ -650,7 +701,8 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             for name in ("param_schema", "out_schema")
         ]
         v.raise_if_any()
-        created = await self._store.rules.create_trigger(t.ref, t.label, t.description, *schemas)
+        actor = Actor(current_principal().name, "automation.v1.RuleService/CreateTrigger")
+        created = await self._store.rules.create_trigger(t.ref, t.label, t.description, *schemas, actor=actor)
         return convert.trigger(created)
 
     @rpc
@@ -668,7 +720,8 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
 
     @rpc
     async def DeleteTrigger(self, request: rule_pb2.DeleteTriggerRequest, context: Context) -> empty_pb2.Empty:
-        await self._store.rules.delete_trigger(_key(request, "trigger"))
+        actor = Actor(current_principal().name, "automation.v1.RuleService/DeleteTrigger")
+        await self._store.rules.delete_trigger(_key(request, "trigger"), actor)
         return empty_pb2.Empty()
 
     @rpc
@@ -695,6 +748,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             conditions=conditions,
             condition=convert.CONDITION_NAME[r.condition],
             enabled=r.enabled if r.HasField("enabled") else True,
+            actor=Actor(current_principal().name, "automation.v1.RuleService/CreateRule"),
         )
         return convert.rule(created)
 
@@ -758,11 +812,13 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                     )
                 changes[path] = value
         v.raise_if_any()
-        return convert.rule(await self._store.rules.update_rule(key, changes))
+        actor = Actor(current_principal().name, "automation.v1.RuleService/UpdateRule")
+        return convert.rule(await self._store.rules.update_rule(key, changes, actor))
 
     @rpc
     async def DeleteRule(self, request: rule_pb2.DeleteRuleRequest, context: Context) -> empty_pb2.Empty:
-        await self._store.rules.delete_rule(_key(request, "rule"))
+        actor = Actor(current_principal().name, "automation.v1.RuleService/DeleteRule")
+        await self._store.rules.delete_rule(_key(request, "rule"), actor)
         return empty_pb2.Empty()
 
 

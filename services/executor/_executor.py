@@ -37,6 +37,7 @@ from shared.gen.automation.v1 import (
 )
 from shared.limits import MAX_MESSAGE_BYTES
 from shared.runtime import CLIENT_KEEPALIVE
+from shared.transport import open_channel
 
 from ._salvage import Unsalvageable, salvage_delivery
 
@@ -45,7 +46,12 @@ log = logging.getLogger("services.executor")
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED
 M = TypeVar("M", bound=Message)
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+}
 _WATCH = enforcement_pb2.DESCRIPTOR.services_by_name["EnforcementService"].methods_by_name["WatchEnforcements"]
 _WATCH_PATH = f"/{_WATCH.containing_service.full_name}/{_WATCH.name}"
 MAX_RELEASE_ERROR = 500
@@ -111,7 +117,8 @@ class Executor:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        async with grpc.aio.insecure_channel(cfg.target, options=options) as channel:
+        # TLS, a client certificate and the bearer token as configured (shared/transport.py).
+        async with open_channel(cfg.target, cfg.security, options) as channel:
             self._enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
             # The stream hands us raw bytes: grpc's own decoding would turn an undecodable
             # message into a bare None, losing the bytes that say which enforcement it was.

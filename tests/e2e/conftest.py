@@ -14,6 +14,10 @@ import grpc
 import pytest
 
 from shared.gen.automation.v1 import enforcement_pb2_grpc, event_pb2_grpc, rule_pb2_grpc
+from shared.transport import ClientSecurity
+from tests.helpers import TOKENS
+from tests.helpers import channel as operator_channel
+from tools import certs
 from tools.healthcheck import wait_serving
 from tools.postgres import free_port
 
@@ -29,7 +33,23 @@ class Cluster:
     port: int = field(default_factory=free_port)
     api: asyncio.subprocess.Process | None = None
     executors: list[asyncio.subprocess.Process] = field(default_factory=list)
+    tls: bool = False
+    """The api speaks TLS with a certificate from a CA made here (``ca``); its clients trust it."""
     _n: int = 0
+
+    @property
+    def ca(self) -> Path:
+        return self.log_dir / "certs" / "ca.pem"
+
+    def _tls_env(self) -> dict[str, str]:
+        if not self.tls:
+            return {}
+        certs.ensure(self.log_dir / "certs", ("localhost", "127.0.0.1"), ())
+        return {
+            "API_TLS_CERT": str(self.log_dir / "certs" / "api.pem"),
+            "API_TLS_KEY": str(self.log_dir / "certs" / "api-key.pem"),
+            "API_TLS_CA": str(self.ca),
+        }
 
     @property
     def target(self) -> str:
@@ -48,6 +68,7 @@ class Cluster:
             SHUTDOWN_GRACE_SECONDS="3",
             RECONNECT_BACKOFF_MAX_SECONDS="0.5",
         )
+        env.update(self._tls_env())
         env.update(extra)
         return env
 
@@ -61,7 +82,7 @@ class Cluster:
 
     async def start_api(self) -> None:
         self.api = await self._spawn("services.api", "api")
-        await wait_serving(self.target, timeout=30)
+        await wait_serving(self.target, timeout=30, security=ClientSecurity(ca=str(self.ca)) if self.tls else None)
 
     async def stop_api(self) -> None:
         if self.api is not None and self.api.returncode is None:
@@ -69,7 +90,8 @@ class Cluster:
             await asyncio.wait_for(self.api.wait(), 20)
 
     async def start_executor(self, executor_id: str = "", **env: str) -> asyncio.subprocess.Process:
-        extra = {"EXECUTOR_ID": executor_id} if executor_id else {}
+        # Executors authenticate as a test database's executor principal (tests/helpers.py).
+        extra = {"API_TOKEN": TOKENS["executor"], **({"EXECUTOR_ID": executor_id} if executor_id else {})}
         proc = await self._spawn("services.executor", executor_id or "executor", **extra, **env)
         self.executors.append(proc)
         return proc
@@ -120,7 +142,7 @@ async def client_factory() -> AsyncIterator[Callable[[str], Client]]:
     channels: list[grpc.aio.Channel] = []
 
     def make(target: str) -> Client:
-        channel = grpc.aio.insecure_channel(target)
+        channel = operator_channel(target)
         channels.append(channel)
         return Client(
             events=event_pb2_grpc.EventServiceStub(channel),

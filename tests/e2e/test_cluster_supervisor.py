@@ -17,7 +17,6 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from shared.gen.automation.v1 import (
@@ -29,6 +28,7 @@ from shared.gen.automation.v1 import (
     rule_pb2,
     rule_pb2_grpc,
 )
+from shared.transport import ClientSecurity, open_channel
 from tests.helpers import eventually, new_event, rule
 from tools.cluster import ChildFailed, Supervisor
 from tools.healthcheck import check, wait_serving
@@ -100,10 +100,10 @@ class ClusterRun:
         return await eventually(found, timeout=30, what=f"a running {module} child")
 
 
-async def enforcement_processed(target: str, name: str) -> None:
+async def enforcement_processed(target: str, name: str, security: ClientSecurity) -> None:
     """An event sent now is resolved PROCESSED by the cluster's executor (a fresh channel each
     time: one that saw the api die may still be waiting out its reconnect backoff)."""
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target, security) as channel:
         events = event_pb2_grpc.EventServiceStub(channel)
         enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
         resp = await events.CreateEvent(
@@ -118,8 +118,8 @@ async def enforcement_processed(target: str, name: str) -> None:
         await eventually(processed, timeout=20, what=f"the enforcement of {name!r} to be PROCESSED")
 
 
-async def define_rule(target: str) -> None:
-    async with grpc.aio.insecure_channel(target) as channel:
+async def define_rule(target: str, security: ClientSecurity) -> None:
+    async with open_channel(target, security) as channel:
         rules = rule_pb2_grpc.RuleServiceStub(channel)
         await rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref="core.webhook")))
         await rules.CreateRule(
@@ -148,6 +148,8 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         DISPATCH_POLL_SECONDS="0.2",
         SHUTDOWN_GRACE_SECONDS="3",
         RECONNECT_BACKOFF_MAX_SECONDS="0.5",
+        # Certificates and tokens go here, not into the repository's .data.
+        DEV_DATA_DIR=str(tmp_path / "data"),
     )
     log = tmp_path / "cluster.log"
     # The cluster and its children keep their own descriptors of the log; ours is closed at once.
@@ -157,12 +159,17 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         )
     cluster = ClusterRun(proc, log, target)
     try:
-        await wait_serving(target, timeout=30)
         banner = await cluster.wait_log(r"executors 1 \((\d+)\)", "the banner")
+        # The cluster made a CA and an operator token on its first start, and printed how to use them.
+        ca = str(tmp_path / "data" / "certs" / "ca.pem")
+        operator = (tmp_path / "data" / "tokens" / "operator").read_text().strip()
+        assert f"export AUTOMATION_TOKEN={operator}" in cluster.text()
+        security = ClientSecurity(ca=ca, token=operator)
+        await wait_serving(target, timeout=30, security=ClientSecurity(ca=ca))
         executor = int(banner[1])
         assert await cluster.wait_child("services.executor") == executor
-        await define_rule(target)
-        await enforcement_processed(target, "before")
+        await define_rule(target, security)
+        await enforcement_processed(target, "before", security)
 
         # An executor killed outright (a poison message, say) is restarted; the rest keeps running.
         os.kill(executor, signal.SIGKILL)
@@ -171,7 +178,7 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         assert int(restarted[1]) != executor
         executor = await cluster.wait_child("services.executor", other_than=executor)
         assert executor == int(restarted[1])
-        await enforcement_processed(target, "after executor restart")
+        await enforcement_processed(target, "after executor restart", security)
 
         # The api too; "restarted" is said only once it is SERVING again.
         api = await cluster.wait_child("services.api")
@@ -179,10 +186,10 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         restarted = await cluster.wait_log(r"api restarted \(pid (\d+)\)", "the api's restart")
         assert "api exited with code -9 (signal SIGKILL); restarting in 0.5s (restart #1)" in cluster.text()
         assert int(restarted[1]) != api
-        assert await check(target, quiet=True)
+        assert await check(target, quiet=True, security=ClientSecurity(ca=ca))
         assert await cluster.wait_child("services.api", other_than=api) == int(restarted[1])
         # The executor lived through it and reconnects by itself.
-        await enforcement_processed(target, "after api restart")
+        await enforcement_processed(target, "after api restart", security)
         assert cluster.child("services.executor") == executor
 
         proc.send_signal(signal.SIGINT)

@@ -20,10 +20,10 @@ from google.protobuf import message as protobuf_message
 
 from services.executor import Executor
 from services.executor._executor import MAX_RELEASE_ERROR, Decision
-from shared.config import ExecutorConfig
+from shared.config import ClientSecurity, ExecutorConfig
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
-from tests.helpers import eventually, new_event, rule
+from tests.helpers import TOKENS, eventually, new_event, rule
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DEPTH = 40  # JSON levels: about 120 protobuf levels, past the decoder's limit of 100
@@ -167,7 +167,12 @@ class Running:
 @contextlib.asynccontextmanager
 async def executor(target: str) -> AsyncIterator[Running]:
     config = ExecutorConfig(
-        target=target, executor_id="exec-poison", rpc_timeout_s=5.0, backoff_initial_s=0.05, backoff_max_s=0.5
+        target=target,
+        executor_id="exec-poison",
+        rpc_timeout_s=5.0,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        security=ClientSecurity(token=TOKENS["executor"]),
     )
     running = Running(ex := Executor(config), asyncio.create_task(ex.run()))
     try:

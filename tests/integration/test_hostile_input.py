@@ -15,6 +15,7 @@ from google.protobuf import field_mask_pb2, struct_pb2
 from shared import limits
 from shared.gen.automation.v1 import enforcement_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
+from tests.helpers import channel as authed_channel
 from tests.helpers import count, field_violations, new_event, rpc_error, rule, struct
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -179,7 +180,7 @@ async def test_many_bad_fields_make_one_bounded_error(stubs: Stubs) -> None:
 
 
 async def test_undecodable_bytes_are_invalid_argument_naming_the_message(stubs: Stubs, api: Any) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{api.port}") as channel:
+    async with authed_channel(f"127.0.0.1:{api.port}") as channel:
         raw: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
             "/automation.v1.EventService/CreateEvent"
         )

@@ -46,7 +46,7 @@ def _copy_with(tmp_path: Path, extra: dict[str, str]) -> Path:
 async def test_applies_every_migration_to_an_empty_database(empty_db_url: str) -> None:
     applied = await migrate.migrate_url(empty_db_url)
     assert [m.version for m in applied] == [m.version for m in ALL]
-    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6, 7]
+    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert await _rows(empty_db_url) == [(m.version, m.name, m.checksum) for m in ALL]
     assert await _fetchval(empty_db_url, "SELECT to_regclass('enforcement') IS NOT NULL") is True
 
@@ -203,6 +203,8 @@ async def _columns(conn: asyncpg.Connection, relation: str) -> dict[str, tuple[s
         "enforcement_dispatch",
         "ingest_request",
         "api_secret",
+        "api_token",
+        "audit_log",
     ],
 )
 async def test_table_exists(conn: asyncpg.Connection, table: str) -> None:
@@ -223,6 +225,44 @@ async def test_api_secret_columns_and_key_length(conn: asyncpg.Connection) -> No
     assert await conn.fetchval("SELECT count(*) FROM api_secret") == 0
     with pytest.raises(asyncpg.CheckViolationError):
         await conn.execute("INSERT INTO api_secret (name, value) VALUES ('short', $1)", bytes(31))
+
+
+async def test_audit_log_columns_and_constraints(conn: asyncpg.Connection) -> None:
+    assert await _columns(conn, "audit_log") == {
+        "id": ("bigint", False),
+        "time": ("timestamp with time zone", False),
+        "principal": ("text", False),
+        "rpc": ("text", False),
+        "entity_type": ("text", False),
+        "entity_id": ("bigint", True),
+        "entity_ref": ("text", True),
+        "change": ("jsonb", False),
+    }
+    insert = "INSERT INTO audit_log (principal, rpc, entity_type, change) VALUES ('p', 'r', $1, $2::jsonb)"
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(insert, "event", "{}")
+    with pytest.raises(asyncpg.CheckViolationError):
+        await conn.execute(insert, "rule", "[]")
+    await conn.execute(insert, "rule", "{}")
+    # Records are never changed.
+    with pytest.raises(asyncpg.RestrictViolationError, match="cannot be changed"):
+        await conn.execute("UPDATE audit_log SET principal = 'someone else'")
+
+
+async def test_audit_log_indexes_serve_newest_first_lists(conn: asyncpg.Connection) -> None:
+    rows = await conn.fetch("SELECT indexdef FROM pg_indexes WHERE tablename = 'audit_log' ORDER BY indexname")
+    definitions = {r["indexdef"].split(" USING btree ")[1] for r in rows}
+    assert definitions == {
+        "(id)",
+        '("time" DESC, id DESC)',
+        '(entity_type, entity_ref, "time" DESC, id DESC)',
+        '(principal, "time" DESC, id DESC)',
+    }
+
+
+@pytest.mark.parametrize("table", ["rule", "trigger"])
+async def test_rules_and_triggers_name_who_changed_them_last(conn: asyncpg.Connection, table: str) -> None:
+    assert (await _columns(conn, table))["updated_by"] == ("text", True)
 
 
 async def test_event_has_no_updated_column(conn: asyncpg.Connection) -> None:

@@ -28,6 +28,7 @@ from shared.gen.automation.v1 import (
 )
 from shared.limits import MAX_PAGE_TOKEN
 from tests.conftest import Stubs
+from tests.helpers import channel as authed_channel
 from tests.helpers import field_violations, new_event, rpc_error, rule
 
 HOOK = "core.webhook"
@@ -166,7 +167,7 @@ async def running(config: ApiConfig) -> AsyncIterator[Replica]:
     await server.start()
     try:
         target = f"127.0.0.1:{server.port}"
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with authed_channel(target) as channel:
             yield Replica(target, event_pb2_grpc.EventServiceStub(channel))
     finally:
         await server.stop()
@@ -174,7 +175,7 @@ async def running(config: ApiConfig) -> AsyncIterator[Replica]:
 
 async def test_token_works_after_a_restart_and_on_every_replica(api_config: ApiConfig) -> None:
     async with running(api_config) as first:
-        async with grpc.aio.insecure_channel(first.target) as channel:
+        async with authed_channel(first.target) as channel:
             await rule_pb2_grpc.RuleServiceStub(channel).CreateTrigger(
                 rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref="any.trigger"))
             )

@@ -35,6 +35,7 @@ from shared.gen.automation.v1 import (
     rule_pb2_grpc,
 )
 from tests.conftest import Stubs
+from tests.helpers import channel as authed_channel
 from tests.helpers import eventually, field_violations, new_event, rpc_error, rule
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
@@ -130,7 +131,7 @@ async def serve(config: ApiConfig) -> AsyncIterator[Stubs]:
     await server.start()
     try:
         target = f"127.0.0.1:{server.port}"
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with authed_channel(target) as channel:
             yield Stubs(
                 channel=channel,
                 target=target,

@@ -6,9 +6,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
-from shared.config import api_config, executor_config
+from shared.config import api_config, client_security, executor_config
+from tools import certs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,8 +21,8 @@ def compose() -> dict[str, Any]:
     return data
 
 
-def test_compose_has_the_four_services() -> None:
-    assert set(compose()["services"]) == {"db", "migrate", "api", "executor"}
+def test_compose_has_the_five_services() -> None:
+    assert set(compose()["services"]) == {"db", "migrate", "certs", "api", "executor"}
 
 
 def test_database_image_is_timescaledb_pinned_to_a_version() -> None:
@@ -31,7 +33,10 @@ def test_database_image_is_timescaledb_pinned_to_a_version() -> None:
 def test_startup_order_is_gated_on_health_and_completion() -> None:
     services = compose()["services"]
     assert services["migrate"]["depends_on"] == {"db": {"condition": "service_healthy"}}
-    assert services["api"]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
+    assert services["api"]["depends_on"] == {
+        "migrate": {"condition": "service_completed_successfully"},
+        "certs": {"condition": "service_completed_successfully"},
+    }
     assert services["executor"]["depends_on"] == {"api": {"condition": "service_healthy"}}
 
 
@@ -42,6 +47,7 @@ def test_long_running_services_have_health_checks_and_restart_policies() -> None
         assert services[name]["restart"] in {"unless-stopped", "always"}, name
     assert services["api"]["healthcheck"]["test"][:4] == ["CMD", "python", "-m", "tools.healthcheck"]
     assert services["migrate"]["restart"] == "on-failure"
+    assert services["certs"]["restart"] == "on-failure"
 
 
 def test_api_listens_on_all_interfaces_and_publishes_its_port() -> None:
@@ -51,10 +57,52 @@ def test_api_listens_on_all_interfaces_and_publishes_its_port() -> None:
     assert api["command"] == ["python", "-m", "services.api"]
 
 
-def test_service_environments_are_valid_configurations() -> None:
-    services = compose()["services"]
+@pytest.fixture(scope="module")
+def certs_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the compose `certs` service writes into its volume, made here by the same command."""
+    command = compose()["services"]["certs"]["command"]
+    assert command[:4] == ["python", "-m", "tools.certs", "/certs"]
+    directory = tmp_path_factory.mktemp("certs")
+    assert certs.main([str(directory), *command[4:]]) == 0
+    return directory
+
+
+def _environment(name: str, volume: Path) -> dict[str, str]:
+    """A service's environment with /certs/... pointing into ``volume``."""
+    env = compose()["services"][name]["environment"]
+    return {k: str(v).replace("/certs/", f"{volume}/") for k, v in env.items()}
+
+
+def test_service_environments_are_valid_configurations(certs_volume: Path) -> None:
     for name in ("migrate", "api"):
-        env = {k: str(v) for k, v in services[name]["environment"].items()}
-        assert api_config(env).database_url.startswith("postgresql://automation:")
-    executor_env = {k: str(v) for k, v in services["executor"]["environment"].items()}
-    assert executor_config(executor_env).target == "api:50051"
+        assert api_config(_environment(name, certs_volume)).database_url.startswith("postgresql://automation:")
+    assert executor_config(_environment("executor", certs_volume)).target == "api:50051"
+
+
+def test_the_api_serves_tls_with_the_certificates_the_certs_service_makes(certs_volume: Path) -> None:
+    services = compose()["services"]
+    api = api_config(_environment("api", certs_volume))
+    assert api.tls_cert == f"{certs_volume}/api.pem" and api.tls_key == f"{certs_volume}/api-key.pem"
+    executor = executor_config(_environment("executor", certs_volume))
+    assert executor.security.ca == f"{certs_volume}/ca.pem"
+    # The executor connects to "api" by name: the api's certificate must name it.
+    hosts = services["certs"]["command"][services["certs"]["command"].index("--hosts") + 1].split(",")
+    assert executor.target.rsplit(":", 1)[0] in hosts and "localhost" in hosts
+    assert not executor.security.server_name
+    for name in ("certs", "api", "executor"):
+        mount = "certs:/certs" if name == "certs" else "certs:/certs:ro"
+        assert mount in services[name]["volumes"], name
+    assert "certs" in compose()["volumes"]
+
+
+def test_the_api_health_check_speaks_tls_with_files_that_exist(certs_volume: Path) -> None:
+    test = compose()["services"]["api"]["healthcheck"]["test"]
+    args = test[4:]
+    flags = dict(zip(args[:-1:2], args[1:-1:2], strict=True))
+    assert set(flags) == {"--ca", "--cert", "--key"} and args[-1] == "127.0.0.1:50051"
+    files = {k: v.replace("/certs/", f"{certs_volume}/") for k, v in flags.items()}
+    assert all(Path(f).is_file() for f in files.values()), files
+    security = client_security(
+        {"API_TLS_CA": files["--ca"], "API_TLS_CLIENT_CERT": files["--cert"], "API_TLS_CLIENT_KEY": files["--key"]}
+    )
+    assert security.tls and security.cert

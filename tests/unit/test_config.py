@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from shared.config import ApiConfig, ConfigError, ExecutorConfig, api_config, executor_config
+from shared.config import ApiConfig, ClientSecurity, ConfigError, ExecutorConfig, api_config, executor_config
+from tools import certs
 
 URL = "postgresql://app@db:5432/automation"
 
@@ -138,3 +141,55 @@ def test_bad_executor_value_names_the_variable(name: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         executor_config({name: value})
     assert str(info.value).startswith(name)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("pki")
+    certs.ensure(directory, ("localhost",), ("executor",))
+    return directory
+
+
+def test_api_tls_files_are_read(pki: Path) -> None:
+    cfg = api_config(
+        {
+            "DATABASE_URL": URL,
+            "API_TLS_CERT": str(pki / "api.pem"),
+            "API_TLS_KEY": str(pki / "api-key.pem"),
+            "API_TLS_CLIENT_CA": str(pki / "ca.pem"),
+        }
+    )
+    assert (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) == (
+        str(pki / "api.pem"),
+        str(pki / "api-key.pem"),
+        str(pki / "ca.pem"),
+    )
+    assert api_config({"DATABASE_URL": URL}).tls_cert == ""  # plaintext by default
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (("API_TLS_CERT",), "API_TLS_CERT and API_TLS_KEY go together"),
+        (("API_TLS_KEY",), "API_TLS_CERT and API_TLS_KEY go together"),
+        (("API_TLS_CLIENT_CA",), "API_TLS_CLIENT_CA needs API_TLS_CERT and API_TLS_KEY"),
+    ],
+)
+def test_api_tls_settings_that_do_not_fit_together_are_refused(pki: Path, names: tuple[str, ...], message: str) -> None:
+    files = {"API_TLS_CERT": "api.pem", "API_TLS_KEY": "api-key.pem", "API_TLS_CLIENT_CA": "ca.pem"}
+    with pytest.raises(ConfigError, match=message):
+        api_config({"DATABASE_URL": URL, **{n: str(pki / files[n]) for n in names}})
+
+
+def test_an_unreadable_api_tls_file_is_named(pki: Path) -> None:
+    with pytest.raises(ConfigError, match=r"API_TLS_KEY: cannot read '/nonexistent/key\.pem'"):
+        api_config({"DATABASE_URL": URL, "API_TLS_CERT": str(pki / "api.pem"), "API_TLS_KEY": "/nonexistent/key.pem"})
+    with pytest.raises(ConfigError, match=r"API_TLS_CERT: '/dev/null' is not a PEM file"):
+        api_config({"DATABASE_URL": URL, "API_TLS_CERT": "/dev/null", "API_TLS_KEY": str(pki / "api-key.pem")})
+
+
+def test_executor_reads_how_it_reaches_the_api(pki: Path) -> None:
+    cfg = executor_config({"API_TLS_CA": str(pki / "ca.pem"), "API_TOKEN": "atk_x"})
+    assert cfg.security == ClientSecurity(ca=str(pki / "ca.pem"), token="atk_x")
+    with pytest.raises(ConfigError, match="API_TLS_CLIENT_CERT and API_TLS_CLIENT_KEY go together"):
+        executor_config({"API_TLS_CA": str(pki / "ca.pem"), "API_TLS_CLIENT_CERT": str(pki / "client-executor.pem")})

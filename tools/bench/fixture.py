@@ -24,6 +24,7 @@ import asyncpg
 import grpc
 
 from services.api.migrate import migrate_url
+from shared.transport import open_channel
 from tools.healthcheck import wait_serving
 from tools.postgres import LocalPostgres, free_port
 
@@ -176,7 +177,9 @@ class Services:
         self.api = await _spawn(
             "api",
             "services.api",
-            {"DATABASE_URL": self.database_url, "API_ADDR": self.target, **env},
+            # Without TLS and tokens unless a scenario asks for them (the security scenario
+            # measures what they cost against this).
+            {"DATABASE_URL": self.database_url, "API_ADDR": self.target, "API_INSECURE": "true", **env},
             self.logdir,
         )
         try:
@@ -220,5 +223,6 @@ async def services(database_url: str) -> AsyncIterator[Services]:
 
 @asynccontextmanager
 async def channel(target: str) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(target) as ch:
+    """A channel to the api, secured as the environment says (API_TLS_CA, API_TOKEN)."""
+    async with open_channel(target) as ch:
         yield ch

@@ -244,6 +244,11 @@ async def window(
     return Window(rate, duration, load, backlog, latencies, unresolved, ok, why)
 
 
+def latency_text(w: Window | None) -> str:
+    """A held window's latency, for notes."""
+    return _lat(w) if w is not None else "not sustained"
+
+
 def _lat(w: Window) -> str:
     return (
         f"p50 {percentile(w.latencies, 50) * 1000:.1f} p99 {percentile(w.latencies, 99) * 1000:.1f} "
@@ -264,7 +269,7 @@ class Config:
     fractions: list[tuple[float, Window]] = field(default_factory=list)
 
 
-async def _search(
+async def search(
     stub: event_pb2_grpc.EventServiceAsyncStub,
     conn: asyncpg.Connection,
     sampler: Sampler,
@@ -328,7 +333,7 @@ async def _config(
         # Let the watch streams open and everything warm up; this window is not judged.
         await asyncio.sleep(0.5)
         await window(stub, conn, sampler, start_rate / 2, s.probe_s, 10.0)
-        await _search(stub, conn, sampler, s, cfg, start_rate)
+        await search(stub, conn, sampler, s, cfg, start_rate)
         if cfg.sustained is not None:
             for fraction in (0.25, 0.5, 0.9):
                 w = await window(stub, conn, sampler, cfg.sustained.rate * fraction, s.fraction_s, 20.0)

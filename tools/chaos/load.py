@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import field_mask_pb2, struct_pb2
 
 from shared.gen.automation.v1 import common_pb2, event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
+from shared.transport import client_security, open_channel
 from tools.chaos.settings import Settings
 
 log = logging.getLogger("chaos")
@@ -111,7 +112,8 @@ class Clients:
     """One channel per api; calls that fail retryably move on to the next api."""
 
     def __init__(self, targets: list[str]) -> None:
-        self.channels = [grpc.aio.insecure_channel(t, options=CHANNEL_OPTIONS) for t in targets]
+        security = client_security()  # TLS and API_TOKEN from the environment, like every client
+        self.channels = [open_channel(t, security, CHANNEL_OPTIONS) for t in targets]
         self.events = [event_pb2_grpc.EventServiceStub(c) for c in self.channels]
         self.rules = [rule_pb2_grpc.RuleServiceStub(c) for c in self.channels]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from shared.transport import client_security, open_channel
 from tools.chaos.settings import Settings
 from tools.postgres import LocalPostgres, free_port
 
@@ -144,9 +146,11 @@ class Child:
 
 
 async def wait_serving(target: str, timeout: float = 30.0) -> None:
-    """Waits quietly until ``target`` answers SERVING to a gRPC health check."""
+    """Waits quietly until ``target`` answers SERVING to a gRPC health check (over TLS when
+    ``API_TLS_CA`` is set; health needs no token)."""
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
+    security = dataclasses.replace(client_security(), token="")
+    async with open_channel(target, security) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
@@ -207,6 +211,9 @@ class Supervisor:
             RECONNECT_BACKOFF_MAX_SECONDS="1",
             RULE_CACHE_SECONDS="0.5",
             PYTHONUNBUFFERED="1",
+            # The faults here are processes and the database going away; who may call is tested
+            # elsewhere (tests/integration/test_auth.py), so the harness runs without tokens.
+            API_INSECURE="true",
         )
         env.update(extra)
         return env

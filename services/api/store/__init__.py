@@ -11,13 +11,17 @@ import asyncpg
 from ._db import create_pool, translate
 from ._secret import SharedKey
 from .analytics import Analytics
+from .audit import Audit
 from .dispatch import Dispatch
 from .enforcements import Enforcements
 from .events import Events
 from .executions import Executions
 from .history import History
 from .rules import Rules
+from .tokens import TokenRow, Tokens
 from .types import (
+    Actor,
+    AuditRecord,
     CreatedEvent,
     Delivery,
     DispatchState,
@@ -36,6 +40,8 @@ from .types import (
 )
 
 __all__ = [
+    "Actor",
+    "AuditRecord",
     "CreatedEvent",
     "Delivery",
     "DispatchState",
@@ -51,6 +57,7 @@ __all__ = [
     "Resolution",
     "Rule",
     "Store",
+    "TokenRow",
     "Trigger",
     "create_pool",
     "translate",
@@ -72,6 +79,8 @@ class Store:
         self.executions = Executions(pool, keys)
         self.history = History(pool, keys)
         self.analytics = Analytics(pool)
+        self.tokens = Tokens(pool)
+        self.audit = Audit(pool, keys)
 
     async def ping(self) -> None:
         """Raises when the database cannot answer a trivial query."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from shared.errors import AlreadyExists, DomainError, InvalidArgument, NotFound, Unavailable
+from shared.errors import Aborted, AlreadyExists, DomainError, InvalidArgument, NotFound, Unavailable
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection of our own or one borrowed from the pool."""
@@ -94,6 +94,9 @@ def translate(exc: BaseException) -> DomainError | None:
         state = getattr(exc, "sqlstate", "") or ""
         if state.startswith(_UNAVAILABLE_CLASSES):
             return Unavailable(f"the database is unavailable (SQLSTATE {state})")
+        if state in ("40P01", "40001"):
+            # A deadlock or serialization failure: the statement was rolled back whole.
+            return Aborted(f"conflicted with a concurrent change and changed nothing; retry (SQLSTATE {state})")
         if isinstance(exc, asyncpg.UniqueViolationError):
             return AlreadyExists(f"already exists ({exc.constraint_name or 'unique key'})")
         if isinstance(exc, asyncpg.ForeignKeyViolationError):

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shared.errors import FailedPrecondition, NotFound
+from shared.errors import FailedPrecondition, NotFound, PermissionDenied
 
-from ._db import Repo
+from . import audit
+from ._db import Repo, guarded
 from ._paging import Where
-from .types import Delivery, DispatchState, Enforcement, ExhaustedEnforcement, columns
+from .types import Actor, Delivery, DispatchState, Enforcement, ExhaustedEnforcement, columns
 
 _ENFORCEMENT_E = columns(Enforcement, "e.")
 _N_ENF = len(_ENFORCEMENT_E.split(", "))
@@ -33,7 +34,7 @@ WITH picked AS (
        FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE enforcement_dispatch d
-       SET leased_by = {executor}, lease_token = {token},
+       SET leased_by = {executor}, lease_token = {token}, lease_principal = {principal},
            lease_expires_at = now() + {lease} * interval '1 second',
            attempts = d.attempts + 1,
            last_error = CASE WHEN d.leased_by IS NOT NULL
@@ -61,11 +62,16 @@ UPDATE enforcement_dispatch
    SET leased_by = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = $2
  WHERE lease_token = $1"""
 
+# Only the principal holding a live lease may give it back (an operator's forced release
+# is Dispatch.force_release). $4 NULL: authentication is off.
 _RELEASE_ONE = """
 UPDATE enforcement_dispatch
    SET leased_by = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = $3
- WHERE enforcement = $1 AND leased_by = $2
+ WHERE enforcement = $1 AND leased_by = $2 AND ($4::text IS NULL OR lease_principal IS NOT DISTINCT FROM $4)
 RETURNING enforcement"""
+_HOLDER = """
+SELECT lease_principal FROM enforcement_dispatch
+ WHERE enforcement = $1 AND leased_by = $2 AND lease_expires_at > now()"""
 
 _EXHAUST = """
 UPDATE enforcement_dispatch
@@ -91,11 +97,31 @@ SELECT leased_by, count(*) FROM enforcement_dispatch
 _EXHAUSTED = """
 SELECT enforcement, rule_ref, attempts, last_error, enforcement_created FROM enforcement_dispatch
  WHERE exhausted_at IS NOT NULL ORDER BY enforcement_created, enforcement LIMIT $1"""
+# Returns what the row held before (the audit record's): the attempts and error it exhausted with.
 _RETRY = """
-UPDATE enforcement_dispatch
+WITH old AS (
+    SELECT enforcement, attempts, last_error FROM enforcement_dispatch
+     WHERE enforcement = $1 AND exhausted_at IS NOT NULL
+       FOR UPDATE
+)
+UPDATE enforcement_dispatch d
    SET exhausted_at = NULL, attempts = 0, leased_by = NULL, lease_token = NULL, lease_expires_at = NULL
- WHERE enforcement = $1 AND exhausted_at IS NOT NULL
-RETURNING enforcement"""
+  FROM old
+ WHERE d.enforcement = old.enforcement
+RETURNING d.enforcement, d.rule_ref, old.attempts, old.last_error"""
+# An operator's release of whatever lease an enforcement is under, whoever holds it; returns
+# the holder it had (the audit record's).
+_FORCE_RELEASE = """
+WITH held AS (
+    SELECT enforcement, leased_by, lease_principal, lease_expires_at FROM enforcement_dispatch
+     WHERE enforcement = $1 AND leased_by IS NOT NULL
+       FOR UPDATE
+)
+UPDATE enforcement_dispatch d
+   SET leased_by = NULL, lease_token = NULL, lease_principal = NULL, lease_expires_at = NULL, last_error = $2
+  FROM held
+ WHERE d.enforcement = held.enforcement
+RETURNING d.enforcement, d.rule_ref, held.leased_by, held.lease_principal, held.lease_expires_at"""
 _DISPATCH_ROW = "SELECT exhausted_at FROM enforcement_dispatch WHERE enforcement = $1"
 # Retention (drop_chunks) removes enforcements without firing triggers, so a pending one older
 # than the retention window leaves its dispatch row behind; this forgets such orphans.
@@ -116,6 +142,7 @@ class Dispatch(Repo):
         *,
         executor_id: str,
         token: str,
+        principal: str | None = None,
         limit: int,
         lease_s: float,
         max_attempts: int,
@@ -127,6 +154,7 @@ class Dispatch(Repo):
         parts = {
             "executor": where.param(executor_id),
             "token": where.param(token),
+            "principal": f"{where.param(principal)}::text",
             "lease": where.param(lease_s),
             "max_attempts": where.param(max_attempts),
             "limit": where.param(limit),
@@ -148,9 +176,19 @@ class Dispatch(Repo):
         """Gives back everything a closing stream holds, so other executors get it at once."""
         await self._execute(_RELEASE_STREAM, token, reason)
 
-    async def release(self, enforcement: int, executor_id: str, error: str) -> bool:
-        """Gives back one enforcement held by ``executor_id``; False when it held none."""
-        return await self._fetchval(_RELEASE_ONE, enforcement, executor_id, error) is not None
+    async def release(self, enforcement: int, executor_id: str, error: str, principal: str | None = None) -> bool:
+        """Gives back one enforcement held by ``executor_id`` of ``principal``; False when it
+        held none. PermissionDenied when another principal's stream holds it under that id."""
+        if await self._fetchval(_RELEASE_ONE, enforcement, executor_id, error, principal) is not None:
+            return True
+        if principal is not None:
+            holder = await self._fetchrow(_HOLDER, enforcement, executor_id)
+            if holder is not None and holder["lease_principal"] not in (None, principal):
+                raise PermissionDenied(
+                    f"enforcement {enforcement} is leased to another principal's executor {executor_id}; "
+                    "only its holder (or an operator, forcing) may release it"
+                )
+        return False
 
     async def exhaust(self, max_attempts: int) -> list[int]:
         """Marks enforcements out of attempts (and not under a live lease) as exhausted."""
@@ -171,10 +209,21 @@ class Dispatch(Repo):
             exhausted_count=row["exhausted_count"],
         )
 
-    async def retry(self, enforcement: int) -> None:
-        """Offers an exhausted enforcement again with its attempts reset."""
-        if await self._fetchval(_RETRY, enforcement) is not None:
-            return
+    async def retry(self, enforcement: int, actor: Actor | None = None) -> None:
+        """Offers an exhausted enforcement again with its attempts reset. With an ``actor``, an
+        audit record of it (the attempts and error it had) commits with it."""
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_RETRY, enforcement)
+            if row is not None:
+                if actor:
+                    change = {
+                        "enforcement": enforcement,
+                        "rule_ref": row["rule_ref"],
+                        "attempts": row["attempts"],
+                        "last_error": row["last_error"],
+                    }
+                    await audit.record(conn, actor, "enforcement", enforcement, None, change)
+                return
         row = await self._fetchrow(_DISPATCH_ROW, enforcement)
         if row is not None:
             raise FailedPrecondition(
@@ -182,6 +231,27 @@ class Dispatch(Repo):
                 reason="NOT_EXHAUSTED",
             )
         raise NotFound(f"enforcement {enforcement} is not pending (unknown or already resolved)")
+
+    async def force_release(self, enforcement: int, actor: Actor, reason: str) -> bool:
+        """An operator's release of one enforcement's lease, whichever executor and principal
+        hold it, recorded in the audit trail in the same transaction (the holder it had and
+        ``reason``, which also becomes the row's last_error). False, and nothing recorded,
+        when it is under no lease."""
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_FORCE_RELEASE, enforcement, reason)
+            if row is None:
+                return False
+            expires = row["lease_expires_at"]
+            change = {
+                "enforcement": enforcement,
+                "rule_ref": row["rule_ref"],
+                "reason": reason,
+                "executor_id": row["leased_by"],
+                "lease_principal": row["lease_principal"],
+                "lease_expires_at": expires.isoformat() if expires is not None else None,
+            }
+            await audit.record(conn, actor, "enforcement", enforcement, None, change)
+        return True
 
     async def vacuum(self) -> None:
         """Clears the dead rows of the dispatch table (every row is inserted and deleted within

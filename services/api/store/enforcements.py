@@ -11,17 +11,20 @@ second read tells a retry (same outcome: answer with the stored rows) from a con
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import hashlib
 import json
+import random
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from services.api import matching
 from services.api.encoded import Measure
-from shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import Aborted, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from shared.limits import MAX_CREATE_RESPONSE_BYTES
 
 from ._db import guarded
@@ -36,17 +39,29 @@ _EXECUTION_X = columns(Execution, "x.")
 _N_ENF = len(_ENFORCEMENT.split(", "))
 
 _GET = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE id = $1"
+_DEADLOCK_RETRIES = 4
+
+# Only the principal whose stream holds a live lease may resolve a leased enforcement (its
+# executor decided it); unleased work anyone with the role may. $2 NULL: an operator, or
+# authentication off.
+_HOLDS = (
+    "($2::text IS NULL OR d.lease_expires_at IS NULL OR d.lease_expires_at <= now()"
+    " OR d.lease_principal IS NOT DISTINCT FROM $2)"
+)
+_HELD_BY_ANOTHER = """
+SELECT 1 FROM enforcement_dispatch d
+ WHERE d.enforcement = $1 AND d.lease_expires_at > now() AND d.lease_principal IS DISTINCT FROM $2"""
 
 # The dispatch row exists exactly while the enforcement is pending (triggers keep it so) and
 # carries `created`, which lets TimescaleDB go straight to the right chunk. The pending row is
 # looked up first and the UPDATE then names it by constants only: on a compressed chunk
 # TimescaleDB decompresses the batches the UPDATE may touch before it runs, and a scan of the
 # same chunk planned inside the statement (a CTE joined to it) would no longer see the row.
-_TARGET = """
+_TARGET = f"""
 SELECT d.enforcement_created AS created, e.rule
   FROM enforcement_dispatch d
   JOIN enforcement e ON e.id = d.enforcement AND e.created = d.enforcement_created
- WHERE d.enforcement = $1 AND e.status = 'created'
+ WHERE d.enforcement = $1 AND e.status = 'created' AND {_HOLDS}
 """
 
 _RESOLVE_PROCESSED = f"""
@@ -77,7 +92,7 @@ WITH live_rule AS (
     SELECT d.enforcement, d.enforcement_created AS created, r.id, r.action_ref
       FROM enforcement_dispatch d
       JOIN rule r ON r.ref = d.rule_ref
-     WHERE d.enforcement = ANY($1::bigint[]) AND r.enabled AND r.action_ref IS NOT NULL
+     WHERE d.enforcement = ANY($1::bigint[]) AND r.enabled AND r.action_ref IS NOT NULL AND {_HOLDS}
      ORDER BY d.enforcement
        FOR SHARE OF r
 ), resolved AS (
@@ -98,7 +113,7 @@ _RESOLVE_DISABLED_MANY = f"""
 UPDATE enforcement e SET status = 'disabled', resolved_at = now()
   FROM enforcement_dispatch d
  WHERE d.enforcement = ANY($1::bigint[]) AND e.id = d.enforcement
-   AND e.created = d.enforcement_created AND e.status = 'created'
+   AND e.created = d.enforcement_created AND e.status = 'created' AND {_HOLDS}
 RETURNING {_ENFORCEMENT_E}
 """
 
@@ -251,17 +266,17 @@ class Enforcements(Paged):
             where.add("created < {}", created_to)
         return await self._page(f"SELECT {_ENFORCEMENT} FROM enforcement", where, token, size, Enforcement)
 
-    async def resolve(self, id_: int, status: str) -> Resolution:
+    async def resolve(self, id_: int, status: str, holder: str | None = None) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""
-        (result,) = await self.resolve_many([(id_, status)])
+        (result,) = await self.resolve_many([(id_, status)], holder)
         if isinstance(result, DomainError):
             raise result
         return result
 
-    async def _resolve_one(self, id_: int, status: str) -> Resolution:
+    async def _resolve_one(self, id_: int, status: str, holder: str | None) -> Resolution:
         """The two-step path: looks the pending row up, then updates it by constants."""
         async with guarded(), self._pool.acquire() as conn:
-            target = await conn.fetchrow(_TARGET, id_)
+            target = await conn.fetchrow(_TARGET, id_, holder)
             if target is not None and status == "processed":
                 if target["rule"] is not None:
                     row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, target["created"], target["rule"])
@@ -271,19 +286,23 @@ class Enforcements(Paged):
                 row = await conn.fetchrow(_RESOLVE_DISABLED, id_, target["created"])
                 if row is not None:
                     return Resolution(Enforcement(*row), None)
-        return await self._explain_unresolved(id_, status)
+        return await self._explain_unresolved(id_, status, holder)
 
-    async def resolve_many(self, decisions: Sequence[tuple[int, str]]) -> Sequence[Resolution | DomainError]:
+    async def resolve_many(
+        self, decisions: Sequence[tuple[int, str]], holder: str | None = None
+    ) -> Sequence[Resolution | DomainError]:
         """Resolves each (id, 'processed' | 'disabled'), set-wise where it can, the rest one by
         one. Per decision: its Resolution, or why it was refused (NotFound, FailedPrecondition).
         Any other failure (the database is down) fails the whole call; what was
-        resolved before it stays resolved, and a retry answers it as replayed."""
+        resolved before it stays resolved, and a retry answers it as replayed. ``holder``: the
+        principal resolving; a pending enforcement under another principal's live lease is
+        refused (None: no such check, for operators)."""
         done: dict[int, Resolution] = {}
         for status, sql in (("processed", _RESOLVE_PROCESSED_MANY), ("disabled", _RESOLVE_DISABLED_MANY)):
             ids = sorted(i for i, s in decisions if s == status)
             if not ids:
                 continue
-            for row in await self._fetch(sql, ids):
+            for row in await self._fetch_retrying(sql, ids, holder):
                 enforcement = Enforcement(*list(row.values())[:_N_ENF])
                 done[enforcement.id] = Resolution(enforcement, _execution(row) if status == "processed" else None)
         out: builtins.list[Resolution | DomainError] = []
@@ -292,12 +311,28 @@ class Enforcements(Paged):
                 out.append(done[id_])
                 continue
             try:
-                out.append(await self._resolve_one(id_, status))
+                out.append(await self._resolve_one(id_, status, holder))
             except (NotFound, FailedPrecondition) as exc:
                 out.append(exc)
         return out
 
-    async def _explain_unresolved(self, id_: int, status: str) -> Resolution:
+    async def _fetch_retrying(self, sql: str, *args: Any) -> builtins.list[asyncpg.Record]:
+        """A set-wise resolution, run again when PostgreSQL broke a deadlock by aborting it.
+
+        Two batches that share enforcements (an operator's and an executor's, or overlapping
+        retries) lock their rows in whatever order their plans visit them; PostgreSQL resolves
+        the cycle by aborting one statement, which changed nothing, so running it again is safe.
+        """
+        for attempt in range(_DEADLOCK_RETRIES):
+            try:
+                return await self._fetch(sql, *args)
+            except Aborted:
+                if attempt == _DEADLOCK_RETRIES - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # let the other finish first
+        raise AssertionError("unreachable")
+
+    async def _explain_unresolved(self, id_: int, status: str, holder: str | None = None) -> Resolution:
         row = await self._fetchrow(_STORED, id_)
         if row is None:
             raise NotFound(f"enforcement {id_} not found")
@@ -308,6 +343,11 @@ class Enforcements(Paged):
             raise FailedPrecondition(
                 f"enforcement {id_} is already {stored.status}; it cannot become {status}",
                 reason="ALREADY_RESOLVED",
+            )
+        if holder is not None and await self._fetchval(_HELD_BY_ANOTHER, id_, holder):
+            raise FailedPrecondition(
+                f"enforcement {id_} is leased to another principal's executor; only its holder may resolve it",
+                reason="LEASED_BY_ANOTHER",
             )
         # Still pending, so PROCESSED was refused because of the rule.
         if not row["rule_exists"]:

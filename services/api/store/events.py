@@ -93,9 +93,10 @@ WITH ev AS (
     -- Direct hand-off ($23, a stream's lease token, given): the dispatch rows are written here,
     -- already leased, and the tracking trigger leaves them so (migration 0006).
     INSERT INTO enforcement_dispatch (enforcement, enforcement_created, rule_ref, trigger_ref,
-                                      attempts, leased_by, lease_token, lease_expires_at)
+                                      attempts, leased_by, lease_token, lease_expires_at,
+                                      lease_principal)
     SELECT id, created, rule_ref, trigger_ref, 1, $22::text, $23::text,
-           now() + $24::float8 * interval '1 second'
+           now() + $24::float8 * interval '1 second', $25::text
       FROM enf WHERE $23::text IS NOT NULL
 )
 SELECT id, event, rule FROM enf
@@ -320,6 +321,7 @@ class Events(Paged):
                     to.executor_id if to else None,
                     to.token if to else None,
                     to.seconds if to else 0.0,
+                    to.principal if to else None,
                 )
                 ids_by_key = {(r["event"], r["rule"]): r["id"] for r in rows}
                 enforcements = [

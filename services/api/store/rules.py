@@ -1,31 +1,40 @@
-"""Triggers and rules."""
+"""Triggers and rules.
+
+Every change takes an optional ``Actor``: given one (the servicers always do), the row's
+``updated_by`` names its principal and an audit record of the change is written in the same
+transaction (``audit.py``). Without one, ``updated_by`` is unset and nothing is recorded.
+"""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import asyncpg
 
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from shared.limits import MAX_CONDITIONS_PER_TRIGGER, MAX_RULES_PER_TRIGGER
 
+from . import audit
 from ._db import Connection, guarded
 from ._paging import Paged, Where
-from .types import JSON, Page, Rule, Trigger, columns
+from .types import JSON, Actor, Page, Rule, Trigger, columns
 
 _TRIGGER = columns(Trigger)
 _RULE = columns(Rule)
 
 _INSERT_TRIGGER = f"""
-INSERT INTO trigger (ref, label, description, param_schema, out_schema)
-VALUES ($1, $2, $3, $4, $5) RETURNING {_TRIGGER}"""
+INSERT INTO trigger (ref, label, description, param_schema, out_schema, updated_by)
+VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_TRIGGER}"""
 _TRIGGER_BY_ID = f"SELECT {_TRIGGER} FROM trigger WHERE id = $1"
 _TRIGGER_BY_REF = f"SELECT {_TRIGGER} FROM trigger WHERE ref = $1"
-_DELETE_TRIGGER_BY_ID = "DELETE FROM trigger WHERE id = $1 RETURNING id"
-_DELETE_TRIGGER_BY_REF = "DELETE FROM trigger WHERE ref = $1 RETURNING id"
+_DELETE_TRIGGER_BY_ID = "DELETE FROM trigger WHERE id = $1 RETURNING id, ref"
+_DELETE_TRIGGER_BY_REF = "DELETE FROM trigger WHERE ref = $1 RETURNING id, ref"
 
 _INSERT_RULE = f"""
 INSERT INTO rule (ref, label, description, trigger, trigger_ref, action_ref, action_params,
-                  conditions, condition, enabled)
-SELECT $1, $2, $3, t.id, t.ref, $5, $6, $7, $8::enforcement_condition, $9
+                  conditions, condition, enabled, updated_by)
+SELECT $1, $2, $3, t.id, t.ref, $5, $6, $7, $8::enforcement_condition, $9, $10
 FROM trigger t WHERE t.ref = $4
 RETURNING {_RULE}"""
 # Rules of one trigger are counted under a lock of that trigger, so that concurrent creators
@@ -34,12 +43,29 @@ _LOCK_TRIGGER_RULES = "SELECT pg_advisory_xact_lock(hashtextextended($1, 2))"
 _TRIGGER_LOAD = """
 SELECT count(*) AS rules, coalesce(sum(jsonb_array_length(conditions)), 0) AS conditions
   FROM rule WHERE trigger_ref = $1 AND id IS DISTINCT FROM $2"""
-_RULE_TRIGGER = "SELECT trigger_ref FROM rule WHERE id = $1"
-_RULE_TRIGGER_BY_REF = "SELECT trigger_ref FROM rule WHERE ref = $1"
+_RULE_TRIGGER_BY_ID = "SELECT id, trigger_ref FROM rule WHERE id = $1"
+_RULE_TRIGGER_BY_REF = "SELECT id, trigger_ref FROM rule WHERE ref = $1"
 _RULE_BY_ID = f"SELECT {_RULE} FROM rule WHERE id = $1"
 _RULE_BY_REF = f"SELECT {_RULE} FROM rule WHERE ref = $1"
-_DELETE_RULE_BY_ID = "DELETE FROM rule WHERE id = $1 RETURNING id"
-_DELETE_RULE_BY_REF = "DELETE FROM rule WHERE ref = $1 RETURNING id"
+# The rule as it was, locked until the update commits: the audit record's "old" values.
+_LOCK_RULE_BY_ID = f"{_RULE_BY_ID} FOR UPDATE"
+_LOCK_RULE_BY_REF = f"{_RULE_BY_REF} FOR UPDATE"
+_DELETE_RULE_BY_ID = "DELETE FROM rule WHERE id = $1 RETURNING id, ref"
+_DELETE_RULE_BY_REF = "DELETE FROM rule WHERE ref = $1 RETURNING id, ref"
+
+# What the audit record of a create holds.
+_TRIGGER_FIELDS = ("ref", "label", "description", "param_schema", "out_schema")
+_RULE_FIELDS = (
+    "ref",
+    "label",
+    "description",
+    "trigger_ref",
+    "action_ref",
+    "action_params",
+    "conditions",
+    "condition",
+    "enabled",
+)
 
 # Columns UpdateRule may change, with the SQL cast each needs.
 UPDATABLE = {
@@ -87,17 +113,42 @@ def _rule(row: asyncpg.Record | None, key: int | str) -> Rule:
     return Rule(*row)
 
 
+def _by(actor: Actor | None) -> str | None:
+    return actor.principal if actor else None
+
+
 class Rules(Paged):
     """Triggers and the rules that watch them."""
 
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        """A connection in a transaction: the change and its audit record commit together."""
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            yield conn
+
     async def create_trigger(
-        self, ref: str, label: str, description: str, param_schema: JSON | None, out_schema: JSON | None
+        self,
+        ref: str,
+        label: str,
+        description: str,
+        param_schema: JSON | None,
+        out_schema: JSON | None,
+        *,
+        actor: Actor | None = None,
     ) -> Trigger:
         try:
-            row = await self._fetchrow(_INSERT_TRIGGER, ref, label, description, param_schema, out_schema)
+            async with self._transaction() as conn:
+                row = await conn.fetchrow(
+                    _INSERT_TRIGGER, ref, label, description, param_schema, out_schema, _by(actor)
+                )
+                created = _trigger(row, ref)
+                if actor:
+                    await audit.record(
+                        conn, actor, "trigger", created.id, created.ref, audit.created(created, _TRIGGER_FIELDS)
+                    )
         except AlreadyExists:
             raise AlreadyExists(f"trigger {ref} already exists") from None
-        return _trigger(row, ref)
+        return created
 
     async def get_trigger(self, key: int | str) -> Trigger:
         sql = _TRIGGER_BY_ID if isinstance(key, int) else _TRIGGER_BY_REF
@@ -109,10 +160,14 @@ class Rules(Paged):
             where.add("pack_ref = {}", pack_ref)
         return await self._page(f"SELECT {_TRIGGER} FROM trigger", where, token, size, Trigger)
 
-    async def delete_trigger(self, key: int | str) -> None:
+    async def delete_trigger(self, key: int | str, actor: Actor | None = None) -> None:
         sql = _DELETE_TRIGGER_BY_ID if isinstance(key, int) else _DELETE_TRIGGER_BY_REF
-        if await self._fetchval(sql, key) is None:
-            raise NotFound(f"trigger {key} not found")
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(sql, key)
+            if row is None:
+                raise NotFound(f"trigger {key} not found")
+            if actor:
+                await audit.record(conn, actor, "trigger", row["id"], row["ref"], {"id": row["id"], "ref": row["ref"]})
 
     async def create_rule(
         self,
@@ -126,9 +181,10 @@ class Rules(Paged):
         conditions: list[dict[str, JSON]],
         condition: str,
         enabled: bool,
+        actor: Actor | None = None,
     ) -> Rule:
         try:
-            async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            async with self._transaction() as conn:
                 await _check_trigger_load(conn, trigger_ref, None, len(conditions))
                 row = await conn.fetchrow(
                     _INSERT_RULE,
@@ -141,12 +197,18 @@ class Rules(Paged):
                     conditions,
                     condition,
                     enabled,
+                    _by(actor),
                 )
+                if row is None:
+                    raise NotFound(f"trigger {trigger_ref} not found")
+                created = Rule(*row)
+                if actor:
+                    await audit.record(
+                        conn, actor, "rule", created.id, created.ref, audit.created(created, _RULE_FIELDS)
+                    )
         except AlreadyExists:
             raise AlreadyExists(f"rule {ref} already exists") from None
-        if row is None:
-            raise NotFound(f"trigger {trigger_ref} not found")
-        return Rule(*row)
+        return created
 
     async def get_rule(self, key: int | str) -> Rule:
         sql = _RULE_BY_ID if isinstance(key, int) else _RULE_BY_REF
@@ -173,26 +235,39 @@ class Rules(Paged):
             where.add("enabled = {}", enabled)
         return await self._page(f"SELECT {_RULE} FROM rule", where, token, size, Rule)
 
-    async def update_rule(self, key: int | str, changes: dict[str, JSON]) -> Rule:
-        """Sets the given columns (keys of UPDATABLE only) of one rule."""
-        where = Where()
-        sets = []
-        for name, value in changes.items():
-            sets.append(f"{name} = {where.param(value)}{UPDATABLE[name]}")
-        match = "id" if isinstance(key, int) else "ref"
-        sql = f"UPDATE rule SET {', '.join(sets)} WHERE {match} = {where.param(key)} RETURNING {_RULE}"
-        conditions = changes.get("conditions")
-        if not isinstance(conditions, list):
-            return _rule(await self._fetchrow(sql, *where.args), key)
-        async with guarded(), self._pool.acquire() as conn, conn.transaction():
-            trigger_ref = await conn.fetchval(_RULE_TRIGGER if isinstance(key, int) else _RULE_TRIGGER_BY_REF, key)
-            if trigger_ref is None:
-                raise NotFound(f"rule {key} not found")
-            rule_id = key if isinstance(key, int) else await conn.fetchval("SELECT id FROM rule WHERE ref = $1", key)
-            await _check_trigger_load(conn, trigger_ref, rule_id, len(conditions))
-            return _rule(await conn.fetchrow(sql, *where.args), key)
+    async def update_rule(self, key: int | str, changes: dict[str, JSON], actor: Actor | None = None) -> Rule:
+        """Sets the given columns (keys of UPDATABLE only) of one rule, and ``updated_by``.
 
-    async def delete_rule(self, key: int | str) -> None:
+        The audit record names the fields whose stored value changed, old and new; a change
+        to the values the rule already had is recorded with none.
+        """
+        where = Where()
+        sets = [f"{name} = {where.param(value)}{UPDATABLE[name]}" for name, value in changes.items()]
+        sets.append(f"updated_by = {where.param(_by(actor))}")
+        lock, lock_key = (_LOCK_RULE_BY_ID if isinstance(key, int) else _LOCK_RULE_BY_REF), key
+        async with self._transaction() as conn:
+            conditions = changes.get("conditions")
+            if isinstance(conditions, list):
+                # The trigger's lock before the rule's, as create_rule takes it (a rule's
+                # trigger_ref never changes, so it can be read before the rule is locked).
+                found = await conn.fetchrow(_RULE_TRIGGER_BY_ID if isinstance(key, int) else _RULE_TRIGGER_BY_REF, key)
+                if found is None:
+                    raise NotFound(f"rule {key} not found")
+                await _check_trigger_load(conn, found["trigger_ref"], found["id"], len(conditions))
+                lock, lock_key = _LOCK_RULE_BY_ID, found["id"]
+            # Locked: the old values stay the old values until this commits.
+            old = _rule(await conn.fetchrow(lock, lock_key), key)
+            sql = f"UPDATE rule SET {', '.join(sets)} WHERE id = {where.param(old.id)} RETURNING {_RULE}"
+            new = _rule(await conn.fetchrow(sql, *where.args), key)
+            if actor:
+                await audit.record(conn, actor, "rule", new.id, new.ref, audit.updated(old, new, changes))
+        return new
+
+    async def delete_rule(self, key: int | str, actor: Actor | None = None) -> None:
         sql = _DELETE_RULE_BY_ID if isinstance(key, int) else _DELETE_RULE_BY_REF
-        if await self._fetchval(sql, key) is None:
-            raise NotFound(f"rule {key} not found")
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(sql, key)
+            if row is None:
+                raise NotFound(f"rule {key} not found")
+            if actor:
+                await audit.record(conn, actor, "rule", row["id"], row["ref"], {"id": row["id"], "ref": row["ref"]})

@@ -28,6 +28,8 @@ class Trigger:
     out_schema: JSON | None
     created: datetime
     updated: datetime
+    updated_by: str | None = None
+    """The principal that created or last changed it through the api (None: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +48,8 @@ class Rule:
     enabled: bool
     created: datetime
     updated: datetime
+    updated_by: str | None = None
+    """The principal that created or last changed it through the api (None: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,20 @@ class HistoryRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One change made through the api, as the audit trail keeps it."""
+
+    id: int
+    time: datetime
+    principal: str
+    rpc: str
+    entity_type: str
+    entity_id: int | None
+    entity_ref: str | None
+    change: dict[str, JSON]
+
+
+@dataclass(frozen=True, slots=True)
 class EventVolume:
     bucket: datetime
     trigger_ref: str
@@ -120,6 +138,15 @@ class EnforcementVolume:
 
 
 # ---- inputs ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who makes a change through the api, and by which RPC: what its audit record names."""
+
+    principal: str
+    rpc: str
+    """The full method name, such as ``automation.v1.RuleService/UpdateRule``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +196,8 @@ class Lease:
     executor_id: str
     token: str
     seconds: float
+    principal: str | None = None
+    """The authenticated principal of the stream: only it may resolve or release the lease."""
 
 
 @dataclass(frozen=True, slots=True)

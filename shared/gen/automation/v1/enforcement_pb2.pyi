@@ -422,15 +422,21 @@ class ReleaseEnforcementRequest(_message.Message):
     ID_FIELD_NUMBER: _builtins.int
     EXECUTOR_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Id of the enforcement."""
     executor_id: _builtins.str
     """The executor that holds the lease (required, at most 200 characters; NUL characters are
-    refused); a release by another executor is ignored.
+    refused); a release by another executor is ignored, and one by another principal's
+    executor of the same name is PERMISSION_DENIED.
     """
     error: _builtins.str
     """Why it could not be decided (kept as the enforcement's last error), at most 1,024
     characters; NUL characters are refused.
+    """
+    force: _builtins.bool
+    """Operators only: release the lease whoever holds it (executor_id is then ignored). The
+    release is recorded in the audit trail.
     """
     def __init__(
         self,
@@ -438,10 +444,11 @@ class ReleaseEnforcementRequest(_message.Message):
         id: _builtins.int = ...,
         executor_id: _builtins.str = ...,
         error: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "executor_id", b"executor_id", "id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "executor_id", b"executor_id", "force", b"force", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

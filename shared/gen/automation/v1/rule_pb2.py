@@ -29,43 +29,43 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61utomation/v1/rule.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x02\n\x07Trigger\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12-\n\x0cparam_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nout_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"y\n\rRuleCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x32\n\x08operator\x18\x02 \x01(\x0e\x32 .automation.v1.ConditionOperator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\xb6\x03\n\x04Rule\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x14\n\x07trigger\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btrigger_ref\x18\x07 \x01(\t\x12\x12\n\naction_ref\x18\x08 \x01(\t\x12.\n\raction_params\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\nconditions\x18\n \x03(\x0b\x32\x1c.automation.v1.RuleCondition\x12\x36\n\tcondition\x18\x0b \x01(\x0e\x32#.automation.v1.EnforcementCondition\x12\x14\n\x07\x65nabled\x18\x0c \x01(\x08H\x01\x88\x01\x01\x12+\n\x07\x63reated\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08_triggerB\n\n\x08_enabled\"?\n\x14\x43reateTriggerRequest\x12\'\n\x07trigger\x18\x01 \x01(\x0b\x32\x16.automation.v1.Trigger\"7\n\x11GetTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"N\n\x13ListTriggersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\"Y\n\x14ListTriggersResponse\x12(\n\x08triggers\x18\x01 \x03(\x0b\x32\x16.automation.v1.Trigger\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14\x44\x65leteTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"6\n\x11\x43reateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\"4\n\x0eGetRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\x96\x01\n\x10ListRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x04 \x01(\t\x12\x12\n\naction_ref\x18\x05 \x01(\t\x12\x14\n\x07\x65nabled\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_enabled\"P\n\x11ListRulesResponse\x12\"\n\x05rules\x18\x01 \x03(\x0b\x32\x13.automation.v1.Rule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x11UpdateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"7\n\x11\x44\x65leteRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key*\x9a\x01\n\x11\x43onditionOperator\x12\"\n\x1e\x43ONDITION_OPERATOR_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONDITION_OPERATOR_EQUALS\x10\x01\x12!\n\x1d\x43ONDITION_OPERATOR_NOT_EQUALS\x10\x02\x12\x1f\n\x1b\x43ONDITION_OPERATOR_CONTAINS\x10\x03\x32\xab\x05\n\x0bRuleService\x12L\n\rCreateTrigger\x12#.automation.v1.CreateTriggerRequest\x1a\x16.automation.v1.Trigger\x12\x46\n\nGetTrigger\x12 .automation.v1.GetTriggerRequest\x1a\x16.automation.v1.Trigger\x12W\n\x0cListTriggers\x12\".automation.v1.ListTriggersRequest\x1a#.automation.v1.ListTriggersResponse\x12L\n\rDeleteTrigger\x12#.automation.v1.DeleteTriggerRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\nCreateRule\x12 .automation.v1.CreateRuleRequest\x1a\x13.automation.v1.Rule\x12=\n\x07GetRule\x12\x1d.automation.v1.GetRuleRequest\x1a\x13.automation.v1.Rule\x12N\n\tListRules\x12\x1f.automation.v1.ListRulesRequest\x1a .automation.v1.ListRulesResponse\x12\x43\n\nUpdateRule\x12 .automation.v1.UpdateRuleRequest\x1a\x13.automation.v1.Rule\x12\x46\n\nDeleteRule\x12 .automation.v1.DeleteRuleRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61utomation/v1/rule.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb6\x02\n\x07Trigger\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12-\n\x0cparam_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nout_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nupdated_by\x18\n \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_updated_by\"y\n\rRuleCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x32\n\x08operator\x18\x02 \x01(\x0e\x32 .automation.v1.ConditionOperator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"\xde\x03\n\x04Rule\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x14\n\x07trigger\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btrigger_ref\x18\x07 \x01(\t\x12\x12\n\naction_ref\x18\x08 \x01(\t\x12.\n\raction_params\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\nconditions\x18\n \x03(\x0b\x32\x1c.automation.v1.RuleCondition\x12\x36\n\tcondition\x18\x0b \x01(\x0e\x32#.automation.v1.EnforcementCondition\x12\x14\n\x07\x65nabled\x18\x0c \x01(\x08H\x01\x88\x01\x01\x12+\n\x07\x63reated\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nupdated_by\x18\x0f \x01(\tH\x02\x88\x01\x01\x42\n\n\x08_triggerB\n\n\x08_enabledB\r\n\x0b_updated_by\"?\n\x14\x43reateTriggerRequest\x12\'\n\x07trigger\x18\x01 \x01(\x0b\x32\x16.automation.v1.Trigger\"7\n\x11GetTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"N\n\x13ListTriggersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\"Y\n\x14ListTriggersResponse\x12(\n\x08triggers\x18\x01 \x03(\x0b\x32\x16.automation.v1.Trigger\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14\x44\x65leteTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"6\n\x11\x43reateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\"4\n\x0eGetRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\x96\x01\n\x10ListRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x04 \x01(\t\x12\x12\n\naction_ref\x18\x05 \x01(\t\x12\x14\n\x07\x65nabled\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_enabled\"P\n\x11ListRulesResponse\x12\"\n\x05rules\x18\x01 \x03(\x0b\x32\x13.automation.v1.Rule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x11UpdateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"7\n\x11\x44\x65leteRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key*\x9a\x01\n\x11\x43onditionOperator\x12\"\n\x1e\x43ONDITION_OPERATOR_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONDITION_OPERATOR_EQUALS\x10\x01\x12!\n\x1d\x43ONDITION_OPERATOR_NOT_EQUALS\x10\x02\x12\x1f\n\x1b\x43ONDITION_OPERATOR_CONTAINS\x10\x03\x32\xab\x05\n\x0bRuleService\x12L\n\rCreateTrigger\x12#.automation.v1.CreateTriggerRequest\x1a\x16.automation.v1.Trigger\x12\x46\n\nGetTrigger\x12 .automation.v1.GetTriggerRequest\x1a\x16.automation.v1.Trigger\x12W\n\x0cListTriggers\x12\".automation.v1.ListTriggersRequest\x1a#.automation.v1.ListTriggersResponse\x12L\n\rDeleteTrigger\x12#.automation.v1.DeleteTriggerRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\nCreateRule\x12 .automation.v1.CreateRuleRequest\x1a\x13.automation.v1.Rule\x12=\n\x07GetRule\x12\x1d.automation.v1.GetRuleRequest\x1a\x13.automation.v1.Rule\x12N\n\tListRules\x12\x1f.automation.v1.ListRulesRequest\x1a .automation.v1.ListRulesResponse\x12\x43\n\nUpdateRule\x12 .automation.v1.UpdateRuleRequest\x1a\x13.automation.v1.Rule\x12\x46\n\nDeleteRule\x12 .automation.v1.DeleteRuleRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.gen.automation.v1.rule_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONDITIONOPERATOR']._serialized_start=1895
-  _globals['_CONDITIONOPERATOR']._serialized_end=2049
+  _globals['_CONDITIONOPERATOR']._serialized_start=1975
+  _globals['_CONDITIONOPERATOR']._serialized_end=2129
   _globals['_TRIGGER']._serialized_start=198
-  _globals['_TRIGGER']._serialized_end=468
-  _globals['_RULECONDITION']._serialized_start=470
-  _globals['_RULECONDITION']._serialized_end=591
-  _globals['_RULE']._serialized_start=594
-  _globals['_RULE']._serialized_end=1032
-  _globals['_CREATETRIGGERREQUEST']._serialized_start=1034
-  _globals['_CREATETRIGGERREQUEST']._serialized_end=1097
-  _globals['_GETTRIGGERREQUEST']._serialized_start=1099
-  _globals['_GETTRIGGERREQUEST']._serialized_end=1154
-  _globals['_LISTTRIGGERSREQUEST']._serialized_start=1156
-  _globals['_LISTTRIGGERSREQUEST']._serialized_end=1234
-  _globals['_LISTTRIGGERSRESPONSE']._serialized_start=1236
-  _globals['_LISTTRIGGERSRESPONSE']._serialized_end=1325
-  _globals['_DELETETRIGGERREQUEST']._serialized_start=1327
-  _globals['_DELETETRIGGERREQUEST']._serialized_end=1385
-  _globals['_CREATERULEREQUEST']._serialized_start=1387
-  _globals['_CREATERULEREQUEST']._serialized_end=1441
-  _globals['_GETRULEREQUEST']._serialized_start=1443
-  _globals['_GETRULEREQUEST']._serialized_end=1495
-  _globals['_LISTRULESREQUEST']._serialized_start=1498
-  _globals['_LISTRULESREQUEST']._serialized_end=1648
-  _globals['_LISTRULESRESPONSE']._serialized_start=1650
-  _globals['_LISTRULESRESPONSE']._serialized_end=1730
-  _globals['_UPDATERULEREQUEST']._serialized_start=1732
-  _globals['_UPDATERULEREQUEST']._serialized_end=1835
-  _globals['_DELETERULEREQUEST']._serialized_start=1837
-  _globals['_DELETERULEREQUEST']._serialized_end=1892
-  _globals['_RULESERVICE']._serialized_start=2052
-  _globals['_RULESERVICE']._serialized_end=2735
+  _globals['_TRIGGER']._serialized_end=508
+  _globals['_RULECONDITION']._serialized_start=510
+  _globals['_RULECONDITION']._serialized_end=631
+  _globals['_RULE']._serialized_start=634
+  _globals['_RULE']._serialized_end=1112
+  _globals['_CREATETRIGGERREQUEST']._serialized_start=1114
+  _globals['_CREATETRIGGERREQUEST']._serialized_end=1177
+  _globals['_GETTRIGGERREQUEST']._serialized_start=1179
+  _globals['_GETTRIGGERREQUEST']._serialized_end=1234
+  _globals['_LISTTRIGGERSREQUEST']._serialized_start=1236
+  _globals['_LISTTRIGGERSREQUEST']._serialized_end=1314
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_start=1316
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_end=1405
+  _globals['_DELETETRIGGERREQUEST']._serialized_start=1407
+  _globals['_DELETETRIGGERREQUEST']._serialized_end=1465
+  _globals['_CREATERULEREQUEST']._serialized_start=1467
+  _globals['_CREATERULEREQUEST']._serialized_end=1521
+  _globals['_GETRULEREQUEST']._serialized_start=1523
+  _globals['_GETRULEREQUEST']._serialized_end=1575
+  _globals['_LISTRULESREQUEST']._serialized_start=1578
+  _globals['_LISTRULESREQUEST']._serialized_end=1728
+  _globals['_LISTRULESRESPONSE']._serialized_start=1730
+  _globals['_LISTRULESRESPONSE']._serialized_end=1810
+  _globals['_UPDATERULEREQUEST']._serialized_start=1812
+  _globals['_UPDATERULEREQUEST']._serialized_end=1915
+  _globals['_DELETERULEREQUEST']._serialized_start=1917
+  _globals['_DELETERULEREQUEST']._serialized_end=1972
+  _globals['_RULESERVICE']._serialized_start=2132
+  _globals['_RULESERVICE']._serialized_end=2815
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,7 @@ class Trigger(_message.Message):
     OUT_SCHEMA_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier (output only)."""
     ref: _builtins.str
@@ -82,6 +83,8 @@ class Trigger(_message.Message):
     """Human-readable name (optional), at most 255 characters; NUL characters are refused."""
     description: _builtins.str
     """What the trigger means (optional), at most 4,096 characters; NUL characters are refused."""
+    updated_by: _builtins.str
+    """The principal that created or last changed it (output only); unset when not known."""
     @_builtins.property
     def param_schema(self) -> _struct_pb2.Struct:
         """JSON schema of the trigger's parameters (optional, informative): at most 64 KiB encoded
@@ -116,12 +119,15 @@ class Trigger(_message.Message):
         out_schema: _struct_pb2.Struct | None = ...,
         created: _timestamp_pb2.Timestamp | None = ...,
         updated: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "out_schema", b"out_schema", "param_schema", b"param_schema", "updated", b"updated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "out_schema", b"out_schema", "param_schema", b"param_schema", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "description", b"description", "id", b"id", "label", b"label", "out_schema", b"out_schema", "pack_ref", b"pack_ref", "param_schema", b"param_schema", "ref", b"ref", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "description", b"description", "id", b"id", "label", b"label", "out_schema", b"out_schema", "pack_ref", b"pack_ref", "param_schema", b"param_schema", "ref", b"ref", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__updated_by: _TypeAlias = _typing.Literal["updated_by"]  # noqa: Y015
+    _WhichOneofArgType__updated_by: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__updated_by) -> _WhichOneofReturnType__updated_by | None: ...
 
 Global___Trigger: _TypeAlias = Trigger  # noqa: Y015
 
@@ -181,6 +187,7 @@ class Rule(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier (output only)."""
     ref: _builtins.str
@@ -205,6 +212,8 @@ class Rule(_message.Message):
     """How the conditions combine; UNSPECIFIED means ALL."""
     enabled: _builtins.bool
     """Whether the rule fires. Defaults to true on create."""
+    updated_by: _builtins.str
+    """The principal that created or last changed it (output only); unset when not known."""
     @_builtins.property
     def action_params(self) -> _struct_pb2.Struct:
         """Parameters of the action; strings may hold templates such as {{ event.payload.a.b }},
@@ -242,19 +251,24 @@ class Rule(_message.Message):
         enabled: _builtins.bool | None = ...,
         created: _timestamp_pb2.Timestamp | None = ...,
         updated: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_trigger", b"_trigger", "action_params", b"action_params", "created", b"created", "enabled", b"enabled", "trigger", b"trigger", "updated", b"updated"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_trigger", b"_trigger", "_updated_by", b"_updated_by", "action_params", b"action_params", "created", b"created", "enabled", b"enabled", "trigger", b"trigger", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_trigger", b"_trigger", "action_params", b"action_params", "action_ref", b"action_ref", "condition", b"condition", "conditions", b"conditions", "created", b"created", "description", b"description", "enabled", b"enabled", "id", b"id", "label", b"label", "pack_ref", b"pack_ref", "ref", b"ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_trigger", b"_trigger", "_updated_by", b"_updated_by", "action_params", b"action_params", "action_ref", b"action_ref", "condition", b"condition", "conditions", b"conditions", "created", b"created", "description", b"description", "enabled", b"enabled", "id", b"id", "label", b"label", "pack_ref", b"pack_ref", "ref", b"ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
     _WhichOneofReturnType__trigger: _TypeAlias = _typing.Literal["trigger"]  # noqa: Y015
     _WhichOneofArgType__trigger: _TypeAlias = _typing.Literal["_trigger", b"_trigger"]  # noqa: Y015
+    _WhichOneofReturnType__updated_by: _TypeAlias = _typing.Literal["updated_by"]  # noqa: Y015
+    _WhichOneofArgType__updated_by: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__trigger) -> _WhichOneofReturnType__trigger | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__updated_by) -> _WhichOneofReturnType__updated_by | None: ...
 
 Global___Rule: _TypeAlias = Rule  # noqa: Y015
 
