@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -91,6 +92,7 @@ class Executor:
 
     def __init__(self, config: ExecutorConfig) -> None:
         self.config = config
+        self._metadata: tuple[tuple[str, str], ...] | None = None
         self.executor_id = config.executor_id or default_executor_id()
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -117,8 +119,12 @@ class Executor:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        # TLS, a client certificate and the bearer token as configured (shared/transport.py).
-        async with open_channel(cfg.target, cfg.security, options) as channel:
+        # TLS and a client certificate as configured (shared/transport.py). The token goes with
+        # each call rather than through a channel interceptor: grpc.aio runs an interceptor as
+        # one more task per call, measured at ~10 % of unary throughput at 16 in flight.
+        token = cfg.security.token
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        async with open_channel(cfg.target, dataclasses.replace(cfg.security, token=""), options) as channel:
             self._enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
             # The stream hands us raw bytes: grpc's own decoding would turn an undecodable
             # message into a bare None, losing the bytes that say which enforcement it was.
@@ -148,7 +154,7 @@ class Executor:
         request = enforcement_pb2.WatchEnforcementsRequest(
             executor_id=self.executor_id, max_in_flight=self.config.max_in_flight
         )
-        call = self._watch(request)
+        call = self._watch(request, metadata=self._metadata)
         stopper = asyncio.ensure_future(self._stopping.wait())
         stopper.add_done_callback(lambda _f: call.cancel())
         got_any = False
@@ -268,7 +274,9 @@ class Executor:
         deadline = time.monotonic() + max(self.config.rpc_timeout_s * 3, 5.0)
         while True:
             try:
-                return await method(request, timeout=self.config.rpc_timeout_s)  # type: ignore[operator]
+                return await method(  # type: ignore[operator]
+                    request, timeout=self.config.rpc_timeout_s, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in _RETRYABLE or time.monotonic() > deadline or self._stopping.is_set():
                     raise
@@ -332,4 +340,5 @@ class Executor:
             await self._enforcements.ReleaseEnforcement(
                 enforcement_pb2.ReleaseEnforcementRequest(id=id_, executor_id=self.executor_id, error=error),
                 timeout=self.config.rpc_timeout_s,
+                metadata=self._metadata,
             )

@@ -24,7 +24,7 @@ import asyncpg
 import grpc
 
 from services.api.migrate import migrate_url
-from shared.transport import open_channel
+from shared.transport import ClientSecurity, open_channel
 from tools.healthcheck import wait_serving
 from tools.postgres import LocalPostgres, free_port
 
@@ -171,7 +171,8 @@ class Services:
     executors: list[Proc] = field(default_factory=list)
     spawned: int = 0
 
-    async def start_api(self, **env: str) -> str:
+    async def start_api(self, health: ClientSecurity | None = None, **env: str) -> str:
+        """Starts the api; ``health`` says how to reach it when it speaks TLS."""
         port = free_port()
         self.target = f"127.0.0.1:{port}"
         self.api = await _spawn(
@@ -183,7 +184,7 @@ class Services:
             self.logdir,
         )
         try:
-            await wait_serving(self.target, timeout=60)
+            await wait_serving(self.target, timeout=60, security=health)
         except TimeoutError:
             raise RuntimeError(f"the api did not become SERVING:\n{self.api.log_tail()}") from None
         return self.target

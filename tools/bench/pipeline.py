@@ -208,6 +208,7 @@ async def window(
     duration: float,
     drain_s: float,
     abort_backlog: float | None = None,
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> Window:
     """Offers ``rate`` events/s for ``duration`` s, then waits for the backlog to drain.
 
@@ -216,7 +217,7 @@ async def window(
     request = event_pb2.CreateEventRequest(event=workload.new_event(TRIGGER))
 
     async def create(_i: int) -> int:
-        response = await stub.CreateEvent(request, timeout=30)
+        response = await stub.CreateEvent(request, timeout=30, metadata=metadata)
         return response.enforcements[0].id
 
     mark = len(sampler.backlog)
@@ -276,11 +277,14 @@ async def search(
     s: Settings,
     cfg: Config,
     start_rate: float,
+    metadata: tuple[tuple[str, str], ...] | None = None,
 ) -> None:
     drain_s = 5.0 if s.quick else 20.0
 
     async def probe(rate: float, duration: float) -> Window:
-        w = await window(stub, conn, sampler, rate, duration, drain_s, abort_backlog=max(5 * rate, 1000))
+        w = await window(
+            stub, conn, sampler, rate, duration, drain_s, abort_backlog=max(5 * rate, 1000), metadata=metadata
+        )
         progress(
             f"pipeline {cfg.executors} exec: {rate:,.0f}/s for {duration:.0f}s -> "
             f"{'ok' if w.ok else 'NOT sustained: ' + w.why}; {_lat(w)}; max backlog {w.max_backlog}"

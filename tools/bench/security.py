@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +35,10 @@ TRIGGER = "bench.sec"
 RULES = ["bench.sec_a", "bench.sec_b"]
 
 
+def _bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
 async def _tokens(url: str) -> dict[str, str]:
     pool = await create_pool(url, min_size=1, max_size=1)
     try:
@@ -51,17 +56,22 @@ async def _ingest(url: str, s: Settings, api_env: dict[str, str], secure: Client
     concurrency = 16
     async with services(url) as plain, services(url) as locked:
         off_target = await plain.start_api()
-        on_target = await locked.start_api(**api_env)
-        async with open_channel(off_target, ClientSecurity()) as off, open_channel(on_target, secure) as on:
+        on_target = await locked.start_api(ClientSecurity(ca=secure.ca), **api_env)
+        # The token goes with each call, as the executor sends it (a channel interceptor costs
+        # grpc.aio one more task per call).
+        no_token = dataclasses.replace(secure, token="")
+        async with open_channel(off_target, ClientSecurity()) as off, open_channel(on_target, no_token) as on:
             await workload.define(off, TRIGGER, RULES)
+            await workload.define(off, pipeline.TRIGGER, [pipeline.RULE])
             request = event_pb2.CreateEventRequest(event=workload.new_event(TRIGGER))
             stubs = {"off": event_pb2_grpc.EventServiceStub(off), "on": event_pb2_grpc.EventServiceStub(on)}
 
             def caller(mode: str) -> Callable[[], Awaitable[int]]:
                 stub: event_pb2_grpc.EventServiceAsyncStub = stubs[mode]
+                metadata = _bearer(secure.token) if mode == "on" else None
 
                 async def call() -> int:
-                    response = await stub.CreateEvent(request, timeout=30)
+                    response = await stub.CreateEvent(request, timeout=30, metadata=metadata)
                     assert len(response.enforcements) == 2
                     return 1
 
@@ -94,18 +104,19 @@ async def _pipeline(
     url: str, s: Settings, api_env: dict[str, str], executor_env: dict[str, str], client: ClientSecurity
 ) -> pipeline.Config:
     async with services(url) as svc:
-        target = await svc.start_api(**api_env)
+        target = await svc.start_api(ClientSecurity(ca=client.ca) if client.ca else None, **api_env)
         conn = await asyncpg.connect(url)
         try:
-            async with open_channel(target, client) as ch:
+            metadata = _bearer(client.token) if client.token else None
+            async with open_channel(target, dataclasses.replace(client, token="")) as ch:
                 stub: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)
                 await svc.start_executors(1, **executor_env)
                 cfg = pipeline.Config(1)
                 procs = [p for p in [svc.api, *svc.executors] if p]
                 async with pipeline.Sampler(url, procs, s.sample_s) as sampler:
                     await asyncio.sleep(0.5)  # let the watch stream open; the warm-up window is not judged
-                    await pipeline.window(stub, conn, sampler, s.start_rate / 2, s.probe_s, 10.0)
-                    await pipeline.search(stub, conn, sampler, s, cfg, s.start_rate)
+                    await pipeline.window(stub, conn, sampler, s.start_rate / 2, s.probe_s, 10.0, metadata=metadata)
+                    await pipeline.search(stub, conn, sampler, s, cfg, s.start_rate, metadata)
                 return cfg
         finally:
             with contextlib.suppress(Exception):
