@@ -10,10 +10,10 @@ COPY services services
 COPY tools tools
 COPY migrations migrations
 # Installs the dependencies; the code runs from /app, where migrations/ sits beside it.
-# /certs belongs to the service user: a new named volume mounted there (compose's `certs`)
-# starts with this ownership, so the one-shot certs step can write into it.
+# /certs and /tokens belong to the service user: a new named volume mounted there (compose's
+# `certs` and `tokens`) starts with this ownership, so the one-shot steps can write into it.
 RUN pip install --no-cache-dir . && useradd --system --uid 10001 automation \
-    && mkdir /certs && chown automation /certs
+    && mkdir /certs /tokens && chown automation /certs /tokens
 USER automation
 
 EXPOSE 50051

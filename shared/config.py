@@ -201,6 +201,14 @@ def client_security(env: Mapping[str, str] | None = None) -> ClientSecurity:
     key = _pem_file(env, "API_TLS_CLIENT_KEY")
     server_name = env.get("API_TLS_SERVER_NAME", "").strip()
     token = env.get("API_TOKEN", "").strip()
+    if not token and (token_file := env.get("API_TOKEN_FILE", "").strip()):
+        # A secret mounted as a file (compose's tokens volume, a Kubernetes secret) stays out
+        # of the environment, which other processes and logs can see.
+        try:
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"API_TOKEN_FILE: cannot read {token_file!r}: {exc.strerror}") from None
     if bool(cert) != bool(key):
         raise ConfigError("API_TLS_CLIENT_CERT and API_TLS_CLIENT_KEY go together: set both or neither")
     if cert and not ca:

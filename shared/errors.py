@@ -49,8 +49,10 @@ class DomainError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     reason: str = "INTERNAL"
 
-    def __init__(self, message: str | None = None) -> None:
+    def __init__(self, message: str | None = None, reason: str | None = None) -> None:
         super().__init__(clip(message or (self.__doc__ or "").strip(), MAX_ERROR_MESSAGE))
+        if reason:
+            self.reason = reason  # a more specific ErrorInfo reason than the class's
 
     @property
     def message(self) -> str:
@@ -77,11 +79,6 @@ class FailedPrecondition(DomainError):
     code = grpc.StatusCode.FAILED_PRECONDITION
     reason = "FAILED_PRECONDITION"
 
-    def __init__(self, message: str | None = None, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason:
-            self.reason = reason
-
 
 class PermissionDenied(DomainError):
     """The caller may not do this."""
@@ -102,11 +99,6 @@ class ResourceExhausted(DomainError):
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
-
-    def __init__(self, message: str | None = None, reason: str | None = None) -> None:
-        super().__init__(message)
-        if reason:
-            self.reason = reason
 
 
 class Unavailable(DomainError):

@@ -28,8 +28,11 @@ past it, calls wait their turn within their deadline."""
 REQUEST_AMPLIFICATION = 8
 """What a request costs while handled, as a multiple of its size: decoded messages and JSON,
 derived enforcements (bounded at 8x a CreateEvents call) and the answer."""
-MAX_CONCURRENT_STREAMS = 128
-"""HTTP/2 streams (calls) one connection may have open at once."""
+MAX_CONCURRENT_STREAMS = 256
+"""HTTP/2 streams (calls) one connection may have open at once: as many as the api serves in
+all. Lower, a busy client's channel got its calls refused (RST_STREAM REFUSED_STREAM, seen as
+UNAVAILABLE) at 128 in flight in the benchmark's overload probes, where the api would rather
+queue them or answer RESOURCE_EXHAUSTED past MAX_CONCURRENT_RPCS."""
 MAX_CONNECTION_IDLE_MS = 30 * 60 * 1000
 """A connection with no call for this long is closed (clients reconnect transparently)."""
 MAX_CONNECTION_AGE_MS = 4 * 3600 * 1000

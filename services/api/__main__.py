@@ -13,11 +13,13 @@ import logging
 import os
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 from services.api import migrate
-from services.api.auth import ROLES, new_token
+from services.api.auth import ROLES, new_token, token_hash
 from services.api.server import serve
 from services.api.store import Store, create_pool
+from services.api.store.tokens import Tokens
 from services.api.store.types import Actor
 from shared.config import ConfigError, api_config
 from shared.errors import DomainError
@@ -30,7 +32,9 @@ async def _tokens(url: str, ns: argparse.Namespace) -> int:
         tokens = Store(pool).tokens
         # Token changes are audited like changes made through the api, by who ran the command.
         actor = Actor(f"cli:{getpass.getuser()}", f"tokens {ns.action}")
-        if ns.action == "create":
+        if ns.action == "create" and ns.out and await _kept(tokens, Path(ns.out)):
+            print(f"kept the valid token in {ns.out}", file=sys.stderr)
+        elif ns.action == "create":
             token, digest = new_token()
             await tokens.create(ns.name, sorted(set(ns.role)), digest, ns.expires, actor)
             expiry = f"expires in {ns.expires:g} days" if ns.expires else "does not expire"
@@ -39,7 +43,11 @@ async def _tokens(url: str, ns: argparse.Namespace) -> int:
                 "It is shown this once: only its hash is kept. Send it as 'authorization: Bearer <token>'.",
                 file=sys.stderr,
             )
-            print(token)
+            if ns.out:
+                _write_secret(Path(ns.out), token)
+                print(f"written to {ns.out}", file=sys.stderr)
+            else:
+                print(token)
         elif ns.action == "revoke":
             await tokens.revoke(ns.name, actor)
             print(f"token {ns.name} revoked; every api refuses it within seconds")
@@ -64,6 +72,26 @@ async def _tokens(url: str, ns: argparse.Namespace) -> int:
     return 0
 
 
+async def _kept(tokens: Tokens, path: Path) -> bool:
+    """Whether ``path`` holds a token the database knows and has not revoked or expired."""
+    if not path.exists():
+        return False
+    digest = token_hash(path.read_text().strip())
+    now = datetime.now(UTC)
+    return any(
+        bytes(r.token_hash) == digest and r.revoked_at is None and (r.expires_at is None or r.expires_at > now)
+        for r in await tokens.all()
+    )
+
+
+def _write_secret(path: Path, token: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(token + "\n")
+    os.replace(temporary, path)
+
+
 def _when(t: datetime | None) -> str:
     return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
@@ -86,6 +114,9 @@ def main() -> int:
     create.add_argument("--name", required=True, help="the principal's name (letters, digits, _ . @ -)")
     create.add_argument("--role", action="append", required=True, choices=ROLES, help="a role (repeat for more)")
     create.add_argument("--expires", type=_days, default=None, metavar="DAYS", help="expire after DAYS days")
+    create.add_argument(
+        "--out", metavar="FILE", help="write the token to FILE (mode 0600) instead; keep FILE if its token is valid"
+    )
     actions.add_parser("list", help="every token: name, roles, dates, state (never the token)")
     revoke = actions.add_parser("revoke", help="revoke a token by name")
     revoke.add_argument("name")

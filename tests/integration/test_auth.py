@@ -236,3 +236,23 @@ async def test_token_commands_create_list_and_revoke(db_url: str, conn: asyncpg.
     assert await conn.fetchval("SELECT revoked_at IS NOT NULL FROM api_token WHERE name = 'ci-bot'")
     unknown = await asyncio.to_thread(_cli, db_url, "revoke", "nobody")
     assert unknown.returncode == 1 and "no token named nobody" in unknown.stderr
+
+
+async def test_tokens_create_out_writes_a_private_file_and_keeps_a_valid_one(
+    db_url: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    out = tmp_path / "secrets" / "executor"
+    args = ("create", "--name", "svc-executor", "--role", "executor", "--out", str(out))
+    made = await asyncio.to_thread(_cli, db_url, *args)
+    assert made.returncode == 0, made.stderr
+    token = out.read_text().strip()
+    assert token not in made.stdout + made.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert bytes(await conn.fetchval("SELECT token_hash FROM api_token WHERE name = 'svc-executor'")) == token_hash(
+        token
+    )
+    again = await asyncio.to_thread(_cli, db_url, *args)  # a restarted compose step
+    assert again.returncode == 0 and "kept" in again.stderr
+    assert out.read_text().strip() == token
+    audited = await conn.fetchval("SELECT count(*) FROM audit_log WHERE entity_type = 'token'")
+    assert audited == 1

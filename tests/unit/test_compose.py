@@ -21,8 +21,8 @@ def compose() -> dict[str, Any]:
     return data
 
 
-def test_compose_has_the_five_services() -> None:
-    assert set(compose()["services"]) == {"db", "migrate", "certs", "api", "executor"}
+def test_compose_has_the_six_services() -> None:
+    assert set(compose()["services"]) == {"db", "migrate", "certs", "tokens", "api", "executor"}
 
 
 def test_database_image_is_timescaledb_pinned_to_a_version() -> None:
@@ -37,7 +37,11 @@ def test_startup_order_is_gated_on_health_and_completion() -> None:
         "migrate": {"condition": "service_completed_successfully"},
         "certs": {"condition": "service_completed_successfully"},
     }
-    assert services["executor"]["depends_on"] == {"api": {"condition": "service_healthy"}}
+    assert services["executor"]["depends_on"] == {
+        "api": {"condition": "service_healthy"},
+        "tokens": {"condition": "service_completed_successfully"},
+    }
+    assert services["tokens"]["depends_on"] == {"migrate": {"condition": "service_completed_successfully"}}
 
 
 def test_long_running_services_have_health_checks_and_restart_policies() -> None:
@@ -68,9 +72,24 @@ def certs_volume(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _environment(name: str, volume: Path) -> dict[str, str]:
-    """A service's environment with /certs/... pointing into ``volume``."""
+    """A service's environment with /certs/... pointing into ``volume`` (and /tokens/... too,
+    where a token file made here stands for the one the `tokens` service writes)."""
     env = compose()["services"][name]["environment"]
-    return {k: str(v).replace("/certs/", f"{volume}/") for k, v in env.items()}
+    out = {k: str(v).replace("/certs/", f"{volume}/").replace("/tokens/", f"{volume}/tokens/") for k, v in env.items()}
+    (volume / "tokens").mkdir(exist_ok=True)
+    (volume / "tokens" / "executor").write_text("atk_example\n")
+    return out
+
+
+def test_the_executor_reads_its_token_from_the_file_the_tokens_service_writes(certs_volume: Path) -> None:
+    services = compose()["services"]
+    command = services["tokens"]["command"]
+    assert command[:5] == ["python", "-m", "services.api", "tokens", "create"]
+    out = command[command.index("--out") + 1]
+    assert services["executor"]["environment"]["API_TOKEN_FILE"] == out
+    assert "executor" in command and "tokens:/tokens" in services["tokens"]["volumes"]
+    assert "tokens:/tokens:ro" in services["executor"]["volumes"]
+    assert executor_config(_environment("executor", certs_volume)).security.token == "atk_example"
 
 
 def test_service_environments_are_valid_configurations(certs_volume: Path) -> None:
