@@ -379,3 +379,26 @@ async def test_the_token_is_sent_on_unary_and_streaming_calls(tls: bool, pki: Pk
         ("unary", ["Bearer per-call"]),
         ("unary", []),
     ]
+
+
+# --- a client certificate standing for a principal -----------------------------------------
+
+
+async def test_a_mapped_client_certificate_is_a_principal_without_a_token(api_config: ApiConfig, pki: Pki) -> None:
+    """With mutual TLS and API_TLS_PRINCIPALS, the certificate's common name is the principal:
+    an executor runs without a shared secret, and gets only what its roles allow."""
+    mapped = serving(api_config, **pki.mutual(), certificate_principals="executor=executor")
+    async with mapped as target, open_channel(target, pki.client) as channel:  # CN=executor, no token
+        rules = rule_pb2_grpc.RuleServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rules.GetRule(rule_pb2.GetRuleRequest(id=1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND  # authenticated and allowed
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rules.ListRules(rule_pb2.ListRulesRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "executor (executor)" in (info.value.details() or "")
+    # Unmapped, the same certificate only gets through TLS: it still needs a token.
+    async with serving(api_config, **pki.mutual()) as target, open_channel(target, pki.client) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await rule_pb2_grpc.RuleServiceStub(channel).GetRule(rule_pb2.GetRuleRequest(id=1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
