@@ -100,29 +100,6 @@ def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
     return out
 
 
-def from_value(value: struct_pb2.Value) -> Any:
-    """A protobuf Value as plain JSON data. Struct numbers are doubles on the wire; whole
-    numbers come back as ints, so that 3 stays 3 in storage and in templates ("n=3", not
-    "n=3.0")."""
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) < 2**53 else number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "struct_value":
-        return from_struct(value.struct_value)
-    if kind == "list_value":
-        return [from_value(v) for v in value.list_value.values]
-    return None
-
-
-def from_struct(value: struct_pb2.Struct) -> dict[str, Any]:
-    return {k: from_value(v) for k, v in value.fields.items()}
-
-
 def list_value(value: list[Any]) -> struct_pb2.ListValue:
     out = struct_pb2.ListValue()
     for item in value:
@@ -207,10 +184,6 @@ def trigger(t: store.Trigger) -> rule_pb2.Trigger:
     if t.updated_by is not None:
         msg.updated_by = t.updated_by
     return msg
-
-
-def condition_to_json(c: rule_pb2.RuleCondition) -> dict[str, Any]:
-    return {"field": c.field, "operator": OPERATOR_NAME.get(c.operator, ""), "value": from_value(c.value)}
 
 
 def rule(r: store.Rule) -> rule_pb2.Rule:

@@ -77,29 +77,6 @@ def template_violations(action_params: Any, field_name: str) -> list[tuple[str, 
     return problems
 
 
-def condition_violations(conditions: Sequence[Any], field_name: str = "rule.conditions") -> list[tuple[str, str]]:
-    """Every problem of a condition list, as (field, description) pairs naming the condition."""
-    problems: list[tuple[str, str]] = []
-    for i, cond in enumerate(conditions):
-        where = f"{field_name}[{i}]"
-        if not isinstance(cond, Mapping):
-            problems.append((where, "must be an object with field, operator and value"))
-            continue
-        unknown = set(cond) - {"field", "operator", "value"}
-        if unknown:
-            problems.append((where, f"unknown keys {sorted(unknown)}"))
-        fld = cond.get("field")
-        why = path_problem(fld) if isinstance(fld, str) else "must be a dot path such as body.action"
-        if why:
-            problems.append((f"{where}.field", why))
-        op = cond.get("operator")
-        if op not in OPERATORS:
-            problems.append((f"{where}.operator", f"must be one of {sorted(OPERATORS)}, got {op!r}"))
-        if "value" not in cond:
-            problems.append((f"{where}.value", "is required"))
-    return problems
-
-
 def lookup(data: Any, path: str) -> Any:
     """The value at a dot path, or the _MISSING sentinel."""
     current = data

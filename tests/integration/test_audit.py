@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, json_format
 
 from services.api import convert
 from services.api.server import ApiServer
@@ -54,7 +54,7 @@ async def records(audit: audit_pb2_grpc.AuditServiceAsyncStub, **filters: Any) -
 
 def summary(r: audit_pb2.AuditRecord) -> tuple[str, str, str, int | None, str, dict[str, Any]]:
     entity_id = r.entity_id if r.HasField("entity_id") else None
-    return (r.principal, r.rpc, r.entity_type, entity_id, r.entity_ref, convert.from_struct(r.change))
+    return (r.principal, r.rpc, r.entity_type, entity_id, r.entity_ref, json_format.MessageToDict(r.change))
 
 
 async def make_trigger(stubs: Stubs, ref: str = HOOK, **kw: Any) -> rule_pb2.Trigger:

@@ -13,65 +13,33 @@ def cond(field: str, operator: str, value: Any) -> dict[str, Any]:
     return {"field": field, "operator": operator, "value": value}
 
 
-# ---- condition_violations ---------------------------------------------------------------------
+# ---- path_problem and template_violations ------------------------------------------------------
 
 
-def test_valid_conditions_have_no_violations() -> None:
-    conditions = [cond("body.action", "equals", "push"), cond("a.0.b", "contains", 1), cond("x", "not_equals", None)]
-    assert matching.condition_violations(conditions) == []
+@pytest.mark.parametrize("path", ["body.action", "a.0.b", "x", "a-b.c_d", ".".join("s" * 16)])
+def test_dot_paths_within_the_limits_are_accepted(path: str) -> None:
+    assert matching.path_problem(path) is None
 
 
-def test_empty_condition_list_is_valid() -> None:
-    assert matching.condition_violations([]) == []
+@pytest.mark.parametrize("path", ["", " ", "a..b", ".a", "a.", "a b", "a\nb"])
+def test_a_field_that_is_not_a_dot_path_is_refused(path: str) -> None:
+    assert matching.path_problem(path) == "must be a dot path such as body.action"
 
 
-@pytest.mark.parametrize("bad", ["equals", 3, None, ["field", "equals", 1]])
-def test_condition_that_is_not_an_object_is_named_by_index(bad: Any) -> None:
-    problems = matching.condition_violations([cond("a", "equals", 1), bad])
-    assert problems == [("rule.conditions[1]", "must be an object with field, operator and value")]
+def test_long_paths_and_many_segments_are_refused() -> None:
+    assert matching.path_problem("a" * 257) == "must be at most 256 characters, got 257"
+    assert matching.path_problem(".".join("s" * 17)) == "may have at most 16 segments"
 
 
-def test_unknown_condition_keys_are_listed() -> None:
-    problems = matching.condition_violations([{**cond("a", "equals", 1), "op": "x", "extra": 2}])
-    assert problems == [("rule.conditions[0]", "unknown keys ['extra', 'op']")]
-
-
-@pytest.mark.parametrize("field", ["", " ", "a..b", ".a", "a.", "a b", 7, None])
-def test_field_that_is_not_a_dot_path_is_refused(field: Any) -> None:
-    problems = matching.condition_violations([{"field": field, "operator": "equals", "value": 1}])
-    assert problems == [("rule.conditions[0].field", "must be a dot path such as body.action")]
-
-
-def test_missing_field_is_refused() -> None:
-    problems = matching.condition_violations([{"operator": "equals", "value": 1}])
-    assert [p[0] for p in problems] == ["rule.conditions[0].field"]
-
-
-@pytest.mark.parametrize("operator", ["eq", "EQUALS", "", None, 1, "matches"])
-def test_unknown_operator_is_refused_with_the_allowed_ones(operator: Any) -> None:
-    problems = matching.condition_violations([cond("a", operator, 1)])
-    assert len(problems) == 1
-    where, why = problems[0]
-    assert where == "rule.conditions[0].operator"
-    assert "['contains', 'equals', 'not_equals']" in why
-    assert repr(operator) in why
-
-
-def test_missing_value_is_refused_but_null_value_is_allowed() -> None:
-    assert matching.condition_violations([{"field": "a", "operator": "equals"}]) == [
-        ("rule.conditions[0].value", "is required")
-    ]
-    assert matching.condition_violations([cond("a", "equals", None)]) == []
-
-
-def test_every_problem_of_one_condition_is_reported_with_custom_field_name() -> None:
-    problems = matching.condition_violations([{"field": "", "operator": "nope", "zzz": 1}], "conditions")
-    assert [p[0] for p in problems] == [
-        "conditions[0]",
-        "conditions[0].field",
-        "conditions[0].operator",
-        "conditions[0].value",
-    ]
+def test_templates_are_counted_and_their_paths_checked() -> None:
+    params = {"a": "{{ event.payload.x }} and {{ event.id }}", "b": ["{{ rule.ref }}", 3], "{{ keys }}": "plain"}
+    assert sorted(matching.templates(params)) == ["event.id", "event.payload.x", "rule.ref"]
+    assert matching.template_violations(params, "rule.action_params") == []
+    many = {f"k{i}": "{{ event.payload.x }}" for i in range(33)}
+    assert matching.template_violations(many, "p") == [("p", "may hold at most 32 templates, got 33")]
+    deep = {"k": "{{ " + ".".join("s" * 17) + " }}"}
+    ((field, why),) = matching.template_violations(deep, "p")
+    assert field == "p" and "at most 16 segments" in why
 
 
 # ---- lookup -------------------------------------------------------------------------------------
