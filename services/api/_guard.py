@@ -62,6 +62,22 @@ async def _decode(
         raise AssertionError("unreachable") from None  # abort_with_status always raises
 
 
+class HandlerCache:
+    """The wrapped handler of each method, made once: grpc's generic handlers answer the same
+    handler object for a method on every call, so an interceptor need not wrap it again."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+
+    def get(self, method: str, handler: Handler, make: Callable[[], Handler]) -> Handler:
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = make()
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
 class ByteBudget:
     """Bytes shared by the calls being handled; ``hold(n)`` waits (FIFO) until ``n`` are free."""
 
@@ -112,9 +128,7 @@ class ByteBudget:
 class DecodeGuard(grpc.aio.ServerInterceptor):
     def __init__(self, budget: ByteBudget | None = None) -> None:
         self.budget = budget or ByteBudget(limits.MAX_REQUEST_MEMORY_BYTES)
-        # The generic handlers answer the same handler object for a method every time, so its
-        # wrapper is made once.
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._cache = HandlerCache()
 
     async def intercept_service(
         self,
@@ -130,12 +144,7 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             or handler.request_deserializer is None
         ):
             return handler
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        wrapped = _wrap(handler, _message_name(method), self.budget)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._cache.get(method, handler, lambda: _wrap(handler, _message_name(method), self.budget))
 
 
 def _wrap(handler: Handler, name: str, budget: ByteBudget) -> Handler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
@@ -29,13 +30,25 @@ async def _abort(method: str, exc: Exception, context: grpc.aio.ServicerContext[
     raise AssertionError("unreachable")  # abort_with_status always raises
 
 
+_current_rpc: contextvars.ContextVar[str] = contextvars.ContextVar("rpc", default="")
+
+
+def current_rpc() -> str:
+    """The full name of the RPC being handled (``automation.v1.RuleService/UpdateRule``), as the
+    audit trail records it."""
+    return _current_rpc.get()
+
+
 def rpc(fn: F) -> F:
     """Decorates a unary or server-streaming servicer method with the error mapping."""
     method = fn.__name__
+    # The servicer class is named after its service: RuleService.UpdateRule.
+    full_name = "automation.v1." + fn.__qualname__.replace(".", "/")
     if inspect.isasyncgenfunction(fn):
 
         @functools.wraps(fn)
         async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            _current_rpc.set(full_name)  # a generator runs in its call's own context
             try:
                 async for item in fn(self, request, context):
                     yield item
@@ -46,9 +59,12 @@ def rpc(fn: F) -> F:
 
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        token = _current_rpc.set(full_name)
         try:
             return await fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status
             await _abort(method, exc, context)
+        finally:
+            _current_rpc.reset(token)
 
     return unary  # type: ignore[return-value]

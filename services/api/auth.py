@@ -27,6 +27,7 @@ from typing import Any, NoReturn, Protocol
 
 import grpc
 
+from services.api._guard import Handler, HandlerCache
 from services.api.store.tokens import TokenRow
 from shared.errors import DomainError, PermissionDenied, to_status
 
@@ -143,7 +144,6 @@ class Authenticator:
         self._known: dict[bytes, _Known] = {}
         self._used: dict[bytes, datetime] = {}
         self._task: asyncio.Task[None] | None = None
-        self.loaded = asyncio.Event()
 
     async def load(self) -> None:
         rows = await self._source.all()
@@ -155,7 +155,6 @@ class Authenticator:
             )
             for r in rows
         }
-        self.loaded.set()
 
     def verify(self, token: str) -> Principal | None:
         """The token's principal, or None for an unknown, expired or revoked token."""
@@ -217,9 +216,6 @@ class Unauthenticated(DomainError):
     reason = "UNAUTHENTICATED"
 
 
-Handler = Any  # grpc's stubs type the sync server's handlers; the aio ones differ
-
-
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Identifies the caller of every call and checks ``ACCESS`` before any handler runs.
 
@@ -238,7 +234,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._auth = authenticator
         self._reflection_public = reflection_public
         self._by_subject = dict(certificate_principals or {})
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
+        self._cache = HandlerCache()
 
     async def intercept_service(
         self,
@@ -249,13 +245,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method.lstrip("/")
         if handler is None or method in OPEN or (self._reflection_public and method in REFLECTION):
             return handler
-        known = self._wrapped.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
         allowed = None if method in REFLECTION else ACCESS.get(method, frozenset())
-        wrapped = _wrap(handler, lambda context: self._check(context, method, allowed), method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return self._cache.get(
+            method, handler, lambda: _wrap(handler, lambda context: self._check(context, method, allowed), method)
+        )
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         """The caller: its bearer token's principal, else its client certificate's."""

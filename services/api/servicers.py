@@ -18,7 +18,7 @@ from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from services.api import convert, matching, validate
-from services.api._rpc import rpc
+from services.api._rpc import current_rpc, rpc
 from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher, Handoff, Subscription
 from services.api.store import Actor, CreatedEvent, Delivery, NewEvent, Page, Store, translate
@@ -60,15 +60,6 @@ _RESOLVABLE = (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_S
 MAX_VOLUME_RANGE = timedelta(days=90)
 
 
-_check_ref = validate.ref
-
-
-def _check_id(field: str, value: int) -> int:
-    if value <= 0:
-        raise InvalidArgument.one(field, f"must be a positive id, got {value}")
-    return value
-
-
 def _timestamp(field: str, t: timestamp_pb2.Timestamp) -> datetime:
     try:
         return convert.from_ts(t)
@@ -96,10 +87,15 @@ def _status_filter(value: int, names: Mapping[Any, str]) -> str:
 def _key(request: Any, what: str) -> int | str:
     which = request.WhichOneof("key")
     if which == "id":
-        return _check_id("id", request.id)
+        return validate.id_or_raise("id", request.id)
     if which == "ref":
         return validate.ref_or_raise("ref", request.ref)
     raise InvalidArgument.one("key", f"give the {what}'s id or ref")
+
+
+def _actor() -> Actor:
+    """Who makes a change, by which RPC: what its audit record names."""
+    return Actor(current_principal().name, current_rpc())
 
 
 def _holder() -> str | None:
@@ -141,8 +137,8 @@ def _page(page: Page[T], to_message: Callable[[T], M]) -> tuple[list[M], str]:
 
 
 def _new_event(v: Violations, field: str, e: event_pb2.NewEvent) -> NewEvent:
-    _check_ref(v, f"{field}.trigger_ref", e.trigger_ref)
-    _check_ref(v, f"{field}.rule_ref", e.rule_ref, required=False)
+    validate.ref(v, f"{field}.trigger_ref", e.trigger_ref)
+    validate.ref(v, f"{field}.rule_ref", e.rule_ref, required=False)
     validate.text(v, f"{field}.request_id", e.request_id, limits.MAX_REQUEST_ID)
     validate.text(v, f"{field}.source_ref", e.source_ref, limits.MAX_SOURCE_REF)
     if e.HasField("source"):
@@ -283,7 +279,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
 
     @rpc
     async def GetEvent(self, request: event_pb2.GetEventRequest, context: Context) -> common_pb2.Event:
-        return convert.event(await self._store.events.get(_check_id("id", request.id)))
+        return convert.event(await self._store.events.get(validate.id_or_raise("id", request.id)))
 
     @rpc
     async def ListEvents(self, request: event_pb2.ListEventsRequest, context: Context) -> event_pb2.ListEventsResponse:
@@ -315,7 +311,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         self, request: enforcement_pb2.CreateEnforcementRequest, context: Context
     ) -> enforcement_pb2.CreateEnforcementResponse:
         v = Violations()
-        _check_ref(v, "rule_ref", request.rule_ref)
+        validate.ref(v, "rule_ref", request.rule_ref)
         if request.HasField("event"):
             validate.positive_id(v, "event", request.event)
         validate.text(v, "request_id", request.request_id, limits.MAX_REQUEST_ID)
@@ -344,7 +340,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     async def GetEnforcement(
         self, request: enforcement_pb2.GetEnforcementRequest, context: Context
     ) -> common_pb2.Enforcement:
-        return convert.enforcement(await self._store.enforcements.get(_check_id("id", request.id)))
+        return convert.enforcement(await self._store.enforcements.get(validate.id_or_raise("id", request.id)))
 
     @rpc
     async def ListEnforcements(
@@ -457,13 +453,14 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         if request.force:
             if not principal.is_operator:
                 raise PermissionDenied(f"{principal.name} may not force a release; it needs operator")
-            actor = Actor(principal.name, "automation.v1.EnforcementService/ReleaseEnforcement")
+            actor = _actor()
             reason = request.error or f"released by operator {principal.name}"
             released = await self._store.dispatch.force_release(id_, actor, reason)
         else:
             # Anyone else only what its own streams hold (operators: any principal's, by name).
-            holder = None if principal.is_operator else principal.name
-            released = await self._store.dispatch.release(id_, request.executor_id, request.error or "released", holder)
+            released = await self._store.dispatch.release(
+                id_, request.executor_id, request.error or "released", _holder()
+            )
         if released:
             self._dispatcher.resolved(id_)
             self._dispatcher.wake_all()
@@ -481,7 +478,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 v.add(name, f"may name at most {limits.MAX_WATCH_FILTERS}, got {len(refs)}")
                 continue
             for i, ref in enumerate(refs):
-                _check_ref(v, f"{name}[{i}]", ref)
+                validate.ref(v, f"{name}[{i}]", ref)
         v.raise_if_any()
         cfg = self._config
         principal = current_principal()
@@ -645,8 +642,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     async def RetryEnforcement(
         self, request: enforcement_pb2.RetryEnforcementRequest, context: Context
     ) -> enforcement_pb2.RetryEnforcementResponse:
-        id_ = _check_id("id", request.id)
-        actor = Actor(current_principal().name, "automation.v1.EnforcementService/RetryEnforcement")
+        id_ = validate.id_or_raise("id", request.id)
+        actor = _actor()
         await self._store.dispatch.retry(id_, actor)
         self._dispatcher.wake_all()
         return enforcement_pb2.RetryEnforcementResponse(
@@ -691,7 +688,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
     async def CreateTrigger(self, request: rule_pb2.CreateTriggerRequest, context: Context) -> rule_pb2.Trigger:
         t = request.trigger
         v = Violations()
-        _check_ref(v, "trigger.ref", t.ref)
+        validate.ref(v, "trigger.ref", t.ref)
         validate.text(v, "trigger.label", t.label, limits.MAX_LABEL)
         validate.text(v, "trigger.description", t.description, limits.MAX_DESCRIPTION)
         schemas = [
@@ -701,7 +698,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             for name in ("param_schema", "out_schema")
         ]
         v.raise_if_any()
-        actor = Actor(current_principal().name, "automation.v1.RuleService/CreateTrigger")
+        actor = _actor()
         created = await self._store.rules.create_trigger(t.ref, t.label, t.description, *schemas, actor=actor)
         return convert.trigger(created)
 
@@ -720,7 +717,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
 
     @rpc
     async def DeleteTrigger(self, request: rule_pb2.DeleteTriggerRequest, context: Context) -> empty_pb2.Empty:
-        actor = Actor(current_principal().name, "automation.v1.RuleService/DeleteTrigger")
+        actor = _actor()
         await self._store.rules.delete_trigger(_key(request, "trigger"), actor)
         return empty_pb2.Empty()
 
@@ -728,9 +725,9 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
     async def CreateRule(self, request: rule_pb2.CreateRuleRequest, context: Context) -> rule_pb2.Rule:
         r = request.rule
         v = Violations()
-        _check_ref(v, "rule.ref", r.ref)
-        _check_ref(v, "rule.trigger_ref", r.trigger_ref)
-        _check_ref(v, "rule.action_ref", r.action_ref, required=False)
+        validate.ref(v, "rule.ref", r.ref)
+        validate.ref(v, "rule.trigger_ref", r.trigger_ref)
+        validate.ref(v, "rule.action_ref", r.action_ref, required=False)
         validate.text(v, "rule.label", r.label, limits.MAX_LABEL)
         validate.text(v, "rule.description", r.description, limits.MAX_DESCRIPTION)
         if r.condition not in convert.CONDITION_NAME:
@@ -748,7 +745,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             conditions=conditions,
             condition=convert.CONDITION_NAME[r.condition],
             enabled=r.enabled if r.HasField("enabled") else True,
-            actor=Actor(current_principal().name, "automation.v1.RuleService/CreateRule"),
+            actor=_actor(),
         )
         return convert.rule(created)
 
@@ -775,7 +772,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         r = request.rule
         key: int | str
         if r.id:
-            key = _check_id("rule.id", r.id)
+            key = validate.id_or_raise("rule.id", r.id)
         elif r.ref:
             key = validate.ref_or_raise("rule.ref", r.ref)
         else:
@@ -789,7 +786,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             if path not in UPDATABLE:
                 v.add("update_mask", f"cannot change {path!r}; changeable: {', '.join(UPDATABLE)}")
             elif path == "action_ref":
-                _check_ref(v, "rule.action_ref", r.action_ref, required=False)
+                validate.ref(v, "rule.action_ref", r.action_ref, required=False)
                 changes[path] = r.action_ref or None
             elif path == "action_params":
                 changes[path] = _action_params(v, r.action_params)
@@ -812,12 +809,12 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                     )
                 changes[path] = value
         v.raise_if_any()
-        actor = Actor(current_principal().name, "automation.v1.RuleService/UpdateRule")
+        actor = _actor()
         return convert.rule(await self._store.rules.update_rule(key, changes, actor))
 
     @rpc
     async def DeleteRule(self, request: rule_pb2.DeleteRuleRequest, context: Context) -> empty_pb2.Empty:
-        actor = Actor(current_principal().name, "automation.v1.RuleService/DeleteRule")
+        actor = _actor()
         await self._store.rules.delete_rule(_key(request, "rule"), actor)
         return empty_pb2.Empty()
 
@@ -830,7 +827,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     async def GetExecution(
         self, request: execution_pb2.GetExecutionRequest, context: Context
     ) -> execution_pb2.Execution:
-        return convert.execution(await self._store.executions.get(_check_id("id", request.id)))
+        return convert.execution(await self._store.executions.get(validate.id_or_raise("id", request.id)))
 
     @rpc
     async def ListExecutions(

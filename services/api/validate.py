@@ -42,6 +42,13 @@ def ref_or_raise(field: str, value: str) -> str:
     return value
 
 
+def id_or_raise(field: str, value: int) -> int:
+    v = Violations()
+    positive_id(v, field, value)
+    v.raise_if_any()
+    return value
+
+
 def text(v: Violations, field: str, value: str, limit: int, required: bool = False) -> None:
     """Free text: bounded, and without NUL (PostgreSQL text cannot hold it)."""
     if not value:
