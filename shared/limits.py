@@ -73,7 +73,9 @@ MAX_KEY = 256
 
 # --- rules -----------------------------------------------------------------------------------
 MAX_CONDITIONS = 64
-"""Conditions of one rule."""
+"""Nodes (tests and groups, nested ones included) of one rule's condition tree."""
+MAX_CONDITION_DEPTH = 16
+"""Levels of a rule's condition tree (the top-level list is level 1)."""
 MAX_CONDITION_VALUE_BYTES = 4 * KiB
 """The value a condition compares with, encoded as protobuf."""
 MAX_FIELD_PATH = 256
@@ -125,3 +127,12 @@ MAX_VIOLATIONS = 10
 """Field violations listed in one BadRequest detail."""
 MAX_ECHO = 60
 """Characters of a caller's value an error message may quote."""
+
+# --- rule tools ------------------------------------------------------------------------------
+DEFAULT_REPLAY_MATCHES = 100
+"""Matches ReplayRule streams when the request gives no limit."""
+MAX_REPLAY_MATCHES = 10_000
+"""Matches one ReplayRule call may stream (and fire)."""
+MAX_REPLAY_SCAN = 1_000_000
+"""Events one ReplayRule call looks at before it stops (its summary then says truncated): a
+rule that matches nothing still ends in bounded time."""

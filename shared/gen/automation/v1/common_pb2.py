@@ -22,25 +22,26 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from shared.gen.automation.v1 import condition_pb2 as automation_dot_v1_dot_condition__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61utomation/v1/common.proto\x12\rautomation.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n\tTimeRange\x12.\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x12,\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x88\x01\x01\x42\x08\n\x06_startB\x06\n\x04_end\"\xac\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x14\n\x07trigger\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btrigger_ref\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06source\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nsource_ref\x18\x07 \x01(\t\x12\x11\n\x04rule\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08rule_ref\x18\t \x01(\t\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\n\n\x08_triggerB\t\n\x07_sourceB\x07\n\x05_rule\"\xda\x03\n\x0b\x45nforcement\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\x04rule\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08rule_ref\x18\x03 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x04 \x01(\t\x12\'\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\x05\x65vent\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x30\n\x06status\x18\x07 \x01(\x0e\x32 .automation.v1.EnforcementStatus\x12(\n\x07payload\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\tcondition\x18\t \x01(\x0e\x32#.automation.v1.EnforcementCondition\x12.\n\nconditions\x18\n \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12+\n\x07\x63reated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0bresolved_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x02\x88\x01\x01\x42\x07\n\x05_ruleB\x08\n\x06_eventB\x0e\n\x0c_resolved_at*\x9a\x01\n\x11\x45nforcementStatus\x12\"\n\x1e\x45NFORCEMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45NFORCEMENT_STATUS_CREATED\x10\x01\x12 \n\x1c\x45NFORCEMENT_STATUS_PROCESSED\x10\x02\x12\x1f\n\x1b\x45NFORCEMENT_STATUS_DISABLED\x10\x03*{\n\x14\x45nforcementCondition\x12%\n!ENFORCEMENT_CONDITION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NFORCEMENT_CONDITION_ALL\x10\x01\x12\x1d\n\x19\x45NFORCEMENT_CONDITION_ANY\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61utomation/v1/common.proto\x12\rautomation.v1\x1a\x1d\x61utomation/v1/condition.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"{\n\tTimeRange\x12.\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x88\x01\x01\x12,\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x88\x01\x01\x42\x08\n\x06_startB\x06\n\x04_end\"\xd2\x02\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x14\n\x07trigger\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btrigger_ref\x18\x03 \x01(\t\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07payload\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06source\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x12\n\nsource_ref\x18\x07 \x01(\t\x12\x11\n\x04rule\x18\x08 \x01(\x03H\x02\x88\x01\x01\x12\x10\n\x08rule_ref\x18\t \x01(\t\x12+\n\x07\x63reated\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\treemit_of\x18\x0b \x01(\x03H\x03\x88\x01\x01\x42\n\n\x08_triggerB\t\n\x07_sourceB\x07\n\x05_ruleB\x0c\n\n_reemit_of\"\xe2\x03\n\x0b\x45nforcement\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x11\n\x04rule\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x10\n\x08rule_ref\x18\x03 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x04 \x01(\t\x12\'\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\x05\x65vent\x18\x06 \x01(\x03H\x01\x88\x01\x01\x12\x30\n\x06status\x18\x07 \x01(\x0e\x32 .automation.v1.EnforcementStatus\x12(\n\x07payload\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x36\n\tcondition\x18\t \x01(\x0e\x32#.automation.v1.EnforcementCondition\x12\x30\n\nconditions\x18\r \x03(\x0b\x32\x1c.automation.v1.RuleCondition\x12+\n\x07\x63reated\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x0bresolved_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x02\x88\x01\x01\x42\x07\n\x05_ruleB\x08\n\x06_eventB\x0e\n\x0c_resolved_atJ\x04\x08\n\x10\x0b*\x9a\x01\n\x11\x45nforcementStatus\x12\"\n\x1e\x45NFORCEMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45NFORCEMENT_STATUS_CREATED\x10\x01\x12 \n\x1c\x45NFORCEMENT_STATUS_PROCESSED\x10\x02\x12\x1f\n\x1b\x45NFORCEMENT_STATUS_DISABLED\x10\x03*{\n\x14\x45nforcementCondition\x12%\n!ENFORCEMENT_CONDITION_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x45NFORCEMENT_CONDITION_ALL\x10\x01\x12\x1d\n\x19\x45NFORCEMENT_CONDITION_ANY\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.gen.automation.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENFORCEMENTSTATUS']._serialized_start=1014
-  _globals['_ENFORCEMENTSTATUS']._serialized_end=1168
-  _globals['_ENFORCEMENTCONDITION']._serialized_start=1170
-  _globals['_ENFORCEMENTCONDITION']._serialized_end=1293
-  _globals['_TIMERANGE']._serialized_start=108
-  _globals['_TIMERANGE']._serialized_end=231
-  _globals['_EVENT']._serialized_start=234
-  _globals['_EVENT']._serialized_end=534
-  _globals['_ENFORCEMENT']._serialized_start=537
-  _globals['_ENFORCEMENT']._serialized_end=1011
+  _globals['_ENFORCEMENTSTATUS']._serialized_start=1091
+  _globals['_ENFORCEMENTSTATUS']._serialized_end=1245
+  _globals['_ENFORCEMENTCONDITION']._serialized_start=1247
+  _globals['_ENFORCEMENTCONDITION']._serialized_end=1370
+  _globals['_TIMERANGE']._serialized_start=139
+  _globals['_TIMERANGE']._serialized_end=262
+  _globals['_EVENT']._serialized_start=265
+  _globals['_EVENT']._serialized_end=603
+  _globals['_ENFORCEMENT']._serialized_start=606
+  _globals['_ENFORCEMENT']._serialized_end=1088
 # @@protoc_insertion_point(module_scope)

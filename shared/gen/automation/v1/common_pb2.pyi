@@ -3,10 +3,13 @@
 isort:skip_file
 """
 
+from shared.gen.automation.v1 import condition_pb2 as _condition_pb2
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -124,6 +127,7 @@ class Event(_message.Message):
     RULE_FIELD_NUMBER: _builtins.int
     RULE_REF_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    REEMIT_OF_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier."""
     trigger: _builtins.int
@@ -138,6 +142,8 @@ class Event(_message.Message):
     """Id of the one rule this event targets, if it targets one (only that rule is evaluated)."""
     rule_ref: _builtins.str
     """Reference of the targeted rule; empty when the event is not targeted."""
+    reemit_of: _builtins.int
+    """Id of the event this one re-emits (ReemitEvent); unset for an event a sensor reported."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Configuration of the trigger instance that produced the event (free form)."""
@@ -163,17 +169,22 @@ class Event(_message.Message):
         rule: _builtins.int | None = ...,
         rule_ref: _builtins.str = ...,
         created: _timestamp_pb2.Timestamp | None = ...,
+        reemit_of: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_rule", b"_rule", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "payload", b"payload", "rule", b"rule", "source", b"source", "trigger", b"trigger"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "_rule", b"_rule", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "payload", b"payload", "reemit_of", b"reemit_of", "rule", b"rule", "source", b"source", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rule", b"_rule", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "id", b"id", "payload", b"payload", "rule", b"rule", "rule_ref", b"rule_ref", "source", b"source", "source_ref", b"source_ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "_rule", b"_rule", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "id", b"id", "payload", b"payload", "reemit_of", b"reemit_of", "rule", b"rule", "rule_ref", b"rule_ref", "source", b"source", "source_ref", b"source_ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__reemit_of: _TypeAlias = _typing.Literal["reemit_of"]  # noqa: Y015
+    _WhichOneofArgType__reemit_of: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of"]  # noqa: Y015
     _WhichOneofReturnType__rule: _TypeAlias = _typing.Literal["rule"]  # noqa: Y015
     _WhichOneofArgType__rule: _TypeAlias = _typing.Literal["_rule", b"_rule"]  # noqa: Y015
     _WhichOneofReturnType__source: _TypeAlias = _typing.Literal["source"]  # noqa: Y015
     _WhichOneofArgType__source: _TypeAlias = _typing.Literal["_source", b"_source"]  # noqa: Y015
     _WhichOneofReturnType__trigger: _TypeAlias = _typing.Literal["trigger"]  # noqa: Y015
     _WhichOneofArgType__trigger: _TypeAlias = _typing.Literal["_trigger", b"_trigger"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reemit_of) -> _WhichOneofReturnType__reemit_of | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rule) -> _WhichOneofReturnType__rule | None: ...
     @_typing.overload
@@ -224,8 +235,8 @@ class Enforcement(_message.Message):
         """The payload of the event, as matched."""
 
     @_builtins.property
-    def conditions(self) -> _struct_pb2.ListValue:
-        """The rule's conditions at the time it fired: a list of {field, operator, value} objects."""
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[_condition_pb2.RuleCondition]:
+        """The rule's condition tree at the time it fired, in the rule's own form."""
 
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp:
@@ -247,11 +258,11 @@ class Enforcement(_message.Message):
         status: Global___EnforcementStatus.ValueType = ...,
         payload: _struct_pb2.Struct | None = ...,
         condition: Global___EnforcementCondition.ValueType = ...,
-        conditions: _struct_pb2.ListValue | None = ...,
+        conditions: _abc.Iterable[_condition_pb2.RuleCondition] | None = ...,
         created: _timestamp_pb2.Timestamp | None = ...,
         resolved_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "_resolved_at", b"_resolved_at", "_rule", b"_rule", "conditions", b"conditions", "config", b"config", "created", b"created", "event", b"event", "payload", b"payload", "resolved_at", b"resolved_at", "rule", b"rule"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "_resolved_at", b"_resolved_at", "_rule", b"_rule", "config", b"config", "created", b"created", "event", b"event", "payload", b"payload", "resolved_at", b"resolved_at", "rule", b"rule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "_resolved_at", b"_resolved_at", "_rule", b"_rule", "condition", b"condition", "conditions", b"conditions", "config", b"config", "created", b"created", "event", b"event", "id", b"id", "payload", b"payload", "resolved_at", b"resolved_at", "rule", b"rule", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...

@@ -270,6 +270,7 @@ class ListEventsRequest(_message.Message):
     SOURCE_REF_FIELD_NUMBER: _builtins.int
     RULE_REF_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    REEMIT_OF_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of events to return: default 50, at most 1,000. A page also stops early,
     before 2 MiB; next_page_token then continues it.
@@ -288,6 +289,8 @@ class ListEventsRequest(_message.Message):
     """Only events that targeted this rule reference (`pack.name`, at most 255 characters;
     empty: any).
     """
+    reemit_of: _builtins.int
+    """Only re-emissions of this event (positive id)."""
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only events created in this range."""
@@ -301,12 +304,15 @@ class ListEventsRequest(_message.Message):
         source_ref: _builtins.str = ...,
         rule_ref: _builtins.str = ...,
         created: _common_pb2.TimeRange | None = ...,
+        reemit_of: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "reemit_of", b"reemit_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "page_size", b"page_size", "page_token", b"page_token", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "page_size", b"page_size", "page_token", b"page_token", "reemit_of", b"reemit_of", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__reemit_of: _TypeAlias = _typing.Literal["reemit_of"]  # noqa: Y015
+    _WhichOneofArgType__reemit_of: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reemit_of) -> _WhichOneofReturnType__reemit_of | None: ...
 
 Global___ListEventsRequest: _TypeAlias = ListEventsRequest  # noqa: Y015
 
@@ -337,3 +343,32 @@ class ListEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class ReemitEventRequest(_message.Message):
+    """Request of ReemitEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Id of the stored event to send again."""
+    request_id: _builtins.str
+    """Idempotency key, as CreateEvent's: a retry with the same key within 24 hours returns
+    the first re-emission instead of storing another (at most 200 characters; NUL characters
+    are refused).
+    """
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReemitEventRequest: _TypeAlias = ReemitEventRequest  # noqa: Y015

@@ -56,6 +56,11 @@ class EventServiceStub:
                 request_serializer=automation_dot_v1_dot_event__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=automation_dot_v1_dot_event__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.ReemitEvent = channel.unary_unary(
+                '/automation.v1.EventService/ReemitEvent',
+                request_serializer=automation_dot_v1_dot_event__pb2.ReemitEventRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_event__pb2.CreateEventResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -97,6 +102,15 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReemitEvent(self, request, context):
+        """Sends a stored event through the current rules again: stores a new event with the
+        original's trigger, payload, config and source, `reemit_of` naming the original, matched
+        as CreateEvent matches (a targeted original targets the same rule again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +133,11 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=automation_dot_v1_dot_event__pb2.ListEventsRequest.FromString,
                     response_serializer=automation_dot_v1_dot_event__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'ReemitEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReemitEvent,
+                    request_deserializer=automation_dot_v1_dot_event__pb2.ReemitEventRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_event__pb2.CreateEventResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -230,6 +249,33 @@ class EventService:
             '/automation.v1.EventService/ListEvents',
             automation_dot_v1_dot_event__pb2.ListEventsRequest.SerializeToString,
             automation_dot_v1_dot_event__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReemitEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.EventService/ReemitEvent',
+            automation_dot_v1_dot_event__pb2.ReemitEventRequest.SerializeToString,
+            automation_dot_v1_dot_event__pb2.CreateEventResponse.FromString,
             options,
             channel_credentials,
             insecure,

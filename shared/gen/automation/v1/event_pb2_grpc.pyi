@@ -51,6 +51,11 @@ class EventServiceStub:
     """Returns one event."""
     ListEvents: _grpc.UnaryUnaryMultiCallable[_event_pb2.ListEventsRequest, _event_pb2.ListEventsResponse]
     """Lists events, newest first, with combinable filters and keyset paging."""
+    ReemitEvent: _grpc.UnaryUnaryMultiCallable[_event_pb2.ReemitEventRequest, _event_pb2.CreateEventResponse]
+    """Sends a stored event through the current rules again: stores a new event with the
+    original's trigger, payload, config and source, `reemit_of` naming the original, matched
+    as CreateEvent matches (a targeted original targets the same rule again).
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -74,6 +79,11 @@ class EventServiceAsyncStub(EventServiceStub):
     """Returns one event."""
     ListEvents: _aio.UnaryUnaryMultiCallable[_event_pb2.ListEventsRequest, _event_pb2.ListEventsResponse]  # type: ignore[assignment]
     """Lists events, newest first, with combinable filters and keyset paging."""
+    ReemitEvent: _aio.UnaryUnaryMultiCallable[_event_pb2.ReemitEventRequest, _event_pb2.CreateEventResponse]  # type: ignore[assignment]
+    """Sends a stored event through the current rules again: stores a new event with the
+    original's trigger, payload, config and source, `reemit_of` naming the original, matched
+    as CreateEvent matches (a targeted original targets the same rule again).
+    """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     """Ingests events and reads them back. Events are immutable: there is no update RPC."""
@@ -118,5 +128,16 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_event_pb2.ListEventsResponse, _abc.Awaitable[_event_pb2.ListEventsResponse]]:
         """Lists events, newest first, with combinable filters and keyset paging."""
+
+    @_abc_1.abstractmethod
+    def ReemitEvent(
+        self,
+        request: _event_pb2.ReemitEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_pb2.CreateEventResponse, _abc.Awaitable[_event_pb2.CreateEventResponse]]:
+        """Sends a stored event through the current rules again: stores a new event with the
+        original's trigger, payload, config and source, `reemit_of` naming the original, matched
+        as CreateEvent matches (a targeted original targets the same rule again).
+        """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

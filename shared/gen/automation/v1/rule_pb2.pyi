@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from shared.gen.automation.v1 import common_pb2 as _common_pb2
+from shared.gen.automation.v1 import condition_pb2 as _condition_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
@@ -11,7 +12,6 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,38 +22,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _ConditionOperator:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _ConditionOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConditionOperator.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    CONDITION_OPERATOR_UNSPECIFIED: _ConditionOperator.ValueType  # 0
-    """Invalid in a condition."""
-    CONDITION_OPERATOR_EQUALS: _ConditionOperator.ValueType  # 1
-    """The field's value equals `value` (JSON equality)."""
-    CONDITION_OPERATOR_NOT_EQUALS: _ConditionOperator.ValueType  # 2
-    """The field's value differs from `value` (a missing field differs from everything)."""
-    CONDITION_OPERATOR_CONTAINS: _ConditionOperator.ValueType  # 3
-    """The field's value contains `value`: a substring of a string, an element of a list, or a
-    key of an object.
-    """
-
-class ConditionOperator(_ConditionOperator, metaclass=_ConditionOperatorEnumTypeWrapper):
-    """Comparison applied by a rule condition."""
-
-CONDITION_OPERATOR_UNSPECIFIED: ConditionOperator.ValueType  # 0
-"""Invalid in a condition."""
-CONDITION_OPERATOR_EQUALS: ConditionOperator.ValueType  # 1
-"""The field's value equals `value` (JSON equality)."""
-CONDITION_OPERATOR_NOT_EQUALS: ConditionOperator.ValueType  # 2
-"""The field's value differs from `value` (a missing field differs from everything)."""
-CONDITION_OPERATOR_CONTAINS: ConditionOperator.ValueType  # 3
-"""The field's value contains `value`: a substring of a string, an element of a list, or a
-key of an object.
-"""
-Global___ConditionOperator: _TypeAlias = ConditionOperator  # noqa: Y015
 
 @_typing.final
 class Trigger(_message.Message):
@@ -132,42 +100,6 @@ class Trigger(_message.Message):
 Global___Trigger: _TypeAlias = Trigger  # noqa: Y015
 
 @_typing.final
-class RuleCondition(_message.Message):
-    """One test of an event's payload."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    FIELD_FIELD_NUMBER: _builtins.int
-    OPERATOR_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
-    field: _builtins.str
-    """Dot path into the payload, such as `body.action` (non-empty segments): at most 256
-    characters and 16 segments; NUL characters are refused.
-    """
-    operator: Global___ConditionOperator.ValueType
-    """The comparison."""
-    @_builtins.property
-    def value(self) -> _struct_pb2.Value:
-        """The value compared against (any JSON value; must be set): at most 4 KiB encoded and 16
-        levels deep; keys at most 256 characters; NaN, Infinity and NUL characters are refused.
-        """
-
-    def __init__(
-        self,
-        *,
-        field: _builtins.str = ...,
-        operator: Global___ConditionOperator.ValueType = ...,
-        value: _struct_pb2.Value | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "operator", b"operator", "value", b"value"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RuleCondition: _TypeAlias = RuleCondition  # noqa: Y015
-
-@_typing.final
 class Rule(_message.Message):
     """A rule: when an event of `trigger_ref` matches `conditions`, request `action_ref`."""
 
@@ -188,6 +120,7 @@ class Rule(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    BACKSTOP_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier (output only)."""
     ref: _builtins.str
@@ -209,11 +142,15 @@ class Rule(_message.Message):
     action: the rule's enforcements resolve DISABLED.
     """
     condition: _common_pb2.EnforcementCondition.ValueType
-    """How the conditions combine; UNSPECIFIED means ALL."""
+    """How the top-level conditions combine; UNSPECIFIED means ALL."""
     enabled: _builtins.bool
     """Whether the rule fires. Defaults to true on create."""
     updated_by: _builtins.str
     """The principal that created or last changed it (output only); unset when not known."""
+    backstop: _builtins.bool
+    """A backstop rule fires for an event only when no standard (non-backstop) enabled rule of
+    the same trigger matched it, such as an alert on events nobody handles.
+    """
     @_builtins.property
     def action_params(self) -> _struct_pb2.Struct:
         """Parameters of the action; strings may hold templates such as {{ event.payload.a.b }},
@@ -223,8 +160,11 @@ class Rule(_message.Message):
         """
 
     @_builtins.property
-    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleCondition]:
-        """The tests an event's payload must pass, at most 64."""
+    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[_condition_pb2.RuleCondition]:
+        """The top of the rule's condition tree: the nodes combined by `condition`. A node is a test
+        or a nested all/any/not group (see RuleCondition); at most 64 nodes in all. No
+        conditions: the rule matches every event of its trigger.
+        """
 
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp:
@@ -246,16 +186,17 @@ class Rule(_message.Message):
         trigger_ref: _builtins.str = ...,
         action_ref: _builtins.str = ...,
         action_params: _struct_pb2.Struct | None = ...,
-        conditions: _abc.Iterable[Global___RuleCondition] | None = ...,
+        conditions: _abc.Iterable[_condition_pb2.RuleCondition] | None = ...,
         condition: _common_pb2.EnforcementCondition.ValueType = ...,
         enabled: _builtins.bool | None = ...,
         created: _timestamp_pb2.Timestamp | None = ...,
         updated: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str | None = ...,
+        backstop: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_trigger", b"_trigger", "_updated_by", b"_updated_by", "action_params", b"action_params", "created", b"created", "enabled", b"enabled", "trigger", b"trigger", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_trigger", b"_trigger", "_updated_by", b"_updated_by", "action_params", b"action_params", "action_ref", b"action_ref", "condition", b"condition", "conditions", b"conditions", "created", b"created", "description", b"description", "enabled", b"enabled", "id", b"id", "label", b"label", "pack_ref", b"pack_ref", "ref", b"ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "_trigger", b"_trigger", "_updated_by", b"_updated_by", "action_params", b"action_params", "action_ref", b"action_ref", "backstop", b"backstop", "condition", b"condition", "conditions", b"conditions", "created", b"created", "description", b"description", "enabled", b"enabled", "id", b"id", "label", b"label", "pack_ref", b"pack_ref", "ref", b"ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
@@ -561,7 +502,7 @@ class UpdateRuleRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Which fields to change: any of label, description, action_ref, action_params,
-        conditions, condition, enabled. Required.
+        conditions, condition, enabled, backstop. Required.
         """
 
     def __init__(
@@ -605,3 +546,340 @@ class DeleteRuleRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_key) -> _WhichOneofReturnType_key | None: ...
 
 Global___DeleteRuleRequest: _TypeAlias = DeleteRuleRequest  # noqa: Y015
+
+@_typing.final
+class RuleSource(_message.Message):
+    """Which rule a TestRule or ReplayRule request is about."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    INLINE_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """A stored rule, by id."""
+    ref: _builtins.str
+    """A stored rule, by reference (`pack.name`, at most 255 characters)."""
+    @_builtins.property
+    def inline(self) -> Global___Rule:
+        """A rule that is not stored, checked as CreateRule checks it (its ref may be empty; its
+        trigger must exist).
+        """
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        ref: _builtins.str = ...,
+        inline: Global___Rule | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "inline", b"inline", "ref", b"ref", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "inline", b"inline", "ref", b"ref", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["id", "ref", "inline"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___RuleSource: _TypeAlias = RuleSource  # noqa: Y015
+
+@_typing.final
+class TestRuleRequest(_message.Message):
+    """Request of TestRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """A stored event, by id (it must be of the rule's trigger)."""
+    @_builtins.property
+    def rule(self) -> Global___RuleSource:
+        """The rule to test."""
+
+    @_builtins.property
+    def payload(self) -> _struct_pb2.Struct:
+        """An event payload that is not stored: at most 256 KiB encoded and 16 levels deep; keys
+        at most 256 characters; NaN, Infinity and NUL characters are refused.
+        """
+
+    def __init__(
+        self,
+        *,
+        rule: Global___RuleSource | None = ...,
+        event_id: _builtins.int = ...,
+        payload: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "event_id", b"event_id", "payload", b"payload", "rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "event_id", b"event_id", "payload", b"payload", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["event_id", "payload"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___TestRuleRequest: _TypeAlias = TestRuleRequest  # noqa: Y015
+
+@_typing.final
+class ConditionResult(_message.Message):
+    """The outcome of one node of a rule's condition tree."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    HOLDS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FIELD_FIELD_NUMBER: _builtins.int
+    EXPECTED_FIELD_NUMBER: _builtins.int
+    FOUND_FIELD_NUMBER: _builtins.int
+    MISSING_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """Where the node is in the rule, such as `conditions[1].any[0]`; `conditions` is the top."""
+    holds: _builtins.bool
+    """Whether the node holds for the event."""
+    kind: _builtins.str
+    """For a group: `all`, `any` or `not`; for a test, its operator's name, such as `equals`."""
+    field: _builtins.str
+    """Test: the field's path."""
+    missing: _builtins.bool
+    """Test: true when the payload has nothing at the field's path."""
+    note: _builtins.str
+    """Why it holds or not, in words: a type mismatch, how many items a search passed, a
+    value too large to show.
+    """
+    @_builtins.property
+    def expected(self) -> _struct_pb2.Value:
+        """Test: the value compared against."""
+
+    @_builtins.property
+    def found(self) -> _struct_pb2.Value:
+        """Test: the value found at the field (unset when the field is missing or too large to
+        show, over 4 KiB encoded).
+        """
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        holds: _builtins.bool = ...,
+        kind: _builtins.str = ...,
+        field: _builtins.str = ...,
+        expected: _struct_pb2.Value | None = ...,
+        found: _struct_pb2.Value | None = ...,
+        missing: _builtins.bool = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "found", b"found"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "field", b"field", "found", b"found", "holds", b"holds", "kind", b"kind", "missing", b"missing", "node", b"node", "note", b"note"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConditionResult: _TypeAlias = ConditionResult  # noqa: Y015
+
+@_typing.final
+class TestRuleResponse(_message.Message):
+    """Response of TestRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCHED_FIELD_NUMBER: _builtins.int
+    WOULD_FIRE_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    TAKEN_BY_FIELD_NUMBER: _builtins.int
+    TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    matched: _builtins.bool
+    """Whether the rule's conditions hold for the event."""
+    would_fire: _builtins.bool
+    """Whether the event would produce an enforcement of this rule: it matched, the rule is
+    enabled and, for a backstop rule, no standard rule took the event.
+    """
+    trigger_ref: _builtins.str
+    """The trigger the rule watches."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConditionResult]:
+        """Every node of the condition tree, parents before children, in the rule's order."""
+
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """The action parameters rendered for the event, when it matched."""
+
+    @_builtins.property
+    def taken_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """For a backstop rule: the enabled standard rules of the trigger that match the event (the
+        backstop fires only when there are none).
+        """
+
+    def __init__(
+        self,
+        *,
+        matched: _builtins.bool = ...,
+        would_fire: _builtins.bool = ...,
+        results: _abc.Iterable[Global___ConditionResult] | None = ...,
+        config: _struct_pb2.Struct | None = ...,
+        taken_by: _abc.Iterable[_builtins.str] | None = ...,
+        trigger_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "matched", b"matched", "results", b"results", "taken_by", b"taken_by", "trigger_ref", b"trigger_ref", "would_fire", b"would_fire"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestRuleResponse: _TypeAlias = TestRuleResponse  # noqa: Y015
+
+@_typing.final
+class ReplayRuleRequest(_message.Message):
+    """Request of ReplayRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    FIRE_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Stop after this many matching events: default 100, at most 10,000."""
+    fire: _builtins.bool
+    """Also create the enforcements of the matched events that this rule does not have yet
+    (needs a stored, enabled rule and the operator role). Each batch created is one audit
+    record of the rule, naming the events and enforcements.
+    """
+    @_builtins.property
+    def rule(self) -> Global___RuleSource:
+        """The rule to replay; an inline rule cannot `fire`."""
+
+    @_builtins.property
+    def created(self) -> _common_pb2.TimeRange:
+        """Only events created in this range; unset start means 24 hours before end, unset end
+        means now. At most 90 days.
+        """
+
+    def __init__(
+        self,
+        *,
+        rule: Global___RuleSource | None = ...,
+        created: _common_pb2.TimeRange | None = ...,
+        limit: _builtins.int = ...,
+        fire: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "fire", b"fire", "limit", b"limit", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRuleRequest: _TypeAlias = ReplayRuleRequest  # noqa: Y015
+
+@_typing.final
+class ReplayMatch(_message.Message):
+    """A matched event of ReplayRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    ENFORCEMENT_ID_FIELD_NUMBER: _builtins.int
+    EXISTED_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """Id of the event."""
+    enforcement_id: _builtins.int
+    """With `fire`: the id of the enforcement of this rule for this event (new or existing)."""
+    existed: _builtins.bool
+    """With `fire`: true when the enforcement already existed, so nothing was created."""
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp:
+        """When the event was stored."""
+
+    @_builtins.property
+    def config(self) -> _struct_pb2.Struct:
+        """The rule's action parameters rendered for the event."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        config: _struct_pb2.Struct | None = ...,
+        enforcement_id: _builtins.int | None = ...,
+        existed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enforcement_id", b"_enforcement_id", "config", b"config", "created", b"created", "enforcement_id", b"enforcement_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enforcement_id", b"_enforcement_id", "config", b"config", "created", b"created", "enforcement_id", b"enforcement_id", "event_id", b"event_id", "existed", b"existed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__enforcement_id: _TypeAlias = _typing.Literal["enforcement_id"]  # noqa: Y015
+    _WhichOneofArgType__enforcement_id: _TypeAlias = _typing.Literal["_enforcement_id", b"_enforcement_id"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enforcement_id) -> _WhichOneofReturnType__enforcement_id | None: ...
+
+Global___ReplayMatch: _TypeAlias = ReplayMatch  # noqa: Y015
+
+@_typing.final
+class ReplaySummary(_message.Message):
+    """The final message of ReplayRule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCANNED_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    FIRED_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    scanned: _builtins.int
+    """Events of the trigger looked at."""
+    matched: _builtins.int
+    """Events the rule matched (and streamed)."""
+    fired: _builtins.int
+    """With `fire`: enforcements created."""
+    truncated: _builtins.bool
+    """True when the scan stopped early: `limit` events matched, or 1,000,000 were scanned."""
+    def __init__(
+        self,
+        *,
+        scanned: _builtins.int = ...,
+        matched: _builtins.int = ...,
+        fired: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fired", b"fired", "matched", b"matched", "scanned", b"scanned", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaySummary: _TypeAlias = ReplaySummary  # noqa: Y015
+
+@_typing.final
+class ReplayRuleResponse(_message.Message):
+    """One message of the ReplayRule stream: matches, then one summary."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCH_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def match(self) -> Global___ReplayMatch:
+        """An event the rule matched."""
+
+    @_builtins.property
+    def summary(self) -> Global___ReplaySummary:
+        """The last message."""
+
+    def __init__(
+        self,
+        *,
+        match: Global___ReplayMatch | None = ...,
+        summary: Global___ReplaySummary | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "match", b"match", "summary", b"summary"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "match", b"match", "summary", b"summary"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["match", "summary"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___ReplayRuleResponse: _TypeAlias = ReplayRuleResponse  # noqa: Y015

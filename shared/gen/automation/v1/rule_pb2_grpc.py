@@ -81,6 +81,16 @@ class RuleServiceStub:
                 request_serializer=automation_dot_v1_dot_rule__pb2.DeleteRuleRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.TestRule = channel.unary_unary(
+                '/automation.v1.RuleService/TestRule',
+                request_serializer=automation_dot_v1_dot_rule__pb2.TestRuleRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_rule__pb2.TestRuleResponse.FromString,
+                _registered_method=True)
+        self.ReplayRule = channel.unary_stream(
+                '/automation.v1.RuleService/ReplayRule',
+                request_serializer=automation_dot_v1_dot_rule__pb2.ReplayRuleRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_rule__pb2.ReplayRuleResponse.FromString,
+                _registered_method=True)
 
 
 class RuleServiceServicer:
@@ -152,6 +162,24 @@ class RuleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestRule(self, request, context):
+        """Answers whether a rule (stored or inline) matches an event (stored or an inline payload)
+        and why, node by node, without writing anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayRule(self, request, context):
+        """Runs a rule over the stored events of its trigger in a time range, newest first,
+        streaming each event it matches and then a summary. With `fire`, also creates the
+        missing enforcements of those events (at most one per rule and event, however often it
+        runs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +227,16 @@ def add_RuleServiceServicer_to_server(servicer, server):
                     servicer.DeleteRule,
                     request_deserializer=automation_dot_v1_dot_rule__pb2.DeleteRuleRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'TestRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestRule,
+                    request_deserializer=automation_dot_v1_dot_rule__pb2.TestRuleRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_rule__pb2.TestRuleResponse.SerializeToString,
+            ),
+            'ReplayRule': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReplayRule,
+                    request_deserializer=automation_dot_v1_dot_rule__pb2.ReplayRuleRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_rule__pb2.ReplayRuleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +483,60 @@ class RuleService:
             '/automation.v1.RuleService/DeleteRule',
             automation_dot_v1_dot_rule__pb2.DeleteRuleRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.RuleService/TestRule',
+            automation_dot_v1_dot_rule__pb2.TestRuleRequest.SerializeToString,
+            automation_dot_v1_dot_rule__pb2.TestRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automation.v1.RuleService/ReplayRule',
+            automation_dot_v1_dot_rule__pb2.ReplayRuleRequest.SerializeToString,
+            automation_dot_v1_dot_rule__pb2.ReplayRuleResponse.FromString,
             options,
             channel_credentials,
             insecure,

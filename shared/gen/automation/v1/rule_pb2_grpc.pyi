@@ -56,6 +56,16 @@ class RuleServiceStub:
     """
     DeleteRule: _grpc.UnaryUnaryMultiCallable[_rule_pb2.DeleteRuleRequest, _empty_pb2.Empty]
     """Deletes a rule. Its pending enforcements will resolve DISABLED."""
+    TestRule: _grpc.UnaryUnaryMultiCallable[_rule_pb2.TestRuleRequest, _rule_pb2.TestRuleResponse]
+    """Answers whether a rule (stored or inline) matches an event (stored or an inline payload)
+    and why, node by node, without writing anything.
+    """
+    ReplayRule: _grpc.UnaryStreamMultiCallable[_rule_pb2.ReplayRuleRequest, _rule_pb2.ReplayRuleResponse]
+    """Runs a rule over the stored events of its trigger in a time range, newest first,
+    streaming each event it matches and then a summary. With `fire`, also creates the
+    missing enforcements of those events (at most one per rule and event, however often it
+    runs).
+    """
 
 @_typing.type_check_only
 class RuleServiceAsyncStub(RuleServiceStub):
@@ -84,6 +94,16 @@ class RuleServiceAsyncStub(RuleServiceStub):
     """
     DeleteRule: _aio.UnaryUnaryMultiCallable[_rule_pb2.DeleteRuleRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a rule. Its pending enforcements will resolve DISABLED."""
+    TestRule: _aio.UnaryUnaryMultiCallable[_rule_pb2.TestRuleRequest, _rule_pb2.TestRuleResponse]  # type: ignore[assignment]
+    """Answers whether a rule (stored or inline) matches an event (stored or an inline payload)
+    and why, node by node, without writing anything.
+    """
+    ReplayRule: _aio.UnaryStreamMultiCallable[_rule_pb2.ReplayRuleRequest, _rule_pb2.ReplayRuleResponse]  # type: ignore[assignment]
+    """Runs a rule over the stored events of its trigger in a time range, newest first,
+    streaming each event it matches and then a summary. With `fire`, also creates the
+    missing enforcements of those events (at most one per rule and event, however often it
+    runs).
+    """
 
 class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
     """Defines triggers and the rules that watch them. Disabling a rule goes through UpdateRule."""
@@ -163,5 +183,27 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a rule. Its pending enforcements will resolve DISABLED."""
+
+    @_abc_1.abstractmethod
+    def TestRule(
+        self,
+        request: _rule_pb2.TestRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rule_pb2.TestRuleResponse, _abc.Awaitable[_rule_pb2.TestRuleResponse]]:
+        """Answers whether a rule (stored or inline) matches an event (stored or an inline payload)
+        and why, node by node, without writing anything.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayRule(
+        self,
+        request: _rule_pb2.ReplayRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rule_pb2.ReplayRuleResponse], _abc.AsyncIterator[_rule_pb2.ReplayRuleResponse]]:
+        """Runs a rule over the stored events of its trigger in a time range, newest first,
+        streaming each event it matches and then a summary. With `fire`, also creates the
+        missing enforcements of those events (at most one per rule and event, however often it
+        runs).
+        """
 
 def add_RuleServiceServicer_to_server(servicer: RuleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
