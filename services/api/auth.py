@@ -45,6 +45,7 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "EventService/CreateEvents": (SENSOR,),
     _P + "EventService/GetEvent": (VIEWER,),
     _P + "EventService/ListEvents": (VIEWER,),
+    _P + "EventService/ReemitEvent": (),
     _P + "EnforcementService/CreateEnforcement": (),
     _P + "EnforcementService/GetEnforcement": (VIEWER,),
     _P + "EnforcementService/ListEnforcements": (VIEWER,),
@@ -64,6 +65,9 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "RuleService/ListRules": (VIEWER,),
     _P + "RuleService/UpdateRule": (),
     _P + "RuleService/DeleteRule": (),
+    # Reads only; ReplayRule's `fire` also needs the operator role (checked by the servicer).
+    _P + "RuleService/TestRule": (VIEWER,),
+    _P + "RuleService/ReplayRule": (VIEWER,),
     _P + "ExecutionService/GetExecution": (VIEWER,),
     _P + "ExecutionService/ListExecutions": (VIEWER,),
     _P + "HistoryService/ListHistory": (VIEWER,),

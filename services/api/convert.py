@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
-from services.api import store
+from services.api import conditions, store
 from shared.gen.automation.v1 import (
     analytics_pb2,
     audit_pb2,
     common_pb2,
+    condition_pb2,
     enforcement_pb2,
     execution_pb2,
     history_pb2,
@@ -33,11 +34,11 @@ EXECUTION_STATUS = {
 }
 EXECUTION_STATUS_NAME = {v: k for k, v in EXECUTION_STATUS.items()}
 OPERATOR = {
-    "equals": rule_pb2.CONDITION_OPERATOR_EQUALS,
-    "not_equals": rule_pb2.CONDITION_OPERATOR_NOT_EQUALS,
-    "contains": rule_pb2.CONDITION_OPERATOR_CONTAINS,
+    name: condition_pb2.ConditionOperator.Value("CONDITION_OPERATOR_" + name.upper())
+    for name in sorted(conditions.OPERATORS)
 }
 OPERATOR_NAME = {v: k for k, v in OPERATOR.items()}
+"""Operator number -> stored name (NOT_EQUALS is NEQUALS's alias: the same number)."""
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -119,6 +120,8 @@ def event(e: store.Event) -> common_pb2.Event:
         msg.source = e.source
     if e.rule is not None:
         msg.rule = e.rule
+    if e.reemit_of is not None:
+        msg.reemit_of = e.reemit_of
     return msg
 
 
@@ -131,10 +134,8 @@ def enforcement(e: store.Enforcement) -> common_pb2.Enforcement:
         condition=CONDITION[e.condition],
     )
     fill_struct(msg.payload, e.payload)
-    values = msg.conditions.values
-    msg.conditions.SetInParent()
-    for item in e.conditions:
-        set_value(values.add(), item)
+    for node in e.conditions:
+        condition_node(msg.conditions.add(), node)
     set_ts(msg.created, e.created)
     if e.config is not None:
         fill_struct(msg.config, e.config)
@@ -186,6 +187,25 @@ def trigger(t: store.Trigger) -> rule_pb2.Trigger:
     return msg
 
 
+def condition_node(out: condition_pb2.RuleCondition, node: dict[str, Any]) -> None:
+    """Fills a RuleCondition from a stored JSON node (rules and enforcement snapshots alike)."""
+    for kind in ("all", "any"):
+        if kind in node:
+            group = getattr(out, kind)
+            for child in node[kind]:
+                condition_node(group.add(), child)
+            return
+    if "not" in node:
+        condition_node(getattr(out, "not"), node["not"])
+        return
+    out.field = node["field"]
+    out.operator = OPERATOR[conditions.operator_name(node["operator"])]
+    if "value" in node:
+        set_value(out.value, node["value"])
+    if "item" in node:
+        condition_node(out.item, node["item"])
+
+
 def rule(r: store.Rule) -> rule_pb2.Rule:
     msg = rule_pb2.Rule(
         id=r.id,
@@ -201,9 +221,10 @@ def rule(r: store.Rule) -> rule_pb2.Rule:
         created=ts(r.created),
         updated=ts(r.updated),
     )
-    for c in r.conditions:
-        cond = msg.conditions.add(field=c["field"], operator=OPERATOR[c["operator"]])
-        json_format.ParseDict(c["value"], cond.value)
+    for node in r.conditions:
+        condition_node(msg.conditions.add(), node)
+    if r.backstop:
+        msg.backstop = True
     if r.trigger is not None:
         msg.trigger = r.trigger
     if r.updated_by is not None:

@@ -1,13 +1,10 @@
-"""Rule conditions and action-parameter templates: pure functions, no I/O.
+"""Payload lookups for conditions and action-parameter templates: pure functions, no I/O.
 
 Values are JSON data (dict, list, str, int, float, bool, None); type checks test dict and
 list directly, since the abstract-class checks cost more than the matching itself.
 
-Conditions are ``{field, operator, value}`` objects over the event payload, where ``field``
-is a dot path (``body.items.0.name``; a numeric segment indexes a list). Operators:
-``equals`` and ``not_equals`` (JSON equality; a missing field equals nothing), ``contains``
-(substring of a string, element of a list, key of an object). A rule combines them with
-``all`` or ``any``; an empty list always matches.
+Conditions (``conditions.py``) see an event's payload through ``Facts``: each dot path
+(``body.items.0.name``; a numeric segment indexes a list) is looked up once per event.
 
 Templates in action parameters: ``{{ event.payload.a.b }}``, ``{{ event.id }}``,
 ``{{ event.trigger }}`` (the trigger reference), ``{{ event.created }}`` (ISO 8601),
@@ -21,13 +18,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from shared import limits
 
-OPERATORS = frozenset({"equals", "not_equals", "contains"})
-_MISSING = object()
+MISSING = object()
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*)\s*\}\}")
 _WHOLE = re.compile(r"^\s*\{\{\s*([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*)\s*\}\}\s*$")
 _FIELD = re.compile(r"[^.\s]+(\.[^.\s]+)*")
@@ -78,31 +74,37 @@ def template_violations(action_params: Any, field_name: str) -> list[tuple[str, 
 
 
 def lookup(data: Any, path: str) -> Any:
-    """The value at a dot path, or the _MISSING sentinel."""
+    """The value at a dot path, or the MISSING sentinel."""
     current = data
     for segment in path.split("."):
         if isinstance(current, dict):
             if segment not in current:
-                return _MISSING
+                return MISSING
             current = current[segment]
         elif isinstance(current, list) and segment.isdigit():
             index = int(segment)
             if index >= len(current):
-                return _MISSING
+                return MISSING
             current = current[index]
         else:
-            return _MISSING
+            return MISSING
     return current
 
 
-def _json_equal(a: Any, b: Any) -> bool:
-    # JSON has one number type: 1 and 1.0 are equal, but true is not 1.
+def json_equal(a: Any, b: Any) -> bool:
+    """JSON equality: 1 equals 1.0, but true is not 1 (at any depth)."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(json_equal(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(json_equal, a, b))
+    if isinstance(b, (dict, list)):
+        return False
     return bool(a == b)
 
 
-def _scalar_key(value: Any) -> tuple[str, Any] | None:
+def scalar_key(value: Any) -> tuple[str, Any] | None:
     """A hashable key with JSON equality (1 == 1.0, but true != 1), or None for containers."""
     if isinstance(value, bool):
         return ("b", value)
@@ -136,44 +138,17 @@ class Facts:
     def list_contains(self, items: list[Any], expected: Any) -> bool:
         known = self._index.get(id(items))
         if known is None:
-            scalars = frozenset(k for k in map(_scalar_key, items) if k is not None)
+            scalars = frozenset(k for k in map(scalar_key, items) if k is not None)
             containers = [item for item in items if isinstance(item, (dict, list))]
             known = self._index[id(items)] = (items, scalars, containers)
-        key = _scalar_key(expected)
+        key = scalar_key(expected)
         if key is not None:
             return key in known[1]
-        return any(_json_equal(item, expected) for item in known[2])
-
-
-def _holds(cond: Mapping[str, Any], facts: Facts) -> bool:
-    actual = facts.at(cond["field"])
-    expected = cond["value"]
-    op = cond["operator"]
-    if op == "equals":
-        return actual is not _MISSING and _json_equal(actual, expected)
-    if op == "not_equals":
-        return actual is _MISSING or not _json_equal(actual, expected)
-    if isinstance(actual, str):
-        return isinstance(expected, str) and expected in actual
-    if isinstance(actual, list):
-        return facts.list_contains(actual, expected)
-    if isinstance(actual, dict):
-        return isinstance(expected, str) and expected in actual
-    return False
-
-
-def matches(conditions: Sequence[Mapping[str, Any]], condition: str, payload: Mapping[str, Any] | Facts) -> bool:
-    """Whether a payload satisfies a (valid) condition list combined with ``all`` or ``any``.
-    Give ``Facts`` when several rules look at the same payload."""
-    if not conditions:
-        return True
-    facts = payload if isinstance(payload, Facts) else Facts(payload)
-    results = (_holds(c, facts) for c in conditions)
-    return any(results) if condition == "any" else all(results)
+        return any(json_equal(item, expected) for item in known[2])
 
 
 def _text(value: Any) -> str:
-    if value is _MISSING or value is None:
+    if value is MISSING or value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -223,7 +198,7 @@ def _render(value: Any, context: Mapping[str, Any], budget: Budget) -> Any:
         whole = _WHOLE.match(value)
         if whole:
             found = lookup(context, whole.group(1))
-            return None if found is _MISSING else found
+            return None if found is MISSING else found
         if "{{" not in value:
             return value
         return _TEMPLATE.sub(lambda m: budget.text(lookup(context, m.group(1))), value)

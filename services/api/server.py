@@ -24,9 +24,9 @@ from services.api.servicers import (
     EventService,
     ExecutionService,
     HistoryService,
-    RuleService,
 )
 from services.api.servicers_audit import AuditService
+from services.api.servicers_rules import RuleService
 from services.api.store import Store, TokenRow, create_pool
 from shared import limits
 from shared.config import ApiConfig, parse_principals
@@ -175,7 +175,7 @@ class ApiServer:
         enforcement_pb2_grpc.add_EnforcementServiceServicer_to_server(
             EnforcementService(store, self.dispatcher, cfg, self.shutdown), self.server
         )
-        rule_pb2_grpc.add_RuleServiceServicer_to_server(RuleService(store), self.server)
+        rule_pb2_grpc.add_RuleServiceServicer_to_server(RuleService(store, self.dispatcher), self.server)
         execution_pb2_grpc.add_ExecutionServiceServicer_to_server(ExecutionService(store), self.server)
         history_pb2_grpc.add_HistoryServiceServicer_to_server(HistoryService(store), self.server)
         analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsService(store), self.server)

@@ -14,23 +14,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from services.api import convert, matching, validate
+from services.api import convert, validate
 from services.api._rpc import current_rpc, rpc
 from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher, Handoff, Subscription
 from services.api.store import Actor, CreatedEvent, Delivery, NewEvent, Page, Store, translate
 from services.api.store._paging import page_size
 from services.api.store.history import TABLES as HISTORY_TABLES
-from services.api.store.rules import UPDATABLE
 from shared import limits
 from shared.batching import Batcher
 from shared.config import ApiConfig
 from shared.errors import (
     DomainError,
+    FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -49,8 +50,6 @@ from shared.gen.automation.v1 import (
     execution_pb2_grpc,
     history_pb2,
     history_pb2_grpc,
-    rule_pb2,
-    rule_pb2_grpc,
 )
 
 log = logging.getLogger(__name__)
@@ -278,12 +277,48 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         )
 
     @rpc
+    async def ReemitEvent(
+        self, request: event_pb2.ReemitEventRequest, context: Context
+    ) -> event_pb2.CreateEventResponse:
+        id_ = validate.id_or_raise("id", request.id)
+        v = Violations()
+        validate.text(v, "request_id", request.request_id, limits.MAX_REQUEST_ID)
+        v.raise_if_any()
+        original = await self._store.events.get(id_)
+        new = NewEvent(
+            trigger_ref=original.trigger_ref,
+            payload=original.payload,
+            config=original.config,
+            source=original.source,
+            source_ref=original.source_ref,
+            rule_ref=original.rule_ref,
+            request_id=request.request_id or None,
+            reemit_of=original.id,
+        )
+        try:
+            (result,) = await self._create([new], many=False)
+        except InvalidArgument as exc:
+            # The stored event is checked as a new one would be, and the errors name that
+            # event's fields (event.request_id, event.payload): not fields of this request.
+            for field, why in exc.violations:
+                if field in ("request_id", "event.request_id"):
+                    raise InvalidArgument.one("request_id", why) from None
+            raise FailedPrecondition(
+                f"event {original.id} cannot be re-emitted under the current rules: {exc.message}"
+            ) from None
+        except NotFound as exc:
+            # Its trigger (or the rule it targeted) was deleted since: NOT_FOUND would say that
+            # the event itself is unknown.
+            raise FailedPrecondition(f"event {original.id} cannot be re-emitted: {exc.message}") from None
+        return _created_event(result)
+
+    @rpc
     async def GetEvent(self, request: event_pb2.GetEventRequest, context: Context) -> common_pb2.Event:
         return convert.event(await self._store.events.get(validate.id_or_raise("id", request.id)))
 
     @rpc
     async def ListEvents(self, request: event_pb2.ListEventsRequest, context: Context) -> event_pb2.ListEventsResponse:
-        _filters(request, refs=("trigger_ref", "rule_ref"), texts=("source_ref",))
+        _filters(request, refs=("trigger_ref", "rule_ref"), texts=("source_ref",), ids=("reemit_of",))
         size = page_size(request.page_size)
         start, end = _time_range("created", request.created)
         page = await self._store.events.list(
@@ -294,6 +329,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             rule_ref=request.rule_ref,
             created_from=start,
             created_to=end,
+            reemit_of=request.reemit_of if request.HasField("reemit_of") else None,
         )
         events, token = _page(page, convert.event)
         return event_pb2.ListEventsResponse(events=events, next_page_token=token)
@@ -651,174 +687,6 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         )
 
 
-def _conditions(v: Violations, field: str, conditions: Any) -> list[dict[str, Any]]:
-    if len(conditions) > limits.MAX_CONDITIONS:
-        v.add(field, f"may hold at most {limits.MAX_CONDITIONS} conditions, got {len(conditions)}")
-        return []
-    out = []
-    for i, c in enumerate(conditions):
-        where = f"{field}[{i}]"
-        if c.operator not in convert.OPERATOR_NAME:
-            v.add(f"{where}.operator", "must be CONDITION_OPERATOR_EQUALS, _NOT_EQUALS or _CONTAINS")
-        if "\x00" in c.field:
-            v.add(f"{where}.field", "contains a NUL character, which cannot be stored")
-        elif why := matching.path_problem(c.field):
-            v.add(f"{where}.field", why)
-        if not c.HasField("value"):
-            v.add(f"{where}.value", "is required")
-            value = None
-        else:
-            value = validate.json_value(v, f"{where}.value", c.value, limits.MAX_CONDITION_VALUE_BYTES)
-        out.append({"field": c.field, "operator": convert.OPERATOR_NAME.get(c.operator, ""), "value": value})
-    return out
-
-
-def _action_params(v: Violations, params: Any) -> dict[str, Any]:
-    out = validate.json_object(v, "rule.action_params", params, limits.MAX_ACTION_PARAMS_BYTES)
-    for f, why in matching.template_violations(out, "rule.action_params"):
-        v.add(f, why)
-    return out
-
-
-class RuleService(rule_pb2_grpc.RuleServiceServicer):
-    def __init__(self, store: Store) -> None:
-        self._store = store
-
-    @rpc
-    async def CreateTrigger(self, request: rule_pb2.CreateTriggerRequest, context: Context) -> rule_pb2.Trigger:
-        t = request.trigger
-        v = Violations()
-        validate.ref(v, "trigger.ref", t.ref)
-        validate.text(v, "trigger.label", t.label, limits.MAX_LABEL)
-        validate.text(v, "trigger.description", t.description, limits.MAX_DESCRIPTION)
-        schemas = [
-            validate.json_object(v, f"trigger.{name}", getattr(t, name), limits.MAX_SCHEMA_BYTES)
-            if t.HasField(name)
-            else None
-            for name in ("param_schema", "out_schema")
-        ]
-        v.raise_if_any()
-        actor = _actor()
-        created = await self._store.rules.create_trigger(t.ref, t.label, t.description, *schemas, actor=actor)
-        return convert.trigger(created)
-
-    @rpc
-    async def GetTrigger(self, request: rule_pb2.GetTriggerRequest, context: Context) -> rule_pb2.Trigger:
-        return convert.trigger(await self._store.rules.get_trigger(_key(request, "trigger")))
-
-    @rpc
-    async def ListTriggers(
-        self, request: rule_pb2.ListTriggersRequest, context: Context
-    ) -> rule_pb2.ListTriggersResponse:
-        _filters(request, texts=("pack_ref",))
-        page = await self._store.rules.list_triggers(page_size(request.page_size), request.page_token, request.pack_ref)
-        triggers, token = _page(page, convert.trigger)
-        return rule_pb2.ListTriggersResponse(triggers=triggers, next_page_token=token)
-
-    @rpc
-    async def DeleteTrigger(self, request: rule_pb2.DeleteTriggerRequest, context: Context) -> empty_pb2.Empty:
-        actor = _actor()
-        await self._store.rules.delete_trigger(_key(request, "trigger"), actor)
-        return empty_pb2.Empty()
-
-    @rpc
-    async def CreateRule(self, request: rule_pb2.CreateRuleRequest, context: Context) -> rule_pb2.Rule:
-        r = request.rule
-        v = Violations()
-        validate.ref(v, "rule.ref", r.ref)
-        validate.ref(v, "rule.trigger_ref", r.trigger_ref)
-        validate.ref(v, "rule.action_ref", r.action_ref, required=False)
-        validate.text(v, "rule.label", r.label, limits.MAX_LABEL)
-        validate.text(v, "rule.description", r.description, limits.MAX_DESCRIPTION)
-        if r.condition not in convert.CONDITION_NAME:
-            v.add("rule.condition", "must be ENFORCEMENT_CONDITION_ALL or ENFORCEMENT_CONDITION_ANY")
-        conditions = _conditions(v, "rule.conditions", r.conditions)
-        action_params = _action_params(v, r.action_params)
-        v.raise_if_any()
-        created = await self._store.rules.create_rule(
-            ref=r.ref,
-            label=r.label,
-            description=r.description,
-            trigger_ref=r.trigger_ref,
-            action_ref=r.action_ref or None,
-            action_params=action_params,
-            conditions=conditions,
-            condition=convert.CONDITION_NAME[r.condition],
-            enabled=r.enabled if r.HasField("enabled") else True,
-            actor=_actor(),
-        )
-        return convert.rule(created)
-
-    @rpc
-    async def GetRule(self, request: rule_pb2.GetRuleRequest, context: Context) -> rule_pb2.Rule:
-        return convert.rule(await self._store.rules.get_rule(_key(request, "rule")))
-
-    @rpc
-    async def ListRules(self, request: rule_pb2.ListRulesRequest, context: Context) -> rule_pb2.ListRulesResponse:
-        _filters(request, refs=("trigger_ref", "action_ref"), texts=("pack_ref",))
-        page = await self._store.rules.list_rules(
-            page_size(request.page_size),
-            request.page_token,
-            pack_ref=request.pack_ref,
-            trigger_ref=request.trigger_ref,
-            action_ref=request.action_ref,
-            enabled=request.enabled if request.HasField("enabled") else None,
-        )
-        rules, token = _page(page, convert.rule)
-        return rule_pb2.ListRulesResponse(rules=rules, next_page_token=token)
-
-    @rpc
-    async def UpdateRule(self, request: rule_pb2.UpdateRuleRequest, context: Context) -> rule_pb2.Rule:
-        r = request.rule
-        key: int | str
-        if r.id:
-            key = validate.id_or_raise("rule.id", r.id)
-        elif r.ref:
-            key = validate.ref_or_raise("rule.ref", r.ref)
-        else:
-            raise InvalidArgument.one("rule", "give the rule's id or ref")
-        paths = list(request.update_mask.paths)
-        v = Violations()
-        if not paths:
-            v.add("update_mask", f"is required: name the fields to change ({', '.join(UPDATABLE)})")
-        changes: dict[str, Any] = {}
-        for path in paths:
-            if path not in UPDATABLE:
-                v.add("update_mask", f"cannot change {path!r}; changeable: {', '.join(UPDATABLE)}")
-            elif path == "action_ref":
-                validate.ref(v, "rule.action_ref", r.action_ref, required=False)
-                changes[path] = r.action_ref or None
-            elif path == "action_params":
-                changes[path] = _action_params(v, r.action_params)
-            elif path == "conditions":
-                changes[path] = _conditions(v, "rule.conditions", r.conditions)
-            elif path == "condition":
-                if r.condition not in convert.CONDITION_NAME:
-                    v.add("rule.condition", "must be ENFORCEMENT_CONDITION_ALL or ENFORCEMENT_CONDITION_ANY")
-                else:
-                    changes[path] = convert.CONDITION_NAME[r.condition]
-            elif path == "enabled":
-                if not r.HasField("enabled"):
-                    v.add("rule.enabled", "must be set when update_mask names it")
-                changes[path] = r.enabled
-            else:
-                value = getattr(r, path)
-                if isinstance(value, str):
-                    validate.text(
-                        v, f"rule.{path}", value, limits.MAX_DESCRIPTION if path == "description" else limits.MAX_LABEL
-                    )
-                changes[path] = value
-        v.raise_if_any()
-        actor = _actor()
-        return convert.rule(await self._store.rules.update_rule(key, changes, actor))
-
-    @rpc
-    async def DeleteRule(self, request: rule_pb2.DeleteRuleRequest, context: Context) -> empty_pb2.Empty:
-        actor = _actor()
-        await self._store.rules.delete_rule(_key(request, "rule"), actor)
-        return empty_pb2.Empty()
-
-
 class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -886,18 +754,19 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         return history_pb2.ListHistoryResponse(records=records, next_page_token=token)
 
 
-def _volume_range(r: common_pb2.TimeRange) -> tuple[datetime, datetime]:
-    start, end = _time_range("range", r)
+def _volume_range(r: common_pb2.TimeRange, field: str = "range") -> tuple[datetime, datetime]:
+    """A bounded range: end defaults to now, start to 24 hours before end; at most 90 days."""
+    start, end = _time_range(field, r)
     end = end or datetime.now(UTC)
     if start is None:
         try:
             start = end - timedelta(hours=24)
         except OverflowError:
-            raise InvalidArgument.one("range.end", "is too early to default start to 24 hours before it") from None
+            raise InvalidArgument.one(f"{field}.end", "is too early to default start to 24 hours before it") from None
     if start >= end:
-        raise InvalidArgument.one("range", "start must be before end")
+        raise InvalidArgument.one(field, "start must be before end")
     if end - start > MAX_VOLUME_RANGE:
-        raise InvalidArgument.one("range", "may cover at most 90 days")
+        raise InvalidArgument.one(field, "may cover at most 90 days")
     return start, end
 
 

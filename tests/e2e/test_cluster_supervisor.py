@@ -21,6 +21,7 @@ import pytest
 
 from shared.gen.automation.v1 import (
     common_pb2,
+    condition_pb2,
     enforcement_pb2,
     enforcement_pb2_grpc,
     event_pb2,
@@ -129,7 +130,7 @@ async def define_rule(target: str, security: ClientSecurity) -> None:
                     "core.webhook",
                     "core.echo",
                     params={"greeting": "hello {{ event.payload.name }}"},
-                    conditions=[("kind", rule_pb2.CONDITION_OPERATOR_EQUALS, "greet")],
+                    conditions=[("kind", condition_pb2.CONDITION_OPERATOR_EQUALS, "greet")],
                 )
             )
         )

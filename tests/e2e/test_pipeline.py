@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from google.protobuf import field_mask_pb2
 
-from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
+from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
 from tests.e2e.conftest import Client, Cluster
 from tests.helpers import eventually, new_event, rule
 from tools.healthcheck import file_fresh
@@ -27,7 +27,7 @@ async def _define(client: Client, action_ref: str = "core.echo") -> None:
                 "core.webhook",
                 action_ref,
                 params={"greeting": "hello {{ event.payload.name }}", "count": "{{ event.payload.n }}"},
-                conditions=[("kind", rule_pb2.CONDITION_OPERATOR_EQUALS, "greet")],
+                conditions=[("kind", condition_pb2.CONDITION_OPERATOR_EQUALS, "greet")],
             )
         )
     )

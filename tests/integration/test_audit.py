@@ -21,6 +21,7 @@ from shared.gen.automation.v1 import (
     audit_pb2,
     audit_pb2_grpc,
     common_pb2,
+    condition_pb2,
     enforcement_pb2,
     event_pb2,
     rule_pb2,
@@ -32,7 +33,7 @@ OPERATOR = "test-operator"
 """The principal of the tests' channels (tests/helpers.py stores a token per role)."""
 RULES = "automation.v1.RuleService/"
 HOOK = "demo.hook"
-EQUALS = rule_pb2.CONDITION_OPERATOR_EQUALS
+EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 
 
 @pytest.fixture
@@ -125,6 +126,7 @@ async def test_each_audited_rpc_records_its_principal_rpc_entity_and_change(
                 "conditions": [{"field": "n", "operator": "equals", "value": 1}],
                 "condition": "all",
                 "enabled": True,
+                "backstop": False,
             },
         ),
         # Only the fields whose value changed: description was named but given the same value.

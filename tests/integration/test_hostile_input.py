@@ -13,13 +13,13 @@ import pytest
 from google.protobuf import field_mask_pb2, struct_pb2
 
 from shared import limits
-from shared.gen.automation.v1 import enforcement_pb2, event_pb2, rule_pb2
+from shared.gen.automation.v1 import condition_pb2, enforcement_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
 from tests.helpers import channel as authed_channel
 from tests.helpers import count, field_violations, new_event, rpc_error, rule, struct
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-EQUALS = rule_pb2.CONDITION_OPERATOR_EQUALS
+EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 
 
 def nested(depth: int, leaf: Any = 1) -> dict[str, Any]:

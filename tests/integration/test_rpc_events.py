@@ -14,11 +14,11 @@ from google.protobuf import timestamp_pb2
 from services.api.dispatcher import Dispatcher
 from services.api.servicers import EventService
 from services.api.store import NewEvent, Store
-from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
+from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
 from tests.helpers import field_violations, new_event, rpc_error, rule, struct
 
-EQUALS = rule_pb2.CONDITION_OPERATOR_EQUALS
+EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 
 
 async def counts(conn: asyncpg.Connection) -> tuple[int, int, int]:
@@ -90,7 +90,9 @@ async def test_create_event_stores_event_and_one_enforcement_per_matching_enable
     assert not pushed.HasField("resolved_at")
     assert pushed.payload == ev.payload
     assert pushed.condition == common_pb2.ENFORCEMENT_CONDITION_ALL
-    assert list(pushed.conditions) == [struct({"field": "body.action", "operator": "equals", "value": "push"})]
+    # The same shape and operator names as the rule itself.
+    assert list(pushed.conditions) == list(push.conditions)
+    assert pushed.conditions[0].operator == condition_pb2.CONDITION_OPERATOR_EQUALS
     assert pushed.created == ev.created
     assert await counts(conn) == (1, 2, 0)
 

@@ -10,11 +10,11 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, rule_pb2
+from shared.gen.automation.v1 import common_pb2, condition_pb2, enforcement_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
 from tests.helpers import count, field_violations, new_event, rpc_error, rule, struct
 
-EQUALS = rule_pb2.CONDITION_OPERATOR_EQUALS
+EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 
 
 async def make_trigger(stubs: Stubs, ref: str, **kw: Any) -> rule_pb2.Trigger:
@@ -190,7 +190,7 @@ async def test_create_rule_stores_conditions_params_and_any(stubs: Stubs) -> Non
         "demo.a",
         "core.webhook",
         params={"to": "{{ event.payload.user }}", "n": 3},
-        conditions=[("body.action", EQUALS, "push"), ("tags", rule_pb2.CONDITION_OPERATOR_CONTAINS, "x")],
+        conditions=[("body.action", EQUALS, "push"), ("tags", condition_pb2.CONDITION_OPERATOR_CONTAINS, "x")],
         any_of=True,
         enabled=False,
     )
@@ -200,7 +200,7 @@ async def test_create_rule_stores_conditions_params_and_any(stubs: Stubs) -> Non
     assert r.condition == common_pb2.ENFORCEMENT_CONDITION_ANY
     assert [(c.field, c.operator, c.value.string_value) for c in r.conditions] == [
         ("body.action", EQUALS, "push"),
-        ("tags", rule_pb2.CONDITION_OPERATOR_CONTAINS, "x"),
+        ("tags", condition_pb2.CONDITION_OPERATOR_CONTAINS, "x"),
     ]
     assert dict(r.action_params) == {"to": "{{ event.payload.user }}", "n": 3}
     assert (r.label, r.description) == ("A", "does a")

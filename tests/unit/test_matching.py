@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from services.api import matching
+from services.api import conditions, matching
 
 
 def cond(field: str, operator: str, value: Any) -> dict[str, Any]:
@@ -71,23 +71,23 @@ def test_lookup_follows_dot_paths_and_list_indexes(path: str, expected: Any) -> 
 
 @pytest.mark.parametrize("path", ["missing", "a.x", "a.b.c.d", "items.2.name", "items.-1", "items.name", "n.x"])
 def test_lookup_of_absent_path_is_missing_not_none(path: str) -> None:
-    assert matching.lookup(DATA, path) is matching._MISSING
+    assert matching.lookup(DATA, path) is matching.MISSING
 
 
 # ---- matches ------------------------------------------------------------------------------------
 
 
 def test_empty_conditions_always_match() -> None:
-    assert matching.matches([], "all", {}) is True
-    assert matching.matches([], "any", {"x": 1}) is True
+    assert conditions.matches([], "all", {}) is True
+    assert conditions.matches([], "any", {"x": 1}) is True
 
 
 def test_all_requires_every_condition_any_requires_one() -> None:
-    conditions = [cond("a", "equals", 1), cond("b", "equals", 2)]
-    assert matching.matches(conditions, "all", {"a": 1, "b": 2}) is True
-    assert matching.matches(conditions, "all", {"a": 1, "b": 3}) is False
-    assert matching.matches(conditions, "any", {"a": 1, "b": 3}) is True
-    assert matching.matches(conditions, "any", {"a": 0, "b": 3}) is False
+    conds = [cond("a", "equals", 1), cond("b", "equals", 2)]
+    assert conditions.matches(conds, "all", {"a": 1, "b": 2}) is True
+    assert conditions.matches(conds, "all", {"a": 1, "b": 3}) is False
+    assert conditions.matches(conds, "any", {"a": 1, "b": 3}) is True
+    assert conditions.matches(conds, "any", {"a": 0, "b": 3}) is False
 
 
 @pytest.mark.parametrize(
@@ -110,14 +110,14 @@ def test_all_requires_every_condition_any_requires_one() -> None:
 )
 def test_equals_and_not_equals_use_json_equality(actual: Any, expected: Any, equal: bool) -> None:
     payload = {"f": actual}
-    assert matching.matches([cond("f", "equals", expected)], "all", payload) is equal
-    assert matching.matches([cond("f", "not_equals", expected)], "all", payload) is (not equal)
+    assert conditions.matches([cond("f", "equals", expected)], "all", payload) is equal
+    assert conditions.matches([cond("f", "not_equals", expected)], "all", payload) is (not equal)
 
 
 def test_missing_field_equals_nothing_and_differs_from_everything() -> None:
-    assert matching.matches([cond("gone", "equals", None)], "all", {}) is False
-    assert matching.matches([cond("gone", "not_equals", None)], "all", {}) is True
-    assert matching.matches([cond("gone", "contains", "x")], "all", {}) is False
+    assert conditions.matches([cond("gone", "equals", None)], "all", {}) is False
+    assert conditions.matches([cond("gone", "not_equals", None)], "all", {}) is True
+    assert conditions.matches([cond("gone", "contains", "x")], "all", {}) is False
 
 
 @pytest.mark.parametrize(
@@ -140,13 +140,13 @@ def test_missing_field_equals_nothing_and_differs_from_everything() -> None:
     ],
 )
 def test_contains_is_substring_element_or_key(actual: Any, expected: Any, holds: bool) -> None:
-    assert matching.matches([cond("f", "contains", expected)], "all", {"f": actual}) is holds
+    assert conditions.matches([cond("f", "contains", expected)], "all", {"f": actual}) is holds
 
 
 def test_conditions_on_nested_paths_and_list_indexes() -> None:
     payload = {"body": {"commits": [{"author": "ann"}, {"author": "bob"}]}}
-    assert matching.matches([cond("body.commits.1.author", "equals", "bob")], "all", payload) is True
-    assert matching.matches([cond("body.commits.2.author", "equals", "bob")], "all", payload) is False
+    assert conditions.matches([cond("body.commits.1.author", "equals", "bob")], "all", payload) is True
+    assert conditions.matches([cond("body.commits.2.author", "equals", "bob")], "all", payload) is False
 
 
 # ---- render -------------------------------------------------------------------------------------

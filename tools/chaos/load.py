@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2, struct_pb2
 
-from shared.gen.automation.v1 import common_pb2, event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
+from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
 from shared.transport import client_security, open_channel
 from tools.chaos.settings import Settings
 
@@ -104,7 +104,7 @@ def _rule(ref: str, kind: str | None) -> rule_pb2.Rule:
     )
     rule.action_params.update({"event": "{{ event.payload.rid }}", "rule": ref})
     if kind is not None:
-        rule.conditions.add(field="kind", operator=rule_pb2.CONDITION_OPERATOR_EQUALS, value=_value(kind))
+        rule.conditions.add(field="kind", operator=condition_pb2.CONDITION_OPERATOR_EQUALS, value=_value(kind))
     return rule
 
 

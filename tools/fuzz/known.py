@@ -21,6 +21,7 @@ from shared import limits
 from shared.gen.automation.v1 import (
     analytics_pb2,
     common_pb2,
+    condition_pb2,
     enforcement_pb2,
     event_pb2,
     execution_pb2,
@@ -84,7 +85,7 @@ async def non_finite_numbers(engine: Engine) -> None:
     for value in (math.nan, math.inf, -math.inf):
         await typed(engine, "CreateEvent", _event({"a": value}))
     rule = rule_pb2.Rule(ref="fzk.nan_rule", trigger_ref=TRIGGER)
-    rule.conditions.add(field="a", operator=rule_pb2.CONDITION_OPERATOR_EQUALS).value.number_value = math.nan
+    rule.conditions.add(field="a", operator=condition_pb2.CONDITION_OPERATOR_EQUALS).value.number_value = math.nan
     await typed(engine, "CreateRule", rule_pb2.CreateRuleRequest(rule=rule))
 
 

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
 from shared import limits
-from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, rule_pb2
+from shared.gen.automation.v1 import common_pb2, condition_pb2, enforcement_pb2, event_pb2, rule_pb2
 from tools.fuzz.catalog import Method, enum_type, is_map, message_class, message_type
 
 T = TypeVar("T")
@@ -1075,9 +1075,9 @@ def _scenario_trigger(s: Strategies) -> SearchStrategy[Message]:
 
 def _condition(s: Strategies) -> SearchStrategy[Fill]:
     def make(field: str, op: int, value: Json) -> Fill:
-        def fill(target: rule_pb2.RuleCondition) -> None:
+        def fill(target: condition_pb2.RuleCondition) -> None:
             target.field = field
-            target.operator = rule_pb2.ConditionOperator.ValueType(op)
+            target.operator = condition_pb2.ConditionOperator.ValueType(op)
             set_value(target.value, value)
 
         return fill
@@ -1085,8 +1085,10 @@ def _condition(s: Strategies) -> SearchStrategy[Fill]:
     return st.builds(
         make,
         st.sampled_from(FIELD_PATHS[:5]),
-        st.sampled_from((1, 2, 3)),
-        st.sampled_from(("x", "y", "tick", "greet", 1, True)) | s.json.values(),
+        # Every operator, with values that suit some of them (regexes, wildcards, timestamps).
+        st.sampled_from(sorted(condition_pb2.ConditionOperator.values())),
+        st.sampled_from(("x", "y", "tick", "greet", 1, True, "(a+)+$", "t*[!x]?", "2026-01-01T00:00:00Z", "any"))
+        | s.json.values(),
     )
 
 

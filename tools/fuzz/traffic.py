@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
+from shared.gen.automation.v1 import condition_pb2, event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
 from tools.fuzz.invariants import Protected
 from tools.fuzz.runner import Ledger
 
@@ -66,7 +66,7 @@ class Ordinary:
             trigger = await self._rules.GetTrigger(rule_pb2.GetTriggerRequest(ref=TRIGGER), timeout=10)
         rule = rule_pb2.Rule(ref=RULE, trigger_ref=TRIGGER, action_ref=ACTION, enabled=True)
         rule.action_params.update({"n": "{{ event.payload.n }}", "event": "{{ event.id }}"})
-        rule.conditions.add(field="kind", operator=rule_pb2.CONDITION_OPERATOR_EQUALS).value.string_value = "tick"
+        rule.conditions.add(field="kind", operator=condition_pb2.CONDITION_OPERATOR_EQUALS).value.string_value = "tick"
         try:
             created = await self._rules.CreateRule(rule_pb2.CreateRuleRequest(rule=rule), timeout=10)
         except grpc.aio.AioRpcError as exc:

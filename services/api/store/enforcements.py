@@ -27,10 +27,11 @@ from services.api.encoded import Measure
 from shared.errors import Aborted, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from shared.limits import MAX_CREATE_RESPONSE_BYTES
 
+from . import audit
 from ._db import guarded
 from ._derive import derive
 from ._paging import Paged, Where
-from .types import JSON, Enforcement, Execution, Page, Resolution, columns
+from .types import JSON, Actor, Enforcement, Event, Execution, Page, Resolution, columns
 
 _ENFORCEMENT = columns(Enforcement)
 _ENFORCEMENT_E = columns(Enforcement, "e.")
@@ -147,6 +148,17 @@ _RECORD_REQUEST = """
 INSERT INTO ingest_request (kind, request_id, fingerprint, entity_id, entity_created)
 VALUES ('enforcement', $1, $2, $3, $4)"""
 _BY_ID_CREATED = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE id = $1 AND created = $2"
+# ReplayRule with fire: the same per-(rule, event) locks as ``create`` takes, in event order.
+_FIRE_RULE = "SELECT id, ref, trigger_ref, enabled, conditions, condition FROM rule WHERE id = $1 FOR SHARE"
+_FIRE_LOCK = """
+SELECT count(pg_advisory_xact_lock($1::int, (e % 2147483648)::int))
+  FROM (SELECT DISTINCT e FROM unnest($2::bigint[]) AS e ORDER BY e) AS x"""
+_FIRE_EXISTING = "SELECT event, id FROM enforcement WHERE rule = $1 AND event = ANY($2::bigint[])"
+_FIRE_INSERT = f"""
+INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, payload, condition, conditions)
+SELECT $1, $2, $3, u.c::jsonb, u.e, u.p::jsonb, $4::enforcement_condition, $5::jsonb
+  FROM unnest($6::text[], $7::bigint[], $8::text[]) AS u(c, e, p)
+RETURNING {_ENFORCEMENT}"""
 
 
 def _execution(row: asyncpg.Record) -> Execution | None:
@@ -232,6 +244,50 @@ class Enforcements(Paged):
             if request_id:
                 await conn.execute(_RECORD_REQUEST, request_id, fp, enforcement.id, enforcement.created)
             return enforcement, False
+
+    async def fire(
+        self, rule_id: int, matched: Sequence[tuple[Event, dict[str, JSON]]], actor: Actor
+    ) -> tuple[dict[int, tuple[int, bool]], list[Enforcement]]:
+        """Creates the enforcements of ``rule_id`` for the matched events (each with its
+        rendered config) that it does not have yet, in one transaction with one audit record.
+
+        Returns, per event id, the enforcement id and whether it already existed, and the new
+        enforcements. FailedPrecondition when the rule is gone or disabled.
+        """
+        ids = [event.id for event, _ in matched]
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            rule = await conn.fetchrow(_FIRE_RULE, rule_id)
+            if rule is None or not rule["enabled"]:
+                raise FailedPrecondition(f"rule {rule_id} was deleted or disabled during the replay")
+            await conn.fetchval(_FIRE_LOCK, rule_id % 2**31, ids)
+            out = {r["event"]: (r["id"], True) for r in await conn.fetch(_FIRE_EXISTING, rule_id, ids)}
+            fresh = [(event, config) for event, config in matched if event.id not in out]
+            created: list[Enforcement] = []
+            if fresh:
+                rows = await conn.fetch(
+                    _FIRE_INSERT,
+                    rule_id,
+                    rule["ref"],
+                    rule["trigger_ref"],
+                    rule["condition"],
+                    rule["conditions"],
+                    [json.dumps(config) for _, config in fresh],
+                    [event.id for event, _ in fresh],
+                    [json.dumps(event.payload) for event, _ in fresh],
+                )
+                created = [Enforcement(*r) for r in rows]
+                for e in created:
+                    assert e.event is not None
+                    out[e.event] = (e.id, False)
+                await audit.record(
+                    conn,
+                    actor,
+                    "rule",
+                    rule_id,
+                    rule["ref"],
+                    {"fired": {"events": [e.event for e in created], "enforcements": [e.id for e in created]}},
+                )
+        return out, created
 
     async def get(self, id_: int) -> Enforcement:
         row = await self._fetchrow(_GET, id_)

@@ -3,8 +3,9 @@
 ``create_many`` serves CreateEvent (one event) and CreateEvents (up to 1,000) with two round
 trips and no explicit transaction:
 
-1. one read gathers the triggers, the rules that may match, fresh event ids and any
-   idempotency keys already used;
+1. one read gathers the triggers, the versions of their rule sets (compiled rules are cached
+   per trigger and loaded again only when their version changed: ``_rulesets.py``), fresh
+   event ids and any idempotency keys already used;
 2. after matching and rendering in Python, one INSERT statement (CTEs over ``unnest``
    arrays) writes the events, their enforcements, the new idempotency keys and, when a
    watch stream of this api has the credit, the enforcements' dispatch rows already leased
@@ -26,13 +27,15 @@ from typing import Any
 import asyncpg
 
 from services.api import matching
+from services.api.conditions import Compiled, RuleSet
 from services.api.encoded import Measure, record_size
 from shared import limits
 from shared.errors import InvalidArgument, NotFound
 
 from ._db import Connection, guarded
 from ._derive import derive
-from ._paging import Paged, Where
+from ._paging import Keys, Paged, Where
+from ._rulesets import EMPTY, RuleSets
 from .types import CreatedEvent, Enforcement, Event, Lease, NewEvent, Page, columns
 
 _INLINE_WORK = 256
@@ -57,12 +60,10 @@ SELECT now() AS now,
        ARRAY(SELECT nextval('event_id_seq') FROM generate_series(1, $1::int)) AS ids,
        (SELECT coalesce(jsonb_object_agg(t.ref, t.id), '{}')
           FROM trigger t WHERE t.ref = ANY($2::text[])) AS triggers,
-       (SELECT coalesce(jsonb_agg(jsonb_build_object(
-                   'id', r.id, 'ref', r.ref, 'trigger_ref', r.trigger_ref, 'enabled', r.enabled,
-                   'action_params', r.action_params, 'conditions', r.conditions,
-                   'condition', r.condition) ORDER BY r.id), '[]')
-          FROM rule r
-         WHERE (r.trigger_ref = ANY($2::text[]) AND r.enabled) OR r.ref = ANY($3::text[])) AS rules,
+       (SELECT coalesce(jsonb_object_agg(s.trigger_ref, s.version), '{}')
+          FROM rule_set s WHERE s.trigger_ref = ANY($2::text[])) AS versions,
+       (SELECT coalesce(jsonb_object_agg(r.ref, r.trigger_ref), '{}')
+          FROM rule r WHERE r.ref = ANY($3::text[])) AS targeted,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
                    'request_id', q.request_id, 'fingerprint', q.fingerprint,
                    'id', q.entity_id, 'created', q.entity_created)), '[]')
@@ -73,10 +74,11 @@ SELECT now() AS now,
 _INSERT = """
 WITH ev AS (
     INSERT INTO event (id, trigger, trigger_ref, config, payload, source, source_ref, rule,
-                       rule_ref, created)
-    SELECT u.i, u.t, u.tr, u.c::jsonb, u.p::jsonb, u.s, u.sr, u.r, u.rr, $10::timestamptz
+                       rule_ref, created, reemit_of)
+    SELECT u.i, u.t, u.tr, u.c::jsonb, u.p::jsonb, u.s, u.sr, u.r, u.rr, $10::timestamptz, u.ro
       FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                  $6::bigint[], $7::text[], $8::bigint[], $9::text[]) AS u(i, t, tr, c, p, s, sr, r, rr)
+                  $6::bigint[], $7::text[], $8::bigint[], $9::text[], $26::bigint[])
+           AS u(i, t, tr, c, p, s, sr, r, rr, ro)
 ), req AS (
     INSERT INTO ingest_request (kind, request_id, fingerprint, entity_id, entity_created)
     SELECT 'event', u.*, $10::timestamptz
@@ -108,12 +110,25 @@ SELECT {_EVENT} FROM event
 _REPLAY_ENFORCEMENTS = f"""
 SELECT {_ENFORCEMENT} FROM enforcement WHERE event = ANY($1::bigint[]) ORDER BY id"""
 _GET = f"SELECT {_EVENT} FROM event WHERE id = $1"
+_VERSION = "SELECT version FROM rule_set WHERE trigger_ref = $1"
+# ReplayRule: one trigger's events in a range, newest first, through the index on
+# (trigger_ref, created DESC, id DESC); the next page starts after the last (created, id).
+_SCAN = f"""
+SELECT {_EVENT} FROM event
+ WHERE trigger_ref = $1 AND created >= $2 AND created < $3
+ ORDER BY created DESC, id DESC LIMIT $4"""
+_SCAN_AFTER = f"""
+SELECT {_EVENT} FROM event
+ WHERE trigger_ref = $1 AND created >= $2 AND (created, id) < ($3, $4)
+ ORDER BY created DESC, id DESC LIMIT $5"""
 _RULE_EXISTS = "SELECT trigger_ref FROM rule WHERE ref = $1"
 
 
 def fingerprint(e: NewEvent) -> str:
     """A digest of what an event request asks for, to tell a retry from a reused key."""
     body = [e.trigger_ref, e.payload, e.config, e.source, e.source_ref, e.rule_ref]
+    if e.reemit_of is not None:
+        body.append(e.reemit_of)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -131,6 +146,10 @@ def _field(index: int, many: bool, name: str) -> str:
 
 class Events(Paged):
     """Stores and reads events."""
+
+    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
+        super().__init__(pool, keys)
+        self._rule_sets = RuleSets()
 
     async def create_many(
         self, new: Sequence[NewEvent], many: bool = False, lease: LeaseFor | None = None
@@ -177,19 +196,12 @@ class Events(Paged):
             now: datetime = prep["now"]
             ids: list[int] = prep["ids"]
             triggers: dict[str, int] = prep["triggers"]
-            rules: list[dict[str, Any]] = prep["rules"]
             replays = {r["request_id"]: r for r in prep["replays"]}
-
-            for r in rules:
-                r["conditions_json"] = _json(r["conditions"])  # once per rule, not per enforcement
-            by_ref = {r["ref"]: r for r in rules}
-            by_trigger: dict[str, list[dict[str, Any]]] = {}
-            for r in rules:
-                if r["enabled"]:
-                    by_trigger.setdefault(r["trigger_ref"], []).append(r)
+            targeted_trigger: dict[str, str] = prep["targeted"]
+            sets = await self._rule_sets.get(conn, prep["versions"])
 
             def plan() -> _Plan:
-                ev_cols: list[list[Any]] = [[] for _ in range(9)]
+                ev_cols: list[list[Any]] = [[] for _ in range(10)]
                 req_cols: list[list[Any]] = [[], [], []]
                 enf_cols: list[list[Any]] = [[] for _ in range(8)]
                 events: list[Event | None] = []
@@ -213,19 +225,18 @@ class Events(Paged):
                     trigger_id = triggers.get(e.trigger_ref)
                     if trigger_id is None:
                         raise NotFound(f"{_field(i, many, 'trigger_ref')}: trigger {e.trigger_ref} not found")
-                    targeted: dict[str, Any] | None = None
+                    rule_set = sets.get(e.trigger_ref, EMPTY)
+                    targeted: Compiled | None = None
                     if e.rule_ref:
-                        targeted = by_ref.get(e.rule_ref)
-                        if targeted is None:
-                            raise NotFound(f"{_field(i, many, 'rule_ref')}: rule {e.rule_ref} not found")
-                        if targeted["trigger_ref"] != e.trigger_ref:
+                        watched = targeted_trigger.get(e.rule_ref)
+                        if watched is not None and watched != e.trigger_ref:
                             raise InvalidArgument.one(
                                 _field(i, many, "rule_ref"),
-                                f"rule {e.rule_ref} watches {targeted['trigger_ref']}, not {e.trigger_ref}",
+                                f"rule {e.rule_ref} watches {watched}, not {e.trigger_ref}",
                             )
-                        candidates = [targeted] if targeted["enabled"] else []
-                    else:
-                        candidates = by_trigger.get(e.trigger_ref, [])
+                        targeted = rule_set.by_ref.get(e.rule_ref)
+                        if targeted is None:
+                            raise NotFound(f"{_field(i, many, 'rule_ref')}: rule {e.rule_ref} not found")
                     event_id = ids[i]
                     values = (
                         event_id,
@@ -235,15 +246,16 @@ class Events(Paged):
                         e.payload,
                         e.source,
                         e.source_ref,
-                        targeted["id"] if targeted else None,
+                        targeted.rule["id"] if targeted else None,
                         e.rule_ref,
+                        e.reemit_of,
                     )
                     payload_json = _json(e.payload)
                     for col, value in zip(
                         ev_cols, (*values[:3], _json(e.config), payload_json, *values[5:]), strict=True
                     ):
                         col.append(value)
-                    events.append(Event(*values, created=now))
+                    events.append(Event(*values[:9], created=now, reemit_of=e.reemit_of))
                     if e.request_id:
                         first_of_key[e.request_id] = i
                         for col, value in zip(req_cols, (e.request_id, prints[i], event_id), strict=True):
@@ -253,9 +265,11 @@ class Events(Paged):
                     event_bytes = record_size(
                         measure, [e.trigger_ref, e.source_ref or "", e.rule_ref or ""], [e.payload, e.config], []
                     )
-                    for rule in candidates:
-                        if not matching.matches(rule["conditions"], rule["condition"], facts):
-                            continue
+                    if targeted is None:
+                        fired = rule_set.matching(facts)
+                    else:
+                        fired = [targeted.rule] if targeted.rule["enabled"] and targeted.pred(facts) else []
+                    for rule in fired:
                         context = matching.template_context(
                             event_id=event_id,
                             trigger_ref=e.trigger_ref,
@@ -299,11 +313,7 @@ class Events(Paged):
             # Matching and rendering cost grows with the conditions evaluated (bounded per
             # trigger by MAX_CONDITIONS_PER_TRIGGER) and the payloads searched: past a small
             # amount it runs in a thread, so that the event loop keeps serving other calls.
-            work = sum(
-                1 + len(r["conditions"])
-                for e in new
-                for r in ([by_ref[e.rule_ref]] if e.rule_ref in by_ref else by_trigger.get(e.trigger_ref, []))
-            )
+            work = sum(sets.get(e.trigger_ref, EMPTY).cost if not e.rule_ref else 1 for e in new)
             planned = await asyncio.to_thread(plan) if work > _INLINE_WORK else plan()
             ev_cols, req_cols, enf_cols, events, unsaved, first_of_key = planned
 
@@ -314,7 +324,7 @@ class Events(Paged):
                 to = lease(len(unsaved)) if lease is not None and unsaved else None
                 rows = await conn.fetch(
                     _INSERT,
-                    *ev_cols,
+                    *ev_cols[:9],
                     now,
                     *req_cols,
                     *enf_cols,
@@ -322,6 +332,7 @@ class Events(Paged):
                     to.token if to else None,
                     to.seconds if to else 0.0,
                     to.principal if to else None,
+                    ev_cols[9],
                 )
                 ids_by_key = {(r["event"], r["rule"]): r["id"] for r in rows}
                 enforcements = [
@@ -380,6 +391,25 @@ class Events(Paged):
             out[s["request_id"]] = CreatedEvent(event, by_event.get(s["id"], []), replayed=True)
         return out
 
+    async def rule_set(self, trigger_ref: str) -> RuleSet:
+        """The compiled rules of one trigger as they are now (cached as ingest caches them)."""
+        async with guarded(), self._pool.acquire() as conn:
+            version = await conn.fetchval(_VERSION, trigger_ref)
+            if version is None:
+                return EMPTY
+            return (await self._rule_sets.get(conn, {trigger_ref: version})).get(trigger_ref, EMPTY)
+
+    async def scan(
+        self, trigger_ref: str, start: datetime, end: datetime, after: tuple[datetime, int] | None, size: int
+    ) -> list[Event]:
+        """Up to ``size`` events of a trigger created in [start, end), newest first, after the
+        (created, id) of the previous page's last event."""
+        if after is None:
+            rows = await self._fetch(_SCAN, trigger_ref, start, end, size)
+        else:
+            rows = await self._fetch(_SCAN_AFTER, trigger_ref, start, after[0], after[1], size)
+        return [Event(*r) for r in rows]
+
     async def get(self, id_: int) -> Event:
         row = await self._fetchrow(_GET, id_)
         if row is None:
@@ -396,8 +426,11 @@ class Events(Paged):
         rule_ref: str = "",
         created_from: datetime | None = None,
         created_to: datetime | None = None,
+        reemit_of: int | None = None,
     ) -> Page[Event]:
         where = Where()
+        if reemit_of is not None:
+            where.add("reemit_of = {}", reemit_of)
         if trigger_ref:
             where.add("trigger_ref = {}", trigger_ref)
         if source_ref:

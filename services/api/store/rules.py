@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
+from services.api.conditions import count_nodes
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 from shared.limits import MAX_CONDITIONS_PER_TRIGGER, MAX_RULES_PER_TRIGGER
 
@@ -33,15 +34,15 @@ _DELETE_TRIGGER_BY_REF = "DELETE FROM trigger WHERE ref = $1 RETURNING id, ref"
 
 _INSERT_RULE = f"""
 INSERT INTO rule (ref, label, description, trigger, trigger_ref, action_ref, action_params,
-                  conditions, condition, enabled, updated_by)
-SELECT $1, $2, $3, t.id, t.ref, $5, $6, $7, $8::enforcement_condition, $9, $10
+                  conditions, condition, enabled, updated_by, backstop, condition_nodes)
+SELECT $1, $2, $3, t.id, t.ref, $5, $6, $7, $8::enforcement_condition, $9, $10, $11, $12
 FROM trigger t WHERE t.ref = $4
 RETURNING {_RULE}"""
 # Rules of one trigger are counted under a lock of that trigger, so that concurrent creators
 # cannot pass MAX_RULES_PER_TRIGGER together.
 _LOCK_TRIGGER_RULES = "SELECT pg_advisory_xact_lock(hashtextextended($1, 2))"
 _TRIGGER_LOAD = """
-SELECT count(*) AS rules, coalesce(sum(jsonb_array_length(conditions)), 0) AS conditions
+SELECT count(*) AS rules, coalesce(sum(condition_nodes), 0) AS conditions
   FROM rule WHERE trigger_ref = $1 AND id IS DISTINCT FROM $2"""
 _RULE_TRIGGER_BY_ID = "SELECT id, trigger_ref FROM rule WHERE id = $1"
 _RULE_TRIGGER_BY_REF = "SELECT id, trigger_ref FROM rule WHERE ref = $1"
@@ -65,6 +66,7 @@ _RULE_FIELDS = (
     "conditions",
     "condition",
     "enabled",
+    "backstop",
 )
 
 # Columns UpdateRule may change, with the SQL cast each needs.
@@ -76,6 +78,7 @@ UPDATABLE = {
     "conditions": "",
     "condition": "::enforcement_condition",
     "enabled": "",
+    "backstop": "",
 }
 
 
@@ -181,11 +184,13 @@ class Rules(Paged):
         conditions: list[dict[str, JSON]],
         condition: str,
         enabled: bool,
+        backstop: bool = False,
         actor: Actor | None = None,
     ) -> Rule:
+        nodes = count_nodes(conditions)
         try:
             async with self._transaction() as conn:
-                await _check_trigger_load(conn, trigger_ref, None, len(conditions))
+                await _check_trigger_load(conn, trigger_ref, None, nodes)
                 row = await conn.fetchrow(
                     _INSERT_RULE,
                     ref,
@@ -198,6 +203,8 @@ class Rules(Paged):
                     condition,
                     enabled,
                     _by(actor),
+                    backstop,
+                    nodes,
                 )
                 if row is None:
                     raise NotFound(f"trigger {trigger_ref} not found")
@@ -244,6 +251,8 @@ class Rules(Paged):
         where = Where()
         sets = [f"{name} = {where.param(value)}{UPDATABLE[name]}" for name, value in changes.items()]
         sets.append(f"updated_by = {where.param(_by(actor))}")
+        if isinstance(changes.get("conditions"), list):
+            sets.append(f"condition_nodes = {where.param(count_nodes(changes['conditions']))}")
         lock, lock_key = (_LOCK_RULE_BY_ID if isinstance(key, int) else _LOCK_RULE_BY_REF), key
         async with self._transaction() as conn:
             conditions = changes.get("conditions")
@@ -253,7 +262,7 @@ class Rules(Paged):
                 found = await conn.fetchrow(_RULE_TRIGGER_BY_ID if isinstance(key, int) else _RULE_TRIGGER_BY_REF, key)
                 if found is None:
                     raise NotFound(f"rule {key} not found")
-                await _check_trigger_load(conn, found["trigger_ref"], found["id"], len(conditions))
+                await _check_trigger_load(conn, found["trigger_ref"], found["id"], count_nodes(conditions))
                 lock, lock_key = _LOCK_RULE_BY_ID, found["id"]
             # Locked: the old values stay the old values until this commits.
             old = _rule(await conn.fetchrow(lock, lock_key), key)

@@ -50,6 +50,8 @@ class Rule:
     updated: datetime
     updated_by: str | None = None
     """The principal that created or last changed it through the api (None: not known)."""
+    backstop: bool = False
+    """Fires only for events no standard rule of its trigger matched."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,8 @@ class Event:
     rule: int | None
     rule_ref: str | None
     created: datetime
+    reemit_of: int | None = None
+    """The event this one re-emits (ReemitEvent)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,7 @@ class NewEvent:
     source_ref: str | None = None
     rule_ref: str | None = None
     request_id: str | None = None
+    reemit_of: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,452 @@
+"""RuleService: triggers, rules and the tools around rules (TestRule, ReplayRule).
+
+Condition trees arrive as ``RuleCondition`` messages and are stored as JSON nodes
+(``conditions.py``): converted and bounded here, then checked by ``conditions.problems``
+(operators, value types, RE2 patterns), all before anything is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import empty_pb2, struct_pb2
+
+from services.api import conditions, convert, matching, validate
+from services.api._rpc import rpc
+from services.api.auth import current_principal
+from services.api.dispatcher import Dispatcher
+from services.api.encoded import Measure
+from services.api.servicers import Context, _actor, _filters, _key, _page, _volume_range
+from services.api.store import Event, Store
+from services.api.store._derive import derive
+from services.api.store._paging import page_size
+from services.api.store.rules import UPDATABLE
+from shared import limits
+from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Violations
+from shared.gen.automation.v1 import condition_pb2, rule_pb2, rule_pb2_grpc
+
+_FOUND_MAX_BYTES = 4096
+"""A found value larger than this (encoded) is not echoed by TestRule."""
+_REPLAY_PAGE = 500
+"""Events read per round trip while replaying."""
+
+
+def _node(v: Violations, where: str, c: condition_pb2.RuleCondition, depth: int, budget: list[int]) -> dict[str, Any]:
+    """One RuleCondition as a stored JSON node; its problems go to ``v``."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return {}
+    if depth > limits.MAX_CONDITION_DEPTH:
+        v.add(where, f"is nested too deep: at most {limits.MAX_CONDITION_DEPTH} levels")
+        return {}
+    negated = c.HasField("not")
+    kinds = [name for name, on in (("all", bool(c.all)), ("any", bool(c.any)), ("not", negated)) if on]
+    test = bool(c.operator or c.field or c.HasField("value") or c.HasField("item"))
+    if len(kinds) + test != 1:
+        v.add(where, "set exactly one of: operator (a test), all, any or not (a group; an empty group is no group)")
+        return {}
+    if kinds:
+        kind = kinds[0]
+        if kind == "not":
+            return {"not": _node(v, f"{where}.not", getattr(c, "not"), depth + 1, budget)}
+        children = c.all if kind == "all" else c.any
+        return {kind: [_node(v, f"{where}.{kind}[{i}]", child, depth + 1, budget) for i, child in enumerate(children)]}
+    operator = convert.OPERATOR_NAME.get(c.operator, "")
+    if not operator:
+        v.add(
+            f"{where}.operator",
+            "is required for a test" if not c.operator else f"is not a ConditionOperator ({c.operator})",
+        )
+    out: dict[str, Any] = {"field": c.field, "operator": operator}
+    if "\x00" in c.field:
+        v.add(f"{where}.field", "contains a NUL character, which cannot be stored")
+    elif why := matching.path_problem(c.field):
+        v.add(f"{where}.field", why)
+    if c.HasField("value"):
+        out["value"] = validate.json_value(v, f"{where}.value", c.value, limits.MAX_CONDITION_VALUE_BYTES)
+    elif operator not in conditions.NO_VALUE:
+        v.add(f"{where}.value", "is required")
+    if c.HasField("item"):
+        out["item"] = _node(v, f"{where}.item", c.item, depth + 1, budget)
+    return out
+
+
+def _conditions(v: Violations, field: str, nodes: Any) -> list[dict[str, Any]]:
+    """A rule's condition tree, converted and checked; its problems go to ``v``."""
+    before = len(v.items)
+    budget = [limits.MAX_CONDITIONS]
+    out = [_node(v, f"{field}[{i}]", c, 1, budget) for i, c in enumerate(nodes)]
+    if budget[0] < 0:
+        v.add(field, f"may hold at most {limits.MAX_CONDITIONS} conditions (tests and groups)")
+        return []
+    if len(v.items) == before:
+        for where, why in conditions.problems(out, field):
+            v.add(where, why)
+    return out
+
+
+def _condition(v: Violations, value: int) -> str:
+    name = convert.CONDITION_NAME.get(value)  # type: ignore[call-overload]
+    if name is None:
+        v.add("rule.condition", "must be ENFORCEMENT_CONDITION_ALL or ENFORCEMENT_CONDITION_ANY")
+        return "all"
+    return str(name)
+
+
+def _action_params(v: Violations, params: Any) -> dict[str, Any]:
+    out = validate.json_object(v, "rule.action_params", params, limits.MAX_ACTION_PARAMS_BYTES)
+    for f, why in matching.template_violations(out, "rule.action_params"):
+        v.add(f, why)
+    return out
+
+
+@dataclass(slots=True)
+class _RuleUnderTest:
+    """A stored or inline rule, as matching sees it."""
+
+    id: int | None
+    ref: str
+    trigger_ref: str
+    enabled: bool
+    backstop: bool
+    action_params: dict[str, Any]
+    conditions: list[dict[str, Any]]
+    condition: str
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "ref": self.ref,
+            "action_params": self.action_params,
+            "conditions": self.conditions,
+            "condition": self.condition,
+        }
+
+
+def _context(rule: _RuleUnderTest, payload: dict[str, Any], event: Event | None) -> dict[str, Any]:
+    return matching.template_context(
+        event_id=event.id if event else None,
+        trigger_ref=rule.trigger_ref,
+        created_iso=event.created.isoformat() if event else None,
+        payload=payload,
+        rule_ref=rule.ref,
+        source_ref=event.source_ref if event else None,
+    )
+
+
+def _render(rule: _RuleUnderTest, payload: dict[str, Any], event: Event | None, field: str) -> dict[str, Any]:
+    config, _ = derive(
+        rule.as_row(),
+        rule.trigger_ref,
+        payload,
+        _context(rule, payload, event),
+        matching.Budget(limits.MAX_CREATE_RESPONSE_BYTES),
+        Measure(),
+        field,
+    )
+    return config
+
+
+def _result(r: conditions.Result) -> rule_pb2.ConditionResult:
+    msg = rule_pb2.ConditionResult(node=r.node, holds=r.holds, kind=r.kind, field=r.field, note=r.note)
+    if r.expected is not matching.MISSING:
+        convert.set_value(msg.expected, r.expected)
+    if r.kind in conditions.GROUPS or r.node == "conditions":
+        return msg
+    if r.found is matching.MISSING:
+        msg.missing = True
+        return msg
+    found = struct_pb2.Value()
+    convert.set_value(found, r.found)
+    if found.ByteSize() > _FOUND_MAX_BYTES:
+        msg.note = (msg.note + "; " if msg.note else "") + f"the value found is {found.ByteSize():,} bytes, not shown"
+    else:
+        msg.found.CopyFrom(found)
+    return msg
+
+
+class RuleService(rule_pb2_grpc.RuleServiceServicer):
+    def __init__(self, store: Store, dispatcher: Dispatcher | None = None) -> None:
+        self._store = store
+        self._dispatcher = dispatcher
+
+    @rpc
+    async def CreateTrigger(self, request: rule_pb2.CreateTriggerRequest, context: Context) -> rule_pb2.Trigger:
+        t = request.trigger
+        v = Violations()
+        validate.ref(v, "trigger.ref", t.ref)
+        validate.text(v, "trigger.label", t.label, limits.MAX_LABEL)
+        validate.text(v, "trigger.description", t.description, limits.MAX_DESCRIPTION)
+        schemas = [
+            validate.json_object(v, f"trigger.{name}", getattr(t, name), limits.MAX_SCHEMA_BYTES)
+            if t.HasField(name)
+            else None
+            for name in ("param_schema", "out_schema")
+        ]
+        v.raise_if_any()
+        actor = _actor()
+        created = await self._store.rules.create_trigger(t.ref, t.label, t.description, *schemas, actor=actor)
+        return convert.trigger(created)
+
+    @rpc
+    async def GetTrigger(self, request: rule_pb2.GetTriggerRequest, context: Context) -> rule_pb2.Trigger:
+        return convert.trigger(await self._store.rules.get_trigger(_key(request, "trigger")))
+
+    @rpc
+    async def ListTriggers(
+        self, request: rule_pb2.ListTriggersRequest, context: Context
+    ) -> rule_pb2.ListTriggersResponse:
+        _filters(request, texts=("pack_ref",))
+        page = await self._store.rules.list_triggers(page_size(request.page_size), request.page_token, request.pack_ref)
+        triggers, token = _page(page, convert.trigger)
+        return rule_pb2.ListTriggersResponse(triggers=triggers, next_page_token=token)
+
+    @rpc
+    async def DeleteTrigger(self, request: rule_pb2.DeleteTriggerRequest, context: Context) -> empty_pb2.Empty:
+        actor = _actor()
+        await self._store.rules.delete_trigger(_key(request, "trigger"), actor)
+        return empty_pb2.Empty()
+
+    @staticmethod
+    def _new_rule(v: Violations, r: rule_pb2.Rule, field: str, ref_required: bool = True) -> dict[str, Any]:
+        """A rule message checked as CreateRule checks it: the store's keyword arguments."""
+        validate.ref(v, f"{field}.ref", r.ref, required=ref_required)
+        validate.ref(v, f"{field}.trigger_ref", r.trigger_ref)
+        validate.ref(v, f"{field}.action_ref", r.action_ref, required=False)
+        validate.text(v, f"{field}.label", r.label, limits.MAX_LABEL)
+        validate.text(v, f"{field}.description", r.description, limits.MAX_DESCRIPTION)
+        return {
+            "ref": r.ref,
+            "label": r.label,
+            "description": r.description,
+            "trigger_ref": r.trigger_ref,
+            "action_ref": r.action_ref or None,
+            "action_params": _action_params(v, r.action_params),
+            "conditions": _conditions(v, f"{field}.conditions", r.conditions),
+            "condition": _condition(v, r.condition),
+            "enabled": r.enabled if r.HasField("enabled") else True,
+            "backstop": r.backstop,
+        }
+
+    @rpc
+    async def CreateRule(self, request: rule_pb2.CreateRuleRequest, context: Context) -> rule_pb2.Rule:
+        v = Violations()
+        fields = self._new_rule(v, request.rule, "rule")
+        v.raise_if_any()
+        created = await self._store.rules.create_rule(**fields, actor=_actor())
+        return convert.rule(created)
+
+    @rpc
+    async def GetRule(self, request: rule_pb2.GetRuleRequest, context: Context) -> rule_pb2.Rule:
+        return convert.rule(await self._store.rules.get_rule(_key(request, "rule")))
+
+    @rpc
+    async def ListRules(self, request: rule_pb2.ListRulesRequest, context: Context) -> rule_pb2.ListRulesResponse:
+        _filters(request, refs=("trigger_ref", "action_ref"), texts=("pack_ref",))
+        page = await self._store.rules.list_rules(
+            page_size(request.page_size),
+            request.page_token,
+            pack_ref=request.pack_ref,
+            trigger_ref=request.trigger_ref,
+            action_ref=request.action_ref,
+            enabled=request.enabled if request.HasField("enabled") else None,
+        )
+        rules, token = _page(page, convert.rule)
+        return rule_pb2.ListRulesResponse(rules=rules, next_page_token=token)
+
+    @rpc
+    async def UpdateRule(self, request: rule_pb2.UpdateRuleRequest, context: Context) -> rule_pb2.Rule:
+        r = request.rule
+        key: int | str
+        if r.id:
+            key = validate.id_or_raise("rule.id", r.id)
+        elif r.ref:
+            key = validate.ref_or_raise("rule.ref", r.ref)
+        else:
+            raise InvalidArgument.one("rule", "give the rule's id or ref")
+        paths = list(request.update_mask.paths)
+        v = Violations()
+        if not paths:
+            v.add("update_mask", f"is required: name the fields to change ({', '.join(UPDATABLE)})")
+        changes: dict[str, Any] = {}
+        for path in paths:
+            if path not in UPDATABLE:
+                v.add("update_mask", f"cannot change {path!r}; changeable: {', '.join(UPDATABLE)}")
+            elif path == "action_ref":
+                validate.ref(v, "rule.action_ref", r.action_ref, required=False)
+                changes[path] = r.action_ref or None
+            elif path == "action_params":
+                changes[path] = _action_params(v, r.action_params)
+            elif path == "conditions":
+                changes[path] = _conditions(v, "rule.conditions", r.conditions)
+            elif path == "condition":
+                changes[path] = _condition(v, r.condition)
+            elif path == "enabled":
+                if not r.HasField("enabled"):
+                    v.add("rule.enabled", "must be set when update_mask names it")
+                changes[path] = r.enabled
+            elif path == "backstop":
+                changes[path] = r.backstop
+            else:
+                value = getattr(r, path)
+                validate.text(
+                    v, f"rule.{path}", value, limits.MAX_DESCRIPTION if path == "description" else limits.MAX_LABEL
+                )
+                changes[path] = value
+        v.raise_if_any()
+        actor = _actor()
+        return convert.rule(await self._store.rules.update_rule(key, changes, actor))
+
+    @rpc
+    async def DeleteRule(self, request: rule_pb2.DeleteRuleRequest, context: Context) -> empty_pb2.Empty:
+        actor = _actor()
+        await self._store.rules.delete_rule(_key(request, "rule"), actor)
+        return empty_pb2.Empty()
+
+    async def _rule_under_test(self, source: rule_pb2.RuleSource) -> _RuleUnderTest:
+        which = source.WhichOneof("source")
+        if which == "inline":
+            v = Violations()
+            fields = self._new_rule(v, source.inline, "rule.inline", ref_required=False)
+            v.raise_if_any()
+            await self._store.rules.get_trigger(fields["trigger_ref"])
+            return _RuleUnderTest(
+                None,
+                fields["ref"] or "inline",
+                fields["trigger_ref"],
+                fields["enabled"],
+                fields["backstop"],
+                fields["action_params"],
+                fields["conditions"],
+                fields["condition"],
+            )
+        if which == "id":
+            key: int | str = validate.id_or_raise("rule.id", source.id)
+        elif which == "ref":
+            key = validate.ref_or_raise("rule.ref", source.ref)
+        else:
+            raise InvalidArgument.one("rule", "give a stored rule's id or ref, or an inline rule")
+        r = await self._store.rules.get_rule(key)
+        return _RuleUnderTest(
+            r.id, r.ref, r.trigger_ref, r.enabled, r.backstop, r.action_params, r.conditions, r.condition
+        )
+
+    @rpc
+    async def TestRule(self, request: rule_pb2.TestRuleRequest, context: Context) -> rule_pb2.TestRuleResponse:
+        rule = await self._rule_under_test(request.rule)
+        event: Event | None = None
+        which = request.WhichOneof("event")
+        if which == "event_id":
+            event = await self._store.events.get(validate.id_or_raise("event_id", request.event_id))
+            if event.trigger_ref != rule.trigger_ref:
+                raise FailedPrecondition(
+                    f"event {event.id} is of trigger {event.trigger_ref}; rule {rule.ref} watches {rule.trigger_ref}"
+                )
+            payload = event.payload
+        elif which == "payload":
+            v = Violations()
+            payload = validate.json_object(v, "payload", request.payload, limits.MAX_PAYLOAD_BYTES)
+            v.raise_if_any()
+        else:
+            raise InvalidArgument.one("event", "give a stored event's event_id or an inline payload")
+        rule_set = await self._store.events.rule_set(rule.trigger_ref) if rule.backstop else None
+
+        def test() -> rule_pb2.TestRuleResponse:
+            facts = matching.Facts(payload)
+            matched, results = conditions.explain(rule.conditions, rule.condition, facts)
+            out = rule_pb2.TestRuleResponse(
+                matched=matched, trigger_ref=rule.trigger_ref, results=[_result(r) for r in results]
+            )
+            if rule_set is not None:
+                out.taken_by.extend(r["ref"] for r in rule_set.standard_matches(facts) if r["id"] != rule.id)
+            out.would_fire = matched and rule.enabled and not out.taken_by
+            if matched:
+                convert.fill_struct(out.config, _render(rule, payload, event, "payload"))
+            return out
+
+        # Large payloads and regexes over them cost milliseconds: off the event loop.
+        return await asyncio.to_thread(test)
+
+    @rpc
+    async def ReplayRule(
+        self, request: rule_pb2.ReplayRuleRequest, context: Context
+    ) -> AsyncIterator[rule_pb2.ReplayRuleResponse]:
+        rule = await self._rule_under_test(request.rule)
+        v = Violations()
+        if not 0 <= request.limit <= limits.MAX_REPLAY_MATCHES:
+            v.add("limit", f"must be 0 (default {limits.DEFAULT_REPLAY_MATCHES}) to {limits.MAX_REPLAY_MATCHES:,}")
+        v.raise_if_any()
+        start, end = _volume_range(request.created, "created")
+        cap = request.limit or limits.DEFAULT_REPLAY_MATCHES
+        if request.fire:
+            if rule.id is None:
+                raise InvalidArgument.one("fire", "needs a stored rule: an inline rule cannot own enforcements")
+            if not current_principal().is_operator:
+                raise PermissionDenied("fire creates enforcements: it needs the operator role")
+            if not rule.enabled:
+                raise FailedPrecondition(f"rule {rule.ref} is disabled: enable it before firing a replay")
+        actor = _actor() if request.fire else None
+        rule_set = await self._store.events.rule_set(rule.trigger_ref) if rule.backstop else None
+        pred = conditions.compile_rule(rule.conditions, rule.condition)
+
+        def matches(page: list[Event], room: int) -> tuple[list[tuple[Event, dict[str, Any]]], int]:
+            """The page's first ``room`` matches (rendered), and how many events were looked
+            at to find them: the scan stops at the limit, not at the end of the page."""
+            out = []
+            for looked, event in enumerate(page, 1):
+                facts = matching.Facts(event.payload)
+                if not pred(facts):
+                    continue
+                if rule_set is not None and any(r["id"] != rule.id for r in rule_set.standard_matches(facts)):
+                    continue
+                out.append((event, _render(rule, event.payload, event, f"event {event.id}")))
+                if len(out) == room:
+                    return out, looked
+            return out, len(page)
+
+        async def more_after(page: list[Event], looked: int) -> bool:
+            """Whether the range holds events after the first ``looked`` of this page."""
+            if looked < len(page):
+                return True
+            if len(page) < _REPLAY_PAGE:
+                return False
+            last = (page[-1].created, page[-1].id)
+            return bool(await self._store.events.scan(rule.trigger_ref, start, end, last, 1))
+
+        scanned = matched = fired = 0
+        truncated = done = False
+        after: tuple[datetime, int] | None = None
+        while not done:
+            page = await self._store.events.scan(rule.trigger_ref, start, end, after, _REPLAY_PAGE)
+            if not page:
+                break
+            after = (page[-1].created, page[-1].id)
+            found, looked = await asyncio.to_thread(matches, page, cap - matched)
+            scanned += looked
+            if len(found) == cap - matched or scanned >= limits.MAX_REPLAY_SCAN:
+                # Stopped by the limit or the scan bound: truncated only when events of the
+                # range are left unseen (a limit reached by the range's last event cuts nothing).
+                done = True
+                truncated = await more_after(page, looked)
+            made: dict[int, tuple[int, bool]] = {}
+            if found and actor is not None:
+                assert rule.id is not None
+                made, created = await self._store.enforcements.fire(rule.id, found, actor)
+                fired += len(created)
+                if created and self._dispatcher is not None:
+                    self._dispatcher.wake(len(created))
+                    self._dispatcher.announce([], created, [])
+            for event, config in found:
+                match = rule_pb2.ReplayMatch(event_id=event.id, created=convert.ts(event.created))
+                convert.fill_struct(match.config, config)
+                if event.id in made:
+                    match.enforcement_id, match.existed = made[event.id]
+                yield rule_pb2.ReplayRuleResponse(match=match)
+            matched += len(found)
+        yield rule_pb2.ReplayRuleResponse(
+            summary=rule_pb2.ReplaySummary(scanned=scanned, matched=matched, fired=fired, truncated=truncated)
+        )
