@@ -74,6 +74,10 @@ MAX_KEY = 256
 # --- rules -----------------------------------------------------------------------------------
 MAX_CONDITIONS = 64
 """Nodes (tests and groups, nested ones included) of one rule's condition tree."""
+MAX_SEARCH_ITEM_TESTS = 250_000
+"""Item tests (list items times the nodes of the item test) the rules of a trigger may make
+for one event in all, through ``search``: bounds what one event can cost (about 0.2 s of
+CPU); an event past it is refused."""
 MAX_CONDITION_DEPTH = 16
 """Levels of a rule's condition tree (the top-level list is level 1)."""
 MAX_CONDITION_VALUE_BYTES = 4 * KiB

@@ -103,17 +103,32 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _re2(pattern: str, *, case_sensitive: bool = True, dot_nl: bool = False) -> Any:
+_ANCHOR = re2._re2.RE2.Anchor  # type: ignore[attr-defined]
+_NO_SPAN = (-1, -1)
+
+
+def _re2(pattern: str, anchor: str, *, case_sensitive: bool = True, dot_nl: bool = False) -> Callable[[bytes], bool]:
+    """Whether RE2 ``pattern`` matches a UTF-8 text: ``search`` (anywhere), ``match`` (at the
+    start) or ``fullmatch`` (all of it). ConditionError when RE2 refuses the pattern."""
     options = re2.Options()
     options.case_sensitive = case_sensitive
     options.dot_nl = dot_nl
     options.log_errors = False
     options.max_mem = _RE2_MAX_MEM
+    options.never_capture = True  # a yes or no is all a test needs
     try:
-        return re2.compile(pattern, options=options)  # type: ignore[no-untyped-call]
+        compiled = re2.compile(pattern, options=options)  # type: ignore[no-untyped-call]
     except re2.error as exc:
         detail = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise ConditionError(f"is not a regular expression RE2 accepts: {detail}") from None
+    raw = getattr(compiled, "_regexp", None)
+    if raw is None or not hasattr(raw, "Match"):
+        method = getattr(compiled, anchor)
+        return lambda data: method(data) is not None
+    # The wrapper's search() maps byte offsets back to characters for a Match object, which
+    # costs five times the match itself on short texts; a test needs only whether it matched.
+    where = {"search": _ANCHOR.UNANCHORED, "match": _ANCHOR.ANCHOR_START, "fullmatch": _ANCHOR.ANCHOR_BOTH}[anchor]
+    return lambda data: bool(raw.Match(where, data, 0, len(data))[0] != _NO_SPAN)
 
 
 def wildcard_regex(pattern: str) -> str:
@@ -196,30 +211,32 @@ def _text_test(operator: str, expected: Any) -> Test:
     if not isinstance(expected, str):
         raise ConditionError("must be a string")
     folded = expected.casefold()
-    check: Callable[[str], bool]
+    test: Test
     if operator == "iequals":
-        check = lambda s: s.casefold() == folded  # noqa: E731
+        test = lambda s, facts: facts.folded(s) == folded  # noqa: E731
     elif operator in ("icontains", "incontains"):
-        check = lambda s: folded in s.casefold()  # noqa: E731
+        test = lambda s, facts: folded in facts.folded(s)  # noqa: E731
     elif operator == "startswith":
-        check = lambda s: s.startswith(expected)  # noqa: E731
+        test = lambda s, _: s.startswith(expected)  # noqa: E731
     elif operator == "istartswith":
-        check = lambda s: s.casefold().startswith(folded)  # noqa: E731
+        test = lambda s, facts: facts.folded(s).startswith(folded)  # noqa: E731
     elif operator == "endswith":
-        check = lambda s: s.endswith(expected)  # noqa: E731
+        test = lambda s, _: s.endswith(expected)  # noqa: E731
     elif operator == "iendswith":
-        check = lambda s: s.casefold().endswith(folded)  # noqa: E731
-    elif operator == "matchwildcard":
-        check = _re2(wildcard_regex(expected), dot_nl=True).fullmatch
-    elif operator == "regex":
-        check = _re2(expected).search
-    elif operator == "iregex":
-        check = _re2(expected, case_sensitive=False).search
-    else:  # matchregex
-        check = _re2(expected, dot_nl=True).match
+        test = lambda s, facts: facts.folded(s).endswith(folded)  # noqa: E731
+    else:
+        if operator == "matchwildcard":
+            check = _re2(wildcard_regex(expected), "fullmatch", dot_nl=True)
+        elif operator == "regex":
+            check = _re2(expected, "search")
+        elif operator == "iregex":
+            check = _re2(expected, "search", case_sensitive=False)
+        else:  # matchregex
+            check = _re2(expected, "match", dot_nl=True)
+        test = lambda s, facts: check(facts.utf8(s))  # noqa: E731
     if operator == "incontains":
-        return lambda actual, _: not (isinstance(actual, str) and check(actual))
-    return lambda actual, _: isinstance(actual, str) and bool(check(actual))
+        return lambda actual, facts: not (isinstance(actual, str) and test(actual, facts))
+    return lambda actual, facts: isinstance(actual, str) and test(actual, facts)
 
 
 _ORDER: dict[str, Callable[[Any, Any], bool]] = {
@@ -260,16 +277,24 @@ def _timediff(operator: str, expected: Any) -> Test:
     return test
 
 
-def _search(expected: Any, item: Pred) -> Test:
+def _search(expected: Any, item: Pred, weight: int) -> Test:
     if expected not in ("any", "all"):
         raise ConditionError('must be "any" or "all"')
     every = expected == "all"
 
-    def test(actual: Any, _: Facts) -> bool:
+    def test(actual: Any, facts: Facts) -> bool:
         if not isinstance(actual, list):
             return False
-        passed = (item(Facts({"item": element})) for element in actual)
-        return all(passed) if every else any(passed)
+        facts.spend(len(actual) * weight)
+        if every:
+            for element in actual:  # noqa: SIM110 - a loop, not a generator: the hot path
+                if not item(facts.item(element)):
+                    return False
+            return True
+        for element in actual:  # noqa: SIM110
+            if item(facts.item(element)):
+                return True
+        return False
 
     return test
 
@@ -306,7 +331,7 @@ def leaf_test(node: Mapping[str, Any], item: Pred | None = None) -> Test:
         return _timediff(operator, expected)
     if operator == "search":
         assert item is not None
-        return _search(expected, item)
+        return _search(expected, item, count_nodes([node["item"]]))
     raise ConditionError(f"unknown operator {operator!r}")
 
 
@@ -324,7 +349,7 @@ def compile_node(node: Mapping[str, Any]) -> Pred:
         inner = compile_node(node["not"])
         return lambda facts: not inner(facts)
     if kind is not None:
-        return combine([compile_node(child) for child in node[kind]], kind)
+        return combine([compile_node(child) for child in _cheap_first(node[kind])], kind)
     item = compile_node(node["item"]) if operator_name(node["operator"]) == "search" else None
     test = leaf_test(node, item)
     path = node["field"]
@@ -337,19 +362,69 @@ def _never(facts: Facts) -> bool:
 
 def combine(preds: Sequence[Pred], how: str) -> Pred:
     """Predicates combined by ``all`` or ``any``; an empty ``all`` holds, as does an empty
-    top-level list (``compile_rule``)."""
+    top-level list (``compile_rule``). Short lists are chained directly: a generator inside
+    all() costs more than the tests themselves."""
     if len(preds) == 1:
         return preds[0]
     if how == "any":
-        return lambda facts: any(p(facts) for p in preds)
-    return lambda facts: all(p(facts) for p in preds)
+        if len(preds) == 2:
+            a, b = preds
+            return lambda facts: a(facts) or b(facts)
+        if len(preds) == 3:
+            a, b, c = preds
+            return lambda facts: a(facts) or b(facts) or c(facts)
+
+        def any_of(facts: Facts) -> bool:
+            for p in preds:  # noqa: SIM110 - a loop, not a generator: this is the hot path
+                if p(facts):
+                    return True
+            return False
+
+        return any_of
+    if len(preds) == 2:
+        a, b = preds
+        return lambda facts: a(facts) and b(facts)
+    if len(preds) == 3:
+        a, b, c = preds
+        return lambda facts: a(facts) and b(facts) and c(facts)
+
+    def all_of(facts: Facts) -> bool:
+        for p in preds:  # noqa: SIM110 - a loop, not a generator: this is the hot path
+            if not p(facts):
+                return False
+        return True
+
+    return all_of
+
+
+def _cost(node: Mapping[str, Any]) -> int:
+    """About what evaluating a node costs: cheap tests go first in a group, so that a group
+    that fails usually fails before its regular expressions and searches run. Tests have no
+    side effects, so the order changes nothing but the time."""
+    kind = _group(node)
+    if kind == "not":
+        return _cost(node["not"])
+    if kind is not None:
+        return sum(_cost(child) for child in node[kind])
+    operator = operator_name(node["operator"])
+    if operator in ("regex", "iregex", "matchregex", "matchwildcard"):
+        return 8
+    if operator == "search":
+        return 16 + _cost(node["item"])
+    if operator in TEXT_OPERATORS or operator in ORDER_OPERATORS or operator.startswith("timediff"):
+        return 3
+    return 1
+
+
+def _cheap_first(nodes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return sorted(nodes, key=_cost)
 
 
 def compile_rule(conditions: Sequence[Mapping[str, Any]], condition: str) -> Pred:
     """A rule's top-level conditions combined by ``condition``; no conditions always match."""
     if not conditions:
         return lambda facts: True
-    return combine([compile_node(node) for node in conditions], condition)
+    return combine([compile_node(node) for node in _cheap_first(conditions)], condition)
 
 
 def matches(conditions: Sequence[Mapping[str, Any]], condition: str, payload: Mapping[str, Any] | Facts) -> bool:
@@ -642,7 +717,7 @@ def _note(operator: str, expected: Any, actual: Any, holds: bool, item: Pred | N
         if not isinstance(actual, list):
             return f"the field is {_kind_of(actual)}, not a list"
         assert item is not None
-        passed = sum(1 for element in actual if item(Facts({"item": element})))
+        passed = sum(1 for element in actual if item(Facts({"item": element})))  # explain has no budget
         return f"{passed} of {len(actual)} items pass the item test ({expected} needed)"
     if operator in TEXT_OPERATORS and not isinstance(actual, str):
         return f"the field is {_kind_of(actual)}; {operator} needs a string"

@@ -117,16 +117,35 @@ def scalar_key(value: Any) -> tuple[str, Any] | None:
     return None
 
 
+class SearchTooCostly(Exception):
+    """Matching one event would test more list items than MAX_SEARCH_ITEM_TESTS."""
+
+
+SEARCH_TOO_COSTLY = (
+    f"the rules of its trigger would make more than {limits.MAX_SEARCH_ITEM_TESTS:,} item tests searching "
+    "its lists; send shorter lists"
+)
+
+
 class Facts:
-    """One event's payload as conditions see it: every path is looked up once, and a list that
-    a ``contains`` condition searches is indexed once, however many rules ask."""
+    """One event's payload as conditions see it: every path is looked up once, a list that a
+    ``contains`` condition searches is indexed once, and a text is case-folded and encoded
+    once, however many rules ask. ``item`` gives the facts of one item of a searched list,
+    sharing these memos and the event's budget of item tests."""
 
-    __slots__ = ("_at", "_index", "payload")
+    __slots__ = ("_at", "_encoded", "_folded", "_index", "_spent", "payload")
 
-    def __init__(self, payload: Mapping[str, Any]) -> None:
+    def __init__(self, payload: Mapping[str, Any], _parent: Facts | None = None) -> None:
         self.payload = payload
         self._at: dict[str, Any] = {}
-        self._index: dict[int, tuple[list[Any], frozenset[tuple[str, Any]], list[Any]]] = {}
+        if _parent is None:
+            self._index: dict[int, tuple[list[Any], frozenset[tuple[str, Any]], list[Any]]] = {}
+            self._folded: dict[int, tuple[str, str]] = {}
+            self._encoded: dict[int, tuple[str, bytes]] = {}
+            self._spent = [0]
+        else:
+            self._index, self._folded, self._encoded = _parent._index, _parent._folded, _parent._encoded
+            self._spent = _parent._spent
 
     def at(self, path: str) -> Any:
         try:
@@ -134,6 +153,29 @@ class Facts:
         except KeyError:
             found = self._at[path] = lookup(self.payload, path)
             return found
+
+    def item(self, element: Any) -> Facts:
+        return Facts({"item": element}, self)
+
+    def spend(self, item_tests: int) -> None:
+        """Counts item tests a search is about to make; SearchTooCostly past the budget, so
+        that no event can make the rules of its trigger run for seconds."""
+        self._spent[0] += item_tests
+        if self._spent[0] > limits.MAX_SEARCH_ITEM_TESTS:
+            raise SearchTooCostly
+
+    def folded(self, text: str) -> str:
+        # The text is kept beside its fold: an id is unique only while its object lives.
+        known = self._folded.get(id(text))
+        if known is None:
+            known = self._folded[id(text)] = (text, text.casefold())
+        return known[1]
+
+    def utf8(self, text: str) -> bytes:
+        known = self._encoded.get(id(text))
+        if known is None:
+            known = self._encoded[id(text)] = (text, text.encode("utf-8", "surrogatepass"))
+        return known[1]
 
     def list_contains(self, items: list[Any], expected: Any) -> bool:
         known = self._index.get(id(items))

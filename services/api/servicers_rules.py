@@ -357,7 +357,10 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
 
         def test() -> rule_pb2.TestRuleResponse:
             facts = matching.Facts(payload)
-            matched, results = conditions.explain(rule.conditions, rule.condition, facts)
+            try:
+                matched, results = conditions.explain(rule.conditions, rule.condition, facts)
+            except matching.SearchTooCostly:
+                raise InvalidArgument.one("event", matching.SEARCH_TOO_COSTLY) from None
             out = rule_pb2.TestRuleResponse(
                 matched=matched, trigger_ref=rule.trigger_ref, results=[_result(r) for r in results]
             )
@@ -399,10 +402,13 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             out = []
             for looked, event in enumerate(page, 1):
                 facts = matching.Facts(event.payload)
-                if not pred(facts):
-                    continue
-                if rule_set is not None and any(r["id"] != rule.id for r in rule_set.standard_matches(facts)):
-                    continue
+                try:
+                    if not pred(facts):
+                        continue
+                    if rule_set is not None and any(r["id"] != rule.id for r in rule_set.standard_matches(facts)):
+                        continue
+                except matching.SearchTooCostly:
+                    raise FailedPrecondition(f"event {event.id}: {matching.SEARCH_TOO_COSTLY}") from None
                 out.append((event, _render(rule, event.payload, event, f"event {event.id}")))
                 if len(out) == room:
                     return out, looked

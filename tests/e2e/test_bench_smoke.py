@@ -16,7 +16,17 @@ import pytest
 from tools.bench.report import HEADER
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIO_ROWS = ("ingest-unary", "ingest-batch", "pipeline", "read", "memory api", "memory executor", "latency")
+SCENARIO_ROWS = (
+    "ingest-unary",
+    "ingest-batch",
+    "rules: unary",
+    "rules: batch",
+    "pipeline",
+    "read",
+    "memory api",
+    "memory executor",
+    "latency",
+)
 
 
 @pytest.mark.slow

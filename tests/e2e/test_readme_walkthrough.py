@@ -9,6 +9,7 @@ CA's path and ``$AUTOMATION_TOKEN`` are replaced by this test's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shlex
@@ -16,10 +17,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
+from shared.gen.automation.v1 import condition_pb2
 from tests.e2e.conftest import Cluster
 from tests.helpers import OPERATOR, eventually
 
@@ -68,6 +71,43 @@ async def run(cluster: Cluster, args: list[str]) -> tuple[int, str]:
     return done.returncode, done.stdout + done.stderr
 
 
+def section(title: str) -> str:
+    """One ``## title`` section of the README."""
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def json_blocks(text: str) -> list[str]:
+    return re.findall(r"```json\n(.*?)```", text, flags=re.S)
+
+
+def messages(out: str) -> list[dict[str, Any]]:
+    """The JSON messages grpcurl printed one after another (a server stream)."""
+    decoder = json.JSONDecoder()
+    found, at = [], 0
+    while (at := out.find("{", at)) >= 0:
+        message, at = decoder.raw_decode(out, at)
+        found.append(message)
+    return found
+
+
+def shown_lines(block: str) -> list[dict[str, Any]]:
+    """The lines of an abbreviated answer in the README that are whole JSON objects."""
+    shown = []
+    for line in block.splitlines():
+        with contextlib.suppress(ValueError):
+            value = json.loads(line.strip().rstrip(","))
+            if isinstance(value, dict):
+                shown.append(value)
+    return shown
+
+
+def without_created(message: dict[str, Any]) -> dict[str, Any]:
+    return {k: without_created(v) if isinstance(v, dict) else v for k, v in message.items() if k != "created"}
+
+
 async def pending(conn: asyncpg.Connection) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM enforcement WHERE status = 'created'"))
 
@@ -79,8 +119,8 @@ async def nothing_pending(conn: asyncpg.Connection) -> bool:
 async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: asyncpg.Connection) -> None:
     cluster.tls = True
     blocks = [b for b in shell_blocks() if b]
-    assert len(blocks) == 4, "walkthrough, DISABLED (two parts) and bad input"
-    main, disable, after, bad = blocks
+    assert len(blocks) == 8, "walkthrough, DISABLED (two parts), bad input; rules: nested, replay, re-emit, backstop"
+    main, disable, after, bad = blocks[:4]
     await cluster.start_api()
     executor = await cluster.start_executor()
 
@@ -115,3 +155,97 @@ async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: async
     assert code == 64 + 3, out  # grpcurl's convention: 64 + INVALID_ARGUMENT
     assert '"field":"event.trigger_ref"' in out.replace(" ", "")
     assert await conn.fetchval("SELECT count(*) FROM event") == 2
+
+    await writing_rules(cluster, conn, blocks[4:])
+
+
+async def writing_rules(cluster: Cluster, conn: asyncpg.Connection, blocks: list[list[list[str]]]) -> None:
+    """The "Writing rules" section: its operator table and examples, then its commands in order."""
+    text = section("Writing rules")
+    sample, *examples = json_blocks(text)
+    # Every operator has a row whose example holds for the sample payload, as the README says;
+    # so do the section's other conditions (the StackStorm translation).
+    rows = re.findall(r"^\| `([A-Z_]+)`.*\| `(\{.*\})` \|$", text, flags=re.M)
+    names = {f"CONDITION_OPERATOR_{name}" for name, _ in rows}
+    operators = set(condition_pb2.ConditionOperator.keys()) - {"CONDITION_OPERATOR_UNSPECIFIED"}
+    assert operators - names == {"CONDITION_OPERATOR_NOT_EQUALS"}, "one row per operator (NOT_EQUALS is NEQUALS)"
+    assert "`NOT_EQUALS`" in text
+    conditions = [json.loads(example) for _, example in rows]
+    assert [c["operator"] for c in conditions] == [f"CONDITION_OPERATOR_{name}" for name, _ in rows]
+    conditions += [c for c in map(json.loads, examples[:1]) if "operator" in c]
+    assert len(conditions) == len(rows) + 1, "the StackStorm translation is the first example after the table"
+    inline = {"triggerRef": "core.webhook", "conditions": conditions}
+    request = json.dumps({"rule": {"inline": inline}, "payload": json.loads(sample)})
+    secured = ["-cacert", ".data/certs/ca.pem", "-H", "authorization: Bearer $AUTOMATION_TOKEN"]
+    code, out = await run(cluster, [*secured, "-d", request, "localhost:50051", "automation.v1.RuleService/TestRule"])
+    assert code == 0, out
+    answer = json.loads(out)
+    failing = [r for r in answer["results"] if not r.get("holds")]
+    assert answer.get("matched") is True and not failing, failing
+
+    nested, replay, reemit, backstop = blocks
+    outputs = []
+    for args in nested:
+        code, out = await run(cluster, args)
+        assert code == 0, (args, out)
+        outputs.append(json.loads(out))
+    deploy, rule, tested = outputs
+    assert "enforcements" not in deploy, "no rule watches deploys yet"
+    deploy_id = deploy["event"]["id"]
+    assert rule["conditions"][3]["any"][0]["operator"] == "CONDITION_OPERATOR_REGEX"
+    assert "matched" not in tested, "grpcurl leaves out matched: false"
+    results = {r["node"]: r for r in tested["results"]}
+    assert results["conditions[4]"]["missing"] and "holds" not in results["conditions[4]"]
+    assert results["conditions[4]"]["note"] == "the field is missing, so search fails"
+    assert results["conditions[2]"]["holds"] is True and results["conditions[2].not"]["missing"]
+    # The README shows the real answer: each result it lists is one of this answer's.
+    (shown,) = [b for b in json_blocks(text) if '"node"' in b]
+    listed = shown_lines(shown)
+    assert len(listed) >= 5 and all(r in tested["results"] for r in listed), listed
+
+    streams = []
+    for args in replay:
+        code, out = await run(cluster, args)
+        assert code == 0, (args, out)
+        streams.append(messages(out))
+    plain, fired = streams
+    assert [m["match"]["event_id"] for m in plain[:-1]] == [deploy_id]
+    assert plain[-1]["summary"] == {"scanned": "3", "matched": "1"}
+    enforcement_id = fired[0]["match"]["enforcement_id"]
+    assert fired[-1]["summary"]["fired"] == "1"
+    (shown,) = [b for b in json_blocks(text) if '"summary"' in b]
+    assert [without_created(m) for m in shown_lines(shown)] == [without_created(m) for m in plain + fired]
+    # Fired again: nothing new, the match names the existing enforcement.
+    code, out = await run(cluster, replay[1])
+    assert code == 0, out
+    again = messages(out)
+    assert again[0]["match"]["enforcement_id"] == enforcement_id and again[0]["match"]["existed"] is True
+    assert "fired" not in again[-1]["summary"]
+    await eventually(lambda: nothing_pending(conn), what="the executor to resolve the fired enforcement")
+
+    (code, out), (code2, listed_out) = [await run(cluster, args) for args in reemit]
+    assert code == code2 == 0, (out, listed_out)
+    assert reemit[0][reemit[0].index("-d") + 1] == json.dumps({"id": int(deploy_id)}), "the README's id is the deploy's"
+    again_event = json.loads(out)
+    assert again_event["event"]["reemit_of"] == deploy_id
+    assert [e["rule_ref"] for e in again_event["enforcements"]] == ["demo.schema_deploy"]
+    assert [e["id"] for e in json.loads(listed_out)["events"]] == [again_event["event"]["id"]]
+
+    outputs = []
+    for args in backstop:
+        code, out = await run(cluster, args)
+        assert code == 0, (args, out)
+        outputs.append(json.loads(out))
+    made, taken, ping = outputs
+    assert made["backstop"] is True
+    assert taken["matched"] is True and taken["taken_by"] == ["demo.schema_deploy"] and "would_fire" not in taken
+    assert [e["rule_ref"] for e in ping["enforcements"]] == ["demo.unhandled"]
+
+    await eventually(lambda: nothing_pending(conn), what="the executor to resolve the rules' enforcements")
+    ran = await conn.fetch("SELECT config->>'message' AS message FROM execution ORDER BY id")
+    assert [r["message"] for r in ran] == [
+        "hello Ada",
+        "schema change in Payments-API",  # the replay's fire
+        "schema change in Payments-API",  # the re-emitted event
+        f"nobody handled event {ping['event']['id']}",
+    ]

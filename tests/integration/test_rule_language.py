@@ -21,6 +21,7 @@ import pytest
 from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
 
 from services.api.server import ApiServer
+from shared import limits
 from shared.config import ApiConfig
 from shared.gen.automation.v1 import (
     audit_pb2,
@@ -583,6 +584,23 @@ async def test_a_rule_row_that_cannot_compile_never_fires_and_spares_its_neighbo
     )
     assert await fires(stubs.events, {"kind": "a"}) == ["demo.good"]
     assert await fires(stubs.events, {"kind": "b"}) == []
+
+
+async def test_an_event_whose_lists_would_cost_too_many_search_tests_is_refused(
+    stubs: Stubs, conn: asyncpg.Connection
+) -> None:
+    """The rules of a trigger may search an event's lists, but not without bound: past
+    MAX_SEARCH_ITEM_TESTS item tests the event is INVALID_ARGUMENT and nothing is stored."""
+    await make_trigger(stubs)
+    for n in range(5):
+        await make_rule(stubs, tree_rule(f"demo.s{n}", leaf("l", "search", "any", item=leaf("item", "equals", -1))))
+    before = await count(conn, "event")
+    # Nulls: the longest list a payload can carry (4 bytes an item); 5 searches of it pass the budget.
+    long_list = [None] * (limits.MAX_SEARCH_ITEM_TESTS // 5 + 1)
+    err = await rpc_error(emit(stubs.events, {"l": long_list}), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "search" in field_violations(err)["event.payload"]
+    assert await count(conn, "event") == before
+    assert await fires(stubs.events, {"l": [0] * 1000 + [-1]}) == [f"demo.s{n}" for n in range(5)]
 
 
 # --- 7. TestRule -------------------------------------------------------------------------------------------

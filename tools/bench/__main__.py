@@ -10,20 +10,21 @@ from collections.abc import Awaitable, Callable
 
 from shared.runtime import run as run_loop
 
-from . import ingest, latency, pipeline, read, security, settings
+from . import ingest, latency, pipeline, read, rules, security, settings
 from .fixture import Cluster
 from .report import Row, progress, table
 
 Scenario = Callable[[Cluster, settings.Settings], Awaitable[list[Row]]]
 SCENARIOS: dict[str, Scenario] = {
     "ingest": ingest.run,
+    "rules": rules.run,
     "pipeline": pipeline.run,  # also the memory rows (scenario 5)
     "read": read.run,
     "latency": latency.run,
     # Not in the default run (it would take it past 15 minutes): --only security.
     "security": security.run,
 }
-DEFAULT = ["ingest", "pipeline", "read", "latency"]
+DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 
 
 async def main(s: settings.Settings, only: list[str]) -> int:

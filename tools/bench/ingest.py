@@ -35,7 +35,7 @@ ENFORCEMENT_COLUMNS = [
 ]
 
 
-def _summary(
+def summary(
     name: str, raw: list[ClosedResult], ours: list[ClosedResult], items: bool, extra: str = ""
 ) -> tuple[Row, float]:
     def rate(r: ClosedResult) -> float:
@@ -96,7 +96,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                         progress(f"ingest unary c={c} rep {rep + 1}/{s.reps}")
                         raw.append(await closed_loop(raw_unary, c, s.rep_s))
                         ours.append(await closed_loop(ours_unary, c, s.rep_s))
-                    row, ours_rate = _summary(f"ingest-unary c={c}", raw, ours, items=False)
+                    row, ours_rate = summary(f"ingest-unary c={c}", raw, ours, items=False)
                     row.notes += "; raw = 1 CTE statement per event (pool of c)"
                     if c == 16:
                         unary_c16 = ours_rate
@@ -155,7 +155,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                 vs_unary = ""
                 if unary_c16:
                     vs_unary = f"; {median([r.item_rate for r in ours_b]) / unary_c16:.1f}x unary c=16"
-                row, _ = _summary(f"ingest-batch {s.batch_size}/call", raw_b, ours_b, items=True, extra=vs_unary)
+                row, _ = summary(f"ingest-batch {s.batch_size}/call", raw_b, ours_b, items=True, extra=vs_unary)
                 row.notes += (
                     f"; events/s, {s.batch_concurrency} calls in flight; p50/p99 per call; "
                     "raw = nextval + 2 x copy_records_to_table in 1 tx"

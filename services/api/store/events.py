@@ -265,10 +265,13 @@ class Events(Paged):
                     event_bytes = record_size(
                         measure, [e.trigger_ref, e.source_ref or "", e.rule_ref or ""], [e.payload, e.config], []
                     )
-                    if targeted is None:
-                        fired = rule_set.matching(facts)
-                    else:
-                        fired = [targeted.rule] if targeted.rule["enabled"] and targeted.pred(facts) else []
+                    try:
+                        if targeted is None:
+                            fired = rule_set.matching(facts)
+                        else:
+                            fired = [targeted.rule] if targeted.rule["enabled"] and targeted.pred(facts) else []
+                    except matching.SearchTooCostly:
+                        raise InvalidArgument.one(_field(i, many, "payload"), matching.SEARCH_TOO_COSTLY) from None
                     for rule in fired:
                         context = matching.template_context(
                             event_id=event_id,

@@ -217,11 +217,13 @@ class RuleCondition(_message.Message):
 
     @_builtins.property
     def all(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleCondition]:
-        """Group: holds when every node in it holds (an empty group always holds)."""
+        """Group: holds when every node in it holds (at least one node: an empty list cannot be told
+        from no group).
+        """
 
     @_builtins.property
     def any(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuleCondition]:
-        """Group: holds when at least one node in it holds."""
+        """Group: holds when at least one node in it holds (at least one node)."""
 
     @_builtins.property
     def item(self) -> Global___RuleCondition:
