@@ -82,6 +82,11 @@ class Stats:
     ended: float = 0.0
 
 
+def writes(method: Method) -> bool:
+    """Whether an OK answer of the method can acknowledge new events or enforcements."""
+    return method.name.startswith("Create") or method.name in ("ReemitEvent", "ReplayRule")
+
+
 @dataclass
 class Ledger:
     """Every event and enforcement id an OK write answered, and writes that may hide a commit."""
@@ -95,7 +100,7 @@ class Ledger:
         self.enforcements.update(enforcements)
 
     def record(self, method: Method, answer: Message) -> None:
-        if method.name.startswith("Create"):
+        if writes(method):
             self._walk(answer)
 
     def _walk(self, message: Message) -> None:
@@ -113,6 +118,8 @@ class Ledger:
                 self.events.add(value)
             elif fd.name == "enforcement_ids":
                 self.enforcements.update(value)
+            elif fd.name == "enforcement_id":  # a fire replay's match
+                self.enforcements.add(value)
 
 
 def _request_ids(message: Message) -> Iterable[str]:
@@ -260,7 +267,7 @@ class Engine:
             if call.message is not None:
                 for key in _request_ids(call.message):
                     self.strategies.pool.add_request_id(key)
-        elif result.code in AMBIGUOUS and method.name.startswith("Create"):
+        elif result.code in AMBIGUOUS and writes(method):
             self.ledger.ambiguous.append(f"{method.short} {result.code.name}: {describe(self._message(call), 160)}")
 
     def _message(self, call: Call) -> Message:
