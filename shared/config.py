@@ -170,6 +170,25 @@ class ExecutorConfig:
     reaches the api (see ClientSecurity)."""
 
 
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """Settings of the web service (webhooks)."""
+
+    addr: str = "127.0.0.1:8080"
+    """WEB_ADDR: host:port the web service listens on."""
+    target: str = "127.0.0.1:50051"
+    """API_TARGET: the api to hand deliveries to."""
+    log_level: str = "INFO"
+    """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+    rpc_timeout_s: float = 10.0
+    """RPC_TIMEOUT_SECONDS: how long a delivery may wait for the api before it is answered 503."""
+    trusted_proxies: bool = False
+    """WEB_TRUST_PROXY: take the sender's address from X-Forwarded-For (behind a proxy only)."""
+    security: ClientSecurity = field(default_factory=ClientSecurity)
+    """API_TLS_CA, API_TOKEN or API_TOKEN_FILE, ...: how it reaches the api, as the executor
+    does; its token needs the sensor role."""
+
+
 _ROLES = ("sensor", "executor", "viewer", "operator")
 
 
@@ -274,5 +293,18 @@ def executor_config(env: Mapping[str, str] | None = None) -> ExecutorConfig:
         rule_cache_s=_float(env, "RULE_CACHE_SECONDS", 1.0),
         grace_s=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
         health_file=env.get("EXECUTOR_HEALTH_FILE", ""),
+        security=client_security(env),
+    )
+
+
+def web_config(env: Mapping[str, str] | None = None) -> WebConfig:
+    """Reads the web service's settings from the environment (``os.environ`` by default)."""
+    env = os.environ if env is None else env
+    return WebConfig(
+        addr=env.get("WEB_ADDR", "127.0.0.1:8080"),
+        target=env.get("API_TARGET", "127.0.0.1:50051"),
+        log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        rpc_timeout_s=_float(env, "RPC_TIMEOUT_SECONDS", 10.0, minimum=0.01),
+        trusted_proxies=env.get("WEB_TRUST_PROXY", "").lower() in ("1", "true", "yes"),
         security=client_security(env),
     )

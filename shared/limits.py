@@ -140,3 +140,15 @@ MAX_REPLAY_MATCHES = 10_000
 MAX_REPLAY_SCAN = 1_000_000
 """Events one ReplayRule call looks at before it stops (its summary then says truncated): a
 rule that matches nothing still ends in bounded time."""
+
+# --- webhooks --------------------------------------------------------------------------------
+MIN_WEBHOOK_SECRET = 16
+"""Characters of a webhook secret, at least: a short secret is a guessable one."""
+MAX_WEBHOOK_SECRET = 255
+MAX_WEBHOOK_BODY_BYTES = MAX_PAYLOAD_BYTES
+"""A delivery's raw body: its payload can be no larger (the web service answers 413 past it)."""
+MAX_WEBHOOK_HEADERS = 100
+"""Headers of one delivery kept in the event's config (the rest are dropped)."""
+MAX_WEBHOOK_HEADER_VALUE = 4096
+MAX_DELIVERY_ID = 150
+"""A sender's delivery id: with the trigger's id it becomes the event's request_id (200)."""

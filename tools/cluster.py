@@ -68,6 +68,7 @@ class _Child:
     module: str
     ready: Callable[[], Awaitable[object]] | None
     proc: asyncio.subprocess.Process
+    env: dict[str, str] | None = None
     restarts: int = 0
 
 
@@ -96,8 +97,8 @@ class Supervisor:
         self._children: list[_Child] = []
         self._watchers: list[asyncio.Task[None]] = []
 
-    async def _spawn(self, module: str) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(sys.executable, "-m", module, env=self._env)
+    async def _spawn(self, module: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(sys.executable, "-m", module, env={**self._env, **(env or {})})
 
     async def _not_ready(self, child: _Child) -> str | None:
         """Waits until the child is ready; None when it is, else why not (it exited, or its check failed)."""
@@ -116,13 +117,19 @@ class Supervisor:
             return f"exited with {_exit_status(exited.result())}"
         return None if failure is None else str(failure) or type(failure).__name__
 
-    async def start(self, name: str, module: str, ready: Callable[[], Awaitable[object]] | None = None) -> int:
+    async def start(
+        self,
+        name: str,
+        module: str,
+        ready: Callable[[], Awaitable[object]] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> int:
         """Starts a child, waits until ``ready`` returns, then watches it; returns its pid.
 
         Raises :class:`ChildFailed` when it exits or ``ready`` raises first: a child that
         cannot come up at all is a configuration problem, which restarting would only hide.
         """
-        child = _Child(name, module, ready, await self._spawn(module))
+        child = _Child(name, module, ready, await self._spawn(module, env), env)
         self._children.append(child)  # from here on close() stops it, ready or not
         if (why := await self._not_ready(child)) is not None:
             raise ChildFailed(f"{name} did not start: {why}")
@@ -147,7 +154,7 @@ class Supervisor:
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._backoff_max)
-            child.proc = await self._spawn(child.module)
+            child.proc = await self._spawn(child.module, child.env)
             started = loop.time()
             # Only a ready child counts as back; one that dies first is handled by the next turn.
             if (why := await self._not_ready(child)) is None:
@@ -227,6 +234,8 @@ async def _secure(env: dict[str, str]) -> str:
         store = Store(pool)
         operator = await _token(store, "local-operator", "operator", TOKENS / "operator")
         env.setdefault("API_TOKEN", await _token(store, "local-executor", "executor", TOKENS / "executor"))
+        # The web service hands webhook deliveries over as a sensor.
+        env.setdefault("WEB_API_TOKEN", await _token(store, "local-web", "sensor", TOKENS / "web"))
     finally:
         await pool.close()
     return operator
@@ -249,11 +258,32 @@ def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int],
         )
     return (
         f"\n  api       {target} ({'TLS' if security.tls else 'plaintext'})\n"
+        f"  web       http://{env['WEB_ADDR']}/webhooks/{{key}} (a trigger's webhook_key)\n"
         f"  executors {executors} ({', '.join(map(str, pids)) or 'none: ./dev executor'})\n"
         f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
         f"{use}"
         "  Ctrl-C stops everything.\n"
     )
+
+
+async def _web_ready(addr: str, timeout: float = 30.0) -> None:
+    """Waits until the web service answers its health check."""
+    host, _, port = addr.rpartition(":")
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+            await writer.drain()
+            status = await reader.readline()
+            writer.close()
+            if b" 200 " in status:
+                return
+        except OSError:
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"the web service did not answer on {addr}")
+        await asyncio.sleep(0.1)
 
 
 async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embedded: bool) -> None:
@@ -269,6 +299,8 @@ async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embed
     ready = functools.partial(wait_serving, target, timeout=60, security=security)
     await supervisor.start("api", "services.api", ready=ready)
     pids = [await supervisor.start(f"executor-{n + 1}", "services.executor") for n in range(executors)]
+    web = {"API_TOKEN": env["WEB_API_TOKEN"]} if env.get("WEB_API_TOKEN") else {}
+    await supervisor.start("web", "services.web", ready=functools.partial(_web_ready, env["WEB_ADDR"]), env=web)
     print(_banner(env, operator, executors, pids, embedded), flush=True)
     await supervisor.run()
 
@@ -284,6 +316,7 @@ async def main(executors: int = 1, insecure: bool = False) -> int:
     if not env.get("DATABASE_URL"):
         log.info("starting embedded PostgreSQL in %s", DATA)
         env["DATABASE_URL"], server = await asyncio.to_thread(_embedded_postgres)
+    env.setdefault("WEB_ADDR", "127.0.0.1:8080")
     addr = env.setdefault("API_ADDR", "127.0.0.1:50051")
     host, port = addr.rsplit(":", 1)
     env.setdefault("API_TARGET", f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}")

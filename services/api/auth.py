@@ -45,10 +45,12 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "EventService/CreateEvents": (SENSOR,),
     _P + "EventService/GetEvent": (VIEWER,),
     _P + "EventService/ListEvents": (VIEWER,),
+    _P + "EventService/TailEvents": (VIEWER,),
     _P + "EventService/ReemitEvent": (),
     _P + "EnforcementService/CreateEnforcement": (),
     _P + "EnforcementService/GetEnforcement": (VIEWER,),
     _P + "EnforcementService/ListEnforcements": (VIEWER,),
+    _P + "EnforcementService/TailEnforcements": (VIEWER,),
     _P + "EnforcementService/ResolveEnforcement": (EXECUTOR,),
     _P + "EnforcementService/ResolveEnforcements": (EXECUTOR,),
     _P + "EnforcementService/ReleaseEnforcement": (EXECUTOR,),
@@ -59,6 +61,10 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "RuleService/GetTrigger": (VIEWER,),
     _P + "RuleService/ListTriggers": (VIEWER,),
     _P + "RuleService/DeleteTrigger": (),
+    _P + "RuleService/UpdateTrigger": (),
+    _P + "RuleService/RotateWebhookKey": (),
+    # The web service hands webhook deliveries over with its sensor credentials.
+    _P + "WebhookService/DeliverWebhook": (SENSOR,),
     _P + "RuleService/CreateRule": (),
     # Executors read the rule of each enforcement to decide it.
     _P + "RuleService/GetRule": (VIEWER, EXECUTOR),

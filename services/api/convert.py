@@ -177,6 +177,9 @@ def trigger(t: store.Trigger) -> rule_pb2.Trigger:
         description=t.description,
         created=ts(t.created),
         updated=ts(t.updated),
+        webhook_enabled=t.webhook_enabled,
+        webhook_key=t.webhook_key,
+        webhook_signed=t.webhook_signed,
     )
     if t.param_schema is not None:
         msg.param_schema.CopyFrom(struct(t.param_schema))

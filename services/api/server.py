@@ -27,6 +27,7 @@ from services.api.servicers import (
 )
 from services.api.servicers_audit import AuditService
 from services.api.servicers_rules import RuleService
+from services.api.servicers_webhooks import WebhookService
 from services.api.store import Store, TokenRow, create_pool
 from shared import limits
 from shared.config import ApiConfig, parse_principals
@@ -46,6 +47,8 @@ from shared.gen.automation.v1 import (
     history_pb2_grpc,
     rule_pb2,
     rule_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
 )
 from shared.runtime import SERVER_KEEPALIVE
 from shared.transport import server_credentials
@@ -60,6 +63,7 @@ SERVICE_NAMES = [
     history_pb2.DESCRIPTOR.services_by_name["HistoryService"].full_name,
     analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 ]
 
 
@@ -169,9 +173,9 @@ class ApiServer:
             applied = await migrations.migrate_url(cfg.database_url)
             log.info("migrations: %d applied", len(applied))
         self.store = store = await self._connect()
-        event_pb2_grpc.add_EventServiceServicer_to_server(
-            EventService(store, self.dispatcher, cfg.lease_s), self.server
-        )
+        events = EventService(store, self.dispatcher, cfg.lease_s)
+        event_pb2_grpc.add_EventServiceServicer_to_server(events, self.server)
+        webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, events), self.server)
         enforcement_pb2_grpc.add_EnforcementServiceServicer_to_server(
             EnforcementService(store, self.dispatcher, cfg, self.shutdown), self.server
         )

@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from services.api import convert, validate
+from services.api import servicers_tails as tails
 from services.api._rpc import current_rpc, rpc
 from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher, Handoff, Subscription
@@ -203,6 +204,18 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                 out.append(mapped)
         return out
 
+    async def create_one(self, new: NewEvent) -> CreatedEvent:
+        """Stores one event as CreateEvent does (webhook deliveries too): gathered with other
+        calls' events under load, alone when it has a request_id."""
+        if new.request_id:
+            # A key is checked against the others of its statement; alone, its errors are its own.
+            (result,) = await self._create([new], many=False)
+            return result
+        outcome = await self._coalescer.submit(new)
+        if isinstance(outcome, DomainError):
+            raise outcome
+        return outcome
+
     async def _create(self, new: list[NewEvent], many: bool) -> list[CreatedEvent]:
         handoff = self._dispatcher.handoff(self._lease_s)
         try:
@@ -243,15 +256,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         v = Violations()
         new = _new_event(v, "event", request.event)
         v.raise_if_any()
-        if new.request_id:
-            # A key is checked against the others of its statement; alone, its errors are its own.
-            (result,) = await self._create([new], many=False)
-        else:
-            outcome = await self._coalescer.submit(new)
-            if isinstance(outcome, DomainError):
-                raise outcome
-            result = outcome
-        return _created_event(result)
+        return _created_event(await self.create_one(new))
 
     @rpc
     async def CreateEvents(
@@ -334,6 +339,11 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         events, token = _page(page, convert.event)
         return event_pb2.ListEventsResponse(events=events, next_page_token=token)
 
+    @rpc
+    async def TailEvents(self, request: event_pb2.TailEventsRequest, context: Context) -> Any:
+        async for message in tails.tail_events(self._store, request):
+            yield message
+
 
 class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     def __init__(self, store: Store, dispatcher: Dispatcher, config: ApiConfig, shutdown: asyncio.Event) -> None:
@@ -398,6 +408,11 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         )
         enforcements, token = _page(page, convert.enforcement)
         return enforcement_pb2.ListEnforcementsResponse(enforcements=enforcements, next_page_token=token)
+
+    @rpc
+    async def TailEnforcements(self, request: enforcement_pb2.TailEnforcementsRequest, context: Context) -> Any:
+        async for message in tails.tail_enforcements(self._store, request, self._shutdown, self._config.poll_s):
+            yield message
 
     @rpc
     async def ResolveEnforcement(

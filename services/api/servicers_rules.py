@@ -24,7 +24,7 @@ from services.api.servicers import Context, _actor, _filters, _key, _page, _volu
 from services.api.store import Event, Store
 from services.api.store._derive import derive
 from services.api.store._paging import page_size
-from services.api.store.rules import UPDATABLE
+from services.api.store.rules import TRIGGER_UPDATABLE, UPDATABLE
 from shared import limits
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Violations
 from shared.gen.automation.v1 import condition_pb2, rule_pb2, rule_pb2_grpc
@@ -87,6 +87,16 @@ def _conditions(v: Violations, field: str, nodes: Any) -> list[dict[str, Any]]:
         for where, why in conditions.problems(out, field):
             v.add(where, why)
     return out
+
+
+def _webhook_secret(v: Violations, secret: str) -> None:
+    if secret and not limits.MIN_WEBHOOK_SECRET <= len(secret) <= limits.MAX_WEBHOOK_SECRET:
+        v.add(
+            "trigger.webhook_secret",
+            f"must be {limits.MIN_WEBHOOK_SECRET} to {limits.MAX_WEBHOOK_SECRET} characters, got {len(secret)}",
+        )
+    elif "\x00" in secret:
+        v.add("trigger.webhook_secret", "contains a NUL character, which cannot be stored")
 
 
 def _condition(v: Violations, value: int) -> str:
@@ -187,10 +197,56 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             else None
             for name in ("param_schema", "out_schema")
         ]
+        _webhook_secret(v, t.webhook_secret)
         v.raise_if_any()
         actor = _actor()
-        created = await self._store.rules.create_trigger(t.ref, t.label, t.description, *schemas, actor=actor)
+        created = await self._store.rules.create_trigger(
+            t.ref,
+            t.label,
+            t.description,
+            *schemas,
+            webhook_enabled=t.webhook_enabled,
+            webhook_secret=t.webhook_secret or None,
+            actor=actor,
+        )
         return convert.trigger(created)
+
+    @rpc
+    async def UpdateTrigger(self, request: rule_pb2.UpdateTriggerRequest, context: Context) -> rule_pb2.Trigger:
+        t = request.trigger
+        key: int | str
+        if t.id:
+            key = validate.id_or_raise("trigger.id", t.id)
+        elif t.ref:
+            key = validate.ref_or_raise("trigger.ref", t.ref)
+        else:
+            raise InvalidArgument.one("trigger", "give the trigger's id or ref")
+        v = Violations()
+        paths = list(request.update_mask.paths)
+        if not paths:
+            v.add("update_mask", f"is required: name the fields to change ({', '.join(TRIGGER_UPDATABLE)})")
+        changes: dict[str, Any] = {}
+        for path in paths:
+            if path not in TRIGGER_UPDATABLE:
+                v.add("update_mask", f"cannot change {path!r}; changeable: {', '.join(TRIGGER_UPDATABLE)}")
+            elif path == "webhook_enabled":
+                changes[path] = t.webhook_enabled
+            elif path == "webhook_secret":
+                _webhook_secret(v, t.webhook_secret)
+                changes[path] = t.webhook_secret or None
+            else:
+                value = getattr(t, path)
+                validate.text(
+                    v, f"trigger.{path}", value, limits.MAX_DESCRIPTION if path == "description" else limits.MAX_LABEL
+                )
+                changes[path] = value
+        v.raise_if_any()
+        return convert.trigger(await self._store.rules.update_trigger(key, changes, _actor()))
+
+    @rpc
+    async def RotateWebhookKey(self, request: rule_pb2.RotateWebhookKeyRequest, context: Context) -> rule_pb2.Trigger:
+        key = _key(request, "trigger")
+        return convert.trigger(await self._store.rules.rotate_webhook_key(key, _actor()))
 
     @rpc
     async def GetTrigger(self, request: rule_pb2.GetTriggerRequest, context: Context) -> rule_pb2.Trigger:

@@ -17,6 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from shared.gen.automation.v1 import (
@@ -119,10 +120,13 @@ async def enforcement_processed(target: str, name: str, security: ClientSecurity
         await eventually(processed, timeout=20, what=f"the enforcement of {name!r} to be PROCESSED")
 
 
-async def define_rule(target: str, security: ClientSecurity) -> None:
+async def define_rule(target: str, security: ClientSecurity) -> str:
+    """The trigger (its webhook enabled) and rule the checks use; returns the webhook key."""
     async with open_channel(target, security) as channel:
         rules = rule_pb2_grpc.RuleServiceStub(channel)
-        await rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref="core.webhook")))
+        trigger = await rules.CreateTrigger(
+            rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref="core.webhook", webhook_enabled=True))
+        )
         await rules.CreateRule(
             rule_pb2.CreateRuleRequest(
                 rule=rule(
@@ -134,15 +138,18 @@ async def define_rule(target: str, security: ClientSecurity) -> None:
                 )
             )
         )
+    return trigger.webhook_key
 
 
 async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, tmp_path: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
+    web = f"127.0.0.1:{free_port()}"
     env = dict(os.environ)
     env.update(
         DATABASE_URL=db_url,
         API_ADDR=target,
         API_TARGET=target,
+        WEB_ADDR=web,
         LOG_LEVEL="INFO",
         LEASE_SECONDS="2",
         HEARTBEAT_SECONDS="0.5",
@@ -169,8 +176,13 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         await wait_serving(target, timeout=30, security=ClientSecurity(ca=ca))
         executor = int(banner[1])
         assert await cluster.wait_child("services.executor") == executor
-        await define_rule(target, security)
+        key = await define_rule(target, security)
         await enforcement_processed(target, "before", security)
+        # The web service runs too, and hands deliveries to the api with its own sensor token.
+        async with httpx.AsyncClient(timeout=30) as http:
+            answer = await http.post(f"http://{web}/webhooks/{key}", json={"kind": "greet", "name": "hook"})
+        assert answer.status_code == 202, answer.text
+        assert len(answer.json()["enforcement_ids"]) == 1
 
         # An executor killed outright (a poison message, say) is restarted; the rest keeps running.
         os.kill(executor, signal.SIGKILL)
@@ -198,7 +210,7 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         text = cluster.text()
         assert text.count("restarting in") == 2, "no restart during shutdown"
         assert "cluster stopped" in text
-        assert len(cluster.seen) == 4
+        assert len(cluster.seen) == 5  # two apis, two executors, the web service
         assert not [pid for pid in cluster.seen if alive(pid)], "a child outlived the cluster"
     except BaseException:
         print(cluster.text()[-6000:])

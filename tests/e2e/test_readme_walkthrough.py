@@ -16,15 +16,22 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
+import uvicorn
 
+from services.web import create_app
+from shared.config import WebConfig
 from shared.gen.automation.v1 import condition_pb2
+from shared.transport import ClientSecurity, open_channel
 from tests.e2e.conftest import Cluster
-from tests.helpers import OPERATOR, eventually
+from tests.helpers import OPERATOR, TOKENS, eventually
+from tools.postgres import free_port
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -119,7 +126,9 @@ async def nothing_pending(conn: asyncpg.Connection) -> bool:
 async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: asyncpg.Connection) -> None:
     cluster.tls = True
     blocks = [b for b in shell_blocks() if b]
-    assert len(blocks) == 8, "walkthrough, DISABLED (two parts), bad input; rules: nested, replay, re-emit, backstop"
+    assert len(blocks) == 9, (
+        "walkthrough, DISABLED (two parts), bad input; rules: nested, replay, re-emit, backstop; webhooks"
+    )
     main, disable, after, bad = blocks[:4]
     await cluster.start_api()
     executor = await cluster.start_executor()
@@ -156,7 +165,8 @@ async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: async
     assert '"field":"event.trigger_ref"' in out.replace(" ", "")
     assert await conn.fetchval("SELECT count(*) FROM event") == 2
 
-    await writing_rules(cluster, conn, blocks[4:])
+    await writing_rules(cluster, conn, blocks[4:8])
+    await webhooks(cluster, conn, blocks[8])
 
 
 async def writing_rules(cluster: Cluster, conn: asyncpg.Connection, blocks: list[list[list[str]]]) -> None:
@@ -249,3 +259,53 @@ async def writing_rules(cluster: Cluster, conn: asyncpg.Connection, blocks: list
         "schema change in Payments-API",  # the re-emitted event
         f"nobody handled event {ping['event']['id']}",
     ]
+
+
+async def webhooks(cluster: Cluster, conn: asyncpg.Connection, block: list[list[str]]) -> None:
+    """The Webhooks section: UpdateTrigger through grpcurl, then its curl delivery, run by bash
+    as written (openssl signs it) against a web service in this process, twice: the second is
+    the sender's retry, answered with the same event."""
+    ((code, out),) = [await run(cluster, args) for args in block]
+    assert code == 0, out
+    trigger = json.loads(out)
+    assert trigger["webhook_enabled"] is True and trigger["webhook_signed"] is True
+    assert "webhook_secret" not in trigger
+    key = trigger["webhook_key"]
+    (script,) = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S) if "\ncurl " in b]
+    async with open_channel(cluster.target, ClientSecurity(ca=str(cluster.ca), token=TOKENS["sensor"])) as ch:
+        async for url in serve_web(cluster.target, ch):
+            script = script.replace("KEY=wh_...", f"KEY={key}").replace("http://127.0.0.1:8080", url)
+            answers = []
+            for _ in range(2):
+                done = await asyncio.to_thread(
+                    subprocess.run,
+                    ["bash", "-euo", "pipefail", "-c", script],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert done.returncode == 0, done.stderr
+                answers.append(json.loads(done.stdout))
+    first, again = answers
+    assert first["hmac_verified"] is True and first["replayed"] is False and first["trigger_ref"] == "core.webhook"
+    assert again["event_id"] == first["event_id"] and again["replayed"] is True
+    row = await conn.fetchrow("SELECT payload, config FROM event WHERE id = $1", first["event_id"])
+    assert row is not None and json.loads(row["payload"]) == {"action": "greet", "name": "Hook"}
+    assert json.loads(row["config"])["hmac_verified"] is True
+
+
+async def serve_web(target: str, ch: grpc.aio.Channel) -> AsyncIterator[str]:
+    """The web service in this process on a free port; its base URL."""
+    port = free_port()
+    config = WebConfig(addr=f"127.0.0.1:{port}", target=target)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)  # polls uvicorn's own start flag; there is nothing to await
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -108,7 +108,15 @@ async def test_each_audited_rpc_records_its_principal_rpc_entity_and_change(
             "trigger",
             trigger.id,
             HOOK,
-            {"ref": HOOK, "label": "Hook", "description": "", "param_schema": {"type": "object"}, "out_schema": None},
+            {
+                "ref": HOOK,
+                "label": "Hook",
+                "description": "",
+                "param_schema": {"type": "object"},
+                "out_schema": None,
+                "webhook_enabled": False,
+                "webhook_signed": False,
+            },
         ),
         (
             OPERATOR,

@@ -124,7 +124,15 @@ async def test_reflection_describes_services_and_messages(reflection: Reflection
     )
     assert enforcements.methods_by_name["WatchEnforcements"].server_streaming
     events = reflection.pool.FindServiceByName("automation.v1.EventService")
-    assert set(events.methods_by_name) == {"CreateEvent", "CreateEvents", "GetEvent", "ListEvents", "ReemitEvent"}
+    assert set(events.methods_by_name) == {
+        "CreateEvent",
+        "CreateEvents",
+        "GetEvent",
+        "ListEvents",
+        "ReemitEvent",
+        "TailEvents",
+    }
+    assert events.methods_by_name["TailEvents"].server_streaming
     enforcement = reflection.pool.FindMessageTypeByName("automation.v1.Enforcement")
     resolved_at = enforcement.fields_by_name["resolved_at"]
     assert resolved_at.message_type is not None

@@ -21,8 +21,21 @@ def compose() -> dict[str, Any]:
     return data
 
 
-def test_compose_has_the_six_services() -> None:
-    assert set(compose()["services"]) == {"db", "migrate", "certs", "tokens", "api", "executor"}
+def test_compose_has_the_eight_services() -> None:
+    assert set(compose()["services"]) == {"db", "migrate", "certs", "tokens", "api", "executor", "web-token", "web"}
+
+
+def test_the_web_service_reaches_the_api_with_its_own_sensor_token() -> None:
+    services = compose()["services"]
+    web = services["web"]
+    assert web["command"] == ["python", "-m", "services.web"]
+    assert web["environment"]["API_TOKEN_FILE"] == "/tokens/web" and "8080:8080" in web["ports"]
+    assert web["depends_on"] == {
+        "api": {"condition": "service_healthy"},
+        "web-token": {"condition": "service_completed_successfully"},
+    }
+    assert "--role" in services["web-token"]["command"] and "sensor" in services["web-token"]["command"]
+    assert web["healthcheck"]["test"] and web["restart"] == "unless-stopped"
 
 
 def test_database_image_is_timescaledb_pinned_to_a_version() -> None:

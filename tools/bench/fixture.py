@@ -145,7 +145,8 @@ class Proc:
             await self.process.wait()
 
 
-async def _spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
+async def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
+    """Starts ``python -m module`` with its output in ``logdir``/``name``.log."""
     log_path = logdir / f"{name}.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
@@ -175,7 +176,7 @@ class Services:
         """Starts the api; ``health`` says how to reach it when it speaks TLS."""
         port = free_port()
         self.target = f"127.0.0.1:{port}"
-        self.api = await _spawn(
+        self.api = await spawn(
             "api",
             "services.api",
             # Without TLS and tokens unless a scenario asks for them (the security scenario
@@ -193,7 +194,7 @@ class Services:
         for _ in range(count):
             self.spawned += 1
             self.executors.append(
-                await _spawn(
+                await spawn(
                     f"executor{self.spawned}",
                     "services.executor",
                     {"API_TARGET": self.target, "EXECUTOR_ID": f"bench-{self.spawned}", **env},

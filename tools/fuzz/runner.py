@@ -84,7 +84,7 @@ class Stats:
 
 def writes(method: Method) -> bool:
     """Whether an OK answer of the method can acknowledge new events or enforcements."""
-    return method.name.startswith("Create") or method.name in ("ReemitEvent", "ReplayRule")
+    return method.name.startswith("Create") or method.name in ("ReemitEvent", "ReplayRule", "DeliverWebhook")
 
 
 @dataclass

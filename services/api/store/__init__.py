@@ -18,6 +18,7 @@ from .events import Events
 from .executions import Executions
 from .history import History
 from .rules import Rules
+from .tails import Tails
 from .tokens import TokenRow, Tokens
 from .types import (
     Actor,
@@ -37,6 +38,7 @@ from .types import (
     Resolution,
     Rule,
     Trigger,
+    Webhook,
 )
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "Store",
     "TokenRow",
     "Trigger",
+    "Webhook",
     "create_pool",
     "translate",
 ]
@@ -81,6 +84,8 @@ class Store:
         self.analytics = Analytics(pool)
         self.tokens = Tokens(pool)
         self.audit = Audit(pool, keys)
+        # The live tails sign their cursors with the same key.
+        self.tails = Tails(pool, keys)
 
     async def ping(self) -> None:
         """Raises when the database cannot answer a trivial query."""

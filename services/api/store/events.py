@@ -126,7 +126,7 @@ _RULE_EXISTS = "SELECT trigger_ref FROM rule WHERE ref = $1"
 
 def fingerprint(e: NewEvent) -> str:
     """A digest of what an event request asks for, to tell a retry from a reused key."""
-    body = [e.trigger_ref, e.payload, e.config, e.source, e.source_ref, e.rule_ref]
+    body = [e.trigger_ref, e.payload, e.config if e.config_in_fingerprint else None, e.source, e.source_ref, e.rule_ref]
     if e.reemit_of is not None:
         body.append(e.reemit_of)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()

@@ -19,16 +19,21 @@ from shared.limits import MAX_CONDITIONS_PER_TRIGGER, MAX_RULES_PER_TRIGGER
 from . import audit
 from ._db import Connection, guarded
 from ._paging import Paged, Where
-from .types import JSON, Actor, Page, Rule, Trigger, columns
+from .types import JSON, Actor, Page, Rule, Trigger, Webhook, columns
 
 _TRIGGER = columns(Trigger)
 _RULE = columns(Rule)
 
 _INSERT_TRIGGER = f"""
-INSERT INTO trigger (ref, label, description, param_schema, out_schema, updated_by)
-VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_TRIGGER}"""
+INSERT INTO trigger (ref, label, description, param_schema, out_schema, updated_by, webhook_enabled, webhook_secret)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_TRIGGER}"""
 _TRIGGER_BY_ID = f"SELECT {_TRIGGER} FROM trigger WHERE id = $1"
 _TRIGGER_BY_REF = f"SELECT {_TRIGGER} FROM trigger WHERE ref = $1"
+_LOCK_TRIGGER_BY_ID = f"{_TRIGGER_BY_ID} FOR UPDATE"
+_LOCK_TRIGGER_BY_REF = f"{_TRIGGER_BY_REF} FOR UPDATE"
+_ROTATE_KEY = f"""
+UPDATE trigger SET webhook_key = DEFAULT, updated = now(), updated_by = $2 WHERE id = $1 RETURNING {_TRIGGER}"""
+_WEBHOOK = "SELECT id, ref, webhook_enabled, webhook_secret FROM trigger WHERE webhook_key = $1"
 _DELETE_TRIGGER_BY_ID = "DELETE FROM trigger WHERE id = $1 RETURNING id, ref"
 _DELETE_TRIGGER_BY_REF = "DELETE FROM trigger WHERE ref = $1 RETURNING id, ref"
 
@@ -55,7 +60,7 @@ _DELETE_RULE_BY_ID = "DELETE FROM rule WHERE id = $1 RETURNING id, ref"
 _DELETE_RULE_BY_REF = "DELETE FROM rule WHERE ref = $1 RETURNING id, ref"
 
 # What the audit record of a create holds.
-_TRIGGER_FIELDS = ("ref", "label", "description", "param_schema", "out_schema")
+_TRIGGER_FIELDS = ("ref", "label", "description", "param_schema", "out_schema", "webhook_enabled", "webhook_signed")
 _RULE_FIELDS = (
     "ref",
     "label",
@@ -68,6 +73,9 @@ _RULE_FIELDS = (
     "enabled",
     "backstop",
 )
+
+# Columns UpdateTrigger may change. The secret is audited as set or removed, never its value.
+TRIGGER_UPDATABLE = ("label", "description", "webhook_enabled", "webhook_secret")
 
 # Columns UpdateRule may change, with the SQL cast each needs.
 UPDATABLE = {
@@ -137,12 +145,22 @@ class Rules(Paged):
         param_schema: JSON | None,
         out_schema: JSON | None,
         *,
+        webhook_enabled: bool = False,
+        webhook_secret: str | None = None,
         actor: Actor | None = None,
     ) -> Trigger:
         try:
             async with self._transaction() as conn:
                 row = await conn.fetchrow(
-                    _INSERT_TRIGGER, ref, label, description, param_schema, out_schema, _by(actor)
+                    _INSERT_TRIGGER,
+                    ref,
+                    label,
+                    description,
+                    param_schema,
+                    out_schema,
+                    _by(actor),
+                    webhook_enabled,
+                    webhook_secret,
                 )
                 created = _trigger(row, ref)
                 if actor:
@@ -162,6 +180,44 @@ class Rules(Paged):
         if pack_ref:
             where.add("pack_ref = {}", pack_ref)
         return await self._page(f"SELECT {_TRIGGER} FROM trigger", where, token, size, Trigger)
+
+    async def update_trigger(self, key: int | str, changes: dict[str, JSON], actor: Actor | None = None) -> Trigger:
+        """Sets the given columns (TRIGGER_UPDATABLE) of one trigger, and ``updated_by``."""
+        where = Where()
+        sets = [f"{name} = {where.param(value)}" for name, value in changes.items()]
+        sets += ["updated = now()", f"updated_by = {where.param(_by(actor))}"]
+        async with self._transaction() as conn:
+            old = _trigger(
+                await conn.fetchrow(_LOCK_TRIGGER_BY_ID if isinstance(key, int) else _LOCK_TRIGGER_BY_REF, key), key
+            )
+            sql = f"UPDATE trigger SET {', '.join(sets)} WHERE id = {where.param(old.id)} RETURNING {_TRIGGER}"
+            new = _trigger(await conn.fetchrow(sql, *where.args), key)
+            if actor:
+                names = [n for n in changes if n != "webhook_secret"]
+                change = audit.updated(old, new, names)
+                if "webhook_secret" in changes:
+                    change["webhook_secret"] = "set" if changes["webhook_secret"] else "removed"
+                await audit.record(conn, actor, "trigger", new.id, new.ref, change)
+        return new
+
+    async def rotate_webhook_key(self, key: int | str, actor: Actor | None = None) -> Trigger:
+        """A new webhook key for the trigger; the old one stops working at commit."""
+        async with self._transaction() as conn:
+            old = _trigger(
+                await conn.fetchrow(_LOCK_TRIGGER_BY_ID if isinstance(key, int) else _LOCK_TRIGGER_BY_REF, key), key
+            )
+            new = _trigger(await conn.fetchrow(_ROTATE_KEY, old.id, _by(actor)), key)
+            if actor:
+                # The keys themselves are credentials: the record says that one changed.
+                await audit.record(conn, actor, "trigger", new.id, new.ref, {"webhook_key": "rotated"})
+        return new
+
+    async def webhook(self, key: str) -> Webhook:
+        """The trigger a webhook key belongs to; NotFound when no trigger has it."""
+        row = await self._fetchrow(_WEBHOOK, key)
+        if row is None:
+            raise NotFound("no webhook has this key")
+        return Webhook(row["id"], row["ref"], row["webhook_enabled"], row["webhook_secret"])
 
     async def delete_trigger(self, key: int | str, actor: Actor | None = None) -> None:
         sql = _DELETE_TRIGGER_BY_ID if isinstance(key, int) else _DELETE_TRIGGER_BY_REF

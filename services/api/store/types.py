@@ -30,6 +30,20 @@ class Trigger:
     updated: datetime
     updated_by: str | None = None
     """The principal that created or last changed it through the api (None: not known)."""
+    webhook_enabled: bool = False
+    webhook_key: str = ""
+    webhook_signed: bool = False
+    """Whether it has a webhook secret (the secret itself is never read back)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """What a delivery needs of its trigger."""
+
+    trigger_id: int
+    trigger_ref: str
+    enabled: bool
+    secret: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +179,8 @@ class NewEvent:
     rule_ref: str | None = None
     request_id: str | None = None
     reemit_of: int | None = None
+    config_in_fingerprint: bool = True
+    """False for webhook deliveries: a sender's retry carries the same body but new headers."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -799,3 +800,111 @@ class RetryEnforcementResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryEnforcementResponse: _TypeAlias = RetryEnforcementResponse  # noqa: Y015
+
+@_typing.final
+class TailEnforcementsRequest(_message.Message):
+    """Request of TailEnforcements. All filters combine with AND."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RULE_REF_FIELD_NUMBER: _builtins.int
+    TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    rule_ref: _builtins.str
+    """Only enforcements of this rule reference (`pack.name`, at most 255 characters; empty:
+    any).
+    """
+    trigger_ref: _builtins.str
+    """Only enforcements of this trigger reference (`pack.name`, at most 255 characters;
+    empty: any).
+    """
+    status: _common_pb2.EnforcementStatus.ValueType
+    """Only changes to this status: CREATED sends only creations; PROCESSED or DISABLED only
+    resolutions with that outcome; UNSPECIFIED both.
+    """
+    event: _builtins.int
+    """Only enforcements of this event id."""
+    cursor: _builtins.str
+    """Where to resume: the `cursor` of the last message received, with the same filters
+    (INVALID_ARGUMENT otherwise). Empty: start with the changes made from now on. Creations
+    are delivered in (created, id) order and resolutions in (resolved_at, id) order, each
+    once, as long as no change commits more than 10 seconds after its `created` (or
+    `resolved_at`) time; a change that commits later may be missed.
+    """
+    def __init__(
+        self,
+        *,
+        rule_ref: _builtins.str = ...,
+        trigger_ref: _builtins.str = ...,
+        status: _common_pb2.EnforcementStatus.ValueType = ...,
+        event: _builtins.int | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "cursor", b"cursor", "event", b"event", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__event: _TypeAlias = _typing.Literal["event"]  # noqa: Y015
+    _WhichOneofArgType__event: _TypeAlias = _typing.Literal["_event", b"_event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__event) -> _WhichOneofReturnType__event | None: ...
+
+Global___TailEnforcementsRequest: _TypeAlias = TailEnforcementsRequest  # noqa: Y015
+
+@_typing.final
+class TailEnforcementsResponse(_message.Message):
+    """One message of the TailEnforcements stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Change:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ChangeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[TailEnforcementsResponse._Change.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        CHANGE_UNSPECIFIED: TailEnforcementsResponse._Change.ValueType  # 0
+        """Never sent."""
+        CHANGE_CREATED: TailEnforcementsResponse._Change.ValueType  # 1
+        """It was stored (the message shows it as stored: status CREATED, no resolved_at)."""
+        CHANGE_RESOLVED: TailEnforcementsResponse._Change.ValueType  # 2
+        """It was resolved (the message shows its status and resolved_at)."""
+
+    class Change(_Change, metaclass=_ChangeEnumTypeWrapper):
+        """What happened to the enforcement."""
+
+    CHANGE_UNSPECIFIED: TailEnforcementsResponse.Change.ValueType  # 0
+    """Never sent."""
+    CHANGE_CREATED: TailEnforcementsResponse.Change.ValueType  # 1
+    """It was stored (the message shows it as stored: status CREATED, no resolved_at)."""
+    CHANGE_RESOLVED: TailEnforcementsResponse.Change.ValueType  # 2
+    """It was resolved (the message shows its status and resolved_at)."""
+
+    ENFORCEMENT_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    change: Global___TailEnforcementsResponse.Change.ValueType
+    """Which change this message reports."""
+    cursor: _builtins.str
+    """Opaque, signed position just after this change: send it as
+    TailEnforcementsRequest.cursor to resume here (at most 16 KiB).
+    """
+    @_builtins.property
+    def enforcement(self) -> _common_pb2.Enforcement:
+        """The enforcement, as this change left it."""
+
+    def __init__(
+        self,
+        *,
+        enforcement: _common_pb2.Enforcement | None = ...,
+        change: Global___TailEnforcementsResponse.Change.ValueType = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement", b"enforcement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "cursor", b"cursor", "enforcement", b"enforcement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailEnforcementsResponse: _TypeAlias = TailEnforcementsResponse  # noqa: Y015

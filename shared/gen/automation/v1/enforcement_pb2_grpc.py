@@ -81,6 +81,11 @@ class EnforcementServiceStub:
                 request_serializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementRequest.SerializeToString,
                 response_deserializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementResponse.FromString,
                 _registered_method=True)
+        self.TailEnforcements = channel.unary_stream(
+                '/automation.v1.EnforcementService/TailEnforcements',
+                request_serializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsResponse.FromString,
+                _registered_method=True)
 
 
 class EnforcementServiceServicer:
@@ -165,6 +170,20 @@ class EnforcementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TailEnforcements(self, request, context):
+        """Follows enforcements as they are created and resolved (`tail -f`), with ListEnforcements'
+        filters; observes only (it never leases anything). One message per change: CREATED when
+        an enforcement is stored, RESOLVED when it is resolved (always after its CREATED, when
+        both pass the filters). Starts from now, or after the change whose `cursor` is given: a
+        client that reconnects with the last cursor it received misses nothing and sees nothing
+        twice (see TailEnforcementsRequest.cursor for the limits). The stream reads only as fast
+        as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when the cursor is
+        older than 24 hours: the changes it needs may be gone; list them instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnforcementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -212,6 +231,11 @@ def add_EnforcementServiceServicer_to_server(servicer, server):
                     servicer.RetryEnforcement,
                     request_deserializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementRequest.FromString,
                     response_serializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementResponse.SerializeToString,
+            ),
+            'TailEnforcements': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailEnforcements,
+                    request_deserializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -458,6 +482,33 @@ class EnforcementService:
             '/automation.v1.EnforcementService/RetryEnforcement',
             automation_dot_v1_dot_enforcement__pb2.RetryEnforcementRequest.SerializeToString,
             automation_dot_v1_dot_enforcement__pb2.RetryEnforcementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailEnforcements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automation.v1.EnforcementService/TailEnforcements',
+            automation_dot_v1_dot_enforcement__pb2.TailEnforcementsRequest.SerializeToString,
+            automation_dot_v1_dot_enforcement__pb2.TailEnforcementsResponse.FromString,
             options,
             channel_credentials,
             insecure,

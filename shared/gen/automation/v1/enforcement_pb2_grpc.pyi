@@ -71,6 +71,16 @@ class EnforcementServiceStub:
     """Shows the dispatch state: pending work, leases per executor, exhausted enforcements."""
     RetryEnforcement: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.RetryEnforcementRequest, _enforcement_pb2.RetryEnforcementResponse]
     """Offers an enforcement that exhausted its attempts again, with its attempts reset."""
+    TailEnforcements: _grpc.UnaryStreamMultiCallable[_enforcement_pb2.TailEnforcementsRequest, _enforcement_pb2.TailEnforcementsResponse]
+    """Follows enforcements as they are created and resolved (`tail -f`), with ListEnforcements'
+    filters; observes only (it never leases anything). One message per change: CREATED when
+    an enforcement is stored, RESOLVED when it is resolved (always after its CREATED, when
+    both pass the filters). Starts from now, or after the change whose `cursor` is given: a
+    client that reconnects with the last cursor it received misses nothing and sees nothing
+    twice (see TailEnforcementsRequest.cursor for the limits). The stream reads only as fast
+    as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when the cursor is
+    older than 24 hours: the changes it needs may be gone; list them instead.
+    """
 
 @_typing.type_check_only
 class EnforcementServiceAsyncStub(EnforcementServiceStub):
@@ -114,6 +124,16 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     """Shows the dispatch state: pending work, leases per executor, exhausted enforcements."""
     RetryEnforcement: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.RetryEnforcementRequest, _enforcement_pb2.RetryEnforcementResponse]  # type: ignore[assignment]
     """Offers an enforcement that exhausted its attempts again, with its attempts reset."""
+    TailEnforcements: _aio.UnaryStreamMultiCallable[_enforcement_pb2.TailEnforcementsRequest, _enforcement_pb2.TailEnforcementsResponse]  # type: ignore[assignment]
+    """Follows enforcements as they are created and resolved (`tail -f`), with ListEnforcements'
+    filters; observes only (it never leases anything). One message per change: CREATED when
+    an enforcement is stored, RESOLVED when it is resolved (always after its CREATED, when
+    both pass the filters). Starts from now, or after the change whose `cursor` is given: a
+    client that reconnects with the last cursor it received misses nothing and sees nothing
+    twice (see TailEnforcementsRequest.cursor for the limits). The stream reads only as fast
+    as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when the cursor is
+    older than 24 hours: the changes it needs may be gone; list them instead.
+    """
 
 class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
     """Records, hands out and resolves enforcements. Each enforcement is resolved exactly once."""
@@ -208,5 +228,21 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_enforcement_pb2.RetryEnforcementResponse, _abc.Awaitable[_enforcement_pb2.RetryEnforcementResponse]]:
         """Offers an enforcement that exhausted its attempts again, with its attempts reset."""
+
+    @_abc_1.abstractmethod
+    def TailEnforcements(
+        self,
+        request: _enforcement_pb2.TailEnforcementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_enforcement_pb2.TailEnforcementsResponse], _abc.AsyncIterator[_enforcement_pb2.TailEnforcementsResponse]]:
+        """Follows enforcements as they are created and resolved (`tail -f`), with ListEnforcements'
+        filters; observes only (it never leases anything). One message per change: CREATED when
+        an enforcement is stored, RESOLVED when it is resolved (always after its CREATED, when
+        both pass the filters). Starts from now, or after the change whose `cursor` is given: a
+        client that reconnects with the last cursor it received misses nothing and sees nothing
+        twice (see TailEnforcementsRequest.cursor for the limits). The stream reads only as fast
+        as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when the cursor is
+        older than 24 hours: the changes it needs may be gone; list them instead.
+        """
 
 def add_EnforcementServiceServicer_to_server(servicer: EnforcementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -372,3 +372,76 @@ class ReemitEventRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReemitEventRequest: _TypeAlias = ReemitEventRequest  # noqa: Y015
+
+@_typing.final
+class TailEventsRequest(_message.Message):
+    """Request of TailEvents. All filters combine with AND."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    SOURCE_REF_FIELD_NUMBER: _builtins.int
+    RULE_REF_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    trigger_ref: _builtins.str
+    """Only events of this trigger reference (`pack.name`, at most 255 characters; empty: any)."""
+    source_ref: _builtins.str
+    """Only events reported by this sensor reference (at most 255 characters; NUL characters
+    are refused).
+    """
+    rule_ref: _builtins.str
+    """Only events that targeted this rule reference (`pack.name`, at most 255 characters;
+    empty: any).
+    """
+    cursor: _builtins.str
+    """Where to resume: the `cursor` of the last message received, with the same filters
+    (INVALID_ARGUMENT otherwise). Empty: start with the events stored from now on. Events
+    are delivered in (created, id) order, each once, as long as no event commits more than
+    10 seconds after its `created` time (a write transaction held open that long); an event
+    that commits later may be missed.
+    """
+    def __init__(
+        self,
+        *,
+        trigger_ref: _builtins.str = ...,
+        source_ref: _builtins.str = ...,
+        rule_ref: _builtins.str = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailEventsRequest: _TypeAlias = TailEventsRequest  # noqa: Y015
+
+@_typing.final
+class TailEventsResponse(_message.Message):
+    """One message of the TailEvents stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    CURSOR_FIELD_NUMBER: _builtins.int
+    cursor: _builtins.str
+    """Opaque, signed position just after this event: send it as TailEventsRequest.cursor to
+    resume here (at most 16 KiB).
+    """
+    @_builtins.property
+    def event(self) -> _common_pb2.Event:
+        """The new event."""
+
+    def __init__(
+        self,
+        *,
+        event: _common_pb2.Event | None = ...,
+        cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TailEventsResponse: _TypeAlias = TailEventsResponse  # noqa: Y015

@@ -61,6 +61,11 @@ class EventServiceStub:
                 request_serializer=automation_dot_v1_dot_event__pb2.ReemitEventRequest.SerializeToString,
                 response_deserializer=automation_dot_v1_dot_event__pb2.CreateEventResponse.FromString,
                 _registered_method=True)
+        self.TailEvents = channel.unary_stream(
+                '/automation.v1.EventService/TailEvents',
+                request_serializer=automation_dot_v1_dot_event__pb2.TailEventsRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_event__pb2.TailEventsResponse.FromString,
+                _registered_method=True)
 
 
 class EventServiceServicer:
@@ -111,6 +116,18 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TailEvents(self, request, context):
+        """Follows new events as they are stored (`tail -f`), oldest first, with ListEvents'
+        filters; observes only. Starts from now, or after the event whose `cursor` is given: a
+        client that reconnects with the last cursor it received misses nothing and sees nothing
+        twice (see TailEventsRequest.cursor for the limits of that guarantee). The stream reads
+        only as fast as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when
+        the cursor is older than 24 hours: the events it needs may be gone; list them instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +155,11 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.ReemitEvent,
                     request_deserializer=automation_dot_v1_dot_event__pb2.ReemitEventRequest.FromString,
                     response_serializer=automation_dot_v1_dot_event__pb2.CreateEventResponse.SerializeToString,
+            ),
+            'TailEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.TailEvents,
+                    request_deserializer=automation_dot_v1_dot_event__pb2.TailEventsRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_event__pb2.TailEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +298,33 @@ class EventService:
             '/automation.v1.EventService/ReemitEvent',
             automation_dot_v1_dot_event__pb2.ReemitEventRequest.SerializeToString,
             automation_dot_v1_dot_event__pb2.CreateEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TailEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/automation.v1.EventService/TailEvents',
+            automation_dot_v1_dot_event__pb2.TailEventsRequest.SerializeToString,
+            automation_dot_v1_dot_event__pb2.TailEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -56,6 +56,14 @@ class EventServiceStub:
     original's trigger, payload, config and source, `reemit_of` naming the original, matched
     as CreateEvent matches (a targeted original targets the same rule again).
     """
+    TailEvents: _grpc.UnaryStreamMultiCallable[_event_pb2.TailEventsRequest, _event_pb2.TailEventsResponse]
+    """Follows new events as they are stored (`tail -f`), oldest first, with ListEvents'
+    filters; observes only. Starts from now, or after the event whose `cursor` is given: a
+    client that reconnects with the last cursor it received misses nothing and sees nothing
+    twice (see TailEventsRequest.cursor for the limits of that guarantee). The stream reads
+    only as fast as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when
+    the cursor is older than 24 hours: the events it needs may be gone; list them instead.
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -83,6 +91,14 @@ class EventServiceAsyncStub(EventServiceStub):
     """Sends a stored event through the current rules again: stores a new event with the
     original's trigger, payload, config and source, `reemit_of` naming the original, matched
     as CreateEvent matches (a targeted original targets the same rule again).
+    """
+    TailEvents: _aio.UnaryStreamMultiCallable[_event_pb2.TailEventsRequest, _event_pb2.TailEventsResponse]  # type: ignore[assignment]
+    """Follows new events as they are stored (`tail -f`), oldest first, with ListEvents'
+    filters; observes only. Starts from now, or after the event whose `cursor` is given: a
+    client that reconnects with the last cursor it received misses nothing and sees nothing
+    twice (see TailEventsRequest.cursor for the limits of that guarantee). The stream reads
+    only as fast as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when
+    the cursor is older than 24 hours: the events it needs may be gone; list them instead.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -138,6 +154,20 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         """Sends a stored event through the current rules again: stores a new event with the
         original's trigger, payload, config and source, `reemit_of` naming the original, matched
         as CreateEvent matches (a targeted original targets the same rule again).
+        """
+
+    @_abc_1.abstractmethod
+    def TailEvents(
+        self,
+        request: _event_pb2.TailEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_event_pb2.TailEventsResponse], _abc.AsyncIterator[_event_pb2.TailEventsResponse]]:
+        """Follows new events as they are stored (`tail -f`), oldest first, with ListEvents'
+        filters; observes only. Starts from now, or after the event whose `cursor` is given: a
+        client that reconnects with the last cursor it received misses nothing and sees nothing
+        twice (see TailEventsRequest.cursor for the limits of that guarantee). The stream reads
+        only as fast as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when
+        the cursor is older than 24 hours: the events it needs may be gone; list them instead.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

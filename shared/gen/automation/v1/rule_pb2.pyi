@@ -39,6 +39,10 @@ class Trigger(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     UPDATED_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ENABLED_FIELD_NUMBER: _builtins.int
+    WEBHOOK_KEY_FIELD_NUMBER: _builtins.int
+    WEBHOOK_SECRET_FIELD_NUMBER: _builtins.int
+    WEBHOOK_SIGNED_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier (output only)."""
     ref: _builtins.str
@@ -53,6 +57,22 @@ class Trigger(_message.Message):
     """What the trigger means (optional), at most 4,096 characters; NUL characters are refused."""
     updated_by: _builtins.str
     """The principal that created or last changed it (output only); unset when not known."""
+    webhook_enabled: _builtins.bool
+    """Whether the web service accepts events for this trigger at POST /webhooks/{webhook_key}.
+    Defaults to false.
+    """
+    webhook_key: _builtins.str
+    """The webhook's key (output only): `wh_` and 32 hex digits, made by the api; a new one with
+    RotateWebhookKey.
+    """
+    webhook_secret: _builtins.str
+    """Input only, never returned: the secret deliveries are signed with (HMAC-SHA256 of the raw
+    body in `X-Hub-Signature-256` or `X-Signature`, as `sha256=<hex>`), 16 to 255 characters;
+    with one, unsigned or badly signed deliveries are refused. Empty: no secret (on update,
+    it removes the secret).
+    """
+    webhook_signed: _builtins.bool
+    """Whether the trigger has a webhook secret (output only)."""
     @_builtins.property
     def param_schema(self) -> _struct_pb2.Struct:
         """JSON schema of the trigger's parameters (optional, informative): at most 64 KiB encoded
@@ -88,10 +108,14 @@ class Trigger(_message.Message):
         created: _timestamp_pb2.Timestamp | None = ...,
         updated: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str | None = ...,
+        webhook_enabled: _builtins.bool = ...,
+        webhook_key: _builtins.str = ...,
+        webhook_secret: _builtins.str = ...,
+        webhook_signed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "out_schema", b"out_schema", "param_schema", b"param_schema", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "description", b"description", "id", b"id", "label", b"label", "out_schema", b"out_schema", "pack_ref", b"pack_ref", "param_schema", b"param_schema", "ref", b"ref", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "description", b"description", "id", b"id", "label", b"label", "out_schema", b"out_schema", "pack_ref", b"pack_ref", "param_schema", b"param_schema", "ref", b"ref", "updated", b"updated", "updated_by", b"updated_by", "webhook_enabled", b"webhook_enabled", "webhook_key", b"webhook_key", "webhook_secret", b"webhook_secret", "webhook_signed", b"webhook_signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__updated_by: _TypeAlias = _typing.Literal["updated_by"]  # noqa: Y015
     _WhichOneofArgType__updated_by: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by"]  # noqa: Y015
@@ -354,6 +378,66 @@ class DeleteTriggerRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_key) -> _WhichOneofReturnType_key | None: ...
 
 Global___DeleteTriggerRequest: _TypeAlias = DeleteTriggerRequest  # noqa: Y015
+
+@_typing.final
+class UpdateTriggerRequest(_message.Message):
+    """Request of UpdateTrigger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def trigger(self) -> Global___Trigger:
+        """The trigger, identified by its id or, when id is 0, its ref; carries the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields to change: any of label, description, webhook_enabled, webhook_secret.
+        Required.
+        """
+
+    def __init__(
+        self,
+        *,
+        trigger: Global___Trigger | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trigger", b"trigger", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["trigger", b"trigger", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTriggerRequest: _TypeAlias = UpdateTriggerRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookKeyRequest(_message.Message):
+    """Request of RotateWebhookKey: exactly one of id or ref."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REF_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Id of the trigger."""
+    ref: _builtins.str
+    """Reference of the trigger, `pack.name`, at most 255 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "ref", b"ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "ref", b"ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_key: _TypeAlias = _typing.Literal["id", "ref"]  # noqa: Y015
+    _WhichOneofArgType_key: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_key) -> _WhichOneofReturnType_key | None: ...
+
+Global___RotateWebhookKeyRequest: _TypeAlias = RotateWebhookKeyRequest  # noqa: Y015
 
 @_typing.final
 class CreateRuleRequest(_message.Message):

@@ -56,6 +56,16 @@ class RuleServiceStub:
                 request_serializer=automation_dot_v1_dot_rule__pb2.DeleteTriggerRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.UpdateTrigger = channel.unary_unary(
+                '/automation.v1.RuleService/UpdateTrigger',
+                request_serializer=automation_dot_v1_dot_rule__pb2.UpdateTriggerRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_rule__pb2.Trigger.FromString,
+                _registered_method=True)
+        self.RotateWebhookKey = channel.unary_unary(
+                '/automation.v1.RuleService/RotateWebhookKey',
+                request_serializer=automation_dot_v1_dot_rule__pb2.RotateWebhookKeyRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_rule__pb2.Trigger.FromString,
+                _registered_method=True)
         self.CreateRule = channel.unary_unary(
                 '/automation.v1.RuleService/CreateRule',
                 request_serializer=automation_dot_v1_dot_rule__pb2.CreateRuleRequest.SerializeToString,
@@ -120,6 +130,21 @@ class RuleServiceServicer:
 
     def DeleteTrigger(self, request, context):
         """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateTrigger(self, request, context):
+        """Changes the fields of a trigger named in update_mask: label, description,
+        webhook_enabled, webhook_secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookKey(self, request, context):
+        """Gives a trigger a new webhook key; the old one stops working at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,6 +227,16 @@ def add_RuleServiceServicer_to_server(servicer, server):
                     servicer.DeleteTrigger,
                     request_deserializer=automation_dot_v1_dot_rule__pb2.DeleteTriggerRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'UpdateTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTrigger,
+                    request_deserializer=automation_dot_v1_dot_rule__pb2.UpdateTriggerRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_rule__pb2.Trigger.SerializeToString,
+            ),
+            'RotateWebhookKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookKey,
+                    request_deserializer=automation_dot_v1_dot_rule__pb2.RotateWebhookKeyRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_rule__pb2.Trigger.SerializeToString,
             ),
             'CreateRule': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRule,
@@ -348,6 +383,60 @@ class RuleService:
             '/automation.v1.RuleService/DeleteTrigger',
             automation_dot_v1_dot_rule__pb2.DeleteTriggerRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.RuleService/UpdateTrigger',
+            automation_dot_v1_dot_rule__pb2.UpdateTriggerRequest.SerializeToString,
+            automation_dot_v1_dot_rule__pb2.Trigger.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.RuleService/RotateWebhookKey',
+            automation_dot_v1_dot_rule__pb2.RotateWebhookKeyRequest.SerializeToString,
+            automation_dot_v1_dot_rule__pb2.Trigger.FromString,
             options,
             channel_credentials,
             insecure,

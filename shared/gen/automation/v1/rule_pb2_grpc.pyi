@@ -42,6 +42,12 @@ class RuleServiceStub:
     """Lists triggers, newest first."""
     DeleteTrigger: _grpc.UnaryUnaryMultiCallable[_rule_pb2.DeleteTriggerRequest, _empty_pb2.Empty]
     """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset."""
+    UpdateTrigger: _grpc.UnaryUnaryMultiCallable[_rule_pb2.UpdateTriggerRequest, _rule_pb2.Trigger]
+    """Changes the fields of a trigger named in update_mask: label, description,
+    webhook_enabled, webhook_secret.
+    """
+    RotateWebhookKey: _grpc.UnaryUnaryMultiCallable[_rule_pb2.RotateWebhookKeyRequest, _rule_pb2.Trigger]
+    """Gives a trigger a new webhook key; the old one stops working at once."""
     CreateRule: _grpc.UnaryUnaryMultiCallable[_rule_pb2.CreateRuleRequest, _rule_pb2.Rule]
     """Defines a rule on an existing trigger. Malformed conditions are refused here. A trigger
     takes at most 200 rules and 1,000 conditions in all (FAILED_PRECONDITION past that).
@@ -80,6 +86,12 @@ class RuleServiceAsyncStub(RuleServiceStub):
     """Lists triggers, newest first."""
     DeleteTrigger: _aio.UnaryUnaryMultiCallable[_rule_pb2.DeleteTriggerRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset."""
+    UpdateTrigger: _aio.UnaryUnaryMultiCallable[_rule_pb2.UpdateTriggerRequest, _rule_pb2.Trigger]  # type: ignore[assignment]
+    """Changes the fields of a trigger named in update_mask: label, description,
+    webhook_enabled, webhook_secret.
+    """
+    RotateWebhookKey: _aio.UnaryUnaryMultiCallable[_rule_pb2.RotateWebhookKeyRequest, _rule_pb2.Trigger]  # type: ignore[assignment]
+    """Gives a trigger a new webhook key; the old one stops working at once."""
     CreateRule: _aio.UnaryUnaryMultiCallable[_rule_pb2.CreateRuleRequest, _rule_pb2.Rule]  # type: ignore[assignment]
     """Defines a rule on an existing trigger. Malformed conditions are refused here. A trigger
     takes at most 200 rules and 1,000 conditions in all (FAILED_PRECONDITION past that).
@@ -139,6 +151,24 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset."""
+
+    @_abc_1.abstractmethod
+    def UpdateTrigger(
+        self,
+        request: _rule_pb2.UpdateTriggerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rule_pb2.Trigger, _abc.Awaitable[_rule_pb2.Trigger]]:
+        """Changes the fields of a trigger named in update_mask: label, description,
+        webhook_enabled, webhook_secret.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateWebhookKey(
+        self,
+        request: _rule_pb2.RotateWebhookKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rule_pb2.Trigger, _abc.Awaitable[_rule_pb2.Trigger]]:
+        """Gives a trigger a new webhook key; the old one stops working at once."""
 
     @_abc_1.abstractmethod
     def CreateRule(

@@ -1,0 +1,35 @@
+"""``python -m services.web``: the web service (webhooks) until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import sys
+
+import uvicorn
+
+from services.web import create_app
+from shared.config import ConfigError, web_config
+from shared.runtime import setup_logging
+
+
+def main() -> int:
+    try:
+        config = web_config()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level, "web")
+    host, _, port = config.addr.rpartition(":")
+    uvicorn.run(
+        create_app(config),
+        host=host or "127.0.0.1",
+        port=int(port),
+        log_config=None,  # our logging setup, not uvicorn's
+        access_log=False,
+        loop="uvloop",
+        lifespan="on",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
