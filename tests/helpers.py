@@ -54,6 +54,13 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         await asyncio.sleep(0.02)  # poll interval of a condition wait, not a synchronisation
 
 
+async def started(server: Any, task: asyncio.Task[None]) -> bool:
+    """Whether an in-process uvicorn server is up (its task's failure, if it died first)."""
+    if task.done():
+        task.result()
+    return bool(server.started)
+
+
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:
     s = struct_pb2.Struct()
     s.update(value)

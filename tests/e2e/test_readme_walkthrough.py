@@ -30,7 +30,7 @@ from shared.config import WebConfig
 from shared.gen.automation.v1 import condition_pb2
 from shared.transport import ClientSecurity, open_channel
 from tests.e2e.conftest import Cluster
-from tests.helpers import OPERATOR, TOKENS, eventually
+from tests.helpers import OPERATOR, TOKENS, eventually, started
 from tools.postgres import free_port
 
 pytestmark = pytest.mark.e2e
@@ -300,10 +300,7 @@ async def serve_web(target: str, ch: grpc.aio.Channel) -> AsyncIterator[str]:
     config = WebConfig(addr=f"127.0.0.1:{port}", target=target)
     server = uvicorn.Server(uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None))
     task = asyncio.create_task(server.serve())
-    while not server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)  # polls uvicorn's own start flag; there is nothing to await
+    await eventually(lambda: started(server, task), what="the web service to start")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -24,7 +24,7 @@ from shared.config import WebConfig
 from shared.gen.automation.v1 import condition_pb2, rule_pb2
 from shared.transport import ClientSecurity
 from tests.conftest import Stubs
-from tests.helpers import TOKENS, channel, count, field_violations, rule
+from tests.helpers import TOKENS, channel, count, eventually, field_violations, rule, started
 
 SECRET = "s3cret-that-is-long-enough"
 HOOK = "demo.hook"
@@ -46,10 +46,7 @@ async def serve(target: str, rpc_timeout_s: float = 10.0) -> AsyncIterator[str]:
             uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None, lifespan="on")
         )
         task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.01)  # polls uvicorn's own start flag; nothing else to await
+        await eventually(lambda: started(server, task), what="the web service to start")
         try:
             yield f"http://127.0.0.1:{port}"
         finally:
@@ -288,8 +285,7 @@ async def test_a_web_service_without_the_sensor_role_answers_503(
     async with channel(f"127.0.0.1:{api.port}", token=TOKENS["viewer"]) as ch:
         server = uvicorn.Server(uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None))
         task = asyncio.create_task(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.01)  # polls uvicorn's own start flag
+        await eventually(lambda: started(server, task), what="the web service to start")
         try:
             answer = await post(http, f"http://127.0.0.1:{port}", trigger.webhook_key, {"action": "push"})
         finally:
