@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
 import grpc
 import pytest
+import uvicorn
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from services.api.auth import ROLES, token_hash
+from services.web import create_app
+from shared.config import WebConfig
 from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
 from shared.transport import ClientSecurity, open_channel
+from tools.postgres import free_port
 
 T = TypeVar("T")
 
@@ -54,11 +59,26 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         await asyncio.sleep(0.02)  # poll interval of a condition wait, not a synchronisation
 
 
-async def started(server: Any, task: asyncio.Task[None]) -> bool:
-    """Whether an in-process uvicorn server is up (its task's failure, if it died first)."""
-    if task.done():
-        task.result()
-    return bool(server.started)
+@asynccontextmanager
+async def web_service(target: str, ch: grpc.aio.Channel, rpc_timeout_s: float = 10.0) -> AsyncIterator[str]:
+    """The web service in this process (uvicorn on a free port), reaching the api at ``target``
+    through ``ch`` (whose token is the service's); yields its base URL."""
+    port = free_port()
+    config = WebConfig(addr=f"127.0.0.1:{port}", target=target, rpc_timeout_s=rpc_timeout_s)
+    server = uvicorn.Server(uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None))
+    task = asyncio.create_task(server.serve())
+
+    async def started() -> bool:
+        if task.done():
+            task.result()  # it died before it started: its error
+        return bool(server.started)
+
+    await eventually(started, what="the web service to start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 def struct(value: dict[str, Any]) -> struct_pb2.Struct:

@@ -37,7 +37,7 @@ from shared.config import ConfigError
 from shared.runtime import setup_logging
 from shared.transport import client_security
 from tools import certs
-from tools.healthcheck import wait_serving
+from tools.healthcheck import wait_http, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 # DEV_DATA_DIR moves everything ./dev up keeps (database, certificates, tokens) elsewhere.
@@ -266,26 +266,6 @@ def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int],
     )
 
 
-async def _web_ready(addr: str, timeout: float = 30.0) -> None:
-    """Waits until the web service answers its health check."""
-    host, _, port = addr.rpartition(":")
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            reader, writer = await asyncio.open_connection(host, int(port))
-            writer.write(f"GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
-            await writer.drain()
-            status = await reader.readline()
-            writer.close()
-            if b" 200 " in status:
-                return
-        except OSError:
-            pass
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError(f"the web service did not answer on {addr}")
-        await asyncio.sleep(0.1)
-
-
 async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embedded: bool) -> None:
     """Migrations, certificates and tokens, the api, the executors and the banner; then
     supervises until cancelled."""
@@ -300,7 +280,7 @@ async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embed
     await supervisor.start("api", "services.api", ready=ready)
     pids = [await supervisor.start(f"executor-{n + 1}", "services.executor") for n in range(executors)]
     web = {"API_TOKEN": env["WEB_API_TOKEN"]} if env.get("WEB_API_TOKEN") else {}
-    await supervisor.start("web", "services.web", ready=functools.partial(_web_ready, env["WEB_ADDR"]), env=web)
+    await supervisor.start("web", "services.web", ready=functools.partial(wait_http, env["WEB_ADDR"]), env=web)
     print(_banner(env, operator, executors, pids, embedded), flush=True)
     await supervisor.run()
 

@@ -62,6 +62,33 @@ async def wait_serving(target: str, timeout: float = 30.0, security: ClientSecur
         await asyncio.sleep(0.1)
 
 
+async def http_ok(addr: str, path: str = "/healthz") -> bool:
+    """Whether an HTTP service at ``host:port`` answers ``GET path`` with 200 (the web service)."""
+    host, _, port = addr.rpartition(":")
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return False
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        return b" 200 " in await reader.readline()
+    except OSError:
+        return False
+    finally:
+        writer.close()
+
+
+async def wait_http(addr: str, timeout: float = 30.0) -> None:
+    """Waits until ``http_ok(addr)``; raises TimeoutError after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await http_ok(addr):
+        if loop.time() > deadline:
+            raise TimeoutError(f"http://{addr} did not answer after {timeout}s")
+        await asyncio.sleep(0.1)
+
+
 def file_fresh(path: str, max_age: float) -> bool:
     try:
         age = time.time() - os.stat(path).st_mtime

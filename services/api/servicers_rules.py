@@ -89,6 +89,15 @@ def _conditions(v: Violations, field: str, nodes: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _message_key(msg: rule_pb2.Trigger | rule_pb2.Rule, what: str) -> int | str:
+    """Which trigger or rule an update names: its id or, when the id is 0, its ref."""
+    if msg.id:
+        return validate.id_or_raise(f"{what}.id", msg.id)
+    if msg.ref:
+        return validate.ref_or_raise(f"{what}.ref", msg.ref)
+    raise InvalidArgument.one(what, f"give the {what}'s id or ref")
+
+
 def _webhook_secret(v: Violations, secret: str) -> None:
     if secret and not limits.MIN_WEBHOOK_SECRET <= len(secret) <= limits.MAX_WEBHOOK_SECRET:
         v.add(
@@ -214,13 +223,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
     @rpc
     async def UpdateTrigger(self, request: rule_pb2.UpdateTriggerRequest, context: Context) -> rule_pb2.Trigger:
         t = request.trigger
-        key: int | str
-        if t.id:
-            key = validate.id_or_raise("trigger.id", t.id)
-        elif t.ref:
-            key = validate.ref_or_raise("trigger.ref", t.ref)
-        else:
-            raise InvalidArgument.one("trigger", "give the trigger's id or ref")
+        key = _message_key(t, "trigger")
         v = Violations()
         paths = list(request.update_mask.paths)
         if not paths:
@@ -317,13 +320,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
     @rpc
     async def UpdateRule(self, request: rule_pb2.UpdateRuleRequest, context: Context) -> rule_pb2.Rule:
         r = request.rule
-        key: int | str
-        if r.id:
-            key = validate.id_or_raise("rule.id", r.id)
-        elif r.ref:
-            key = validate.ref_or_raise("rule.ref", r.ref)
-        else:
-            raise InvalidArgument.one("rule", "give the rule's id or ref")
+        key = _message_key(r, "rule")
         paths = list(request.update_mask.paths)
         v = Violations()
         if not paths:

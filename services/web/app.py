@@ -11,7 +11,6 @@ from urllib.parse import parse_qs
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2, status_pb2
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -19,6 +18,7 @@ from starlette.routing import Route
 
 from shared import limits
 from shared.config import WebConfig
+from shared.errors import error_reason
 from shared.gen.automation.v1 import webhook_pb2, webhook_pb2_grpc
 from shared.transport import open_channel
 
@@ -87,18 +87,6 @@ def payload_of(body: bytes, content_type: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadDelivery(400, f"the JSON body must be an object, not {type(value).__name__}")
     return value
-
-
-def _reason(exc: grpc.aio.AioRpcError) -> str:
-    """The ErrorInfo reason of a rich status, or ''."""
-    for key, value in exc.trailing_metadata() or ():
-        if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.ErrorInfo()
-                if detail.Unpack(info):
-                    return info.reason
-    return ""
 
 
 def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> Starlette:
@@ -172,7 +160,7 @@ def _refusal(key: str, exc: grpc.aio.AioRpcError) -> Response:
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.NOT_FOUND:
         return _error(404, "no enabled webhook has this key")
-    if code == grpc.StatusCode.UNAUTHENTICATED and _reason(exc) == "WEBHOOK_SIGNATURE":
+    if code == grpc.StatusCode.UNAUTHENTICATED and error_reason(exc) == "WEBHOOK_SIGNATURE":
         return _error(401, details)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return _error(400, details)

@@ -16,22 +16,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 import pytest
-import uvicorn
 
-from services.web import create_app
-from shared.config import WebConfig
 from shared.gen.automation.v1 import condition_pb2
 from shared.transport import ClientSecurity, open_channel
 from tests.e2e.conftest import Cluster
-from tests.helpers import OPERATOR, TOKENS, eventually, started
-from tools.postgres import free_port
+from tests.helpers import OPERATOR, TOKENS, eventually, web_service
 
 pytestmark = pytest.mark.e2e
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -272,37 +266,23 @@ async def webhooks(cluster: Cluster, conn: asyncpg.Connection, block: list[list[
     assert "webhook_secret" not in trigger
     key = trigger["webhook_key"]
     (script,) = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S) if "\ncurl " in b]
-    async with open_channel(cluster.target, ClientSecurity(ca=str(cluster.ca), token=TOKENS["sensor"])) as ch:
-        async for url in serve_web(cluster.target, ch):
-            script = script.replace("KEY=wh_...", f"KEY={key}").replace("http://127.0.0.1:8080", url)
-            answers = []
-            for _ in range(2):
-                done = await asyncio.to_thread(
-                    subprocess.run,
-                    ["bash", "-euo", "pipefail", "-c", script],
-                    capture_output=True,
-                    text=True,
-                    timeout=60,
-                )
-                assert done.returncode == 0, done.stderr
-                answers.append(json.loads(done.stdout))
+    sensor = ClientSecurity(ca=str(cluster.ca), token=TOKENS["sensor"])
+    async with open_channel(cluster.target, sensor) as ch, web_service(cluster.target, ch) as url:
+        script = script.replace("KEY=wh_...", f"KEY={key}").replace("http://127.0.0.1:8080", url)
+        answers = []
+        for _ in range(2):
+            done = await asyncio.to_thread(
+                subprocess.run,
+                ["bash", "-euo", "pipefail", "-c", script],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            answers.append(json.loads(done.stdout))
     first, again = answers
     assert first["hmac_verified"] is True and first["replayed"] is False and first["trigger_ref"] == "core.webhook"
     assert again["event_id"] == first["event_id"] and again["replayed"] is True
     row = await conn.fetchrow("SELECT payload, config FROM event WHERE id = $1", first["event_id"])
     assert row is not None and json.loads(row["payload"]) == {"action": "greet", "name": "Hook"}
     assert json.loads(row["config"])["hmac_verified"] is True
-
-
-async def serve_web(target: str, ch: grpc.aio.Channel) -> AsyncIterator[str]:
-    """The web service in this process on a free port; its base URL."""
-    port = free_port()
-    config = WebConfig(addr=f"127.0.0.1:{port}", target=target)
-    server = uvicorn.Server(uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None))
-    task = asyncio.create_task(server.serve())
-    await eventually(lambda: started(server, task), what="the web service to start")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task

@@ -3,60 +3,40 @@ on a real PostgreSQL. Every refusal stores nothing; a 202 comes only after the c
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import grpc
 import httpx
 import pytest
-import uvicorn
 from google.protobuf import field_mask_pb2
 
 from services.api.server import ApiServer
 from services.api.servicers_webhooks import signature_of
-from services.web import create_app
 from shared import limits
-from shared.config import WebConfig
 from shared.gen.automation.v1 import condition_pb2, rule_pb2
-from shared.transport import ClientSecurity
 from tests.conftest import Stubs
-from tests.helpers import TOKENS, channel, count, eventually, field_violations, rule, started
+from tests.helpers import TOKENS, channel, count, field_violations, rule, web_service
+from tools.postgres import free_port
 
 SECRET = "s3cret-that-is-long-enough"
 HOOK = "demo.hook"
 EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def serve(target: str, rpc_timeout_s: float = 10.0) -> AsyncIterator[str]:
-    """The web service on a free port, its deliveries sent with a sensor token; its base URL."""
-    port = free_port()
-    config = WebConfig(addr=f"127.0.0.1:{port}", target=target, rpc_timeout_s=rpc_timeout_s)
-    async with channel(target, token=TOKENS["sensor"]) as ch:
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None, lifespan="on")
-        )
-        task = asyncio.create_task(server.serve())
-        await eventually(lambda: started(server, task), what="the web service to start")
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await task
+@asynccontextmanager
+async def serve(target: str, token: str = TOKENS["sensor"], rpc_timeout_s: float = 10.0) -> AsyncIterator[str]:
+    """The web service on a free port, its deliveries sent with ``token``; its base URL."""
+    async with channel(target, token=token) as ch, web_service(target, ch, rpc_timeout_s) as url:
+        yield url
 
 
 @pytest.fixture
 async def web(api: ApiServer) -> AsyncIterator[str]:
-    async for url in serve(f"127.0.0.1:{api.port}"):
+    async with serve(f"127.0.0.1:{api.port}") as url:
         yield url
 
 
@@ -270,7 +250,7 @@ async def test_api_down_is_503_with_retry_after_and_stores_nothing(
 ) -> None:
     trigger = await hook(stubs)
     # A web service pointed at an address where no api listens: the delivery cannot be stored.
-    async for web in serve(f"127.0.0.1:{free_port()}", rpc_timeout_s=1.0):
+    async with serve(f"127.0.0.1:{free_port()}", rpc_timeout_s=1.0) as web:
         answer = await post(http, web, trigger.webhook_key, {"action": "push"})
         assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
     assert await count(conn, "event") == 0
@@ -280,17 +260,8 @@ async def test_a_web_service_without_the_sensor_role_answers_503(
     stubs: Stubs, api: ApiServer, http: httpx.AsyncClient, conn: asyncpg.Connection
 ) -> None:
     trigger = await hook(stubs)
-    port = free_port()
-    config = WebConfig(addr=f"127.0.0.1:{port}", target=f"127.0.0.1:{api.port}", security=ClientSecurity())
-    async with channel(f"127.0.0.1:{api.port}", token=TOKENS["viewer"]) as ch:
-        server = uvicorn.Server(uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None))
-        task = asyncio.create_task(server.serve())
-        await eventually(lambda: started(server, task), what="the web service to start")
-        try:
-            answer = await post(http, f"http://127.0.0.1:{port}", trigger.webhook_key, {"action": "push"})
-        finally:
-            server.should_exit = True
-            await task
+    async with serve(f"127.0.0.1:{api.port}", token=TOKENS["viewer"]) as web:
+        answer = await post(http, web, trigger.webhook_key, {"action": "push"})
     assert answer.status_code == 503
     assert await count(conn, "event") == 0
 

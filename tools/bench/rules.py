@@ -27,8 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
+from services.api import convert
 from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
 
 from . import workload
@@ -166,21 +166,10 @@ def expected_refs(i: int) -> list[str]:
 
 
 def condition_message(node: dict[str, Any]) -> condition_pb2.RuleCondition:
-    """A stored node as a RuleCondition message (operator ``istartswith`` ->
-    ``CONDITION_OPERATOR_ISTARTSWITH``)."""
-
-    def proto_json(n: dict[str, Any]) -> dict[str, Any]:
-        if "not" in n:
-            return {"not": proto_json(n["not"])}
-        for kind in ("all", "any"):
-            if kind in n:
-                return {kind: [proto_json(c) for c in n[kind]]}
-        out = {**n, "operator": f"CONDITION_OPERATOR_{n['operator'].upper()}"}
-        if "item" in n:
-            out["item"] = proto_json(n["item"])
-        return out
-
-    return json_format.ParseDict(proto_json(node), condition_pb2.RuleCondition())
+    """A stored node as the RuleCondition message the api reads back for it."""
+    out = condition_pb2.RuleCondition()
+    convert.condition_node(out, node)
+    return out
 
 
 def two_rule_specs() -> list[dict[str, Any]]:

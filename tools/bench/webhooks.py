@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-import httpx
 from google.protobuf import field_mask_pb2
 
 from services.api.servicers_webhooks import signature_of
 from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
+from tools.healthcheck import wait_http
 from tools.postgres import free_port
 
 from . import workload
@@ -63,17 +63,6 @@ class _Connection:
         self._writer.close()
 
 
-async def _web_up(http: httpx.AsyncClient, url: str) -> None:
-    for _ in range(300):
-        try:
-            if (await http.get(f"{url}/healthz")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.1)
-    raise RuntimeError("the web service did not start")
-
-
 async def run(cluster: Cluster, s: Settings) -> list[Row]:
     url = await cluster.fresh_database("webhooks")
     rows: list[Row] = []
@@ -82,10 +71,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
         web_addr = f"127.0.0.1:{free_port()}"
         web = await spawn("web", "services.web", {"API_TARGET": target, "WEB_ADDR": web_addr}, svc.logdir)
         try:
-            async with (
-                channel(target) as ch,
-                httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY)) as http,
-            ):
+            async with channel(target) as ch:
                 await workload.define(ch, TRIGGER, RULES)
                 rules: rule_pb2_grpc.RuleServiceAsyncStub = rule_pb2_grpc.RuleServiceStub(ch)
                 trigger = await rules.UpdateTrigger(
@@ -94,8 +80,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                         update_mask=field_mask_pb2.FieldMask(paths=["webhook_enabled", "webhook_secret"]),
                     )
                 )
-                base = f"http://{web_addr}"
-                await _web_up(http, base)
+                await wait_http(web_addr)
                 body = json.dumps(workload.PAYLOAD).encode()
                 headers = {"content-type": "application/json", "x-hub-signature-256": signature_of(SECRET, body)}
                 events: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)

@@ -118,6 +118,12 @@ def _trigger(row: asyncpg.Record | None, key: int | str) -> Trigger:
     return Trigger(*row)
 
 
+async def _locked_trigger(conn: Connection, key: int | str) -> Trigger:
+    """The trigger as it is, locked until the transaction ends: an audit record's old values."""
+    sql = _LOCK_TRIGGER_BY_ID if isinstance(key, int) else _LOCK_TRIGGER_BY_REF
+    return _trigger(await conn.fetchrow(sql, key), key)
+
+
 def _rule(row: asyncpg.Record | None, key: int | str) -> Rule:
     if row is None:
         raise NotFound(f"rule {key} not found")
@@ -187,9 +193,7 @@ class Rules(Paged):
         sets = [f"{name} = {where.param(value)}" for name, value in changes.items()]
         sets += ["updated = now()", f"updated_by = {where.param(_by(actor))}"]
         async with self._transaction() as conn:
-            old = _trigger(
-                await conn.fetchrow(_LOCK_TRIGGER_BY_ID if isinstance(key, int) else _LOCK_TRIGGER_BY_REF, key), key
-            )
+            old = await _locked_trigger(conn, key)
             sql = f"UPDATE trigger SET {', '.join(sets)} WHERE id = {where.param(old.id)} RETURNING {_TRIGGER}"
             new = _trigger(await conn.fetchrow(sql, *where.args), key)
             if actor:
@@ -203,9 +207,7 @@ class Rules(Paged):
     async def rotate_webhook_key(self, key: int | str, actor: Actor | None = None) -> Trigger:
         """A new webhook key for the trigger; the old one stops working at commit."""
         async with self._transaction() as conn:
-            old = _trigger(
-                await conn.fetchrow(_LOCK_TRIGGER_BY_ID if isinstance(key, int) else _LOCK_TRIGGER_BY_REF, key), key
-            )
+            old = await _locked_trigger(conn, key)
             new = _trigger(await conn.fetchrow(_ROTATE_KEY, old.id, _by(actor)), key)
             if actor:
                 # The keys themselves are credentials: the record says that one changed.
