@@ -80,6 +80,7 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "AnalyticsService/QueryEventVolume": (VIEWER,),
     _P + "AnalyticsService/QueryEnforcementVolume": (VIEWER,),
     _P + "AuditService/ListAuditRecords": (),
+    _P + "AuthService/WhoAmI": (SENSOR, EXECUTOR, VIEWER),
 }
 ACCESS: Mapping[str, frozenset[str]] = {m: frozenset((*roles, OPERATOR)) for m, roles in _ACCESS.items()}
 """Method (``package.Service/Method``) -> the roles that may call it."""

@@ -26,6 +26,7 @@ from services.api.servicers import (
     HistoryService,
 )
 from services.api.servicers_audit import AuditService
+from services.api.servicers_auth import AuthService
 from services.api.servicers_rules import RuleService
 from services.api.servicers_webhooks import WebhookService
 from services.api.store import Store, TokenRow, create_pool
@@ -37,6 +38,8 @@ from shared.gen.automation.v1 import (
     analytics_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
     enforcement_pb2,
     enforcement_pb2_grpc,
     event_pb2,
@@ -64,6 +67,7 @@ SERVICE_NAMES = [
     analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
 ]
 
 
@@ -184,6 +188,7 @@ class ApiServer:
         history_pb2_grpc.add_HistoryServiceServicer_to_server(HistoryService(store), self.server)
         analytics_pb2_grpc.add_AnalyticsServiceServicer_to_server(AnalyticsService(store), self.server)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditService(store), self.server)
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthService(), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
         if credentials is None:

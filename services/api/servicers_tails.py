@@ -402,6 +402,8 @@ async def tail_events(
 
     source = Source(track, read, key=lambda e: e.created)
     async with store.tails.notices.subscribe(["event_created"]) as wake:
+        if request.announce_start:
+            yield event_pb2.TailEventsResponse(start=True, cursor=cursors.encode([track]))
         async for _, row in follow([source], wake, stop, poll_s):
             event: Event = row
             yield event_pb2.TailEventsResponse(event=convert.event(event), cursor=cursors.encode([track]))
@@ -456,6 +458,8 @@ async def tail_enforcements(
         changes.append(_CHANGE.CHANGE_RESOLVED)
         channels.append("enforcement_resolved")
     async with store.tails.notices.subscribe(channels) as wake:
+        if request.announce_start:
+            yield _CHANGE(change=_CHANGE.CHANGE_STARTED, cursor=cursors.encode([creations, resolutions]))
         async for index, row in follow(sources, wake, stop, poll_s):
             e: Enforcement = row
             change = changes[index]

@@ -22,7 +22,7 @@ from services.api.auth import ACCESS, OPERATOR, ROLES, new_token, token_hash
 from services.api.server import SERVICE_NAMES, ApiServer
 from services.api.store import Store, create_pool
 from shared.config import ApiConfig
-from shared.gen.automation.v1 import rule_pb2, rule_pb2_grpc
+from shared.gen.automation.v1 import auth_pb2, auth_pb2_grpc, rule_pb2, rule_pb2_grpc
 from tests.helpers import eventually
 from tests.integration.test_health import check
 
@@ -103,6 +103,29 @@ async def test_every_rpc_answers_every_role_as_the_access_table_says(secured: Se
                     assert code not in (DENIED, UNAUTHENTICATED), (method, role, code)
                 else:
                     assert code == DENIED, (method, role, code)
+
+
+async def test_who_am_i_answers_each_role_its_own_name_and_roles(secured: Secured) -> None:
+    async with grpc.aio.insecure_channel(secured.target) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        for role, token in secured.tokens.items():
+            me = await stub.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=_md(token))
+            assert (me.name, list(me.roles), me.authentication) == (f"t-{role}", [role], True)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.WhoAmI(auth_pb2.WhoAmIRequest(), metadata=_md("atk_forged"))
+        assert info.value.code() == UNAUTHENTICATED
+
+
+async def test_who_am_i_without_authentication_is_the_development_principal(api_config: ApiConfig) -> None:
+    api = ApiServer(dataclasses.replace(api_config, insecure=True))
+    await api.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{api.port}") as channel:
+            me = await auth_pb2_grpc.AuthServiceStub(channel).WhoAmI(auth_pb2.WhoAmIRequest())
+        assert me.authentication is False
+        assert sorted(me.roles) == sorted(ROLES) and me.name == "insecure-development"
+    finally:
+        await api.stop()
 
 
 async def test_permission_denied_names_the_role_needed(secured: Secured) -> None:

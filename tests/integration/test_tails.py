@@ -27,6 +27,7 @@ from tests.helpers import OPERATOR, TOKENS, channel, eventually, field_violation
 
 CREATED = enforcement_pb2.TailEnforcementsResponse.CHANGE_CREATED
 RESOLVED = enforcement_pb2.TailEnforcementsResponse.CHANGE_RESOLVED
+STARTED = enforcement_pb2.TailEnforcementsResponse.CHANGE_STARTED
 
 Stream = Any  # a grpc.aio server-streaming call
 
@@ -145,6 +146,48 @@ async def test_tail_enforcements_created_then_resolved(api: ApiServer, stubs: St
     (msg,) = await take(again, 1)
     assert (msg.change, msg.enforcement.id) == (RESOLVED, enf.id)
     again.cancel()
+
+
+async def test_announced_start_then_snapshot_misses_nothing(api: ApiServer, stubs: Stubs) -> None:
+    """The console's pattern: open the tail, wait for its start, read the snapshot; a change
+    made after the start is in the tail, even for an enforcement created before it."""
+    await triggers(stubs, "demo.a")
+    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=rule("demo.r", "demo.a")))
+    resp = await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event("demo.a", {"n": 1})))
+    (before,) = resp.enforcements
+    call = tail_enforcements(stubs, rule_ref="demo.r", announce_start=True)
+    (start,) = await take(call, 1)
+    assert start.change == STARTED and not start.HasField("enforcement") and start.cursor
+    snapshot = await stubs.enforcements.GetEnforcement(enforcement_pb2.GetEnforcementRequest(id=before.id))
+    assert snapshot.status == common_pb2.ENFORCEMENT_STATUS_CREATED
+
+    async with channel(stubs.target, TOKENS["executor"]) as ch:
+        await enforcement_pb2_grpc.EnforcementServiceStub(ch).ResolveEnforcement(
+            enforcement_pb2.ResolveEnforcementRequest(
+                id=before.id, status=common_pb2.ENFORCEMENT_STATUS_DISABLED, executor_id="test"
+            )
+        )
+    (resolved,) = await take(call, 1)
+    assert (resolved.change, resolved.enforcement.id) == (RESOLVED, before.id)
+    assert resolved.enforcement.status == common_pb2.ENFORCEMENT_STATUS_DISABLED
+    call.cancel()
+
+    # The start cursor resumes at the start: the resolution again, and no second start.
+    again = tail_enforcements(stubs, rule_ref="demo.r", cursor=start.cursor)
+    (msg,) = await take(again, 1)
+    assert (msg.change, msg.enforcement.id) == (RESOLVED, before.id)
+    again.cancel()
+
+
+async def test_tail_events_announces_its_start(api: ApiServer, stubs: Stubs) -> None:
+    await triggers(stubs, "demo.a")
+    call = tail_events(stubs, trigger_ref="demo.a", announce_start=True)
+    (start,) = await take(call, 1)
+    assert start.start and not start.HasField("event") and start.cursor
+    id_ = await emit(stubs, "demo.a")
+    (msg,) = await take(call, 1)
+    assert (msg.start, msg.event.id) == (False, id_)
+    call.cancel()
 
 
 async def test_tail_enforcements_status_filter_sends_only_that_change(api: ApiServer, stubs: Stubs) -> None:

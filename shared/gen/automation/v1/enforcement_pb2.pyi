@@ -812,6 +812,7 @@ class TailEnforcementsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    ANNOUNCE_START_FIELD_NUMBER: _builtins.int
     rule_ref: _builtins.str
     """Only enforcements of this rule reference (`pack.name`, at most 255 characters; empty:
     any).
@@ -833,6 +834,12 @@ class TailEnforcementsRequest(_message.Message):
     once, as long as no change commits more than 10 seconds after its `created` (or
     `resolved_at`) time; a change that commits later may be missed.
     """
+    announce_start: _builtins.bool
+    """Send first a CHANGE_STARTED message with only the cursor of the position the tail starts
+    from, as soon as it is taken. A client that must not miss a change between a snapshot
+    (GetEnforcement, ListEnforcements) and the tail opens the tail, waits for this message,
+    then reads its snapshot: every later change is in the snapshot or in the tail.
+    """
     def __init__(
         self,
         *,
@@ -841,10 +848,11 @@ class TailEnforcementsRequest(_message.Message):
         status: _common_pb2.EnforcementStatus.ValueType = ...,
         event: _builtins.int | None = ...,
         cursor: _builtins.str = ...,
+        announce_start: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "cursor", b"cursor", "event", b"event", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "announce_start", b"announce_start", "cursor", b"cursor", "event", b"event", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__event: _TypeAlias = _typing.Literal["event"]  # noqa: Y015
     _WhichOneofArgType__event: _TypeAlias = _typing.Literal["_event", b"_event"]  # noqa: Y015
@@ -870,6 +878,10 @@ class TailEnforcementsResponse(_message.Message):
         """It was stored (the message shows it as stored: status CREATED, no resolved_at)."""
         CHANGE_RESOLVED: TailEnforcementsResponse._Change.ValueType  # 2
         """It was resolved (the message shows its status and resolved_at)."""
+        CHANGE_STARTED: TailEnforcementsResponse._Change.ValueType  # 3
+        """The tail's start position (TailEnforcementsRequest.announce_start): no enforcement,
+        only the cursor; sent once, first.
+        """
 
     class Change(_Change, metaclass=_ChangeEnumTypeWrapper):
         """What happened to the enforcement."""
@@ -880,6 +892,10 @@ class TailEnforcementsResponse(_message.Message):
     """It was stored (the message shows it as stored: status CREATED, no resolved_at)."""
     CHANGE_RESOLVED: TailEnforcementsResponse.Change.ValueType  # 2
     """It was resolved (the message shows its status and resolved_at)."""
+    CHANGE_STARTED: TailEnforcementsResponse.Change.ValueType  # 3
+    """The tail's start position (TailEnforcementsRequest.announce_start): no enforcement,
+    only the cursor; sent once, first.
+    """
 
     ENFORCEMENT_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
@@ -887,12 +903,12 @@ class TailEnforcementsResponse(_message.Message):
     change: Global___TailEnforcementsResponse.Change.ValueType
     """Which change this message reports."""
     cursor: _builtins.str
-    """Opaque, signed position just after this change: send it as
-    TailEnforcementsRequest.cursor to resume here (at most 16 KiB).
+    """Opaque, signed position just after this change (or the start position, for
+    CHANGE_STARTED): send it as TailEnforcementsRequest.cursor to resume here (at most 16 KiB).
     """
     @_builtins.property
     def enforcement(self) -> _common_pb2.Enforcement:
-        """The enforcement, as this change left it."""
+        """The enforcement, as this change left it; unset in the CHANGE_STARTED message."""
 
     def __init__(
         self,

@@ -383,6 +383,7 @@ class TailEventsRequest(_message.Message):
     SOURCE_REF_FIELD_NUMBER: _builtins.int
     RULE_REF_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    ANNOUNCE_START_FIELD_NUMBER: _builtins.int
     trigger_ref: _builtins.str
     """Only events of this trigger reference (`pack.name`, at most 255 characters; empty: any)."""
     source_ref: _builtins.str
@@ -400,6 +401,12 @@ class TailEventsRequest(_message.Message):
     10 seconds after its `created` time (a write transaction held open that long); an event
     that commits later may be missed.
     """
+    announce_start: _builtins.bool
+    """Send first a message with `start` set and only the cursor of the position the tail
+    starts from, as soon as it is taken. A client that must not miss a change between a
+    snapshot (ListEvents) and the tail opens the tail, waits for this message, then reads
+    its snapshot: every later event is in the snapshot or in the tail.
+    """
     def __init__(
         self,
         *,
@@ -407,10 +414,11 @@ class TailEventsRequest(_message.Message):
         source_ref: _builtins.str = ...,
         rule_ref: _builtins.str = ...,
         cursor: _builtins.str = ...,
+        announce_start: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announce_start", b"announce_start", "cursor", b"cursor", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -424,23 +432,28 @@ class TailEventsResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
-    """Opaque, signed position just after this event: send it as TailEventsRequest.cursor to
-    resume here (at most 16 KiB).
+    """Opaque, signed position just after this event (or, in the `start` message, the
+    position the tail starts from): send it as TailEventsRequest.cursor to resume here (at
+    most 16 KiB).
     """
+    start: _builtins.bool
+    """This message only announces the start position (TailEventsRequest.announce_start)."""
     @_builtins.property
     def event(self) -> _common_pb2.Event:
-        """The new event."""
+        """The new event; unset in the `start` message."""
 
     def __init__(
         self,
         *,
         event: _common_pb2.Event | None = ...,
         cursor: _builtins.str = ...,
+        start: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
