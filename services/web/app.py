@@ -1,103 +1,40 @@
-"""The Starlette application: routes, and the translation of api answers into HTTP."""
+"""The Starlette application: the webhook endpoint, the console and its live streams."""
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qs
 
 import grpc
-from google.protobuf import json_format
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from shared import limits
+from services.web.console import Console, Stubs
+from services.web.live import Live
+from services.web.render import HERE
+from services.web.session import Sessions
+from services.web.webhooks import Webhooks
 from shared.config import WebConfig
-from shared.errors import error_reason
-from shared.gen.automation.v1 import webhook_pb2, webhook_pb2_grpc
+from shared.gen.automation.v1 import auth_pb2_grpc, webhook_pb2_grpc
 from shared.transport import open_channel
-
-log = logging.getLogger("services.web")
-
-RETRY_AFTER_S = 5
-"""What a 503 asks the sender to wait: the api or its database is away, usually briefly."""
-DELIVERY_HEADERS = ("x-github-delivery", "idempotency-key")
-# Transient for the sender: the api could not store the delivery, and a retry may succeed.
-_UNAVAILABLE = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.CANCELLED,
-    }
-)
-
-
-class BadDelivery(Exception):
-    """A delivery refused before the api is asked: HTTP status and message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
-
-
-async def _body(request: Request) -> bytes:
-    """The raw body, refused with 413 as soon as it passes the limit (never read whole first)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.MAX_WEBHOOK_BODY_BYTES:
-        raise BadDelivery(413, f"the body may be at most {limits.MAX_WEBHOOK_BODY_BYTES:,} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.MAX_WEBHOOK_BODY_BYTES:
-            raise BadDelivery(413, f"the body may be at most {limits.MAX_WEBHOOK_BODY_BYTES:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def payload_of(body: bytes, content_type: str) -> dict[str, Any]:
-    """The event's payload: a JSON object, or the fields of a form (a field given twice is a
-    list). 400 for anything else."""
-    kind = content_type.split(";")[0].strip().lower()
-    if kind == "application/x-www-form-urlencoded":
-        try:
-            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
-        except UnicodeDecodeError:
-            raise BadDelivery(400, "the form is not UTF-8") from None
-        return {k: v[0] if len(v) == 1 else v for k, v in fields.items()}
-    try:
-        value = json.loads(body)
-    except RecursionError:
-        raise BadDelivery(400, "the JSON body is nested too deep") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadDelivery(400, f"the body is not JSON: {str(exc)[:120]}") from None
-    if not isinstance(value, dict):
-        raise BadDelivery(400, f"the JSON body must be an object, not {type(value).__name__}")
-    return value
 
 
 def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> Starlette:
     """The web application; ``channel`` (else one opened from ``config``) reaches the api."""
-    state: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own = channel is None
         ch = channel or open_channel(config.target, config.security)
-        state["webhooks"] = webhook_pb2_grpc.WebhookServiceStub(ch)
+        parts["webhooks"] = Webhooks(config, webhook_pb2_grpc.WebhookServiceStub(ch))
+        sessions = Sessions(auth_pb2_grpc.AuthServiceStub(ch), config.rpc_timeout_s)
+        console = parts["console"] = Console(config, Stubs(ch), sessions)
+        parts["live"] = Live(console)
         try:
             yield
         finally:
@@ -105,77 +42,61 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
                 await ch.close()
 
     async def webhook(request: Request) -> Response:
-        key = request.path_params["key"]
-        try:
-            body = await _body(request)
-            payload = payload_of(body, request.headers.get("content-type", "application/json"))
-            message = webhook_pb2.DeliverWebhookRequest(
-                key=key,
-                body=body,
-                headers=[webhook_pb2.WebhookHeader(name=n, value=v) for n, v in request.headers.items()][
-                    : limits.MAX_WEBHOOK_HEADERS
-                ],
-                source_ip=_source_ip(request, config),
-                delivery_id=next((request.headers[h] for h in DELIVERY_HEADERS if h in request.headers), ""),
-            )
-            try:
-                json_format.ParseDict(payload, message.payload)
-            except (json_format.ParseError, RecursionError, ValueError) as exc:
-                raise BadDelivery(400, f"the body cannot be stored: {str(exc)[:120]}") from None
-        except BadDelivery as exc:
-            log.info("webhook %s refused: %d %s", key[:12], exc.status, exc)
-            return _error(exc.status, str(exc))
-        stub: webhook_pb2_grpc.WebhookServiceAsyncStub = state["webhooks"]
-        try:
-            answer: webhook_pb2.DeliverWebhookResponse = await stub.DeliverWebhook(
-                message, timeout=config.rpc_timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            return _refusal(key, exc)
-        return JSONResponse(
-            {
-                "event_id": answer.event_id,
-                "enforcement_ids": list(answer.enforcement_ids),
-                "trigger_ref": answer.trigger_ref,
-                "replayed": answer.replayed,
-                "hmac_verified": answer.hmac_verified,
-            },
-            status_code=202,
-        )
+        hooks: Webhooks = parts["webhooks"]
+        return await hooks.deliver(request)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def home(request: Request) -> Response:
+        return RedirectResponse("/enforcements", status_code=303)
+
+    def public(name: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            handler = getattr(parts["console"], name)
+            response: Response = await handler(request)
+            return response
+
+        return endpoint
+
+    def page(owner: str, name: str) -> Any:
+        async def endpoint(request: Request) -> Response:
+            console: Console = parts["console"]
+            wrapped = console.page(getattr(parts[owner], name))
+            return await wrapped(request)
+
+        return endpoint
+
+    def console_route(path: str, name: str, methods: list[str], owner: str = "console") -> Route:
+        return Route(path, page(owner, name), methods=methods)
 
     return Starlette(
         routes=[
             Route("/webhooks/{key}", webhook, methods=["POST"]),
             Route("/healthz", health, methods=["GET"]),
+            Route("/", home, methods=["GET"]),
+            Route("/signin", public("signin_page"), methods=["GET"]),
+            Route("/signin", public("signin"), methods=["POST"]),
+            Route("/signout", public("signout"), methods=["POST"]),
+            console_route("/events", "events", ["GET"]),
+            console_route("/events/{id:int}", "event", ["GET"]),
+            console_route("/events/{id:int}/reemit", "reemit", ["POST"]),
+            console_route("/enforcements", "enforcements", ["GET"]),
+            console_route("/enforcements/{id:int}", "enforcement", ["GET"]),
+            console_route("/enforcements/{id:int}/retry", "retry", ["POST"]),
+            console_route("/rules", "rules", ["GET"]),
+            console_route("/rules/{ref}", "rule", ["GET"]),
+            console_route("/rules/{ref}/enabled", "set_rule_enabled", ["POST"]),
+            console_route("/rules/{ref}/test", "test_rule", ["POST"]),
+            console_route("/triggers", "triggers", ["GET"]),
+            console_route("/triggers/{ref}", "trigger", ["GET"]),
+            console_route("/triggers/{ref}/webhook", "set_webhook", ["POST"]),
+            console_route("/triggers/{ref}/rotate", "rotate", ["POST"]),
+            console_route("/dispatch", "dispatch", ["GET"]),
+            console_route("/volume", "volume", ["GET"]),
+            console_route("/live/events", "events", ["GET"], owner="live"),
+            console_route("/live/enforcements", "enforcements", ["GET"], owner="live"),
+            Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
         lifespan=lifespan,
     )
-
-
-def _refusal(key: str, exc: grpc.aio.AioRpcError) -> Response:
-    """The HTTP answer to an api refusal: the sender's fault (4xx), or 503 to retry later."""
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.NOT_FOUND:
-        return _error(404, "no enabled webhook has this key")
-    if code == grpc.StatusCode.UNAUTHENTICATED and error_reason(exc) == "WEBHOOK_SIGNATURE":
-        return _error(401, details)
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return _error(400, details)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return _error(409, details)
-    if code not in _UNAVAILABLE:
-        # The web service's own credentials or role were refused: an operator must act, and
-        # the sender must retry later; the body was not stored.
-        log.error("webhook %s: the api refused this service: %s %s", key[:12], code.name, details)
-    else:
-        log.warning("webhook %s: the api could not store it: %s %s", key[:12], code.name, details)
-    return _error(503, "the event could not be stored now; retry later", **{"Retry-After": str(RETRY_AFTER_S)})
-
-
-def _source_ip(request: Request, config: WebConfig) -> str:
-    if config.trusted_proxies and (forwarded := request.headers.get("x-forwarded-for")):
-        return forwarded.split(",")[0].strip()[: limits.MAX_LABEL]
-    return request.client.host if request.client else ""

@@ -1,0 +1,614 @@
+"""The operator console: server-rendered pages over the api's gRPC reads and operator RPCs.
+
+Every page is rendered from the api's answers for the signed-in person (their token, their
+roles: ``session``); nothing is cached or stored here. Changes (re-emit, retry, enable or
+disable, webhook settings) are forms posted back with a CSRF value, then a redirect to the
+page that shows the result. Live updates are in ``live``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import grpc
+from google.protobuf import field_mask_pb2, json_format
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from services.web.render import STATUS_BY_NAME, environment
+from services.web.session import COOKIE, Sessions, User
+from shared import limits
+from shared.config import WebConfig
+from shared.gen.automation.v1 import (
+    analytics_pb2,
+    analytics_pb2_grpc,
+    common_pb2,
+    enforcement_pb2,
+    enforcement_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    execution_pb2,
+    execution_pb2_grpc,
+    rule_pb2,
+    rule_pb2_grpc,
+)
+
+log = logging.getLogger("services.web.console")
+
+PAGE_SIZE = 50
+"""Rows per list page."""
+MAX_FORM_BYTES = limits.MAX_PAYLOAD_BYTES + 64 * 1024
+"""Largest form the console accepts: a rule test's payload and the form's other fields."""
+VOLUME_RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
+NOTICES = {
+    "reemitted": "Re-emitted: this is the new event.",
+    "retried": "Offered again to executors.",
+    "enabled": "Enabled.",
+    "disabled": "Disabled.",
+    "webhook-on": "Webhook enabled.",
+    "webhook-off": "Webhook disabled.",
+    "rotated": "New webhook key: senders must use the new URL.",
+}
+"""What a redirect after a change may announce: a fixed set, so no text is reflected."""
+
+Handler = Callable[[Request, User], Awaitable[Response]]
+
+
+class Stubs:
+    """The api's services, over the web service's one channel (calls carry the person's token)."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.events = event_pb2_grpc.EventServiceStub(channel)
+        self.enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
+        self.rules = rule_pb2_grpc.RuleServiceStub(channel)
+        self.executions = execution_pb2_grpc.ExecutionServiceStub(channel)
+        self.analytics = analytics_pb2_grpc.AnalyticsServiceStub(channel)
+
+
+class Refused(Exception):
+    """A console request refused before the api is asked."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Filters:
+    """A list page's filters, as typed in its form (kept for the form and the paging links)."""
+
+    values: dict[str, str]
+
+    @classmethod
+    def of(cls, request: Request, names: tuple[str, ...]) -> Filters:
+        return cls({n: request.query_params.get(n, "").strip() for n in names})
+
+    def query(self, **extra: str) -> str:
+        return urlencode({k: v for k, v in {**self.values, **extra}.items() if v})
+
+    def id(self, name: str) -> int | None:
+        text = self.values.get(name, "")
+        if not text:
+            return None
+        if not text.isdigit() or not 0 < int(text) < 2**63:
+            raise Refused(400, f"{name}: must be a positive whole number (got {text[:40]!r})")
+        return int(text)
+
+
+def safe_next(target: str) -> str:
+    """Where to go after sign-in: a path of this site only (never another host)."""
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/"
+
+
+class Console:
+    def __init__(self, config: WebConfig, stubs: Stubs, sessions: Sessions) -> None:
+        self.config = config
+        self.api = stubs
+        self.sessions = sessions
+        self.env = environment()
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    def render(self, request: Request, user: User | None, template: str, status: int = 200, **ctx: Any) -> Response:
+        notice = NOTICES.get(request.query_params.get("notice", ""), "")
+        html = self.env.get_template(template).render(request=request, user=user, notice=notice, **ctx)
+        return HTMLResponse(html, status_code=status)
+
+    def call(self, user: User) -> dict[str, Any]:
+        """Keyword arguments of every api call made for ``user``."""
+        return {"metadata": user.metadata, "timeout": self.config.rpc_timeout_s}
+
+    def page(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        """A console route: signed in, or sent to sign in; api refusals as pages."""
+
+        async def endpoint(request: Request) -> Response:
+            user: User | None = None
+            try:
+                user = await self.sessions.user(request)
+                if user is None:
+                    back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                    if request.method != "GET":
+                        back = "/"
+                    return RedirectResponse(f"/signin?{urlencode({'next': back})}", status_code=303)
+                return await handler(request, user)
+            except Refused as exc:
+                return self.render(request, user, "error.html", exc.status, title="Refused", message=str(exc))
+            except grpc.aio.AioRpcError as exc:
+                return self.failure(request, user, exc)
+
+        return endpoint
+
+    def failure(self, request: Request, user: User | None, exc: grpc.aio.AioRpcError) -> Response:
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if user is not None:
+                self.sessions.forget(user.token)
+            response: Response = RedirectResponse("/signin?expired=1", status_code=303)
+            response.delete_cookie(COOKIE, path="/")
+            return response
+        status, title = {
+            grpc.StatusCode.NOT_FOUND: (404, "Not found"),
+            grpc.StatusCode.PERMISSION_DENIED: (403, "Not allowed"),
+            grpc.StatusCode.INVALID_ARGUMENT: (400, "Refused"),
+            grpc.StatusCode.FAILED_PRECONDITION: (409, "Not possible now"),
+            grpc.StatusCode.ALREADY_EXISTS: (409, "Already exists"),
+        }.get(code, (503, "The api cannot answer now"))
+        if status == 503:
+            log.warning("console %s %s: api %s %s", request.method, request.url.path, code.name, details)
+            details = f"{code.name}: {details}. This page tries again by itself."
+        response = self.render(request, user, "error.html", status, title=title, message=details, retry=status == 503)
+        if status == 503:
+            response.headers["Retry-After"] = "5"
+        return response
+
+    async def form(self, request: Request, user: User) -> dict[str, str]:
+        """A posted form (URL-encoded, bounded), once its CSRF value is checked."""
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+            raise Refused(415, "forms are posted as application/x-www-form-urlencoded")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                raise Refused(413, f"the form may be at most {MAX_FORM_BYTES:,} bytes")
+        try:
+            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+        except UnicodeDecodeError:
+            raise Refused(400, "the form is not UTF-8") from None
+        form = {k: v[0] for k, v in fields.items()}
+        if not hmac.compare_digest(form.get("csrf", ""), user.csrf):
+            raise Refused(403, "this form is stale or did not come from this console; reload the page and retry")
+        return form
+
+    @staticmethod
+    def operator(user: User) -> None:
+        if not user.operator:
+            raise Refused(403, "this needs the operator role; you are signed in without it")
+
+    # ---- sign-in ----------------------------------------------------------------------------
+
+    async def signin_page(self, request: Request) -> Response:
+        return self.render(
+            request,
+            None,
+            "signin.html",
+            next=safe_next(request.query_params.get("next", "/")),
+            expired=bool(request.query_params.get("expired")),
+        )
+
+    async def signin(self, request: Request) -> Response:
+        body = await request.body() if int(request.headers.get("content-length") or 0) <= 4096 else b""
+        fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        token, target = fields.get("token", "").strip(), safe_next(fields.get("next", "/"))
+        try:
+            user = await self.sessions.verify(token)
+        except grpc.aio.AioRpcError as exc:
+            return self.failure(request, None, exc)
+        if user is None:
+            return self.render(
+                request, None, "signin.html", 401, next=target, error="The api does not accept this token."
+            )
+        if not user.viewer:
+            return self.render(
+                request,
+                None,
+                "signin.html",
+                403,
+                next=target,
+                error=f"This token ({user.name}) has neither the viewer nor the operator role.",
+            )
+        log.info("console: %s signed in (%s)", user.name, ", ".join(sorted(user.roles)))
+        response = RedirectResponse(target, status_code=303)
+        response.set_cookie(
+            COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/"
+        )
+        return response
+
+    async def signout(self, request: Request) -> Response:
+        token = request.cookies.get(COOKIE, "")
+        if token:
+            self.sessions.forget(token)
+        response = RedirectResponse("/signin", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # ---- events -----------------------------------------------------------------------------
+
+    async def events(self, request: Request, user: User) -> Response:
+        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref", "reemit_of"))
+        token = request.query_params.get("page_token", "")
+        error, rows, next_token = "", [], ""
+        try:
+            req = event_pb2.ListEventsRequest(
+                page_size=PAGE_SIZE,
+                page_token=token,
+                trigger_ref=filters.values["trigger_ref"],
+                source_ref=filters.values["source_ref"],
+                rule_ref=filters.values["rule_ref"],
+            )
+            if (reemit_of := filters.id("reemit_of")) is not None:
+                req.reemit_of = reemit_of
+            resp = await self.api.events.ListEvents(req, **self.call(user))
+            rows, next_token = list(resp.events), resp.next_page_token
+        except Refused as exc:
+            error = str(exc)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            error = exc.details() or "refused"
+        return self.render(
+            request,
+            user,
+            "events.html",
+            400 if error else 200,
+            events=rows,
+            filters=filters,
+            first_page=not token,
+            next_token=next_token,
+            error=error,
+            live=f"/live/events?{filters.query()}" if not error else "",
+        )
+
+    async def event(self, request: Request, user: User) -> Response:
+        id_ = int(request.path_params["id"])
+        kw = self.call(user)
+        event = await self.api.events.GetEvent(event_pb2.GetEventRequest(id=id_), **kw)
+        enforcements = await self.api.enforcements.ListEnforcements(
+            enforcement_pb2.ListEnforcementsRequest(event=id_, page_size=PAGE_SIZE), **kw
+        )
+        reemits = await self.api.events.ListEvents(event_pb2.ListEventsRequest(reemit_of=id_, page_size=20), **kw)
+        return self.render(
+            request,
+            user,
+            "event.html",
+            event=event,
+            enforcements=list(enforcements.enforcements),
+            reemits=list(reemits.events),
+            request_id=f"console:{uuid.uuid4()}",
+            live=f"/live/enforcements?{urlencode({'event': id_})}",
+        )
+
+    async def reemit(self, request: Request, user: User) -> Response:
+        form = await self.form(request, user)
+        self.operator(user)
+        request_id = form.get("request_id", "")[: limits.MAX_REQUEST_ID]
+        resp = await self.api.events.ReemitEvent(
+            event_pb2.ReemitEventRequest(id=int(request.path_params["id"]), request_id=request_id), **self.call(user)
+        )
+        log.info("console: %s re-emitted event %s as %s", user.name, request.path_params["id"], resp.event.id)
+        return RedirectResponse(f"/events/{resp.event.id}?notice=reemitted", status_code=303)
+
+    # ---- enforcements -----------------------------------------------------------------------
+
+    def enforcement_filters(self, filters: Filters) -> dict[str, Any]:
+        """The list filters as request fields, shared by the list and its live tail."""
+        out: dict[str, Any] = {"rule_ref": filters.values["rule_ref"], "trigger_ref": filters.values["trigger_ref"]}
+        if (event := filters.id("event")) is not None:
+            out["event"] = event
+        return out
+
+    async def enforcements(self, request: Request, user: User) -> Response:
+        filters = Filters.of(request, ("rule_ref", "trigger_ref", "status", "event"))
+        token = request.query_params.get("page_token", "")
+        error, rows, next_token = "", [], ""
+        try:
+            status = filters.values["status"]
+            if status and status not in STATUS_BY_NAME:
+                raise Refused(400, f"status: must be one of {', '.join(STATUS_BY_NAME)} (got {status[:40]!r})")
+            resp = await self.api.enforcements.ListEnforcements(
+                enforcement_pb2.ListEnforcementsRequest(
+                    page_size=PAGE_SIZE,
+                    page_token=token,
+                    status=STATUS_BY_NAME.get(status, 0),  # type: ignore[arg-type]
+                    **self.enforcement_filters(filters),
+                ),
+                **self.call(user),
+            )
+            rows, next_token = list(resp.enforcements), resp.next_page_token
+        except Refused as exc:
+            error = str(exc)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            error = exc.details() or "refused"
+        return self.render(
+            request,
+            user,
+            "enforcements.html",
+            400 if error else 200,
+            enforcements=rows,
+            filters=filters,
+            first_page=not token,
+            next_token=next_token,
+            error=error,
+            live=f"/live/enforcements?{filters.query()}" if not error else "",
+        )
+
+    async def enforcement_parts(self, user: User, id_: int) -> dict[str, Any]:
+        """What the enforcement page shows, read fresh: also what a live update re-renders."""
+        kw = self.call(user)
+        enforcement = await self.api.enforcements.GetEnforcement(enforcement_pb2.GetEnforcementRequest(id=id_), **kw)
+        executions = await self.api.executions.ListExecutions(
+            execution_pb2.ListExecutionsRequest(enforcement=id_, page_size=10), **kw
+        )
+        return {"e": enforcement, "executions": list(executions.executions)}
+
+    async def enforcement(self, request: Request, user: User) -> Response:
+        id_ = int(request.path_params["id"])
+        parts = await self.enforcement_parts(user, id_)
+        return self.render(request, user, "enforcement.html", live=f"/live/enforcements?id={id_}", **parts)
+
+    async def retry(self, request: Request, user: User) -> Response:
+        await self.form(request, user)
+        self.operator(user)
+        id_ = int(request.path_params["id"])
+        await self.api.enforcements.RetryEnforcement(enforcement_pb2.RetryEnforcementRequest(id=id_), **self.call(user))
+        log.info("console: %s retried enforcement %d", user.name, id_)
+        return RedirectResponse("/dispatch?notice=retried", status_code=303)
+
+    # ---- rules and triggers -----------------------------------------------------------------
+
+    async def rules(self, request: Request, user: User) -> Response:
+        filters = Filters.of(request, ("trigger_ref", "pack_ref", "enabled"))
+        token = request.query_params.get("page_token", "")
+        req = rule_pb2.ListRulesRequest(
+            page_size=PAGE_SIZE,
+            page_token=token,
+            trigger_ref=filters.values["trigger_ref"],
+            pack_ref=filters.values["pack_ref"],
+        )
+        if filters.values["enabled"] in ("yes", "no"):
+            req.enabled = filters.values["enabled"] == "yes"
+        resp = await self.api.rules.ListRules(req, **self.call(user))
+        return self.render(
+            request,
+            user,
+            "rules.html",
+            rules=list(resp.rules),
+            filters=filters,
+            first_page=not token,
+            next_token=resp.next_page_token,
+        )
+
+    async def rule(self, request: Request, user: User, test: dict[str, Any] | None = None) -> Response:
+        ref = request.path_params["ref"]
+        rule = await self.api.rules.GetRule(rule_pb2.GetRuleRequest(ref=ref), **self.call(user))
+        return self.render(
+            request, user, "rule.html", 400 if test and test.get("error") else 200, rule=rule, test=test or {}
+        )
+
+    async def set_rule_enabled(self, request: Request, user: User) -> Response:
+        form = await self.form(request, user)
+        self.operator(user)
+        ref, enabled = request.path_params["ref"], form.get("enabled") == "true"
+        await self.api.rules.UpdateRule(
+            rule_pb2.UpdateRuleRequest(
+                rule=rule_pb2.Rule(ref=ref, enabled=enabled), update_mask=field_mask_pb2.FieldMask(paths=["enabled"])
+            ),
+            **self.call(user),
+        )
+        log.info("console: %s %s rule %s", user.name, "enabled" if enabled else "disabled", ref)
+        return RedirectResponse(f"/rules/{ref}?notice={'enabled' if enabled else 'disabled'}", status_code=303)
+
+    async def test_rule(self, request: Request, user: User) -> Response:
+        """TestRule with the stored rule, against a stored event or a typed payload."""
+        form = await self.form(request, user)
+        ref = request.path_params["ref"]
+        test: dict[str, Any] = {"payload": form.get("payload", ""), "event_id": form.get("event_id", "").strip()}
+        req = rule_pb2.TestRuleRequest(rule=rule_pb2.RuleSource(ref=ref))
+        try:
+            if test["event_id"]:
+                if not test["event_id"].isdigit():
+                    raise Refused(400, "event id: must be a positive whole number")
+                req.event_id = int(test["event_id"])
+            else:
+                try:
+                    payload = json.loads(test["payload"] or "{}")
+                except (ValueError, RecursionError) as exc:
+                    raise Refused(400, f"payload: not JSON ({str(exc)[:120]})") from None
+                if not isinstance(payload, dict):
+                    raise Refused(400, "payload: must be a JSON object")
+                try:
+                    json_format.ParseDict(payload, req.payload)
+                except (json_format.ParseError, RecursionError, ValueError) as exc:
+                    raise Refused(400, f"payload: {str(exc)[:120]}") from None
+            test["result"] = await self.api.rules.TestRule(req, **self.call(user))
+        except Refused as exc:
+            test["error"] = str(exc)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
+                raise
+            test["error"] = exc.details() or "refused"
+        return await self.rule(request, user, test)
+
+    async def triggers(self, request: Request, user: User) -> Response:
+        filters = Filters.of(request, ("pack_ref",))
+        token = request.query_params.get("page_token", "")
+        resp = await self.api.rules.ListTriggers(
+            rule_pb2.ListTriggersRequest(page_size=PAGE_SIZE, page_token=token, pack_ref=filters.values["pack_ref"]),
+            **self.call(user),
+        )
+        return self.render(
+            request,
+            user,
+            "triggers.html",
+            triggers=list(resp.triggers),
+            filters=filters,
+            first_page=not token,
+            next_token=resp.next_page_token,
+        )
+
+    async def trigger(self, request: Request, user: User) -> Response:
+        ref = request.path_params["ref"]
+        kw = self.call(user)
+        trigger = await self.api.rules.GetTrigger(rule_pb2.GetTriggerRequest(ref=ref), **kw)
+        rules = await self.api.rules.ListRules(rule_pb2.ListRulesRequest(trigger_ref=ref, page_size=PAGE_SIZE), **kw)
+        base = str(request.base_url).rstrip("/")
+        return self.render(
+            request,
+            user,
+            "trigger.html",
+            trigger=trigger,
+            rules=list(rules.rules),
+            webhook_url=f"{base}/webhooks/{trigger.webhook_key}" if trigger.webhook_key else "",
+        )
+
+    async def set_webhook(self, request: Request, user: User) -> Response:
+        form = await self.form(request, user)
+        self.operator(user)
+        ref, enabled = request.path_params["ref"], form.get("enabled") == "true"
+        await self.api.rules.UpdateTrigger(
+            rule_pb2.UpdateTriggerRequest(
+                trigger=rule_pb2.Trigger(ref=ref, webhook_enabled=enabled),
+                update_mask=field_mask_pb2.FieldMask(paths=["webhook_enabled"]),
+            ),
+            **self.call(user),
+        )
+        log.info("console: %s %s the webhook of %s", user.name, "enabled" if enabled else "disabled", ref)
+        return RedirectResponse(f"/triggers/{ref}?notice=webhook-{'on' if enabled else 'off'}", status_code=303)
+
+    async def rotate(self, request: Request, user: User) -> Response:
+        await self.form(request, user)
+        self.operator(user)
+        ref = request.path_params["ref"]
+        await self.api.rules.RotateWebhookKey(rule_pb2.RotateWebhookKeyRequest(ref=ref), **self.call(user))
+        log.info("console: %s rotated the webhook key of %s", user.name, ref)
+        return RedirectResponse(f"/triggers/{ref}?notice=rotated", status_code=303)
+
+    # ---- dispatch and volume ----------------------------------------------------------------
+
+    async def dispatch(self, request: Request, user: User) -> Response:
+        state = await self.api.enforcements.GetDispatchState(
+            enforcement_pb2.GetDispatchStateRequest(exhausted_limit=100), **self.call(user)
+        )
+        oldest = None
+        if state.HasField("oldest_pending_age"):
+            oldest = state.oldest_pending_age.ToTimedelta().total_seconds()
+        return self.render(request, user, "dispatch.html", state=state, oldest=oldest)
+
+    async def volume(self, request: Request, user: User) -> Response:
+        span_name = request.query_params.get("range", "24h")
+        span = VOLUME_RANGES.get(span_name, VOLUME_RANGES["24h"])
+        end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        start = end - span
+        window = common_pb2.TimeRange()
+        window.start.FromDatetime(start)
+        window.end.FromDatetime(end)
+        kw = self.call(user)
+        events = await self.api.analytics.QueryEventVolume(analytics_pb2.QueryEventVolumeRequest(range=window), **kw)
+        enforcements = await self.api.analytics.QueryEnforcementVolume(
+            analytics_pb2.QueryEnforcementVolumeRequest(range=window), **kw
+        )
+        hours = [start + timedelta(hours=i) for i in range(int(span / timedelta(hours=1)))]
+        event_series = _series(hours, ((b.bucket, "events", b.event_count) for b in events.buckets))
+        enforcement_series = _series(
+            hours,
+            (
+                (b.bucket, common_pb2.EnforcementStatus.Name(b.status).removeprefix("ENFORCEMENT_STATUS_").lower(), n)
+                for b in enforcements.buckets
+                for n in (b.enforcement_count,)
+            ),
+        )
+        by_trigger = _totals((b.trigger_ref, b.event_count) for b in events.buckets)
+        by_rule = _totals((b.rule_ref, b.enforcement_count) for b in enforcements.buckets)
+        return self.render(
+            request,
+            user,
+            "volume.html",
+            span=span_name if span_name in VOLUME_RANGES else "24h",
+            ranges=list(VOLUME_RANGES),
+            event_chart=_chart(hours, event_series, ("events",)),
+            enforcement_chart=_chart(hours, enforcement_series, ("processed", "disabled", "created")),
+            by_trigger=by_trigger,
+            by_rule=by_rule,
+        )
+
+
+def _series(hours: list[datetime], points: Any) -> dict[datetime, dict[str, int]]:
+    out: dict[datetime, dict[str, int]] = {h: {} for h in hours}
+    for bucket, series, count in points:
+        at = bucket.ToDatetime(tzinfo=UTC)
+        if at in out:
+            out[at][series] = out[at].get(series, 0) + int(count)
+    return out
+
+
+def _totals(pairs: Any) -> list[tuple[str, int]]:
+    totals: dict[str, int] = {}
+    for name, count in pairs:
+        totals[name] = totals.get(name, 0) + int(count)
+    return sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
+
+
+@dataclass
+class Bar:
+    x: float
+    segments: list[tuple[str, float, float, int]]  # series, y, height, count
+    label: str
+    total: int
+
+
+@dataclass
+class Chart:
+    width: int
+    height: int
+    bar_width: float
+    bars: list[Bar]
+    top: int
+    series: tuple[str, ...]
+    ticks: list[tuple[float, str]]
+    total: int
+
+
+def _chart(hours: list[datetime], data: dict[datetime, dict[str, int]], series: tuple[str, ...]) -> Chart:
+    """A stacked bar per hour, scaled to the busiest hour (an inline SVG in the template)."""
+    width, height = 960, 180
+    top = max([sum(v.values()) for v in data.values()] + [1])
+    step = width / max(len(hours), 1)
+    bars: list[Bar] = []
+    ticks: list[tuple[float, str]] = []
+    every = max(len(hours) // 8, 1)
+    for i, hour in enumerate(hours):
+        counts = data.get(hour, {})
+        y = float(height)
+        segments = []
+        for name in series:
+            n = counts.get(name, 0)
+            if n:
+                h = n / top * (height - 4)
+                y -= h
+                segments.append((name, y, h, n))
+        label = hour.strftime("%Y-%m-%d %H:00 UTC")
+        bars.append(Bar(i * step, segments, label, sum(counts.values())))
+        if i % every == 0:
+            ticks.append((i * step, hour.strftime("%d %b %H:00") if len(hours) > 24 else hour.strftime("%H:00")))
+    return Chart(width, height, max(step - 1, 1), bars, top, series, ticks, sum(b.total for b in bars))

@@ -1,0 +1,250 @@
+"""Live updates: Server-Sent Events fed by the api's tails.
+
+A page names its stream (``/live/events?filters``, ``/live/enforcements?filters``, or
+``/live/enforcements?id=N`` for one enforcement). The stream opens the api's tail with the
+page's filters and ``announce_start``; once the tail's start position is taken it sends a
+snapshot (the first page of the list, or the enforcement), then every change. So nothing
+that changed between the page's render and the stream's start is missed: it is in the
+snapshot or in the tail, and the browser applies both as idempotent replacements.
+
+Each message carries the tail's cursor as its SSE ``id``. When the stream breaks (the api
+restarts, the web service restarts, the network drops) the browser reconnects by itself with
+``Last-Event-ID``, and the tail resumes from that cursor: no gap, no duplicate. A cursor the
+api no longer accepts (expired, or for other filters) starts a fresh tail with a snapshot.
+
+Messages are HTML fragments rendered here, with the same templates as the pages, so a row
+that arrives live looks exactly like one that was rendered with the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from services.web.console import PAGE_SIZE, Console, Filters, Refused
+from services.web.render import STATUS_BY_NAME, STATUS_NAMES, macros
+from services.web.session import User
+from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2
+
+log = logging.getLogger("services.web.live")
+
+HEARTBEAT_S = 15.0
+"""A comment line this often keeps proxies from closing an idle stream and finds dead clients."""
+RECONNECT_MS = 2000
+"""What the browser waits before reconnecting a broken stream."""
+BUFFER = 64
+"""Messages read ahead of a slow browser; past that the tail waits (gRPC flow control)."""
+STARTED = enforcement_pb2.TailEnforcementsResponse.CHANGE_STARTED
+RESOLVED = enforcement_pb2.TailEnforcementsResponse.CHANGE_RESOLVED
+# Codes after which the browser should come back later (the api is away or restarting).
+_TRANSIENT = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+)
+
+
+def sse(event: str, data: Any, cursor: str = "") -> bytes:
+    lines = [f"event: {event}"]
+    if cursor:
+        lines.append(f"id: {cursor}")
+    lines.append(f"data: {json.dumps(data, ensure_ascii=True)}")
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+async def _ahead(call: Any, queue: asyncio.Queue[Any]) -> None:
+    """Reads the tail into ``queue`` (bounded); ends with the call's error or None."""
+    try:
+        async for message in call:
+            await queue.put(message)
+        await queue.put(None)
+    except grpc.aio.AioRpcError as exc:
+        await queue.put(exc)
+
+
+class Live:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def _stream(self, request: Request, user: User, body: AsyncIterator[bytes]) -> Response:
+        async def guarded() -> AsyncIterator[bytes]:
+            yield f"retry: {RECONNECT_MS}\n\n".encode()
+            try:
+                async for chunk in body:
+                    yield chunk
+            except grpc.aio.AioRpcError as exc:
+                yield self._ended(user, exc)
+
+        return StreamingResponse(
+            guarded(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    def _ended(self, user: User, exc: grpc.aio.AioRpcError) -> bytes:
+        code = exc.code()
+        if code in _TRANSIENT:
+            log.info("live stream for %s broke (%s); the browser reconnects", user.name, code.name)
+            return b": the api is away; reconnecting\n\n"
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            self.console.sessions.forget(user.token)
+        # Not worth reconnecting: the page says why and the script stops the stream.
+        return sse("stop", {"code": code.name, "message": exc.details() or ""})
+
+    async def _messages(self, request: Request, call: Any) -> AsyncIterator[Any]:
+        """The tail's messages, with ``None`` for each heartbeat; raises the tail's error."""
+        queue: asyncio.Queue[Any] = asyncio.Queue(BUFFER)
+        reader = asyncio.create_task(_ahead(call, queue))
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), HEARTBEAT_S)
+                except TimeoutError:
+                    yield None
+                    continue
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            call.cancel()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _tail(self, request: Request, open_call: Any) -> AsyncIterator[Any]:
+        """Messages of the tail from the browser's Last-Event-ID, or from a fresh start when
+        it has none or the api refuses it."""
+        cursor = request.headers.get("last-event-id", "")
+        if len(cursor) > 16 * 1024 or not cursor.isascii():
+            cursor = ""
+        try:
+            async for message in self._messages(request, open_call(cursor)):
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            stale = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+            if not cursor or not stale:
+                raise
+            log.info("live: resuming from the browser's cursor was refused (%s); starting afresh", exc.code().name)
+            async for message in self._messages(request, open_call("")):
+                yield message
+
+    # ---- events -----------------------------------------------------------------------------
+
+    async def events(self, request: Request, user: User) -> Response:
+        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref"))
+        console = self.console
+        kw = console.call(user)
+        fields: dict[str, Any] = {k: filters.values[k] for k in ("trigger_ref", "source_ref", "rule_ref")}
+        row = macros(console.env, "_rows.html").event_row
+
+        def open_call(cursor: str) -> Any:
+            req = event_pb2.TailEventsRequest(cursor=cursor, announce_start=not cursor, **fields)
+            return console.api.events.TailEvents(req, metadata=user.metadata)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for message in self._tail(request, open_call):
+                if message is None:
+                    yield b": heartbeat\n\n"
+                elif message.start:
+                    snapshot = await console.api.events.ListEvents(
+                        event_pb2.ListEventsRequest(page_size=PAGE_SIZE, **fields), **kw
+                    )
+                    rows = [{"key": e.id, "html": str(row(e))} for e in reversed(snapshot.events)]
+                    yield sse("rows", {"rows": rows, "snapshot": True}, message.cursor)
+                else:
+                    e = message.event
+                    yield sse("rows", {"rows": [{"key": e.id, "html": str(row(e))}]}, message.cursor)
+
+        return self._stream(request, user, body())
+
+    # ---- enforcements -----------------------------------------------------------------------
+
+    async def enforcements(self, request: Request, user: User) -> Response:
+        console = self.console
+        id_text = request.query_params.get("id", "")
+        if id_text:
+            if not id_text.isdigit() or not 0 < int(id_text) < 2**63:
+                raise Refused(400, "id: must be a positive whole number")
+            return await self._one(request, user, int(id_text))
+        filters = Filters.of(request, ("rule_ref", "trigger_ref", "status", "event"))
+        status = filters.values["status"]
+        if status and status not in STATUS_BY_NAME:
+            raise Refused(400, f"status: must be one of {', '.join(STATUS_BY_NAME)}")
+        fields = console.enforcement_filters(filters)
+        kw = console.call(user)
+        row = macros(console.env, "_rows.html").enforcement_row
+
+        def open_call(cursor: str) -> Any:
+            # Every change, whatever the page's status filter: a row leaving the filter (a
+            # CREATED page's row being resolved) must be taken off the page.
+            req = enforcement_pb2.TailEnforcementsRequest(cursor=cursor, announce_start=not cursor, **fields)
+            return console.api.enforcements.TailEnforcements(req, metadata=user.metadata)
+
+        def shown(e: common_pb2.Enforcement) -> dict[str, Any]:
+            if status and STATUS_NAMES.get(e.status) != status:
+                return {"key": e.id, "remove": True}
+            return {"key": e.id, "html": str(row(e))}
+
+        async def body() -> AsyncIterator[bytes]:
+            async for message in self._tail(request, open_call):
+                if message is None:
+                    yield b": heartbeat\n\n"
+                elif message.change == STARTED:
+                    snapshot = await console.api.enforcements.ListEnforcements(
+                        enforcement_pb2.ListEnforcementsRequest(
+                            page_size=PAGE_SIZE,
+                            status=STATUS_BY_NAME.get(status, 0),  # type: ignore[arg-type]
+                            **fields,
+                        ),
+                        **kw,
+                    )
+                    rows = [shown(e) for e in reversed(snapshot.enforcements)]
+                    yield sse("rows", {"rows": rows, "snapshot": True}, message.cursor)
+                else:
+                    yield sse("rows", {"rows": [shown(message.enforcement)]}, message.cursor)
+
+        return self._stream(request, user, body())
+
+    async def _one(self, request: Request, user: User, id_: int) -> Response:
+        """One enforcement's page: its parts re-rendered whenever it changes."""
+        console = self.console
+        first = await console.enforcement_parts(user, id_)
+        wanted: dict[str, Any] = {"rule_ref": first["e"].rule_ref}
+        if first["e"].HasField("event"):
+            wanted["event"] = first["e"].event
+        module = macros(console.env, "_enforcement.html")
+
+        def open_call(cursor: str) -> Any:
+            req = enforcement_pb2.TailEnforcementsRequest(cursor=cursor, announce_start=not cursor, **wanted)
+            return console.api.enforcements.TailEnforcements(req, metadata=user.metadata)
+
+        async def parts() -> dict[str, Any]:
+            fresh = await console.enforcement_parts(user, id_)
+            return {
+                "status": STATUS_NAMES.get(fresh["e"].status, ""),
+                "parts": {
+                    "overview": str(module.overview(fresh["e"])),
+                    "metadata": str(module.metadata(fresh["e"])),
+                    "executions": str(module.executions_part(fresh["executions"])),
+                },
+            }
+
+        async def body() -> AsyncIterator[bytes]:
+            async for message in self._tail(request, open_call):
+                if message is None:
+                    yield b": heartbeat\n\n"
+                elif message.change == STARTED or message.enforcement.id == id_:
+                    yield sse("parts", await parts(), message.cursor)
+                else:
+                    # Another enforcement of the same event and rule: only the position moves.
+                    yield f"id: {message.cursor}\n\n".encode()
+
+        return self._stream(request, user, body())
