@@ -172,7 +172,7 @@ class ExecutorConfig:
 
 @dataclass(frozen=True, slots=True)
 class WebConfig:
-    """Settings of the web service (webhooks)."""
+    """Settings of the web service (webhooks and the console)."""
 
     addr: str = "127.0.0.1:8080"
     """WEB_ADDR: host:port the web service listens on."""

@@ -65,7 +65,11 @@ async def web_service(target: str, ch: grpc.aio.Channel, rpc_timeout_s: float = 
     through ``ch`` (whose token is the service's); yields its base URL."""
     port = free_port()
     config = WebConfig(addr=f"127.0.0.1:{port}", target=target, rpc_timeout_s=rpc_timeout_s)
-    server = uvicorn.Server(uvicorn.Config(create_app(config, ch), host="127.0.0.1", port=port, log_config=None))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, ch), host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=3
+        )
+    )
     task = asyncio.create_task(server.serve())
 
     async def started() -> bool:

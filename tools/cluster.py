@@ -244,7 +244,9 @@ async def _secure(env: dict[str, str]) -> str:
 def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int], embedded: bool) -> str:
     target = env["API_TARGET"]
     security = client_security(env)
-    if env.get("API_INSECURE", "").lower() in ("1", "true", "yes", "on"):
+    insecure = env.get("API_INSECURE", "").lower() in ("1", "true", "yes", "on")
+    sign_in = "any text: authentication is off" if insecure else "the operator token below, or a viewer's"
+    if insecure:
         use = (
             f"  INSECURE: no TLS, no authentication (development only)\n  try:      grpcurl -plaintext {target} list\n"
         )
@@ -258,7 +260,8 @@ def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int],
         )
     return (
         f"\n  api       {target} ({'TLS' if security.tls else 'plaintext'})\n"
-        f"  web       http://{env['WEB_ADDR']}/webhooks/{{key}} (a trigger's webhook_key)\n"
+        f"  console   http://{env['WEB_ADDR']}/ (sign in with {sign_in})\n"
+        f"  webhooks  http://{env['WEB_ADDR']}/webhooks/{{key}} (a trigger's webhook_key)\n"
         f"  executors {executors} ({', '.join(map(str, pids)) or 'none: ./dev executor'})\n"
         f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
         f"{use}"

@@ -1,4 +1,4 @@
-"""``python -m services.web``: the web service (webhooks) until SIGTERM or SIGINT."""
+"""``python -m services.web``: the web service (webhooks and the console) until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import uvicorn
 from services.web import create_app
 from shared.config import ConfigError, web_config
 from shared.runtime import setup_logging
+
+SHUTDOWN_GRACE_S = 3
 
 
 def main() -> int:
@@ -27,6 +29,9 @@ def main() -> int:
         access_log=False,
         loop="uvloop",
         lifespan="on",
+        # Live pages hold a stream open for as long as they are shown: stop waiting for them
+        # after a few seconds (browsers reconnect to the next instance by themselves).
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
     return 0
 

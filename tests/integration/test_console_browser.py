@@ -1,0 +1,396 @@
+"""The console in a real browser: Debian's chromium, headless, driven by Playwright, against the
+web service and a real api on PostgreSQL (both in this process) and the real executor.
+
+Every page is saved as a screenshot in ``test-artifacts/console/`` (look at them). A missing
+browser fails these tests with what to install: they are part of the suite, never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from services.api.server import ApiServer
+from services.executor import Executor
+from shared.config import ApiConfig, ClientSecurity, ExecutorConfig
+from shared.gen.automation.v1 import (
+    analytics_pb2_grpc,
+    condition_pb2,
+    enforcement_pb2,
+    enforcement_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    execution_pb2_grpc,
+    history_pb2_grpc,
+    rule_pb2,
+    rule_pb2_grpc,
+)
+from tests.conftest import Stubs
+from tests.helpers import OPERATOR, TOKENS, channel, eventually, new_event, rule, web_service
+from tools.postgres import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+SHOTS = ROOT / "test-artifacts" / "console"
+EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
+RESOLVED_AT = "[data-part=overview] [data-field=resolved_at]"
+
+
+def chromium() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail(
+            "the console's browser tests need Debian's chromium: apt-get install chromium "
+            "(.ci/run installs it), or set CHROMIUM to a Chromium binary"
+        )
+    return path
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture
+async def web(api: ApiServer) -> AsyncIterator[str]:
+    target = f"127.0.0.1:{api.port}"
+    async with channel(target, TOKENS["sensor"]) as ch, web_service(target, ch) as url:
+        yield url
+
+
+@dataclasses.dataclass
+class Console:
+    page: Page
+    url: str
+    errors: list[str]
+
+    async def open(self, path: str) -> None:
+        await self.page.goto(self.url + path)
+
+    async def shot(self, name: str) -> None:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        await self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+    async def live(self) -> None:
+        """Waits until the page's stream delivered its first message (its snapshot)."""
+        await expect(self.page.locator("body[data-live-ready]")).to_have_count(1)
+
+
+@asynccontextmanager
+async def signed_in(browser: Browser, url: str, token: str = OPERATOR, start: str = "/") -> AsyncIterator[Console]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        await page.goto(url + start)
+        await page.fill("input[name=token]", token)
+        await page.click("button.primary")
+        await expect(page.locator(".who")).to_be_visible()
+        yield Console(page, url, errors)
+        assert errors == [], f"script errors on the page: {errors}"
+    finally:
+        await context.close()
+
+
+async def seed(stubs: Stubs) -> None:
+    """Two triggers (one with a webhook) and three rules."""
+    for ref, hook in (("demo.alert", False), ("demo.push", True)):
+        await stubs.rules.CreateTrigger(
+            rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=ref, label=ref, webhook_enabled=hook))
+        )
+    await stubs.rules.CreateRule(
+        rule_pb2.CreateRuleRequest(
+            rule=rule(
+                "demo.page_oncall",
+                "demo.alert",
+                conditions=[("severity", EQUALS, "critical")],
+                params={"message": "{{ event.payload.host }} is down"},
+            )
+        )
+    )
+    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=rule("demo.log_all", "demo.alert")))
+    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=rule("demo.on_push", "demo.push")))
+
+
+async def emit(stubs: Stubs, trigger_ref: str, **payload: Any) -> event_pb2.CreateEventResponse:
+    return await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(trigger_ref, payload)))
+
+
+@asynccontextmanager
+async def executor(target: str) -> AsyncIterator[None]:
+    """The real executor, in this process, with the executor role."""
+    ex = Executor(
+        ExecutorConfig(
+            target=target,
+            executor_id="browser-test",
+            rpc_timeout_s=5.0,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.5,
+            security=ClientSecurity(token=TOKENS["executor"]),
+        )
+    )
+    task = asyncio.create_task(ex.run())
+    try:
+        yield
+    finally:
+        ex.stop()
+        await asyncio.wait_for(task, 15)
+
+
+async def test_enforcement_detail_shows_pending_then_the_resolution_time_without_a_reload(
+    api: ApiServer, stubs: Stubs, web: str, browser: Browser
+) -> None:
+    await seed(stubs)
+    created = await emit(stubs, "demo.alert", severity="critical", host="web-1")
+    enforcement = next(e for e in created.enforcements if e.rule_ref == "demo.page_oncall")
+    async with signed_in(browser, web) as console:
+        await console.open(f"/enforcements/{enforcement.id}")
+        await console.live()
+        page = console.page
+        await expect(page.locator(RESOLVED_AT)).to_have_text("Pending")
+        await expect(page.locator("[data-part=metadata] [data-field=resolved_at]")).to_have_text("Pending")
+        await expect(page.locator("[data-part=overview] .badge")).to_have_text("created")
+        await console.shot("enforcement-pending")
+        # A mark on this document: a reload would lose it.
+        await page.evaluate("window.__same_document = true")
+
+        async with executor(f"127.0.0.1:{api.port}"):
+            await expect(page.locator(f"{RESOLVED_AT} time")).to_have_count(1, timeout=30_000)
+        await expect(page.locator("[data-part=overview] .badge")).to_have_text("processed")
+        await expect(page.locator("[data-part=metadata] [data-field=resolved_at] time")).to_have_count(1)
+        await expect(page.locator("[data-part=executions] code")).to_have_text("core.echo")
+        assert await page.evaluate("window.__same_document === true"), "the page was reloaded"
+        # Local time in the text, UTC on hover.
+        title = await page.locator(f"{RESOLVED_AT} time").get_attribute("title")
+        assert title is not None and title.endswith("UTC")
+        await console.shot("enforcement-resolved")
+
+
+async def test_events_list_filters_pages_and_grows_live(stubs: Stubs, web: str, browser: Browser) -> None:
+    await seed(stubs)
+    ids = [(await emit(stubs, "demo.alert", n=i, severity="info")).event.id for i in range(55)]
+    pushes = [(await emit(stubs, "demo.push", ref=f"refs/heads/b{i}")).event.id for i in range(3)]
+    async with signed_in(browser, web, start="/events") as console:
+        page = console.page
+        rows = page.locator("table[data-list=events] tbody tr")
+        await expect(rows).to_have_count(50)
+        await expect(rows.first).to_have_attribute("data-key", str(pushes[-1]))
+        await console.shot("events")
+
+        # Filter: only the pushes, newest first.
+        await page.fill("input[name=trigger_ref]", "demo.push")
+        await page.click("form.filters button")
+        await expect(rows).to_have_count(3)
+        assert [await r.get_attribute("data-key") for r in await rows.all()] == [str(i) for i in reversed(pushes)]
+        await expect(page.locator("a[rel=next]")).to_have_count(0)
+        await console.shot("events-filtered")
+
+        # Paging: the second page holds the oldest alerts, and links back to the newest.
+        await page.click("a:has-text('Clear')")
+        await page.click("a[rel=next]")
+        await expect(rows).to_have_count(8)
+        assert [await r.get_attribute("data-key") for r in await rows.all()] == [str(i) for i in reversed(ids[:8])]
+        await expect(page.locator("a:has-text('Newest')")).to_be_visible()
+        await console.shot("events-page-2")
+
+        # Live: the first page gains a new event without a reload.
+        await page.click("a:has-text('Newest')")
+        await console.live()
+        fresh = (await emit(stubs, "demo.alert", n=99, severity="info")).event.id
+        await expect(rows.first).to_have_attribute("data-key", str(fresh))
+
+
+async def test_retry_on_an_exhausted_enforcement(
+    stubs: Stubs, web: str, browser: Browser, conn: asyncpg.Connection
+) -> None:
+    await seed(stubs)
+    created = await emit(stubs, "demo.push", ref="refs/heads/main")
+    (enforcement,) = created.enforcements
+    await conn.execute(
+        "UPDATE enforcement_dispatch SET exhausted_at = now(), attempts = 5, last_error = 'backend down' "
+        "WHERE enforcement = $1",
+        enforcement.id,
+    )
+    async with signed_in(browser, web, start="/dispatch") as console:
+        page = console.page
+        row = page.locator(f"tr[data-key='{enforcement.id}']")
+        await expect(row).to_contain_text("backend down")
+        await console.shot("dispatch-exhausted")
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await row.locator("button[data-retry]").click()
+        await expect(page.locator(".banner.ok")).to_have_text("Offered again to executors.")
+        await expect(page.locator(f"tr[data-key='{enforcement.id}']")).to_have_count(0)
+        await console.shot("dispatch")
+    state = await stubs.enforcements.GetDispatchState(enforcement_pb2.GetDispatchStateRequest())
+    assert state.exhausted_count == 0 and state.pending == 1
+
+
+async def test_disabling_a_rule_asks_first(stubs: Stubs, web: str, browser: Browser) -> None:
+    await seed(stubs)
+    async with signed_in(browser, web, start="/rules/demo.log_all") as console:
+        page = console.page
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.dismiss()))
+        await page.click("#toggle-rule")
+        await expect(page.locator("#toggle-rule")).to_have_text("Disable")
+        assert (await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref="demo.log_all"))).enabled
+
+        page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+        await page.click("#toggle-rule")
+        await expect(page.locator(".banner.ok")).to_have_text("Disabled.")
+        await expect(page.locator("#toggle-rule")).to_have_text("Enable")
+    assert not (await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref="demo.log_all"))).enabled
+
+
+async def test_a_viewer_sees_no_operator_buttons(stubs: Stubs, web: str, browser: Browser) -> None:
+    await seed(stubs)
+    event = (await emit(stubs, "demo.alert", severity="critical", host="h")).event
+    async with signed_in(browser, web, TOKENS["viewer"], start=f"/events/{event.id}") as console:
+        page = console.page
+        await expect(page.locator("h1")).to_contain_text(f"Event {event.id}")
+        await expect(page.locator("#reemit")).to_have_count(0)
+        await console.open("/rules/demo.log_all")
+        await expect(page.locator("#toggle-rule")).to_have_count(0)
+        await expect(page.locator("#run-test")).to_be_visible()  # testing a rule is a read
+        await console.open("/triggers/demo.push")
+        await expect(page.locator("#webhook-url")).to_have_count(1)
+        await expect(page.locator("#toggle-webhook, #rotate-key")).to_have_count(0)
+        await console.shot("viewer-trigger")
+
+
+async def test_every_page_renders_and_is_saved(api: ApiServer, stubs: Stubs, web: str, browser: Browser) -> None:
+    """Every page with data on it, screenshotted; a re-emit and a rule test on the way."""
+    await seed(stubs)
+    async with executor(f"127.0.0.1:{api.port}"):
+        for i in range(12):
+            await emit(stubs, "demo.alert", severity="critical" if i % 3 == 0 else "info", host=f"web-{i}", n=i)
+        last = await emit(stubs, "demo.push", ref="refs/heads/main", pusher={"name": "Zoë", "email": "z@example.com"})
+        await stubs.rules.UpdateRule(
+            rule_pb2.UpdateRuleRequest(
+                rule=rule_pb2.Rule(ref="demo.on_push", enabled=False),
+                update_mask=field_mask_pb2.FieldMask(paths=["enabled"]),
+            )
+        )
+        async with signed_in(browser, web) as console:
+            page = console.page
+            await expect(page.locator("h1")).to_have_text("Enforcements")
+            await console.shot("enforcements")
+            await console.open(f"/events/{last.event.id}")
+            await expect(page.locator("pre.json").first).to_contain_text('"name": "Zoë"')
+            await console.shot("event")
+            page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+            await page.click("#reemit")
+            await expect(page.locator(".banner.ok")).to_have_text("Re-emitted: this is the new event.")
+            await expect(page.locator(f"aside a[href='/events/{last.event.id}']")).to_have_count(1)
+            await console.shot("event-reemitted")
+            await console.open("/enforcements?rule_ref=demo.page_oncall")
+            rows = page.locator("table[data-list=enforcements] tbody tr")
+            await expect(rows).to_have_count(4)
+            await rows.first.locator("a").first.click()
+            await expect(page.locator("h1")).to_contain_text("demo.page_oncall")
+            await console.shot("enforcement")
+            for path, name, heading in (
+                ("/rules", "rules", "Rules"),
+                ("/triggers", "triggers", "Triggers"),
+                ("/triggers/demo.push", "trigger", "Trigger demo.push"),
+                ("/dispatch", "dispatch-empty", "Dispatch"),
+                ("/volume", "volume", "Volume"),
+                ("/volume?range=7d", "volume-7d", "Volume"),
+            ):
+                await console.open(path)
+                await expect(page.locator("h1")).to_contain_text(heading)
+                await console.shot(name)
+            await expect(page.locator("#events-chart rect.s-events")).not_to_have_count(0)
+
+            await console.open("/rules/demo.page_oncall")
+            await page.fill("textarea[name=payload]", '{"severity": "critical", "host": "db-1"}')
+            await page.click("#run-test")
+            await expect(page.locator("#test-result")).to_contain_text("matched")
+            await expect(page.locator("#test-result")).to_contain_text('"message": "db-1 is down"')
+            await console.shot("rule-tested")
+
+            await console.open("/enforcements/987654321")
+            await expect(page.locator("h1")).to_have_text("Not found")
+            await console.shot("not-found")
+
+            await page.click("button:has-text('Sign out')")
+            await expect(page.locator("h1")).to_have_text("Sign in")
+            await console.shot("signin")
+
+
+def stubs_of(ch: grpc.aio.Channel, target: str) -> Stubs:
+    return Stubs(
+        channel=ch,
+        target=target,
+        events=event_pb2_grpc.EventServiceStub(ch),
+        enforcements=enforcement_pb2_grpc.EnforcementServiceStub(ch),
+        rules=rule_pb2_grpc.RuleServiceStub(ch),
+        executions=execution_pb2_grpc.ExecutionServiceStub(ch),
+        history=history_pb2_grpc.HistoryServiceStub(ch),
+        analytics=analytics_pb2_grpc.AnalyticsServiceStub(ch),
+    )
+
+
+async def test_live_pages_carry_on_across_an_api_restart(api_config: ApiConfig, browser: Browser) -> None:
+    """The web service's channel reconnects by itself, and the browser's stream resumes from
+    its cursor: a change made after the api came back shows up without a reload."""
+    config = dataclasses.replace(api_config, addr=f"127.0.0.1:{free_port()}")
+    first = ApiServer(config)
+    await first.start()
+    target = config.addr
+    async with channel(target) as ch:
+        ops = stubs_of(ch, target)
+        await seed(ops)
+        before = (await emit(ops, "demo.push", n=1)).enforcements[0].id
+        second: ApiServer | None = None
+        async with (
+            channel(target, TOKENS["sensor"]) as web_ch,
+            web_service(target, web_ch) as url,
+            signed_in(browser, url, start="/enforcements") as console,
+        ):
+            try:
+                rows = console.page.locator("table[data-list=enforcements] tbody tr")
+                await console.live()
+                await expect(rows.first).to_have_attribute("data-key", str(before))
+                await first.stop()
+                await expect(console.page.locator("#live-state")).to_have_text("reconnecting…")
+                second = ApiServer(config)
+                await second.start()
+                after = await eventually_emit(ops)
+                await expect(rows.first).to_have_attribute("data-key", str(after), timeout=30_000)
+                await expect(console.page.locator("#live-state")).to_have_text("live")
+                await expect(rows).to_have_count(2)  # no duplicate of the row it had
+            finally:
+                if second is not None:
+                    await second.stop()
+
+
+async def eventually_emit(stubs: Stubs) -> int:
+    """Emits once the restarted api answers (the channel reconnects with backoff); a refused
+    attempt stored nothing (UNAVAILABLE: the call never reached a handler)."""
+
+    async def attempt() -> int | None:
+        try:
+            return int((await emit(stubs, "demo.push", n=2)).enforcements[0].id)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            return None
+
+    return await eventually(attempt, what="the restarted api to store an event")
