@@ -47,6 +47,19 @@ PAGE_SIZE = 50
 """Rows per list page."""
 MAX_FORM_BYTES = limits.MAX_PAYLOAD_BYTES + 64 * 1024
 """Largest form the console accepts: a rule test's payload and the form's other fields."""
+SIGNIN_FORM_BYTES = 4096
+"""A sign-in form: a token and where to go next."""
+SECURITY_HEADERS = {
+    # Nothing but this console's own files runs or loads; no page may be framed (its buttons
+    # cannot be clickjacked), forms post only here.
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
 VOLUME_RANGES = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 NOTICES = {
     "reemitted": "Re-emitted: this is the new event.",
@@ -103,6 +116,20 @@ class Filters:
         return int(text)
 
 
+async def read_form(request: Request, limit: int) -> dict[str, str]:
+    """A URL-encoded form body, refused past ``limit`` bytes without reading it whole."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(413, f"the form may be at most {limit:,} bytes")
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise Refused(400, "the form is not UTF-8") from None
+    return {k: v[0] for k, v in fields.items()}
+
+
 def safe_next(target: str) -> str:
     """Where to go after sign-in: a path of this site only (never another host)."""
     if target.startswith("/") and not target.startswith("//") and "\\" not in target:
@@ -122,7 +149,7 @@ class Console:
     def render(self, request: Request, user: User | None, template: str, status: int = 200, **ctx: Any) -> Response:
         notice = NOTICES.get(request.query_params.get("notice", ""), "")
         html = self.env.get_template(template).render(request=request, user=user, notice=notice, **ctx)
-        return HTMLResponse(html, status_code=status)
+        return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
     def call(self, user: User) -> dict[str, Any]:
         """Keyword arguments of every api call made for ``user``."""
@@ -175,16 +202,7 @@ class Console:
         """A posted form (URL-encoded, bounded), once its CSRF value is checked."""
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             raise Refused(415, "forms are posted as application/x-www-form-urlencoded")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                raise Refused(413, f"the form may be at most {MAX_FORM_BYTES:,} bytes")
-        try:
-            fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
-        except UnicodeDecodeError:
-            raise Refused(400, "the form is not UTF-8") from None
-        form = {k: v[0] for k, v in fields.items()}
+        form = await read_form(request, MAX_FORM_BYTES)
         if not hmac.compare_digest(form.get("csrf", ""), user.csrf):
             raise Refused(403, "this form is stale or did not come from this console; reload the page and retry")
         return form
@@ -206,8 +224,10 @@ class Console:
         )
 
     async def signin(self, request: Request) -> Response:
-        body = await request.body() if int(request.headers.get("content-length") or 0) <= 4096 else b""
-        fields = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        try:
+            fields = await read_form(request, SIGNIN_FORM_BYTES)
+        except Refused as exc:
+            return self.render(request, None, "signin.html", exc.status, next="/", error=str(exc))
         token, target = fields.get("token", "").strip(), safe_next(fields.get("next", "/"))
         try:
             user = await self.sessions.verify(token)

@@ -98,13 +98,15 @@ async def signed_in(browser: Browser, url: str, token: str = OPERATOR, start: st
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # Console errors too: a blocked resource (the Content-Security-Policy) or a failed load.
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     try:
         await page.goto(url + start)
         await page.fill("input[name=token]", token)
         await page.click("button.primary")
         await expect(page.locator(".who")).to_be_visible()
         yield Console(page, url, errors)
-        assert errors == [], f"script errors on the page: {errors}"
+        assert errors == [], f"errors in the browser's console: {errors}"
     finally:
         await context.close()
 
@@ -328,6 +330,9 @@ async def test_every_page_renders_and_is_saved(api: ApiServer, stubs: Stubs, web
             await console.open("/enforcements/987654321")
             await expect(page.locator("h1")).to_have_text("Not found")
             await console.shot("not-found")
+            # The browser reports the 404 it was just answered, on purpose.
+            assert console.errors == ["Failed to load resource: the server responded with a status of 404 (Not Found)"]
+            console.errors.clear()
 
             await page.click("button:has-text('Sign out')")
             await expect(page.locator("h1")).to_have_text("Sign in")
