@@ -204,6 +204,22 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         # The executor lived through it and reconnects by itself.
         await enforcement_processed(target, "after api restart", security)
         assert cluster.child("services.executor") == executor
+        # So does the web service: its webhooks are stored again (a sender retries a 503, as
+        # told), and the console signs in and reads through the new api.
+        async with httpx.AsyncClient(timeout=30, base_url=f"http://{web}") as http:
+
+            async def delivered() -> httpx.Response | None:
+                answer = await http.post(f"/webhooks/{key}", json={"kind": "greet", "name": "again"})
+                assert answer.status_code in (202, 503), answer.text
+                return answer if answer.status_code == 202 else None
+
+            again = await eventually(delivered, what="a webhook stored through the restarted api")
+            (enforcement_id,) = again.json()["enforcement_ids"]
+            signin = await http.post("/signin", data={"token": operator, "next": "/enforcements"})
+            assert signin.status_code == 303 and signin.headers["location"] == "/enforcements"
+            page = await http.get("/enforcements")
+            assert page.status_code == 200 and f'data-key="{enforcement_id}"' in page.text
+        assert cluster.child("services.web") is not None
 
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
