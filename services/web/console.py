@@ -111,9 +111,25 @@ class Filters:
         text = self.values.get(name, "")
         if not text:
             return None
-        if not text.isdigit() or not 0 < int(text) < 2**63:
+        if (id_ := positive_id(text)) is None:
             raise Refused(400, f"{name}: must be a positive whole number (got {text[:40]!r})")
-        return int(text)
+        return id_
+
+
+def positive_id(text: str) -> int | None:
+    """An id as typed (ASCII digits, 1 to 2**63-1), or None."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    value = int(text)
+    return value if 0 < value < 2**63 else None
+
+
+def path_id(request: Request) -> int:
+    """The record id in the path; an id no record can have is not found."""
+    id_ = positive_id(request.path_params["id"])
+    if id_ is None:
+        raise Refused(404, f"there is no record with id {request.path_params['id'][:40]!r}")
+    return id_
 
 
 async def read_form(request: Request, limit: int) -> dict[str, str]:
@@ -299,7 +315,7 @@ class Console:
         )
 
     async def event(self, request: Request, user: User) -> Response:
-        id_ = int(request.path_params["id"])
+        id_ = path_id(request)
         kw = self.call(user)
         event = await self.api.events.GetEvent(event_pb2.GetEventRequest(id=id_), **kw)
         enforcements = await self.api.enforcements.ListEnforcements(
@@ -322,7 +338,7 @@ class Console:
         self.operator(user)
         request_id = form.get("request_id", "")[: limits.MAX_REQUEST_ID]
         resp = await self.api.events.ReemitEvent(
-            event_pb2.ReemitEventRequest(id=int(request.path_params["id"]), request_id=request_id), **self.call(user)
+            event_pb2.ReemitEventRequest(id=path_id(request), request_id=request_id), **self.call(user)
         )
         log.info("console: %s re-emitted event %s as %s", user.name, request.path_params["id"], resp.event.id)
         return RedirectResponse(f"/events/{resp.event.id}?notice=reemitted", status_code=303)
@@ -383,14 +399,14 @@ class Console:
         return {"e": enforcement, "executions": list(executions.executions)}
 
     async def enforcement(self, request: Request, user: User) -> Response:
-        id_ = int(request.path_params["id"])
+        id_ = path_id(request)
         parts = await self.enforcement_parts(user, id_)
         return self.render(request, user, "enforcement.html", live=f"/live/enforcements?id={id_}", **parts)
 
     async def retry(self, request: Request, user: User) -> Response:
         await self.form(request, user)
         self.operator(user)
-        id_ = int(request.path_params["id"])
+        id_ = path_id(request)
         await self.api.enforcements.RetryEnforcement(enforcement_pb2.RetryEnforcementRequest(id=id_), **self.call(user))
         log.info("console: %s retried enforcement %d", user.name, id_)
         return RedirectResponse("/dispatch?notice=retried", status_code=303)
@@ -447,9 +463,9 @@ class Console:
         req = rule_pb2.TestRuleRequest(rule=rule_pb2.RuleSource(ref=ref))
         try:
             if test["event_id"]:
-                if not test["event_id"].isdigit():
+                if (event_id := positive_id(test["event_id"])) is None:
                     raise Refused(400, "event id: must be a positive whole number")
-                req.event_id = int(test["event_id"])
+                req.event_id = event_id
             else:
                 try:
                     payload = json.loads(test["payload"] or "{}")

@@ -29,7 +29,7 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from services.web.console import PAGE_SIZE, Console, Filters, Refused
+from services.web.console import PAGE_SIZE, Console, Filters, Refused, positive_id
 from services.web.render import STATUS_BY_NAME, STATUS_NAMES, macros
 from services.web.session import User
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2
@@ -66,6 +66,10 @@ async def _ahead(call: Any, queue: asyncio.Queue[Any]) -> None:
         await queue.put(None)
     except grpc.aio.AioRpcError as exc:
         await queue.put(exc)
+
+
+def _reemits(event: common_pb2.Event, of: int) -> bool:
+    return event.HasField("reemit_of") and event.reemit_of == of
 
 
 class Live:
@@ -139,10 +143,13 @@ class Live:
     # ---- events -----------------------------------------------------------------------------
 
     async def events(self, request: Request, user: User) -> Response:
-        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref"))
+        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref", "reemit_of"))
         console = self.console
         kw = console.call(user)
         fields: dict[str, Any] = {k: filters.values[k] for k in ("trigger_ref", "source_ref", "rule_ref")}
+        # The tail has no reemit_of filter (re-emissions are rare): it is applied here.
+        reemit_of = filters.id("reemit_of")
+        listed = dict(fields, reemit_of=reemit_of) if reemit_of is not None else fields
         row = macros(console.env, "_rows.html").event_row
 
         def open_call(cursor: str) -> Any:
@@ -155,13 +162,15 @@ class Live:
                     yield b": heartbeat\n\n"
                 elif message.start:
                     snapshot = await console.api.events.ListEvents(
-                        event_pb2.ListEventsRequest(page_size=PAGE_SIZE, **fields), **kw
+                        event_pb2.ListEventsRequest(page_size=PAGE_SIZE, **listed), **kw
                     )
                     rows = [{"key": e.id, "html": str(row(e))} for e in reversed(snapshot.events)]
                     yield sse("rows", {"rows": rows, "snapshot": True}, message.cursor)
-                else:
+                elif reemit_of is None or _reemits(message.event, reemit_of):
                     e = message.event
                     yield sse("rows", {"rows": [{"key": e.id, "html": str(row(e))}]}, message.cursor)
+                else:
+                    yield f"id: {message.cursor}\n\n".encode()  # not shown: only the position moves
 
         return self._stream(request, user, body())
 
@@ -171,9 +180,9 @@ class Live:
         console = self.console
         id_text = request.query_params.get("id", "")
         if id_text:
-            if not id_text.isdigit() or not 0 < int(id_text) < 2**63:
+            if (id_ := positive_id(id_text)) is None:
                 raise Refused(400, "id: must be a positive whole number")
-            return await self._one(request, user, int(id_text))
+            return await self._one(request, user, id_)
         filters = Filters.of(request, ("rule_ref", "trigger_ref", "status", "event"))
         status = filters.values["status"]
         if status and status not in STATUS_BY_NAME:
