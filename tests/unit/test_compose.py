@@ -21,8 +21,19 @@ def compose() -> dict[str, Any]:
     return data
 
 
-def test_compose_has_the_eight_services() -> None:
-    assert set(compose()["services"]) == {"db", "migrate", "certs", "tokens", "api", "executor", "web-token", "web"}
+def test_compose_has_its_ten_services() -> None:
+    assert set(compose()["services"]) == {
+        "db",
+        "migrate",
+        "certs",
+        "tokens",
+        "api",
+        "executor",
+        "web-token",
+        "web",
+        "prometheus",
+        "grafana",
+    }
 
 
 def test_the_web_service_reaches_the_api_with_its_own_sensor_token() -> None:
