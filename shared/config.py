@@ -1,7 +1,7 @@
 """Every setting of both services, read from the environment in one place.
 
 Names are fixed so that compose, scripts and people agree: ``DATABASE_URL``, ``API_ADDR``,
-``API_TARGET``, ``LOG_LEVEL``; the rest are documented in the README.
+``API_TARGET``, ``LOG_LEVEL``, ``LOG_FORMAT``; the rest are documented in the README.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from shared.logs import LOG_FORMATS
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,25 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {env[name]!r}")
 
 
+def _log_format(env: Mapping[str, str]) -> str:
+    raw = env.get("LOG_FORMAT", "").strip().lower()
+    if raw == "":
+        return "text"
+    if raw not in LOG_FORMATS:
+        raise ConfigError(f"LOG_FORMAT must be {' or '.join(LOG_FORMATS)}, got {env['LOG_FORMAT']!r}")
+    return raw
+
+
+def _metrics_addr(env: Mapping[str, str]) -> str:
+    raw = env.get("METRICS_ADDR", "").strip()
+    if not raw:
+        return ""
+    _host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"METRICS_ADDR must be host:port (e.g. 127.0.0.1:9464), got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
     """Settings of the api service."""
@@ -71,6 +92,8 @@ class ApiConfig:
     """API_ADDR: where the gRPC server listens."""
     log_level: str = "INFO"
     """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+    log_format: str = "text"
+    """LOG_FORMAT: text (readable) or json (one object per line, for log shippers)."""
     migrate_on_start: bool = False
     """MIGRATE_ON_START: apply pending migrations before serving."""
     pool_min: int = 2
@@ -102,6 +125,8 @@ class ApiConfig:
     """API_TLS_PRINCIPALS: with mutual TLS, client certificates that stand for a principal
     without a token: ``CN=role[+role],...`` (e.g. ``executor-1=executor,ops=operator``); the
     certificate's common name is the principal's name."""
+    metrics_addr: str = ""
+    """METRICS_ADDR: host:port serving Prometheus metrics at /metrics; off when empty."""
     token_refresh_s: float = 2.0
     """API_TOKEN_REFRESH_SECONDS: how often the api reloads tokens (a revocation takes effect
     within this)."""
@@ -147,6 +172,8 @@ class ExecutorConfig:
     """API_TARGET: the api to connect to."""
     log_level: str = "INFO"
     """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+    log_format: str = "text"
+    """LOG_FORMAT: text (readable) or json (one object per line, for log shippers)."""
     executor_id: str = ""
     """EXECUTOR_ID: this executor's name among executors (default: host-pid-random)."""
     max_in_flight: int = 32
@@ -165,6 +192,8 @@ class ExecutorConfig:
     health_file: str = ""
     """EXECUTOR_HEALTH_FILE: a file touched whenever the watch stream delivers (heartbeats
     included), for container health checks; empty for none."""
+    metrics_addr: str = ""
+    """METRICS_ADDR: host:port serving Prometheus metrics at /metrics; off when empty."""
     security: ClientSecurity = field(default_factory=ClientSecurity)
     """API_TLS_CA, API_TLS_CLIENT_CERT, API_TLS_CLIENT_KEY, API_TOKEN, API_TLS_SERVER_NAME: how it
     reaches the api (see ClientSecurity)."""
@@ -180,6 +209,8 @@ class WebConfig:
     """API_TARGET: the api to hand deliveries to."""
     log_level: str = "INFO"
     """LOG_LEVEL: DEBUG, INFO, WARNING or ERROR."""
+    log_format: str = "text"
+    """LOG_FORMAT: text (readable) or json (one object per line, for log shippers)."""
     rpc_timeout_s: float = 10.0
     """RPC_TIMEOUT_SECONDS: how long a delivery may wait for the api before it is answered 503."""
     trusted_proxies: bool = False
@@ -259,6 +290,7 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
         database_url=url,
         addr=env.get("API_ADDR", "127.0.0.1:50051"),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        log_format=_log_format(env),
         migrate_on_start=_bool(env, "MIGRATE_ON_START", False),
         pool_min=pool_min,
         pool_max=pool_max,
@@ -273,6 +305,7 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
         reflection_public=_bool(env, "API_REFLECTION_PUBLIC", False),
         certificate_principals=_principals(env.get("API_TLS_PRINCIPALS", "")),
         token_refresh_s=_float(env, "API_TOKEN_REFRESH_SECONDS", 2.0, minimum=0.1),
+        metrics_addr=_metrics_addr(env),
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_client_ca=tls_client_ca,
@@ -285,6 +318,7 @@ def executor_config(env: Mapping[str, str] | None = None) -> ExecutorConfig:
     return ExecutorConfig(
         target=env.get("API_TARGET", "127.0.0.1:50051"),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        log_format=_log_format(env),
         executor_id=env.get("EXECUTOR_ID", ""),
         max_in_flight=_int(env, "EXECUTOR_MAX_IN_FLIGHT", 32),
         rpc_timeout_s=_float(env, "RPC_TIMEOUT_SECONDS", 10.0, minimum=0.01),
@@ -293,6 +327,7 @@ def executor_config(env: Mapping[str, str] | None = None) -> ExecutorConfig:
         rule_cache_s=_float(env, "RULE_CACHE_SECONDS", 1.0),
         grace_s=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
         health_file=env.get("EXECUTOR_HEALTH_FILE", ""),
+        metrics_addr=_metrics_addr(env),
         security=client_security(env),
     )
 
@@ -304,6 +339,7 @@ def web_config(env: Mapping[str, str] | None = None) -> WebConfig:
         addr=env.get("WEB_ADDR", "127.0.0.1:8080"),
         target=env.get("API_TARGET", "127.0.0.1:50051"),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
+        log_format=_log_format(env),
         rpc_timeout_s=_float(env, "RPC_TIMEOUT_SECONDS", 10.0, minimum=0.01),
         trusted_proxies=env.get("WEB_TRUST_PROXY", "").lower() in ("1", "true", "yes"),
         security=client_security(env),

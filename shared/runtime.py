@@ -8,6 +8,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from shared import logs
+
 T = TypeVar("T")
 
 # Long watch streams: the client pings every 30 s and gives up after 10 s of silence; the
@@ -27,12 +29,12 @@ SERVER_KEEPALIVE = [
 ]
 
 
-def setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, name: str, fmt: str = "text") -> None:
+    """Logs of ``level`` and above to stderr, as text or as one JSON object per line (``fmt``,
+    LOG_FORMAT: see ``shared.logs``), each naming the service ``name``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logs.formatter(fmt, name))
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

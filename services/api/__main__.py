@@ -133,7 +133,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level, "api")
+    setup_logging(config.log_level, "api", config.log_format)
     if ns.command == "migrate":
         try:
             applied = run(migrate.migrate_url(config.database_url))

@@ -23,9 +23,9 @@ async def _abort(method: str, exc: Exception, context: grpc.aio.ServicerContext[
     mapped = translate(exc)
     if isinstance(mapped, DomainError):
         level = logging.WARNING if mapped.code == grpc.StatusCode.UNAVAILABLE else logging.INFO
-        log.log(level, "%s failed: %s %s", method, mapped.code.name, mapped.message)
+        log.log(level, "%s failed: %s %s", method, mapped.code.name, mapped.message, extra={"rpc": method})
         await context.abort_with_status(to_status(mapped))
-    log.exception("%s failed with an unexpected error", method)
+    log.exception("%s failed with an unexpected error", method, extra={"rpc": method})
     await context.abort_with_status(internal_status())
     raise AssertionError("unreachable")  # abort_with_status always raises
 

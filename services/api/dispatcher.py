@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 
+from services.api import metrics
 from services.api.store import Delivery, Enforcement, Event, Lease
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,10 @@ class Dispatcher:
         for sub in self._subs:
             sub.poke()
 
+    def stream_credit(self) -> tuple[int, int]:
+        """Watch streams open on this api, and the credit they have free in all."""
+        return len(self._subs), sum(sub.free for sub in self._subs)
+
     def handoff(self, lease_s: float) -> Handoff:
         """A hand-off for one insert (see ``Handoff``)."""
         return Handoff(self, lease_s)
@@ -238,6 +243,14 @@ class Dispatcher:
         """Queues NOTIFY announcements of committed writes (sent soon, batched). ``leased``:
         the new enforcements were handed to a stream already; their notes say so, and other
         replicas do not wake their streams for them."""
+        m = metrics.current
+        if m.enabled:
+            m.events_created([e.trigger_ref for e in events])
+            m.enforcements_created([e.rule_ref for e in created])
+            for e in resolved:
+                m.resolved(e.status, e.created, e.resolved_at)
+            if leased:
+                m.handed_off(len(created))
         if self._pool is None:
             return
         created_notes = [enforcement_note(e) for e in created]
@@ -274,6 +287,7 @@ class Dispatcher:
                 async with self._pool.acquire() as conn:
                     self._own_pids.add(conn.get_server_pid())
                     await conn.execute(_ANNOUNCE, channels, payloads)
+                metrics.current.announced(len(payloads))
             except Exception as exc:  # noqa: BLE001 - announcements are best effort; polling covers
                 log.debug("announcement of %d notes dropped: %s", len(payloads), exc)
             if not self._stopping.is_set():

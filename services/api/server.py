@@ -8,16 +8,21 @@ import logging
 import signal
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+from services.api import metrics as api_metrics
 from services.api import migrate as migrations
 from services.api._guard import DecodeGuard
 from services.api.auth import Authenticator, AuthInterceptor, Principal
 from services.api.dispatcher import Dispatcher
+from services.api.metrics import ApiMetrics
 from services.api.servicers import (
     AnalyticsService,
     EnforcementService,
@@ -53,6 +58,8 @@ from shared.gen.automation.v1 import (
     webhook_pb2,
     webhook_pb2_grpc,
 )
+from shared.metrics import ServerMetricsInterceptor
+from shared.metrics import serve as serve_metrics
 from shared.runtime import SERVER_KEEPALIVE
 from shared.transport import server_credentials
 
@@ -127,6 +134,17 @@ class ApiServer:
         # Tokens are read from the store, which exists once start() has connected.
         self.authenticator = Authenticator(_Deferred(self), refresh_s=config.token_refresh_s)
         interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+        # Metrics only when asked for: off, no interceptor and no recording at all.
+        self.registry: CollectorRegistry | None = None
+        self.metrics: ApiMetrics | None = None
+        self._rpc_metrics: ServerMetricsInterceptor | None = None
+        self._metrics_http: Any = None
+        if config.metrics_addr:
+            self.registry = registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+            self._rpc_metrics = ServerMetricsInterceptor(registry)
         if not config.insecure:
             principals = {
                 name: Principal(name, frozenset(roles))
@@ -139,6 +157,9 @@ class ApiServer:
                     self.authenticator, reflection_public=config.reflection_public, certificate_principals=principals
                 ),
             )
+        if self._rpc_metrics is not None:
+            # First of all: it also counts the calls that authentication or decoding refuse.
+            interceptors.insert(0, self._rpc_metrics)
         self.server = grpc.aio.server(
             options=server_options(config),
             interceptors=interceptors,
@@ -211,6 +232,16 @@ class ApiServer:
             asyncio.create_task(self._health_loop(), name="health"),
             asyncio.create_task(self._maintenance_loop(), name="maintenance"),
         ]
+        if self.registry is not None and self._rpc_metrics is not None:
+            self._rpc_metrics.initialize(descriptor_pool.Default().FindServiceByName(name) for name in SERVICE_NAMES)
+            self.metrics = api_metrics.enable(self.registry)
+            self._metrics_http = serve_metrics(cfg.metrics_addr, self.registry)
+            self._tasks.append(asyncio.create_task(self._metrics_loop(self.metrics), name="metrics"))
+            log.info(
+                "metrics at http://%s:%d/metrics",
+                cfg.metrics_addr.rpartition(":")[0] or "127.0.0.1",
+                self._metrics_http.server_port,
+            )
         host = cfg.addr.rsplit(":", 1)[0]
         transport = "mutual TLS" if cfg.tls_client_ca else "TLS" if cfg.tls_cert else "plaintext"
         log.info("api listening on %s:%d (%s)", host, self.port, transport)
@@ -262,19 +293,48 @@ class ApiServer:
                 await self.store.dispatch.vacuum()
                 exhausted = await self.store.dispatch.exhaust(cfg.max_attempts)
                 if exhausted:
-                    log.error("enforcements out of attempts (see GetDispatchState, RetryEnforcement): %s", exhausted)
+                    log.error(
+                        "enforcements out of attempts (see GetDispatchState, RetryEnforcement): %s",
+                        exhausted,
+                        extra={"enforcement_ids": exhausted},
+                    )
                 if loop.time() >= next_purge:
                     purged = await self.store.dispatch.purge_requests(cfg.request_retention_h)
                     if purged:
                         log.info("forgot %d idempotency keys older than %.0fh", purged, cfg.request_retention_h)
                     orphans = await self.store.dispatch.purge_orphans()
                     if orphans:
-                        log.warning("pending enforcements dropped by retention before resolution: %s", orphans)
+                        log.warning(
+                            "pending enforcements dropped by retention before resolution: %s",
+                            orphans,
+                            extra={"enforcement_ids": orphans},
+                        )
                     next_purge = loop.time() + 3600
             except Exception as exc:  # noqa: BLE001 - maintenance retries on its next round
                 log.debug("maintenance skipped: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.shutdown.wait(), max(cfg.lease_s / 3, 0.05))
+
+    @property
+    def metrics_port(self) -> int:
+        """The port serving /metrics (0 when metrics are off)."""
+        return int(self._metrics_http.server_port) if self._metrics_http is not None else 0
+
+    async def _metrics_loop(self, m: ApiMetrics) -> None:
+        """The gauges that describe the database and this api's streams, every REFRESH_S."""
+        assert self.store is not None
+        while not self.shutdown.is_set():
+            try:
+                m.pool_state(self.store.pool)
+                m.watch(*self.dispatcher.stream_credit())
+                state = await self.store.dispatch.state(0)
+                created = state.oldest_pending_created
+                oldest = (state.now - created).total_seconds() if created is not None else 0.0
+                m.dispatch_state(state.pending, oldest, sum(n for _, n in state.leases), state.exhausted_count)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.debug("metrics refresh skipped: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shutdown.wait(), api_metrics.REFRESH_S)
 
     async def stop(self) -> None:
         """NOT_SERVING, end watch streams, finish in-flight calls within the grace, close."""
@@ -289,6 +349,11 @@ class ApiServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.stop()
         await self.authenticator.stop()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            if api_metrics.current is self.metrics:
+                api_metrics.disable()
         if self.store is not None:
             await self.store.close()
         log.info("api stopped")

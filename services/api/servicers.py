@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from services.api import convert, validate
+from services.api import convert, metrics, validate
 from services.api import servicers_tails as tails
 from services.api._rpc import current_rpc, rpc
 from services.api.auth import current_principal
@@ -574,6 +574,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                         trigger_refs=request.trigger_refs,
                     )
                     full = sub.starved = len(deliveries) == free
+                    if deliveries:
+                        metrics.current.claimed(len(deliveries))
                     for d in deliveries:
                         sub.held.add(d.enforcement.id)
                         if (message := await self._sendable(d, request.executor_id, sub)) is not None:
@@ -654,7 +656,12 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         except Exception as exc:  # noqa: BLE001 - any failure to encode is this record's alone
             why = f"cannot be encoded: {exc.__class__.__name__}"
         id_ = d.enforcement.id
-        log.error("enforcement %d cannot be delivered (%s); releasing it", id_, why)
+        log.error(
+            "enforcement %d cannot be delivered (%s); releasing it",
+            id_,
+            why,
+            extra={"enforcement_id": id_, "executor_id": executor_id},
+        )
         sub.held.discard(id_)
         with contextlib.suppress(Exception):  # the lease expiry covers a failure here
             await self._store.dispatch.release(id_, executor_id, f"undeliverable: {why}")

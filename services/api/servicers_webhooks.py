@@ -84,11 +84,19 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         if hook.secret is not None:
             given = next((headers[name] for name in SIGNATURE_HEADERS if name in headers), "")
             if not given:
-                log.warning("webhook of %s refused: the delivery is not signed", hook.trigger_ref)
+                log.warning(
+                    "webhook of %s refused: the delivery is not signed",
+                    hook.trigger_ref,
+                    extra={"trigger_ref": hook.trigger_ref},
+                )
                 raise Unauthenticated("the delivery is not signed (X-Hub-Signature-256)", reason="WEBHOOK_SIGNATURE")
             expected = signature_of(hook.secret, request.body)
             if not hmac.compare_digest(expected.encode(), given.strip().lower().encode()):
-                log.warning("webhook of %s refused: the signature does not match the body", hook.trigger_ref)
+                log.warning(
+                    "webhook of %s refused: the signature does not match the body",
+                    hook.trigger_ref,
+                    extra={"trigger_ref": hook.trigger_ref},
+                )
                 raise Unauthenticated("the signature does not match the body", reason="WEBHOOK_SIGNATURE")
             verified = True
 

@@ -25,7 +25,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level, "executor")
+    setup_logging(config.log_level, "executor", config.log_format)
     run(_main())
     return 0
 

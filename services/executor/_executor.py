@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
 from shared.batching import Batcher
 from shared.config import ExecutorConfig
@@ -37,9 +38,12 @@ from shared.gen.automation.v1 import (
     rule_pb2_grpc,
 )
 from shared.limits import MAX_MESSAGE_BYTES
+from shared.metrics import MethodMetrics
+from shared.metrics import serve as serve_metrics
 from shared.runtime import CLIENT_KEEPALIVE
 from shared.transport import open_channel
 
+from ._metrics import ExecutorMetrics
 from ._salvage import Unsalvageable, salvage_delivery
 
 log = logging.getLogger("services.executor")
@@ -102,6 +106,22 @@ class Executor:
             Batcher(self._send_decisions)
         )
         self._health_touched = float("-inf")
+        # Metrics only when asked for (METRICS_ADDR); off, nothing is recorded.
+        self.registry: CollectorRegistry | None = None
+        self._m: ExecutorMetrics | None = None
+        self._metrics_http: Any = None
+        if config.metrics_addr:
+            self.registry = CollectorRegistry()
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
+            # The task set changes on the loop's thread; its length is read at scrape time.
+            self._m = ExecutorMetrics(self.registry, lambda: len(self._tasks))
+
+    @property
+    def metrics_port(self) -> int:
+        """The port serving /metrics (0 when metrics are off)."""
+        return int(self._metrics_http.server_port) if self._metrics_http is not None else 0
 
     def stop(self) -> None:
         self._stopping.set()
@@ -136,18 +156,34 @@ class Executor:
                 )
             )
             self._rule_stub = rule_pb2_grpc.RuleServiceStub(channel)
-            delay = cfg.backoff_initial_s
-            while not self._stopping.is_set():
-                connected = await self._watch_once()
-                if self._stopping.is_set():
-                    break
-                delay = cfg.backoff_initial_s if connected else min(delay * 2, cfg.backoff_max_s)
-                # Full jitter: many executors restarting at once do not reconnect in step.
-                wait = random.uniform(0, delay)
-                log.info("reconnecting to %s in %.2fs", cfg.target, wait)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), wait)
-            await self._drain()
+            if self.registry is not None and self._metrics_http is None:
+                self._metrics_http = serve_metrics(cfg.metrics_addr, self.registry)
+                log.info("metrics at http://%s:%d/metrics", cfg.metrics_addr.rpartition(":")[0], self.metrics_port)
+            try:
+                await self._run_streams()
+                await self._drain()
+            finally:
+                if self._metrics_http is not None:
+                    self._metrics_http.shutdown()
+                    self._metrics_http.server_close()
+                    self._metrics_http = None
+
+    async def _run_streams(self) -> None:
+        """Watch streams, one after another, until stopped (reconnecting with backoff)."""
+        cfg = self.config
+        delay = cfg.backoff_initial_s
+        while not self._stopping.is_set():
+            connected = await self._watch_once()
+            if self._stopping.is_set():
+                break
+            if self._m is not None:
+                self._m.reconnects.inc()
+            delay = cfg.backoff_initial_s if connected else min(delay * 2, cfg.backoff_max_s)
+            # Full jitter: many executors restarting at once do not reconnect in step.
+            wait = random.uniform(0, delay)
+            log.info("reconnecting to %s in %.2fs", cfg.target, wait)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), wait)
 
     async def _watch_once(self) -> bool:
         """One stream's life; True when it delivered anything (a healthy connection)."""
@@ -155,13 +191,26 @@ class Executor:
             executor_id=self.executor_id, max_in_flight=self.config.max_in_flight
         )
         call = self._watch(request, metadata=self._metadata)
+        watch = self._m.watch if self._m is not None else None
+        if watch is not None:
+            watch.started.inc()
+            watch.sent.inc()
+        opened = time.perf_counter()
+        code = grpc.StatusCode.OK
         stopper = asyncio.ensure_future(self._stopping.wait())
         stopper.add_done_callback(lambda _f: call.cancel())
         got_any = False
         try:
-            log.info("watching enforcements on %s as %s", self.config.target, self.executor_id)
+            log.info(
+                "watching enforcements on %s as %s",
+                self.config.target,
+                self.executor_id,
+                extra={"executor_id": self.executor_id},
+            )
             async for raw in call:
                 got_any = True
+                if watch is not None:
+                    watch.received.inc()
                 self._touch_health_file()
                 try:
                     message = enforcement_pb2.WatchEnforcementsResponse.FromString(raw)
@@ -172,13 +221,17 @@ class Executor:
                     self._spawn(self._handle(message.delivery))
             log.info("watch stream ended by the api")
         except grpc.aio.AioRpcError as exc:
+            code = exc.code()
             if exc.code() != grpc.StatusCode.CANCELLED or not self._stopping.is_set():
                 log.warning("watch stream failed: %s %s", exc.code().name, exc.details())
         except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
             if not self._stopping.is_set():
                 raise
         finally:
             stopper.cancel()
+            if watch is not None:
+                watch.handled(code, opened)
         return got_any
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -210,6 +263,7 @@ class Executor:
             found.attempt,
             len(raw),
             reason,
+            extra={"enforcement_id": found.id, "rule_ref": found.rule_ref},
         )
         self._spawn(self._give_back(found.id, _bounded(f"undecodable delivery: {reason}")))
 
@@ -241,7 +295,9 @@ class Executor:
         if cached and now - cached[0] < self.config.rule_cache_s:
             return cached[1]
         try:
-            answer = await self._call(self._rule_stub.GetRule, rule_pb2.GetRuleRequest(id=rule_id))
+            answer = await self._call(
+                self._rule_stub.GetRule, rule_pb2.GetRuleRequest(id=rule_id), self._m.get_rule if self._m else None
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 self._rules.pop(rule_id, None)
@@ -268,16 +324,27 @@ class Executor:
             return Decision(DISABLED, f"rule {rule.ref} has no action")
         return Decision(PROCESSED, f"rule {rule.ref} is enabled; requesting {rule.action_ref}")
 
-    async def _call(self, method: object, request: object) -> object:
-        """A unary call with a deadline, retried while the api is unavailable (bounded)."""
+    async def _call(self, method: object, request: object, m: MethodMetrics | None = None) -> object:
+        """A unary call with a deadline, retried while the api is unavailable (bounded).
+        ``m``: the method's client metrics, each attempt counted (None: metrics off)."""
         delay = self.config.backoff_initial_s
         deadline = time.monotonic() + max(self.config.rpc_timeout_s * 3, 5.0)
         while True:
+            started = time.perf_counter()
+            if m is not None:
+                m.started.inc()
+                m.sent.inc()
             try:
-                return await method(  # type: ignore[operator]
+                answer = await method(  # type: ignore[operator]
                     request, timeout=self.config.rpc_timeout_s, metadata=self._metadata
                 )
+                if m is not None:
+                    m.received.inc()
+                    m.handled(grpc.StatusCode.OK, started)
+                return answer
             except grpc.aio.AioRpcError as exc:
+                if m is not None:
+                    m.handled(exc.code(), started)
                 if exc.code() not in _RETRYABLE or time.monotonic() > deadline or self._stopping.is_set():
                     raise
             await asyncio.sleep(random.uniform(0, delay))
@@ -287,7 +354,9 @@ class Executor:
         self, batch: list[enforcement_pb2.ResolveEnforcementRequest]
     ) -> list[enforcement_pb2.ResolutionOutcome]:
         request = enforcement_pb2.ResolveEnforcementsRequest(decisions=batch)
-        answer = await self._call(self._enforcements.ResolveEnforcements, request)
+        if self._m is not None:
+            self._m.batch_size.observe(len(batch))
+        answer = await self._call(self._enforcements.ResolveEnforcements, request, self._m.resolve if self._m else None)
         return list(_answer(answer, enforcement_pb2.ResolveEnforcementsResponse, "ResolveEnforcements").outcomes)
 
     async def _resolve(self, id_: int, decision: Decision) -> enforcement_pb2.ResolutionOutcome:
@@ -311,34 +380,73 @@ class Executor:
             if outcome.HasField("error"):
                 error = outcome.error
                 if error.reason == "ALREADY_RESOLVED" or error.code == grpc.StatusCode.NOT_FOUND.value[0]:
-                    log.info("enforcement %d: nothing to do (%s)", id_, error.message)
+                    log.info(
+                        "enforcement %d: nothing to do (%s)",
+                        id_,
+                        error.message,
+                        extra={"enforcement_id": id_, "rule_ref": enforcement.rule_ref},
+                    )
                     return
                 await self._release(id_, f"{error.reason}: {error.message}")
                 return
             self.resolved += 1
             status = common_pb2.EnforcementStatus.Name(outcome.status).removeprefix("ENFORCEMENT_STATUS_")
+            if self._m is not None:
+                self._m.outcomes["processed" if outcome.status == PROCESSED else "disabled"].inc()
             extra = f", execution {outcome.execution_id}" if outcome.HasField("execution_id") else ""
             retry = " (already resolved so)" if outcome.replayed else ""
-            log.info("enforcement %d %s%s%s: %s", id_, status, extra, retry, decision.reason)
+            log.info(
+                "enforcement %d %s%s%s: %s",
+                id_,
+                status,
+                extra,
+                retry,
+                decision.reason,
+                extra={"enforcement_id": id_, "rule_ref": enforcement.rule_ref},
+            )
         except grpc.aio.AioRpcError as exc:
             await self._release(id_, _bounded(f"{exc.code().name}: {exc.details()}"))
         except Exception as exc:
             # Not a transport failure but a surprise (a bug, an answer we cannot use). It must
             # not reach the other enforcements: this one is released, with the gist for the
             # api and the traceback for the log, once.
-            log.warning("enforcement %d: %s while handling it; releasing it", id_, type(exc).__name__, exc_info=True)
+            log.warning(
+                "enforcement %d: %s while handling it; releasing it",
+                id_,
+                type(exc).__name__,
+                exc_info=True,
+                extra={"enforcement_id": id_, "rule_ref": enforcement.rule_ref},
+            )
             await self._give_back(id_, _describe(exc))
 
     async def _release(self, id_: int, error: str) -> None:
         """Gives an enforcement back so another attempt comes soon; if even that fails, the
         lease expires."""
-        log.warning("enforcement %d not resolved: %s", id_, error)
+        log.warning(
+            "enforcement %d not resolved: %s",
+            id_,
+            error,
+            extra={"enforcement_id": id_, "executor_id": self.executor_id},
+        )
         await self._give_back(id_, error)
 
     async def _give_back(self, id_: int, error: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        m = self._m
+        if m is not None:
+            m.outcomes["released"].inc()
+            m.release.started.inc()
+            m.release.sent.inc()
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
             await self._enforcements.ReleaseEnforcement(
                 enforcement_pb2.ReleaseEnforcementRequest(id=id_, executor_id=self.executor_id, error=error),
                 timeout=self.config.rpc_timeout_s,
                 metadata=self._metadata,
             )
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()  # the lease runs out instead
+        if m is not None:
+            if code == grpc.StatusCode.OK:
+                m.release.received.inc()
+            m.release.handled(code, started)

@@ -19,7 +19,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level, "web")
+    setup_logging(config.log_level, "web", config.log_format)
     host, _, port = config.addr.rpartition(":")
     uvicorn.run(
         create_app(config),

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 
+from services.api import metrics
 from shared.errors import Aborted, AlreadyExists, DomainError, InvalidArgument, NotFound, Unavailable
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
@@ -116,6 +117,10 @@ async def guarded() -> AsyncIterator[None]:
     try:
         yield
     except Exception as exc:
+        if isinstance(exc, asyncpg.PostgresError):
+            metrics.current.db_error(getattr(exc, "sqlstate", "") or "")
+        elif isinstance(exc, (OSError, asyncpg.InterfaceError, ConnectionError, asyncpg.InternalClientError)):
+            metrics.current.db_error("08")  # connection exception
         mapped = translate(exc)
         if mapped is None or mapped is exc:
             raise

@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-from services.api import matching
+from services.api import matching, metrics
 from services.api.conditions import Compiled, RuleSet
 from services.api.encoded import Measure, record_size
 from shared import limits
@@ -208,6 +209,7 @@ class Events(Paged):
                 unsaved: list[tuple[dict[str, Any], NewEvent, int, Any]] = []
                 first_of_key: dict[str, int] = {}
                 created_iso = now.isoformat()
+                recorder = metrics.current
                 measure = Measure()
                 call_bytes = 0
                 for i, e in enumerate(new):
@@ -265,6 +267,7 @@ class Events(Paged):
                     event_bytes = record_size(
                         measure, [e.trigger_ref, e.source_ref or "", e.rule_ref or ""], [e.payload, e.config], []
                     )
+                    started = time.perf_counter() if recorder.enabled else 0.0
                     try:
                         if targeted is None:
                             fired = rule_set.matching(facts)
@@ -272,6 +275,8 @@ class Events(Paged):
                             fired = [targeted.rule] if targeted.rule["enabled"] and targeted.pred(facts) else []
                     except matching.SearchTooCostly:
                         raise InvalidArgument.one(_field(i, many, "payload"), matching.SEARCH_TOO_COSTLY) from None
+                    if recorder.enabled:
+                        recorder.matched(time.perf_counter() - started)
                     for rule in fired:
                         context = matching.template_context(
                             event_id=event_id,
