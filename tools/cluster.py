@@ -241,6 +241,20 @@ async def _secure(env: dict[str, str]) -> str:
     return operator
 
 
+def _metrics_port(env: dict[str, str]) -> int:
+    """CLUSTER_METRICS_PORT: the api's /metrics port (executor n takes the port + n); 0: off."""
+    raw = env.get("CLUSTER_METRICS_PORT", "9464")
+    if not raw.isdigit() or int(raw) > 65000:
+        raise SystemExit(f"CLUSTER_METRICS_PORT must be a port number (0 turns metrics off), got {raw!r}")
+    return int(raw)
+
+
+def _metrics_env(env: dict[str, str], n: int) -> dict[str, str]:
+    """METRICS_ADDR of the cluster's nth child (0: the api), or none when metrics are off."""
+    port = _metrics_port(env)
+    return {"METRICS_ADDR": f"127.0.0.1:{port + n}"} if port else {"METRICS_ADDR": ""}
+
+
 def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int], embedded: bool) -> str:
     target = env["API_TARGET"]
     security = client_security(env)
@@ -264,9 +278,19 @@ def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int],
         f"  webhooks  http://{env['WEB_ADDR']}/webhooks/{{key}} (a trigger's webhook_key)\n"
         f"  executors {executors} ({', '.join(map(str, pids)) or 'none: ./dev executor'})\n"
         f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
+        f"{_metrics_banner(env, executors)}"
         f"{use}"
         "  Ctrl-C stops everything.\n"
     )
+
+
+def _metrics_banner(env: dict[str, str], executors: int) -> str:
+    port = _metrics_port(env)
+    if not port:
+        return "  metrics   off (CLUSTER_METRICS_PORT=0)\n"
+    executors_at = f"; executors on {port + 1}-{port + executors}" if executors > 1 else ""
+    executors_at = f"; executor on {port + 1}" if executors == 1 else executors_at
+    return f"  metrics   http://127.0.0.1:{port}/metrics (api){executors_at}\n"
 
 
 async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embedded: bool) -> None:
@@ -280,8 +304,11 @@ async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embed
     # Health over TLS when the children are given a CA (API_TLS_CA), as they would connect.
     security = client_security(env)
     ready = functools.partial(wait_serving, target, timeout=60, security=security)
-    await supervisor.start("api", "services.api", ready=ready)
-    pids = [await supervisor.start(f"executor-{n + 1}", "services.executor") for n in range(executors)]
+    await supervisor.start("api", "services.api", ready=ready, env=_metrics_env(env, 0))
+    pids = [
+        await supervisor.start(f"executor-{n + 1}", "services.executor", env=_metrics_env(env, n + 1))
+        for n in range(executors)
+    ]
     web = {"API_TOKEN": env["WEB_API_TOKEN"]} if env.get("WEB_API_TOKEN") else {}
     await supervisor.start("web", "services.web", ready=functools.partial(wait_http, env["WEB_ADDR"]), env=web)
     print(_banner(env, operator, executors, pids, embedded), flush=True)

@@ -144,12 +144,14 @@ async def define_rule(target: str, security: ClientSecurity) -> str:
 async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, tmp_path: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
     web = f"127.0.0.1:{free_port()}"
+    metrics = free_port()  # the api's; the executor takes the next one
     env = dict(os.environ)
     env.update(
         DATABASE_URL=db_url,
         API_ADDR=target,
         API_TARGET=target,
         WEB_ADDR=web,
+        CLUSTER_METRICS_PORT=str(metrics),
         LOG_LEVEL="INFO",
         LEASE_SECONDS="2",
         HEARTBEAT_SECONDS="0.5",
@@ -178,6 +180,12 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
         assert await cluster.wait_child("services.executor") == executor
         key = await define_rule(target, security)
         await enforcement_processed(target, "before", security)
+        # Both serve /metrics where the banner says.
+        assert f"metrics   http://127.0.0.1:{metrics}/metrics (api); executor on {metrics + 1}" in cluster.text()
+        async with httpx.AsyncClient(timeout=30) as http:
+            for port in (metrics, metrics + 1):
+                scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
+                assert scraped.status_code == 200 and "grpc_" in scraped.text
         # The web service runs too, and hands deliveries to the api with its own sensor token.
         async with httpx.AsyncClient(timeout=30) as http:
             answer = await http.post(f"http://{web}/webhooks/{key}", json={"kind": "greet", "name": "hook"})

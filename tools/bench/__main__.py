@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from shared.runtime import run as run_loop
 
-from . import ingest, latency, pipeline, read, rules, security, settings, webhooks
+from . import ingest, latency, metrics, pipeline, read, rules, security, settings, webhooks
 from .fixture import Cluster
 from .report import Row, progress, table
 
@@ -25,6 +25,8 @@ SCENARIOS: dict[str, Scenario] = {
     "security": security.run,
     # Not in the default run either: --only webhooks (HTTP deliveries next to CreateEvent).
     "webhooks": webhooks.run,
+    # And: --only metrics (CreateEvent and the pipeline with Prometheus metrics on vs off).
+    "metrics": metrics.run,
 }
 DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 
