@@ -112,15 +112,28 @@ class ApiMetrics(Off):
         )
         self._triggers = Capped(MAX_REFS)
         self._rules = Capped(MAX_REFS)
+        self._event_children: dict[str, Any] = {}
+        self._enforcement_children: dict[str, Any] = {}
         self._statuses = {s: (self.resolutions.labels(s), self.resolution_seconds.labels(s)) for s in _STATUSES}
 
     def events_created(self, trigger_refs: Sequence[str]) -> None:
         for ref in trigger_refs:
-            self.events.labels(self._triggers(ref)).inc()
+            self._child(self._event_children, self._triggers, self.events, ref).inc()
 
     def enforcements_created(self, rule_refs: Sequence[str]) -> None:
         for ref in rule_refs:
-            self.enforcements.labels(self._rules(ref)).inc()
+            self._child(self._enforcement_children, self._rules, self.enforcements, ref).inc()
+
+    @staticmethod
+    def _child(cache: dict[str, Any], capped: Capped, metric: Counter, ref: str) -> Any:
+        """The labelled child for ``ref``, looked up once (``labels()`` costs microseconds);
+        the cache stops growing past twice the cap, so a flood of refs costs lookups, not memory."""
+        child = cache.get(ref)
+        if child is None:
+            child = metric.labels(capped(ref))
+            if len(cache) < 2 * MAX_REFS:
+                cache[ref] = child
+        return child
 
     def resolved(self, status: str, created: datetime, resolved_at: datetime | None) -> None:
         counter, seconds = self._statuses.get(status) or self._statuses["disabled"]

@@ -34,6 +34,8 @@ TRIGGER = "bench.obs"
 RULES = ["bench.obs_a", "bench.obs_b"]
 CONCURRENCY = 16
 SCRAPE_S = 1.0
+REPS = 7
+"""At least this many alternating repetitions: a few percent is the difference measured."""
 
 
 @contextlib.asynccontextmanager
@@ -97,8 +99,9 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
             async def measure(label: str) -> Row:
                 off_runs: list[ClosedResult] = []
                 on_runs: list[ClosedResult] = []
-                for rep in range(s.reps):
-                    progress(f"metrics {label} c={CONCURRENCY} rep {rep + 1}/{s.reps}")
+                reps = max(s.reps, REPS)
+                for rep in range(reps):
+                    progress(f"metrics {label} c={CONCURRENCY} rep {rep + 1}/{reps}")
                     off_runs.append(await closed_loop(off_create, CONCURRENCY, s.rep_s))
                     on_runs.append(await closed_loop(on_create, CONCURRENCY, s.rep_s))
                 row, _ = summary(f"metrics on: {label} c={CONCURRENCY}", off_runs, on_runs, items=False)
