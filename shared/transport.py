@@ -176,19 +176,21 @@ def open_channel(
     options: Sequence[tuple[str, Any]] = (),
     *,
     metadata: Metadata = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A grpc.aio channel to the api at ``target``.
 
     ``security`` None reads it from the environment (``client_security()``); pass
     ``ClientSecurity()`` for plaintext without a token. TLS when it has a CA; ``metadata`` and
-    the token (as ``authorization: Bearer``) are sent with every call.
+    the token (as ``authorization: Bearer``) are sent with every call. ``interceptors`` (the
+    tracing ones, ``shared.tracing.client_interceptors()``) run first, around every call.
     """
     security = client_security() if security is None else security
-    interceptors = _aio_interceptors(_request_metadata(security, metadata, target))
+    chain = [*interceptors, *(_aio_interceptors(_request_metadata(security, metadata, target)) or ())] or None
     opts = _options(security, options)
     if security.tls:
-        return grpc.aio.secure_channel(target, channel_credentials(security), options=opts, interceptors=interceptors)
-    return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, channel_credentials(security), options=opts, interceptors=chain)
+    return grpc.aio.insecure_channel(target, options=opts, interceptors=chain)
 
 
 # --- server side -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from services.api.server import serve
 from services.api.store import Store, create_pool
 from services.api.store.tokens import Tokens
 from services.api.store.types import Actor
+from shared import tracing
 from shared.config import ConfigError, api_config
 from shared.errors import DomainError
 from shared.runtime import run, setup_logging
@@ -142,7 +143,16 @@ def main() -> int:
             return 1
         print(f"applied {len(applied)} migration(s)" + "".join(f"\n  {m.version:04d}_{m.name}" for m in applied))
         return 0
-    run(serve(config))
+    try:
+        # Off unless OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_TRACES_EXPORTER say where to (shared/tracing.py).
+        tracing.setup_tracing("automation-api")
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(serve(config))
+    finally:
+        tracing.shutdown_tracing()
     return 0
 
 

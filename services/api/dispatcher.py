@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -135,9 +136,10 @@ class Handoff:
     def taken(self) -> bool:
         return self._sub is not None
 
-    def deliver(self, enforcements: list[Enforcement]) -> str | None:
+    def deliver(self, enforcements: list[Enforcement], traceparents: Sequence[str | None] = ()) -> str | None:
         """Hands the committed enforcements to the stream; returns its lease token when the
-        stream has closed meanwhile (the caller then releases what was leased to it)."""
+        stream has closed meanwhile (the caller then releases what was leased to it).
+        ``traceparents`` (tracing on): each enforcement's, in the same order."""
         sub, self._sub = self._sub, None
         if sub is None:
             return None
@@ -145,9 +147,10 @@ class Handoff:
         self._n = 0
         if sub not in self._dispatcher._subs:
             return sub.token
-        for e in enforcements:
+        for i, e in enumerate(enforcements):
             sub.held.add(e.id)
-            sub.inbox.append(Delivery(e, 1, e.created + timedelta(seconds=self._lease_s)))
+            trace = traceparents[i] if traceparents else None
+            sub.inbox.append(Delivery(e, 1, e.created + timedelta(seconds=self._lease_s), trace))
         sub.wake.set()
         return None
 

@@ -35,7 +35,7 @@ from services.api.servicers_auth import AuthService
 from services.api.servicers_rules import RuleService
 from services.api.servicers_webhooks import WebhookService
 from services.api.store import Store, TokenRow, create_pool
-from shared import limits
+from shared import limits, tracing
 from shared.config import ApiConfig, parse_principals
 from shared.errors import Unavailable
 from shared.gen.automation.v1 import (
@@ -157,6 +157,9 @@ class ApiServer:
                     self.authenticator, reflection_public=config.reflection_public, certificate_principals=principals
                 ),
             )
+        # Traces only when on (shared/tracing.py): right after metrics, so that a call that
+        # authentication or decoding refuses has its span too.
+        interceptors[0:0] = tracing.server_interceptors()
         if self._rpc_metrics is not None:
             # First of all: it also counts the calls that authentication or decoding refuse.
             interceptors.insert(0, self._rpc_metrics)

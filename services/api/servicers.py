@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
+from opentelemetry.trace import SpanKind
 
 from services.api import convert, metrics, validate
 from services.api import servicers_tails as tails
@@ -25,7 +28,7 @@ from services.api.dispatcher import Dispatcher, Handoff, Subscription
 from services.api.store import Actor, CreatedEvent, Delivery, NewEvent, Page, Store, translate
 from services.api.store._paging import page_size
 from services.api.store.history import TABLES as HISTORY_TABLES
-from shared import limits
+from shared import limits, tracing
 from shared.batching import Batcher
 from shared.config import ApiConfig
 from shared.errors import (
@@ -158,6 +161,15 @@ def _new_event(v: Violations, field: str, e: event_pb2.NewEvent) -> NewEvent:
     )
 
 
+def _traced(events: list[NewEvent]) -> list[NewEvent]:
+    """``events`` carrying the current span's traceparent (once per call), stored with their
+    enforcements: whoever takes one later, hand-off or claim, continues this trace."""
+    trace = tracing.traceparent()
+    if trace is None:
+        return events
+    return [dataclasses.replace(e, traceparent=trace) for e in events]
+
+
 def _created_event(c: Any) -> event_pb2.CreateEventResponse:
     return event_pb2.CreateEventResponse(
         event=convert.event(c.event),
@@ -178,6 +190,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         self._coalescer: Batcher[NewEvent, CreatedEvent | DomainError] = Batcher(
             self._create_coalesced, max_batch=MAX_BATCH, max_calls=2
         )
+        # Decided once: off, no event is looked at for a trace.
+        self._tracing = tracing.enabled()
 
     async def _create_coalesced(self, new: list[NewEvent]) -> list[CreatedEvent | DomainError]:
         """Stores events of separate CreateEvent calls in one statement. If that fails, each
@@ -207,6 +221,9 @@ class EventService(event_pb2_grpc.EventServiceServicer):
     async def create_one(self, new: NewEvent) -> CreatedEvent:
         """Stores one event as CreateEvent does (webhook deliveries too): gathered with other
         calls' events under load, alone when it has a request_id."""
+        if self._tracing:
+            # Here, in the call's own context: a gathered statement runs in another's.
+            (new,) = _traced([new])
         if new.request_id:
             # A key is checked against the others of its statement; alone, its errors are its own.
             (result,) = await self._create([new], many=False)
@@ -236,7 +253,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         fresh = [r for r in results if not r.replayed]
         created = [e for r in fresh for e in r.enforcements]
         handed = handoff.taken
-        closed = handoff.deliver(created)
+        traces = [r.traceparent for r in fresh for _ in r.enforcements] if self._tracing else []
+        closed = handoff.deliver(created, traces)
         if closed is not None:
             handed = False
             # The stream closed while the insert ran: give its new leases back now (the
@@ -267,7 +285,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         v = Violations()
         new = [_new_event(v, f"events[{i}]", e) for i, e in enumerate(request.events)]
         v.raise_if_any()
-        results = await self._create(new, many=True)
+        results = await self._create(_traced(new) if self._tracing else new, many=True)
         return event_pb2.CreateEventsResponse(
             receipts=[
                 event_pb2.EventReceipt(
@@ -299,6 +317,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             rule_ref=original.rule_ref,
             request_id=request.request_id or None,
             reemit_of=original.id,
+            traceparent=tracing.traceparent(),
         )
         try:
             (result,) = await self._create([new], many=False)
@@ -351,6 +370,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         self._dispatcher = dispatcher
         self._config = config
         self._shutdown = shutdown
+        # Tracing on: every hand-out is a "dispatch" span in the trace of the enforcement's creation.
+        self._tracer = tracing.tracer("services.api.dispatch")
 
     @rpc
     async def CreateEnforcement(
@@ -557,7 +578,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 if sub.inbox:
                     handed, sub.inbox = sub.inbox, []
                     for d in handed:
-                        if (message := await self._sendable(d, request.executor_id, sub)) is not None:
+                        if (message := await self._sendable(d, request.executor_id, sub, "handoff")) is not None:
                             yield message
                 free = sub.free
                 if free > 0 and sub.look:
@@ -578,7 +599,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                         metrics.current.claimed(len(deliveries))
                     for d in deliveries:
                         sub.held.add(d.enforcement.id)
-                        if (message := await self._sendable(d, request.executor_id, sub)) is not None:
+                        if (message := await self._sendable(d, request.executor_id, sub, "claim")) is not None:
                             yield message
                     if full:
                         sub.look = True
@@ -641,14 +662,17 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         return min(wanted, left)
 
     async def _sendable(
-        self, d: Delivery, executor_id: str, sub: Subscription
+        self, d: Delivery, executor_id: str, sub: Subscription, path: str
     ) -> enforcement_pb2.WatchEnforcementsResponse | None:
         """The delivery's message, or None when it cannot be sent: then it is released with the
         reason, charged to that enforcement alone, instead of breaking the stream (and so
         every other enforcement it holds). Writes are checked so that this never happens;
-        this keeps one bad record from stopping the pipeline if one slips through."""
+        this keeps one bad record from stopping the pipeline if one slips through. ``path``:
+        how the stream got it (``handoff``, ``claim``), for its trace."""
         try:
             message = convert.delivery(d)
+            if d.traceparent is not None and self._tracer is not None:
+                message.delivery.traceparent = self._dispatched(d, executor_id, path)
             size = message.ByteSize()
             if size <= limits.MAX_MESSAGE_BYTES:
                 return message
@@ -666,6 +690,29 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         with contextlib.suppress(Exception):  # the lease expiry covers a failure here
             await self._store.dispatch.release(id_, executor_id, f"undeliverable: {why}")
         return None
+
+    def _dispatched(self, d: Delivery, executor_id: str, path: str) -> str:
+        """Records this hand-out as a "dispatch" span, a child of the call that created the
+        enforcement, lasting from the enforcement's creation to now (its wait for a stream);
+        returns its traceparent, which the executor's work continues from."""
+        assert self._tracer is not None
+        e = d.enforcement
+        now = time.time_ns()
+        span = self._tracer.start_span(
+            "dispatch",
+            context=tracing.extract(d.traceparent),
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "enforcement.id": e.id,
+                "rule.ref": e.rule_ref,
+                "dispatch.path": path,
+                "dispatch.attempt": d.attempt,
+                "executor.id": executor_id,
+            },
+            start_time=min(int(e.created.timestamp() * 1e9), now),
+        )
+        span.end(now)
+        return tracing.traceparent(span) or ""
 
     @rpc
     async def GetDispatchState(

@@ -7,6 +7,7 @@ import signal
 import sys
 
 from services.executor import Executor
+from shared import tracing
 from shared.config import ConfigError, executor_config
 from shared.runtime import run, setup_logging
 
@@ -26,7 +27,16 @@ def main() -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, "executor", config.log_format)
-    run(_main())
+    try:
+        # Off unless OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_TRACES_EXPORTER say where to (shared/tracing.py).
+        tracing.setup_tracing("automation-executor")
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run(_main())
+    finally:
+        tracing.shutdown_tracing()
     return 0
 
 

@@ -26,8 +26,11 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
+from shared import tracing
 from shared.batching import Batcher
 from shared.config import ExecutorConfig
 from shared.gen.automation.v1 import (
@@ -81,6 +84,10 @@ def _answer(answer: object, kind: type[M], method: str) -> M:
     raise TypeError(f"{method} answered {type(answer).__name__}, not {kind.__name__}")
 
 
+def _status_name(status: common_pb2.EnforcementStatus.ValueType) -> str:
+    return common_pb2.EnforcementStatus.Name(status).removeprefix("ENFORCEMENT_STATUS_")
+
+
 def default_executor_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -106,6 +113,10 @@ class Executor:
             Batcher(self._send_decisions)
         )
         self._health_touched = float("-inf")
+        # Traces only when on (shared/tracing.py): a span per decision, client spans per call.
+        self._tracer = tracing.tracer("services.executor")
+        self._deciding: dict[int, trace.Span] = {}
+        """The span of each enforcement being decided (tracing on), for its resolution's call."""
         # Metrics only when asked for (METRICS_ADDR); off, nothing is recorded.
         self.registry: CollectorRegistry | None = None
         self._m: ExecutorMetrics | None = None
@@ -144,7 +155,11 @@ class Executor:
         # one more task per call, measured at ~10 % of unary throughput at 16 in flight.
         token = cfg.security.token
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        async with open_channel(cfg.target, dataclasses.replace(cfg.security, token=""), options) as channel:
+        # Tracing off, no interceptor at all (see the token's note above for what one costs).
+        traced = tracing.client_interceptors() if self._tracer is not None else []
+        async with open_channel(
+            cfg.target, dataclasses.replace(cfg.security, token=""), options, interceptors=traced
+        ) as channel:
             self._enforcements = enforcement_pb2_grpc.EnforcementServiceStub(channel)
             # The stream hands us raw bytes: grpc's own decoding would turn an undecodable
             # message into a bare None, losing the bytes that say which enforcement it was.
@@ -356,8 +371,31 @@ class Executor:
         request = enforcement_pb2.ResolveEnforcementsRequest(decisions=batch)
         if self._m is not None:
             self._m.batch_size.observe(len(batch))
-        answer = await self._call(self._enforcements.ResolveEnforcements, request, self._m.resolve if self._m else None)
+        metrics = self._m.resolve if self._m else None
+        if self._tracer is None:
+            answer = await self._call(self._enforcements.ResolveEnforcements, request, metrics)
+        else:
+            # The Batcher's task inherited whichever decision started it: the call joins the
+            # trace chosen here instead.
+            with trace.use_span(self._batch_parent(batch), record_exception=False, set_status_on_exception=False):
+                answer = await self._call(self._enforcements.ResolveEnforcements, request, metrics)
         return list(_answer(answer, enforcement_pb2.ResolveEnforcementsResponse, "ResolveEnforcements").outcomes)
+
+    def _batch_parent(self, batch: list[enforcement_pb2.ResolveEnforcementRequest]) -> trace.Span:
+        """The span a ResolveEnforcements call is a child of: the "decide enforcement" span of
+        its first decision (of the first sampled one, if any). A call has one parent, so when
+        it carries several decisions their spans and the parent's link to each other."""
+        spans = [span for r in batch if (span := self._deciding.get(r.id)) is not None]
+        if not spans:
+            return trace.INVALID_SPAN
+        parent = next((span for span in spans if span.get_span_context().trace_flags.sampled), spans[0])
+        if len(spans) > 1:
+            parent.set_attribute("resolve.batch_size", len(batch))
+            for span in spans:
+                if span is not parent:
+                    span.add_link(parent.get_span_context(), {"link.reason": "resolved by the call of this span"})
+                    parent.add_link(span.get_span_context(), {"link.reason": "resolved in this span's call too"})
+        return parent
 
     async def _resolve(self, id_: int, decision: Decision) -> enforcement_pb2.ResolutionOutcome:
         return await self._decisions.submit(
@@ -367,15 +405,44 @@ class Executor:
         )
 
     async def _handle(self, delivery: enforcement_pb2.Delivery) -> None:
+        if self._tracer is None:
+            await self._decide_and_resolve(delivery.enforcement, None)
+            return
         enforcement = delivery.enforcement
+        # A child of the api's hand-out of this enforcement (Delivery.traceparent), itself a
+        # child of the call that created it: the decision, its lookups and its resolution join
+        # the event's trace. Without a traceparent, a trace of its own.
+        with self._tracer.start_as_current_span(
+            "decide enforcement",
+            context=tracing.extract(delivery.traceparent),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "enforcement.id": enforcement.id,
+                "rule.ref": enforcement.rule_ref,
+                "delivery.attempt": delivery.attempt,
+                "executor.id": self.executor_id,
+            },
+        ) as span:
+            self._deciding[enforcement.id] = span
+            try:
+                await self._decide_and_resolve(enforcement, span)
+            finally:
+                if self._deciding.get(enforcement.id) is span:
+                    del self._deciding[enforcement.id]
+
+    async def _decide_and_resolve(self, enforcement: common_pb2.Enforcement, span: trace.Span | None) -> None:
         id_ = enforcement.id
         try:
             decision = await self.decide(enforcement)
+            if span is not None:
+                span.set_attribute("decision", _status_name(decision.status))
             outcome = await self._resolve(id_, decision)
             if outcome.error.reason == "RULE_NOT_ENABLED" and decision.status == PROCESSED:
                 # The rule was disabled between our look and the commit.
                 self._rules.pop(enforcement.rule, None)
                 decision = Decision(DISABLED, f"{outcome.error.message} (refused at commit)")
+                if span is not None:
+                    span.set_attribute("decision", _status_name(decision.status))
                 outcome = await self._resolve(id_, decision)
             if outcome.HasField("error"):
                 error = outcome.error
@@ -387,10 +454,10 @@ class Executor:
                         extra={"enforcement_id": id_, "rule_ref": enforcement.rule_ref},
                     )
                     return
-                await self._release(id_, f"{error.reason}: {error.message}")
+                await self._release(id_, f"{error.reason}: {error.message}", span)
                 return
             self.resolved += 1
-            status = common_pb2.EnforcementStatus.Name(outcome.status).removeprefix("ENFORCEMENT_STATUS_")
+            status = _status_name(outcome.status)
             if self._m is not None:
                 self._m.outcomes["processed" if outcome.status == PROCESSED else "disabled"].inc()
             extra = f", execution {outcome.execution_id}" if outcome.HasField("execution_id") else ""
@@ -405,7 +472,7 @@ class Executor:
                 extra={"enforcement_id": id_, "rule_ref": enforcement.rule_ref},
             )
         except grpc.aio.AioRpcError as exc:
-            await self._release(id_, _bounded(f"{exc.code().name}: {exc.details()}"))
+            await self._release(id_, _bounded(f"{exc.code().name}: {exc.details()}"), span)
         except Exception as exc:
             # Not a transport failure but a surprise (a bug, an answer we cannot use). It must
             # not reach the other enforcements: this one is released, with the gist for the
@@ -417,11 +484,16 @@ class Executor:
                 exc_info=True,
                 extra={"enforcement_id": id_, "rule_ref": enforcement.rule_ref},
             )
+            if span is not None:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, _describe(exc)))
             await self._give_back(id_, _describe(exc))
 
-    async def _release(self, id_: int, error: str) -> None:
+    async def _release(self, id_: int, error: str, span: trace.Span | None = None) -> None:
         """Gives an enforcement back so another attempt comes soon; if even that fails, the
         lease expires."""
+        if span is not None:
+            span.set_status(Status(StatusCode.ERROR, f"released: {error}"))
         log.warning(
             "enforcement %d not resolved: %s",
             id_,

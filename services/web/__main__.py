@@ -7,6 +7,7 @@ import sys
 import uvicorn
 
 from services.web import create_app
+from shared import tracing
 from shared.config import ConfigError, web_config
 from shared.runtime import setup_logging
 
@@ -20,6 +21,12 @@ def main() -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     setup_logging(config.log_level, "web", config.log_format)
+    try:
+        # Off unless OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_TRACES_EXPORTER say where to (shared/tracing.py).
+        tracing.setup_tracing("automation-web")
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     host, _, port = config.addr.rpartition(":")
     uvicorn.run(
         create_app(config),
@@ -33,6 +40,7 @@ def main() -> int:
         # after a few seconds (browsers reconnect to the next instance by themselves).
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
     )
+    tracing.shutdown_tracing()
     return 0
 
 

@@ -18,6 +18,7 @@ from services.web.live import Live
 from services.web.render import HERE
 from services.web.session import Sessions
 from services.web.webhooks import Webhooks
+from shared import tracing
 from shared.config import WebConfig
 from shared.gen.automation.v1 import auth_pb2_grpc, webhook_pb2_grpc
 from shared.transport import open_channel
@@ -30,7 +31,8 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own = channel is None
-        ch = channel or open_channel(config.target, config.security)
+        # Tracing on (shared/tracing.py): a client span for every call to the api.
+        ch = channel or open_channel(config.target, config.security, interceptors=tracing.client_interceptors())
         parts["webhooks"] = Webhooks(config, webhook_pb2_grpc.WebhookServiceStub(ch))
         sessions = Sessions(auth_pb2_grpc.AuthServiceStub(ch), config.rpc_timeout_s)
         console = parts["console"] = Console(config, Stubs(ch), sessions)

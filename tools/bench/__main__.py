@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from shared.runtime import run as run_loop
 
-from . import ingest, latency, metrics, pipeline, read, rules, security, settings, webhooks
+from . import ingest, latency, metrics, pipeline, read, rules, security, settings, traces, webhooks
 from .fixture import Cluster
 from .report import Row, progress, table
 
@@ -27,6 +27,8 @@ SCENARIOS: dict[str, Scenario] = {
     "webhooks": webhooks.run,
     # And: --only metrics (CreateEvent and the pipeline with Prometheus metrics on vs off).
     "metrics": metrics.run,
+    # And: --only tracing (CreateEvent and the pipeline with OpenTelemetry traces on vs off).
+    "tracing": traces.run,
 }
 DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 

@@ -45,7 +45,7 @@ WITH picked AS (
 )
 SELECT """
     + _ENFORCEMENT_E
-    + """, c.attempts, c.lease_expires_at
+    + """, c.attempts, c.lease_expires_at, e.traceparent
   FROM claimed c
   JOIN enforcement e ON e.id = c.enforcement AND e.created = c.enforcement_created
  ORDER BY e.created, e.id
@@ -166,7 +166,10 @@ class Dispatch(Repo):
             filters.append(f"AND trigger_ref = ANY({where.param(list(trigger_refs))}::text[])")
         sql = _CLAIM.format(filters=" ".join(filters), **parts)
         rows = await self._fetch(sql, *where.args)
-        return [Delivery(Enforcement(*list(r.values())[:_N_ENF]), r["attempts"], r["lease_expires_at"]) for r in rows]
+        return [
+            Delivery(Enforcement(*list(r.values())[:_N_ENF]), r["attempts"], r["lease_expires_at"], r["traceparent"])
+            for r in rows
+        ]
 
     async def renew(self, token: str, lease_s: float) -> set[int]:
         """Extends every lease of a stream; returns the enforcements it still holds."""

@@ -86,11 +86,12 @@ WITH ev AS (
       FROM unnest($11::text[], $12::text[], $13::bigint[]) AS u
 ), enf AS (
     INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, payload, condition,
-                             conditions, created)
+                             conditions, created, traceparent)
     SELECT u.r, u.rr, u.tr, u.c::jsonb, u.e, u.p::jsonb, u.cond::enforcement_condition,
-           u.conds::jsonb, $10::timestamptz
+           u.conds::jsonb, $10::timestamptz, u.tp
+      -- $27 (traceparents) is NULL when tracing is off: unnest pads it with NULLs.
       FROM unnest($14::bigint[], $15::text[], $16::text[], $17::text[], $18::bigint[],
-                  $19::text[], $20::text[], $21::text[]) AS u(r, rr, tr, c, e, p, cond, conds)
+                  $19::text[], $20::text[], $21::text[], $27::text[]) AS u(r, rr, tr, c, e, p, cond, conds, tp)
     RETURNING id, event, rule, created, rule_ref, trigger_ref
 ), handed AS (
     -- Direct hand-off ($23, a stream's lease token, given): the dispatch rows are written here,
@@ -204,7 +205,8 @@ class Events(Paged):
             def plan() -> _Plan:
                 ev_cols: list[list[Any]] = [[] for _ in range(10)]
                 req_cols: list[list[Any]] = [[], [], []]
-                enf_cols: list[list[Any]] = [[] for _ in range(8)]
+                # The 9th column: each enforcement's traceparent (that of its event's call).
+                enf_cols: list[list[Any]] = [[] for _ in range(9)]
                 events: list[Event | None] = []
                 unsaved: list[tuple[dict[str, Any], NewEvent, int, Any]] = []
                 first_of_key: dict[str, int] = {}
@@ -305,6 +307,7 @@ class Events(Paged):
                             payload_json,
                             rule["condition"],
                             rule["conditions_json"],
+                            e.traceparent,
                         )
                         for col, value in zip(enf_cols, row, strict=True):
                             col.append(value)
@@ -335,12 +338,13 @@ class Events(Paged):
                     *ev_cols[:9],
                     now,
                     *req_cols,
-                    *enf_cols,
+                    *enf_cols[:8],
                     to.executor_id if to else None,
                     to.token if to else None,
                     to.seconds if to else 0.0,
                     to.principal if to else None,
                     ev_cols[9],
+                    enf_cols[8] if any(enf_cols[8]) else None,
                 )
                 ids_by_key = {(r["event"], r["rule"]): r["id"] for r in rows}
                 enforcements = [
@@ -371,7 +375,7 @@ class Events(Paged):
         results: list[CreatedEvent] = []
         for e, ev in zip(new, events, strict=True):
             if ev is not None:
-                results.append(CreatedEvent(ev, by_event.get(ev.id, [])))
+                results.append(CreatedEvent(ev, by_event.get(ev.id, []), traceparent=e.traceparent))
             elif e.request_id in replayed:
                 results.append(replayed[e.request_id])
             else:

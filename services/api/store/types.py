@@ -181,6 +181,8 @@ class NewEvent:
     reemit_of: int | None = None
     config_in_fingerprint: bool = True
     """False for webhook deliveries: a sender's retry carries the same body but new headers."""
+    traceparent: str | None = None
+    """W3C traceparent of the call storing it (tracing on), stored with its enforcements."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +192,8 @@ class CreatedEvent:
     event: Event
     enforcements: list[Enforcement]
     replayed: bool = False
+    traceparent: str | None = None
+    """The traceparent its enforcements were stored with (None for a replay)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +212,8 @@ class Delivery:
     enforcement: Enforcement
     attempt: int
     lease_expires_at: datetime
+    traceparent: str | None = None
+    """W3C traceparent of the call that created the enforcement (None: not traced)."""
 
 
 @dataclass(frozen=True, slots=True)

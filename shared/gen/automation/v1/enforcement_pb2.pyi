@@ -564,8 +564,14 @@ class Delivery(_message.Message):
     ENFORCEMENT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     """Which attempt this is, starting at 1."""
+    traceparent: _builtins.str
+    """W3C traceparent of this hand-out when tracing is on: the api's "dispatch" span, a child of
+    the call that created the enforcement, so that the executor's work on it joins that trace.
+    Empty otherwise (tracing off, or the enforcement was created outside a traced call).
+    """
     @_builtins.property
     def enforcement(self) -> _common_pb2.Enforcement:
         """The pending enforcement."""
@@ -580,10 +586,11 @@ class Delivery(_message.Message):
         enforcement: _common_pb2.Enforcement | None = ...,
         attempt: _builtins.int = ...,
         lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement", b"enforcement", "lease_expires_at", b"lease_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enforcement", b"enforcement", "lease_expires_at", b"lease_expires_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enforcement", b"enforcement", "lease_expires_at", b"lease_expires_at", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
