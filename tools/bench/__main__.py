@@ -4,13 +4,14 @@ benchmark scenarios and prints one table on stdout (progress goes to stderr)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
 from shared.runtime import run as run_loop
 
-from . import ingest, latency, metrics, pipeline, read, rules, security, settings, traces, webhooks
+from . import compare, ingest, latency, metrics, pipeline, read, rules, security, settings, traces, webhooks
 from .fixture import Cluster
 from .report import Row, progress, table
 
@@ -29,6 +30,8 @@ SCENARIOS: dict[str, Scenario] = {
     "metrics": metrics.run,
     # And: --only tracing (CreateEvent and the pipeline with OpenTelemetry traces on vs off).
     "tracing": traces.run,
+    # And: --only compare --baseline-dir PATH (this tree against another, same run).
+    "compare": compare.run,
 }
 DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 
@@ -72,7 +75,13 @@ def cli(argv: list[str] | None = None) -> int:
         help="length of the constant-rate memory soak (default 2, to keep the full run under 15 "
         "minutes; the issue's flatness check is --only pipeline --memory-minutes 10)",
     )
+    parser.add_argument(
+        "--baseline-dir",
+        help="for --only compare: the other tree (e.g. a git worktree of an earlier commit) to measure against",
+    )
     ns = parser.parse_args(argv)
+    if ns.baseline_dir:
+        os.environ[compare.BASELINE_ENV] = ns.baseline_dir
     s = settings.quick() if ns.quick else settings.full(ns.memory_minutes)
     only = ns.only or DEFAULT
     return run_loop(main(s, only))

@@ -68,8 +68,8 @@ class Cluster:
             await conn.close()
         return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync}"
 
-    async def fresh_database(self, purpose: str) -> str:
-        """A new database with the schema migrated; returns its URL."""
+    async def fresh_database(self, purpose: str, code_dir: Path = ROOT) -> str:
+        """A new database with the schema of ``code_dir``'s migrations; returns its URL."""
         name = f"bench_{purpose}_{uuid.uuid4().hex[:6]}"
         conn = await asyncpg.connect(self.admin_url)
         try:
@@ -78,7 +78,7 @@ class Cluster:
             await conn.close()
         self.databases.append(name)
         url = with_database(self.admin_url, name)
-        await migrate_url(url)
+        await migrate_url(url, code_dir / "migrations")
         return url
 
     async def drop(self, url: str) -> None:
@@ -145,8 +145,9 @@ class Proc:
             await self.process.wait()
 
 
-async def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Proc:
-    """Starts ``python -m module`` with its output in ``logdir``/``name``.log."""
+async def spawn(name: str, module: str, env: dict[str, str], logdir: Path, code_dir: Path = ROOT) -> Proc:
+    """Starts ``python -m module`` from ``code_dir`` (this tree, or another one the compare
+    scenario measures against) with its output in ``logdir``/``name``.log."""
     log_path = logdir / f"{name}.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
@@ -154,7 +155,7 @@ async def spawn(name: str, module: str, env: dict[str, str], logdir: Path) -> Pr
             "-m",
             module,
             env={**os.environ, "LOG_LEVEL": SERVICE_LOG_LEVEL, **env},
-            cwd=ROOT,
+            cwd=code_dir,
             stdout=log,
             stderr=log,
         )
@@ -167,6 +168,8 @@ class Services:
 
     database_url: str
     logdir: Path
+    code_dir: Path = ROOT
+    """The tree the services run from."""
     api: Proc | None = None
     target: str = ""
     executors: list[Proc] = field(default_factory=list)
@@ -183,6 +186,7 @@ class Services:
             # measures what they cost against this).
             {"DATABASE_URL": self.database_url, "API_ADDR": self.target, "API_INSECURE": "true", **env},
             self.logdir,
+            self.code_dir,
         )
         try:
             await wait_serving(self.target, timeout=60, security=health)
@@ -199,6 +203,7 @@ class Services:
                     "services.executor",
                     {"API_TARGET": self.target, "EXECUTOR_ID": f"bench-{self.spawned}", **env},
                     self.logdir,
+                    self.code_dir,
                 )
             )
 
@@ -214,9 +219,9 @@ class Services:
 
 
 @asynccontextmanager
-async def services(database_url: str) -> AsyncIterator[Services]:
+async def services(database_url: str, code_dir: Path = ROOT) -> AsyncIterator[Services]:
     with tempfile.TemporaryDirectory(prefix="bench-logs-") as logdir:
-        s = Services(database_url, Path(logdir))
+        s = Services(database_url, Path(logdir), code_dir)
         try:
             yield s
         finally:
