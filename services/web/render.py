@@ -67,17 +67,18 @@ def plain(value: Any) -> Any:
 
 
 def pretty(message: Message | None) -> str:
-    """A Struct (or any message) as indented JSON, keys in their stored order."""
+    """A Struct (or any message) as indented JSON, keys sorted: a Struct is a map, whose
+    order protobuf does not keep (nor does jsonb), so sorting is what makes it stable."""
     if message is None:
         return "{}"
-    return json.dumps(plain(json_format.MessageToDict(message)), indent=2, ensure_ascii=False)
+    return json.dumps(plain(json_format.MessageToDict(message)), indent=2, ensure_ascii=False, sort_keys=True)
 
 
 def value_json(message: Message, name: str) -> str:
     """A google.protobuf.Value field as compact JSON ("" when unset)."""
     if not message.HasField(name):
         return ""
-    return json.dumps(plain(json_format.MessageToDict(getattr(message, name))), ensure_ascii=False)
+    return json.dumps(plain(json_format.MessageToDict(getattr(message, name))), ensure_ascii=False, sort_keys=True)
 
 
 def operator_name(op: condition_pb2.ConditionOperator.ValueType) -> str:

@@ -377,7 +377,7 @@ async def test_event_page_shows_the_formatted_payload_and_its_enforcements(
     page = await get(viewer, f"/events/{event}")
     assert f"<h1>Event {event} <small>{HOOK}</small></h1>" in page
     text = html.unescape(page)
-    assert json.dumps({"action": "push", "repo": "payments"}, indent=2) in text
+    assert json.dumps({"repo": "payments", "action": "push"}, indent=2, sort_keys=True) in text
     assert keys(page) == [enforcement]
     assert 'data-status="created"' in page
     assert f'data-live="/live/enforcements?event={event}"' in page
