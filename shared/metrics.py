@@ -186,23 +186,28 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
         }
+
+        async def answered(call: Callable[[], Awaitable[Any]], context: Any) -> Any:
+            """A call with one answer: counted, timed, and its status recorded."""
+            m.started.inc()
+            started = time.perf_counter()
+            exc: BaseException | None = None
+            try:
+                response = await call()
+                m.sent.inc()
+                return response
+            except BaseException as e:
+                exc = e
+                raise
+            finally:
+                m.handled(_code_of(context, exc), started)
+
         if kind == UNARY:
             inner = handler.unary_unary
 
             async def unary_unary(request: Any, context: Any) -> Any:
-                m.started.inc()
                 m.received.inc()
-                started = time.perf_counter()
-                exc: BaseException | None = None
-                try:
-                    response = await inner(request, context)
-                    m.sent.inc()
-                    return response
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    m.handled(_code_of(context, exc), started)
+                return await answered(lambda: inner(request, context), context)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **serdes)
 
@@ -252,18 +257,7 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
         inner_su = handler.stream_unary
 
         async def stream_unary(requests: AsyncIterator[Any], context: Any) -> Any:
-            m.started.inc()
-            started = time.perf_counter()
-            exc: BaseException | None = None
-            try:
-                response = await inner_su(streamed(requests), context)
-                m.sent.inc()
-                return response
-            except BaseException as e:
-                exc = e
-                raise
-            finally:
-                m.handled(_code_of(context, exc), started)
+            return await answered(lambda: inner_su(streamed(requests), context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **serdes)
 

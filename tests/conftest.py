@@ -218,16 +218,21 @@ async def api(api_config: ApiConfig) -> AsyncIterator[ApiServer]:
 async def stubs(api: ApiServer) -> AsyncIterator[Stubs]:
     target = f"127.0.0.1:{api.port}"
     async with channel(target) as ch:
-        yield Stubs(
-            channel=ch,
-            target=target,
-            events=event_pb2_grpc.EventServiceStub(ch),
-            enforcements=enforcement_pb2_grpc.EnforcementServiceStub(ch),
-            rules=rule_pb2_grpc.RuleServiceStub(ch),
-            executions=execution_pb2_grpc.ExecutionServiceStub(ch),
-            history=history_pb2_grpc.HistoryServiceStub(ch),
-            analytics=analytics_pb2_grpc.AnalyticsServiceStub(ch),
-        )
+        yield stubs_for(ch, target)
+
+
+def stubs_for(ch: grpc.aio.Channel, target: str) -> Stubs:
+    """One stub per service over ``ch`` (a channel to the api at ``target``)."""
+    return Stubs(
+        channel=ch,
+        target=target,
+        events=event_pb2_grpc.EventServiceStub(ch),
+        enforcements=enforcement_pb2_grpc.EnforcementServiceStub(ch),
+        rules=rule_pb2_grpc.RuleServiceStub(ch),
+        executions=execution_pb2_grpc.ExecutionServiceStub(ch),
+        history=history_pb2_grpc.HistoryServiceStub(ch),
+        analytics=analytics_pb2_grpc.AnalyticsServiceStub(ch),
+    )
 
 
 __all__ = ["Stubs", "with_database"]

@@ -279,11 +279,45 @@ class Console:
 
     # ---- events -----------------------------------------------------------------------------
 
+    async def listed(
+        self,
+        request: Request,
+        user: User,
+        filters: Filters,
+        read: Callable[[str], Awaitable[tuple[list[Any], str]]],
+        template: str,
+        live: str,
+    ) -> Response:
+        """A list page: the page ``read(page_token)`` answers, or, when its filters are refused
+        (here or by the api), the page with the reason in a banner and no live stream."""
+        token = request.query_params.get("page_token", "")
+        error, next_token = "", ""
+        rows: list[Any] = []
+        try:
+            rows, next_token = await read(token)
+        except Refused as exc:
+            error = str(exc)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            error = exc.details() or "refused"
+        return self.render(
+            request,
+            user,
+            template,
+            400 if error else 200,
+            rows=rows,
+            filters=filters,
+            first_page=not token,
+            next_token=next_token,
+            error=error,
+            live=f"{live}?{filters.query()}" if not error else "",
+        )
+
     async def events(self, request: Request, user: User) -> Response:
         filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref", "reemit_of"))
-        token = request.query_params.get("page_token", "")
-        error, rows, next_token = "", [], ""
-        try:
+
+        async def read(token: str) -> tuple[list[Any], str]:
             req = event_pb2.ListEventsRequest(
                 page_size=PAGE_SIZE,
                 page_token=token,
@@ -294,25 +328,9 @@ class Console:
             if (reemit_of := filters.id("reemit_of")) is not None:
                 req.reemit_of = reemit_of
             resp = await self.api.events.ListEvents(req, **self.call(user))
-            rows, next_token = list(resp.events), resp.next_page_token
-        except Refused as exc:
-            error = str(exc)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            error = exc.details() or "refused"
-        return self.render(
-            request,
-            user,
-            "events.html",
-            400 if error else 200,
-            events=rows,
-            filters=filters,
-            first_page=not token,
-            next_token=next_token,
-            error=error,
-            live=f"/live/events?{filters.query()}" if not error else "",
-        )
+            return list(resp.events), resp.next_page_token
+
+        return await self.listed(request, user, filters, read, "events.html", "/live/events")
 
     async def event(self, request: Request, user: User) -> Response:
         id_ = path_id(request)
@@ -354,9 +372,8 @@ class Console:
 
     async def enforcements(self, request: Request, user: User) -> Response:
         filters = Filters.of(request, ("rule_ref", "trigger_ref", "status", "event"))
-        token = request.query_params.get("page_token", "")
-        error, rows, next_token = "", [], ""
-        try:
+
+        async def read(token: str) -> tuple[list[Any], str]:
             status = filters.values["status"]
             if status and status not in STATUS_BY_NAME:
                 raise Refused(400, f"status: must be one of {', '.join(STATUS_BY_NAME)} (got {status[:40]!r})")
@@ -369,25 +386,9 @@ class Console:
                 ),
                 **self.call(user),
             )
-            rows, next_token = list(resp.enforcements), resp.next_page_token
-        except Refused as exc:
-            error = str(exc)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            error = exc.details() or "refused"
-        return self.render(
-            request,
-            user,
-            "enforcements.html",
-            400 if error else 200,
-            enforcements=rows,
-            filters=filters,
-            first_page=not token,
-            next_token=next_token,
-            error=error,
-            live=f"/live/enforcements?{filters.query()}" if not error else "",
-        )
+            return list(resp.enforcements), resp.next_page_token
+
+        return await self.listed(request, user, filters, read, "enforcements.html", "/live/enforcements")
 
     async def enforcement_parts(self, user: User, id_: int) -> dict[str, Any]:
         """What the enforcement page shows, read fresh: also what a live update re-renders."""

@@ -26,18 +26,12 @@ from services.api.server import ApiServer
 from services.executor import Executor
 from shared.config import ApiConfig, ClientSecurity, ExecutorConfig
 from shared.gen.automation.v1 import (
-    analytics_pb2_grpc,
     condition_pb2,
     enforcement_pb2,
-    enforcement_pb2_grpc,
     event_pb2,
-    event_pb2_grpc,
-    execution_pb2_grpc,
-    history_pb2_grpc,
     rule_pb2,
-    rule_pb2_grpc,
 )
-from tests.conftest import Stubs
+from tests.conftest import Stubs, stubs_for
 from tests.helpers import OPERATOR, TOKENS, channel, eventually, new_event, rule, web_service
 from tools.postgres import free_port
 
@@ -339,19 +333,6 @@ async def test_every_page_renders_and_is_saved(api: ApiServer, stubs: Stubs, web
             await console.shot("signin")
 
 
-def stubs_of(ch: grpc.aio.Channel, target: str) -> Stubs:
-    return Stubs(
-        channel=ch,
-        target=target,
-        events=event_pb2_grpc.EventServiceStub(ch),
-        enforcements=enforcement_pb2_grpc.EnforcementServiceStub(ch),
-        rules=rule_pb2_grpc.RuleServiceStub(ch),
-        executions=execution_pb2_grpc.ExecutionServiceStub(ch),
-        history=history_pb2_grpc.HistoryServiceStub(ch),
-        analytics=analytics_pb2_grpc.AnalyticsServiceStub(ch),
-    )
-
-
 async def test_live_pages_carry_on_across_an_api_restart(api_config: ApiConfig, browser: Browser) -> None:
     """The web service's channel reconnects by itself, and the browser's stream resumes from
     its cursor: a change made after the api came back shows up without a reload."""
@@ -360,7 +341,7 @@ async def test_live_pages_carry_on_across_an_api_restart(api_config: ApiConfig, 
     await first.start()
     target = config.addr
     async with channel(target) as ch:
-        ops = stubs_of(ch, target)
+        ops = stubs_for(ch, target)
         await seed(ops)
         before = (await emit(ops, "demo.push", n=1)).enforcements[0].id
         second: ApiServer | None = None

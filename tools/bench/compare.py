@@ -25,8 +25,8 @@ from shared.gen.automation.v1 import event_pb2, event_pb2_grpc
 from . import workload
 from .fixture import Cluster, channel, services
 from .ingest import summary
-from .load import ClosedResult, closed_loop
-from .report import Row, progress
+from .load import alternate, closed_loop
+from .report import Row
 from .settings import Settings
 
 BASELINE_ENV = "BENCH_BASELINE_DIR"
@@ -44,22 +44,16 @@ def baseline_dir() -> Path:
     return Path(raw).resolve()
 
 
-def _calls(ch: grpc.aio.Channel) -> tuple[Callable[[], Awaitable[int]], Callable[[], Awaitable[int]]]:
+def _create_many(ch: grpc.aio.Channel) -> Callable[[], Awaitable[int]]:
     stub: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)
-    one = event_pb2.CreateEventRequest(event=workload.new_event(TRIGGER))
     many = event_pb2.CreateEventsRequest(events=[workload.new_event(TRIGGER)] * BATCH)
 
-    async def create() -> int:
-        response = await stub.CreateEvent(one, timeout=30)
-        assert len(response.enforcements) == 2
-        return 1
-
-    async def create_many() -> int:
+    async def call() -> int:
         response = await stub.CreateEvents(many, timeout=60)
         assert len(response.receipts) == BATCH
         return BATCH
 
-    return create, create_many
+    return call
 
 
 async def run(cluster: Cluster, s: Settings) -> list[Row]:
@@ -72,20 +66,20 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
         async with channel(base_target) as base_ch, channel(ours_target) as ours_ch:
             for ch in (base_ch, ours_ch):
                 await workload.define(ch, TRIGGER, RULES)
-            (base_one, base_many), (ours_one, ours_many) = _calls(base_ch), _calls(ours_ch)
+            base_one, ours_one = workload.create_event(base_ch, TRIGGER), workload.create_event(ours_ch, TRIGGER)
+            base_many, ours_many = _create_many(base_ch), _create_many(ours_ch)
             for f in (base_one, ours_one):
                 await closed_loop(f, 4, 0.3)
 
-            async def measure(label: str, base: Callable[[], Awaitable[int]], ours: Callable[[], Awaitable[int]],
-                              concurrency: int, items: bool) -> Row:  # fmt: skip
-                base_runs: list[ClosedResult] = []
-                ours_runs: list[ClosedResult] = []
-                reps = max(s.reps, REPS)
-                for rep in range(reps):
-                    progress(f"compare {label} rep {rep + 1}/{reps}")
-                    base_runs.append(await closed_loop(base, concurrency, s.rep_s))
-                    ours_runs.append(await closed_loop(ours, concurrency, s.rep_s))
-                row, _ = summary(f"this tree vs baseline: {label}", base_runs, ours_runs, items=items)
+            async def measure(
+                label: str,
+                base: Callable[[], Awaitable[int]],
+                ours: Callable[[], Awaitable[int]],
+                concurrency: int,
+                items: bool,
+            ) -> Row:
+                runs = await alternate(f"compare {label}", base, ours, concurrency, max(s.reps, REPS), s.rep_s)
+                row, _ = summary(f"this tree vs baseline: {label}", *runs, items=items)
                 row.notes += f"; raw = the tree in {base_dir}, same run, reps alternate"
                 return row
 

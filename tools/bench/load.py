@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from .report import progress
+
 T = TypeVar("T")
 
 
@@ -130,3 +132,22 @@ async def open_loop(
     if tasks:
         await asyncio.wait(set(tasks), timeout=60)
     return result
+
+
+async def alternate(
+    label: str,
+    raw: Callable[[], Awaitable[int]],
+    ours: Callable[[], Awaitable[int]],
+    concurrency: int,
+    reps: int,
+    duration: float,
+) -> tuple[list[ClosedResult], list[ClosedResult]]:
+    """``reps`` closed-loop windows of each side, alternating (raw first), so that the
+    machine's drift falls on both: the way two variants are compared in one run."""
+    raw_runs: list[ClosedResult] = []
+    our_runs: list[ClosedResult] = []
+    for rep in range(reps):
+        progress(f"{label} rep {rep + 1}/{reps}")
+        raw_runs.append(await closed_loop(raw, concurrency, duration))
+        our_runs.append(await closed_loop(ours, concurrency, duration))
+    return raw_runs, our_runs

@@ -17,19 +17,17 @@ The "raw" column is the side with tracing off; the ratio is what tracing costs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from shared.gen.automation.v1 import event_pb2, event_pb2_grpc
-
 from . import workload
 from .fixture import Cluster, channel, services
 from .ingest import summary
-from .load import ClosedResult, closed_loop
-from .report import Row, progress
+from .load import alternate, closed_loop
+from .report import Row
 from .settings import Settings
 
 TRIGGER = "bench.traced"
@@ -78,30 +76,15 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
         async with channel(off_target) as off_ch, channel(on_target) as on_ch:
             for ch in (off_ch, on_ch):
                 await workload.define(ch, TRIGGER, RULES)
-            one = event_pb2.CreateEventRequest(event=workload.new_event(TRIGGER))
-
-            def creator(ch: grpc.aio.Channel) -> Callable[[], Awaitable[int]]:
-                stub: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)
-
-                async def create() -> int:
-                    response = await stub.CreateEvent(one, timeout=30)
-                    assert len(response.enforcements) == 2
-                    return 1
-
-                return create
-
-            off_create, on_create = creator(off_ch), creator(on_ch)
+            off_create, on_create = workload.create_event(off_ch, TRIGGER), workload.create_event(on_ch, TRIGGER)
             for f in (off_create, on_create):
                 await closed_loop(f, 4, 0.3)
 
             async def measure(label: str) -> Row:
-                off_runs: list[ClosedResult] = []
-                on_runs: list[ClosedResult] = []
                 spans_before = sink.spans
-                for rep in range(s.reps):
-                    progress(f"tracing {label} c={CONCURRENCY} rep {rep + 1}/{s.reps}")
-                    off_runs.append(await closed_loop(off_create, CONCURRENCY, s.rep_s))
-                    on_runs.append(await closed_loop(on_create, CONCURRENCY, s.rep_s))
+                off_runs, on_runs = await alternate(
+                    f"tracing {label} c={CONCURRENCY}", off_create, on_create, CONCURRENCY, s.reps, s.rep_s
+                )
                 row, _ = summary(f"tracing on: {label} c={CONCURRENCY}", off_runs, on_runs, items=False)
                 calls = sum(r.count for r in on_runs)
                 row.notes += (

@@ -7,13 +7,14 @@ matches one rule, whose action the executor requests (an execution row).
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import grpc
 from google.protobuf import struct_pb2
 
-from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2, rule_pb2_grpc
+from shared.gen.automation.v1 import common_pb2, event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
 
 ACTION = "core.echo"
 PAYLOAD: dict[str, Any] = {"host": "web-1", "status": 500, "path": "/api/orders", "ms": 812}
@@ -94,3 +95,17 @@ async def raw_pool(url: str, size: int) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(url, min_size=size, max_size=size, reset=_no_reset)
     assert pool is not None
     return pool
+
+
+def create_event(channel: grpc.aio.Channel, trigger_ref: str, enforcements: int = 2) -> Callable[[], Awaitable[int]]:
+    """A closed-loop call: one CreateEvent of the workload's event, which must have fired
+    ``enforcements`` rules."""
+    stub: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(channel)
+    request = event_pb2.CreateEventRequest(event=new_event(trigger_ref))
+
+    async def call() -> int:
+        response = await stub.CreateEvent(request, timeout=30)
+        assert len(response.enforcements) == enforcements
+        return 1
+
+    return call
