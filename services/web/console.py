@@ -23,6 +23,7 @@ from google.protobuf import field_mask_pb2, json_format
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from services.web.bodies import TooLarge, read_body
 from services.web.render import STATUS_BY_NAME, environment
 from services.web.session import COOKIE, Sessions, User
 from shared import limits
@@ -134,11 +135,10 @@ def path_id(request: Request) -> int:
 
 async def read_form(request: Request, limit: int) -> dict[str, str]:
     """A URL-encoded form body, refused past ``limit`` bytes without reading it whole."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Refused(413, f"the form may be at most {limit:,} bytes")
+    try:
+        body = await read_body(request, limit)
+    except TooLarge:
+        raise Refused(413, f"the form may be at most {limit:,} bytes") from None
     try:
         fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
     except UnicodeDecodeError:

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from services.web.bodies import TooLarge, read_body
 from shared import limits
 from shared.config import WebConfig
 from shared.errors import error_reason
@@ -51,17 +52,10 @@ def _error(status: int, message: str, **headers: str) -> JSONResponse:
 
 async def _body(request: Request) -> bytes:
     """The raw body, refused with 413 as soon as it passes the limit (never read whole first)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.MAX_WEBHOOK_BODY_BYTES:
-        raise BadDelivery(413, f"the body may be at most {limits.MAX_WEBHOOK_BODY_BYTES:,} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.MAX_WEBHOOK_BODY_BYTES:
-            raise BadDelivery(413, f"the body may be at most {limits.MAX_WEBHOOK_BODY_BYTES:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return await read_body(request, limits.MAX_WEBHOOK_BODY_BYTES)
+    except TooLarge as exc:
+        raise BadDelivery(413, f"the body may be at most {exc.limit:,} bytes") from None
 
 
 def payload_of(body: bytes, content_type: str) -> dict[str, Any]:
