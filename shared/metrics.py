@@ -26,7 +26,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    start_http_server,
+)
 
 REGISTRY_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 
@@ -260,6 +269,21 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
             return await answered(lambda: inner_su(streamed(requests), context), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **serdes)
+
+
+def process_registry() -> CollectorRegistry:
+    """A registry of one process's metrics, with prometheus_client's process_* and python_* ones."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+def stop(server: Any) -> None:
+    """Stops a server ``serve`` started and frees its port."""
+    server.shutdown()
+    server.server_close()
 
 
 def serve(addr: str, registry: CollectorRegistry) -> Any:

@@ -15,7 +15,7 @@ import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry
 
 from services.api import metrics as api_metrics
 from services.api import migrate as migrations
@@ -58,8 +58,9 @@ from shared.gen.automation.v1 import (
     webhook_pb2,
     webhook_pb2_grpc,
 )
-from shared.metrics import ServerMetricsInterceptor
+from shared.metrics import ServerMetricsInterceptor, process_registry
 from shared.metrics import serve as serve_metrics
+from shared.metrics import stop as stop_metrics
 from shared.runtime import SERVER_KEEPALIVE
 from shared.transport import server_credentials
 
@@ -140,10 +141,7 @@ class ApiServer:
         self._rpc_metrics: ServerMetricsInterceptor | None = None
         self._metrics_http: Any = None
         if config.metrics_addr:
-            self.registry = registry = CollectorRegistry()
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
-            GCCollector(registry=registry)
+            self.registry = registry = process_registry()
             self._rpc_metrics = ServerMetricsInterceptor(registry)
         if not config.insecure:
             principals = {
@@ -353,8 +351,7 @@ class ApiServer:
         await self.dispatcher.stop()
         await self.authenticator.stop()
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            stop_metrics(self._metrics_http)
             if api_metrics.current is self.metrics:
                 api_metrics.disable()
         if self.store is not None:

@@ -28,7 +28,7 @@ import grpc
 from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+from prometheus_client import CollectorRegistry
 
 from shared import tracing
 from shared.batching import Batcher
@@ -41,8 +41,9 @@ from shared.gen.automation.v1 import (
     rule_pb2_grpc,
 )
 from shared.limits import MAX_MESSAGE_BYTES
-from shared.metrics import MethodMetrics
+from shared.metrics import MethodMetrics, process_registry
 from shared.metrics import serve as serve_metrics
+from shared.metrics import stop as stop_metrics
 from shared.runtime import CLIENT_KEEPALIVE
 from shared.transport import open_channel
 
@@ -122,10 +123,7 @@ class Executor:
         self._m: ExecutorMetrics | None = None
         self._metrics_http: Any = None
         if config.metrics_addr:
-            self.registry = CollectorRegistry()
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+            self.registry = process_registry()
             # The task set changes on the loop's thread; its length is read at scrape time.
             self._m = ExecutorMetrics(self.registry, lambda: len(self._tasks))
 
@@ -179,8 +177,7 @@ class Executor:
                 await self._drain()
             finally:
                 if self._metrics_http is not None:
-                    self._metrics_http.shutdown()
-                    self._metrics_http.server_close()
+                    stop_metrics(self._metrics_http)
                     self._metrics_http = None
 
     async def _run_streams(self) -> None:
