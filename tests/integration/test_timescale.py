@@ -278,20 +278,34 @@ def _code(sql: str) -> str:
     return re.sub(r"--[^\n]*", "", sql)
 
 
-def test_timescaledb_statements_stay_inside_the_marked_do_block() -> None:
-    migrations = migrate.load()
-    for m in migrations:
-        if m.name != "timescaledb":
-            assert not _TIMESCALE_CALL.search(_code(m.sql)), f"{m.name} uses TimescaleDB outside 0005"
-    [ts] = [m for m in migrations if m.name == "timescaledb"]
-    code = _code(ts.sql)
+def _guarded_block(sql: str) -> str:
+    """The body of the migration's one DO block, which must be all of its code."""
+    code = _code(sql)
     block = re.search(r"DO \$migration\$(.*)\$migration\$;", code, re.DOTALL)
     assert block is not None
     outside = code[: block.start()] + code[block.end() :]
     assert outside.strip() == ""
     inside = block.group(1)
     assert _TIMESCALE_CALL.search(inside)
+    return inside
+
+
+def test_timescaledb_statements_stay_inside_the_marked_do_block() -> None:
+    migrations = migrate.load()
+    for m in migrations:
+        if not m.name.startswith("timescaledb"):
+            assert not _TIMESCALE_CALL.search(_code(m.sql)), f"{m.name} uses TimescaleDB outside its marked migrations"
+    [ts, *later] = [m for m in migrations if m.name.startswith("timescaledb")]
+    assert ts.name == "timescaledb"
+    inside = _guarded_block(ts.sql)
     # Every TimescaleDB statement comes after the branch that returns without the extension.
     fallback_end = inside.index("RETURN;")
     assert not _TIMESCALE_CALL.search(inside[:fallback_end].split("IF NOT use_timescaledb THEN", 1)[1])
     assert inside.index("CREATE EXTENSION IF NOT EXISTS timescaledb") > fallback_end
+    # Later ones change what 0005 made, only once they found the extension installed.
+    assert [m.name for m in later] == ["timescaledb_reads"]
+    for m in later:
+        inside = _guarded_block(m.sql)
+        fallback_end = inside.index("RETURN;")
+        assert "FROM pg_extension WHERE extname = 'timescaledb'" in inside[:fallback_end]
+        assert not _TIMESCALE_CALL.search(inside[:fallback_end]), m.name
