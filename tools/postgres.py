@@ -106,6 +106,10 @@ class LocalPostgres:
                 str(self.datadir),
                 "-l",
                 str(self.base / "server.log"),
+                # The port of this run: a data directory kept between runs (the bench's
+                # TimescaleDB cache) was initialised with another one.
+                "-o",
+                f"-p {self.port}",
                 "-w",
                 "-t",
                 "60",

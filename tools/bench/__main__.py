@@ -1,5 +1,5 @@
-"""``python -m tools.bench [--quick] [--only SCENARIO ...] [--memory-minutes N]``: runs the
-benchmark scenarios and prints one table on stdout (progress goes to stderr)."""
+"""``python -m tools.bench [--quick] [--store plain|timescale] [--only SCENARIO ...] [--memory-minutes N]``:
+runs the benchmark scenarios and prints one table on stdout (progress goes to stderr)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from shared.runtime import run as run_loop
 
 from . import compare, ingest, latency, metrics, pipeline, read, rules, security, settings, traces, webhooks
-from .fixture import Cluster
-from .report import Row, progress, table
+from .fixture import STORES, Cluster, StoreUnavailable
+from .report import Row, footer, progress, table
 
 Scenario = Callable[[Cluster, settings.Settings], Awaitable[list[Row]]]
 SCENARIOS: dict[str, Scenario] = {
@@ -36,9 +36,13 @@ SCENARIOS: dict[str, Scenario] = {
 DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 
 
-async def main(s: settings.Settings, only: list[str]) -> int:
+async def main(s: settings.Settings, only: list[str], store: str = "plain") -> int:
     started = time.perf_counter()
-    cluster = await Cluster.start()
+    try:
+        cluster = await Cluster.start(store)
+    except StoreUnavailable as exc:
+        progress(f"cannot run on {store}: {exc}")
+        return 2
     rows: list[Row] = []
     failed: list[str] = []
     try:
@@ -57,6 +61,8 @@ async def main(s: settings.Settings, only: list[str]) -> int:
     finally:
         await cluster.close()
     print(table(rows))
+    for line in footer:
+        print(f"\n{line}")
     print(
         f"\n{about}; {'quick' if s.quick else 'full'} run in {time.perf_counter() - started:.0f}s. "
         "Load generator, api, executors and PostgreSQL share this machine's CPUs."
@@ -76,6 +82,13 @@ def cli(argv: list[str] | None = None) -> int:
         "minutes; the issue's flatness check is --only pipeline --memory-minutes 10)",
     )
     parser.add_argument(
+        "--store",
+        choices=STORES,
+        default="plain",
+        help="plain PostgreSQL (default) or TimescaleDB: a local server with the extension "
+        "preloaded (kept under BENCH_CACHE_DIR with its 90-day fixture), or DATABASE_URL",
+    )
+    parser.add_argument(
         "--baseline-dir",
         help="for --only compare: the other tree (e.g. a git worktree of an earlier commit) to measure against",
     )
@@ -84,7 +97,7 @@ def cli(argv: list[str] | None = None) -> int:
         os.environ[compare.BASELINE_ENV] = ns.baseline_dir
     s = settings.quick() if ns.quick else settings.full(ns.memory_minutes)
     only = ns.only or DEFAULT
-    return run_loop(main(s, only))
+    return run_loop(main(s, only, ns.store))
 
 
 if __name__ == "__main__":

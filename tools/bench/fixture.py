@@ -1,7 +1,10 @@
 """PostgreSQL and the real processes the benchmarks drive.
 
 ``Cluster`` is one PostgreSQL server (a durable ``LocalPostgres``, fsync on, unless
-``DATABASE_URL`` names one) on which each scenario gets a fresh, migrated database.
+``DATABASE_URL`` names one) on which each scenario gets a fresh, migrated database. With
+``store="timescale"`` the server must have TimescaleDB preloaded: the local one is started with
+it (and kept between runs under the cache directory, with the 90-day fixture of ``steady.py``),
+or ``DATABASE_URL`` names such a server (the compose ``db`` service, a local build, any other).
 ``Proc`` is an api or executor subprocess, with its resident memory read from /proc.
 """
 
@@ -40,6 +43,42 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
+STORES = ("plain", "timescale")
+TIMESCALE_SETTINGS = {"shared_preload_libraries": "'timescaledb'", "timescaledb.telemetry_level": "off"}
+
+
+def cache_dir() -> Path:
+    """Where the bench keeps what is slow to build (``BENCH_CACHE_DIR``, else under /var/tmp)."""
+    # Not under ~/.cache: as root, the server runs as the postgres user, who cannot enter /root.
+    return Path(os.environ.get("BENCH_CACHE_DIR") or f"/var/tmp/automation-bench-{os.getuid()}")
+
+
+class StoreUnavailable(RuntimeError):
+    """The store asked for cannot be had here; the message says how to get one."""
+
+
+async def timescaledb_version(url: str) -> str | None:
+    """The TimescaleDB a server can load for a new database, or None (not installed or not
+    preloaded, in which case the migrations make plain tables)."""
+    conn = await asyncpg.connect(url)
+    try:
+        preloaded = await conn.fetchval("SELECT current_setting('timescaledb.disable_load', true) IS NOT NULL")
+        version = await conn.fetchval("SELECT default_version FROM pg_available_extensions WHERE name = 'timescaledb'")
+    finally:
+        await conn.close()
+    return str(version) if preloaded and version else None
+
+
+def _local_timescaledb() -> bool:
+    from tools.postgres import find_bindir
+
+    libdir = find_bindir().parent / "lib"
+    if not (libdir / "timescaledb.so").exists():
+        # Debian keeps the server's libraries under /usr/lib/postgresql/<major>/lib.
+        return any(Path("/usr/lib/postgresql").glob("*/lib/timescaledb.so"))
+    return True
+
+
 @dataclass
 class Cluster:
     """The PostgreSQL server of the run and the databases made on it."""
@@ -47,16 +86,39 @@ class Cluster:
     admin_url: str
     server: LocalPostgres | None = None
     databases: list[str] = field(default_factory=list)
+    store: str = "plain"
+    keep_server: bool = False
+    """A server whose data directory outlives the run (the TimescaleDB cache): stopped, not removed."""
 
     @classmethod
-    async def start(cls) -> Cluster:
+    async def start(cls, store: str = "plain") -> Cluster:
+        if store not in STORES:
+            raise ValueError(f"store must be one of {STORES}")
         if url := os.environ.get("DATABASE_URL"):
             progress("using DATABASE_URL")
-            return cls(url)
-        server = LocalPostgres(durable=True)
+            if store == "timescale" and await timescaledb_version(url) is None:
+                raise StoreUnavailable(
+                    "DATABASE_URL names a server without TimescaleDB preloaded "
+                    "(shared_preload_libraries = 'timescaledb')"
+                )
+            return cls(url, store=store)
+        if store == "plain":
+            server = LocalPostgres(durable=True)
+            await asyncio.to_thread(server.start)
+            progress(f"started durable PostgreSQL (fsync on) on port {server.port}")
+            return cls(server.url, server)
+        if not _local_timescaledb():
+            raise StoreUnavailable(
+                "TimescaleDB is not installed for the local PostgreSQL: set DATABASE_URL to a "
+                "superuser URL of a server that preloads it (e.g. `docker compose up db`, the "
+                "timescale/timescaledb image, or a build of your own)"
+            )
+        base = cache_dir() / "timescaledb-server"
+        base.mkdir(parents=True, exist_ok=True)
+        server = LocalPostgres(durable=True, settings=TIMESCALE_SETTINGS, base=base)
         await asyncio.to_thread(server.start)
-        progress(f"started durable PostgreSQL (fsync on) on port {server.port}")
-        return cls(server.url, server)
+        progress(f"started durable PostgreSQL with TimescaleDB (fsync on) on port {server.port}, data in {base}")
+        return cls(server.url, server, store=store, keep_server=True)
 
     async def describe(self) -> str:
         conn = await asyncpg.connect(self.admin_url)
@@ -66,7 +128,10 @@ class Cluster:
             sync = await conn.fetchval("SHOW synchronous_commit")
         finally:
             await conn.close()
-        return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync}"
+        about = f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync}"
+        if self.store == "timescale":
+            about += f", TimescaleDB {await timescaledb_version(self.admin_url)}"
+        return about
 
     async def fresh_database(self, purpose: str, code_dir: Path = ROOT) -> str:
         """A new database with the schema of ``code_dir``'s migrations; returns its URL."""
@@ -96,7 +161,7 @@ class Cluster:
             with contextlib.suppress(Exception):
                 await self.drop(with_database(self.admin_url, name))
         if self.server is not None:
-            await asyncio.to_thread(self.server.destroy)
+            await asyncio.to_thread(self.server.stop if self.keep_server else self.server.destroy)
 
 
 def _status_kb(pid: int, key: str) -> int:

@@ -21,8 +21,14 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 
 from services.api.store import Store, create_pool
+from services.api.store._db import PLANNER_SETTINGS
 from services.api.store._paging import encode_token
+from services.api.store.types import Enforcement as StoredEnforcement
+from services.api.store.types import Event as StoredEvent
+from services.api.store.types import columns
 from shared.gen.automation.v1 import (
+    analytics_pb2,
+    analytics_pb2_grpc,
     common_pb2,
     enforcement_pb2,
     enforcement_pb2_grpc,
@@ -30,10 +36,10 @@ from shared.gen.automation.v1 import (
     event_pb2_grpc,
 )
 
-from . import workload
+from . import steady, workload
 from .capture import list_enforcements_sql, list_events_sql
 from .fixture import Cluster, channel, services
-from .report import Row, percentile, progress
+from .report import Row, footer, percentile, progress
 from .settings import Settings
 
 PAGE = 100
@@ -99,8 +105,8 @@ def _enforcement_rows(shape: Shape, lo: int, hi: int, rule_ids: list[int]) -> It
             )
 
 
-async def load(url: str, events: int) -> Shape:
-    """Fills the tables; returns the shape of what it wrote."""
+async def load(url: str, events: int, days: int = DAYS) -> Shape:
+    """Fills the tables, ``created`` spread over the last ``days``; returns the shape of what it wrote."""
     conn = await asyncpg.connect(url)
     try:
         trigger_ids = [
@@ -119,7 +125,7 @@ async def load(url: str, events: int) -> Shape:
             for n, ref in enumerate(RULES)
         ]
         now = datetime.now(UTC)
-        shape = Shape(events, now - timedelta(days=DAYS), timedelta(days=DAYS) / (events + 1))
+        shape = Shape(events, now - timedelta(days=days), timedelta(days=days) / (events + 1))
     finally:
         await conn.close()
 
@@ -267,14 +273,55 @@ async def _api_token(store: Store, case: Case, page: int) -> str:
     return (await repo.list(PAGE * (page - 1), "", **case.filters)).next_token
 
 
-async def run(cluster: Cluster, s: Settings) -> list[Row]:
+async def _api_token_below(store: Store, case: Case, cursor: tuple[datetime, int]) -> str:
+    """The api's token of the page below ``cursor``: a client that has walked there."""
+    if case.kind == "events":
+        return await store.events.token_below(store.events.listing(**case.filters), cursor)
+    return await store.enforcements.token_below(store.enforcements.listing(**case.filters), cursor)
+
+
+def raw_connect(url: str) -> Any:
+    """The raw baseline's connection: the api's session settings (generic plans, no JIT), so
+    that both sides run the same plan; jsonb stays text (no decoding)."""
+    return asyncpg.connect(url, server_settings=PLANNER_SETTINGS)
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a measured page starts: page 1, page ``far`` (walked to), or mid-range."""
+
+    label: str
+    page: int = 0
+    cursor: tuple[datetime, int] | None = None
+
+
+async def _steady_or_fresh(cluster: Cluster, s: Settings) -> tuple[str, Shape, str]:
+    """The filled database and its shape; on TimescaleDB the 90-day steady state."""
+    if cluster.store == "timescale":
+        fixture = await steady.build(cluster, s.steady_events, keep=not s.quick)
+        counts = steady.describe_chunks(await steady.chunk_counts(fixture.url))
+        how = "reused" if fixture.reused else "built"
+        return fixture.url, fixture.shape, f"{how} in {fixture.built_s:.0f}s; {counts}"
     url = await cluster.fresh_database("read")
     progress(f"read: loading {s.read_events:,} events and {2 * s.read_events:,} enforcements")
-    shape = await load(url, s.read_events)
+    return url, await load(url, s.read_events), ""
+
+
+async def run(cluster: Cluster, s: Settings) -> list[Row]:
+    url, shape, about = await _steady_or_fresh(cluster, s)
+    days = round((shape.step * shape.events) / timedelta(days=1))
     rows: list[Row] = []
+    if about:
+        progress(f"read: {about}")
+        footer.append(f"TimescaleDB steady state ({shape.events:,} events over {days} days): {about}")
+        rows.append(
+            Row(f"read fixture: {shape.events:,} events, {2 * shape.events:,} enforcements, {days} days", notes=about)
+        )
+    # The middle of the range: on TimescaleDB, 45 days back, inside the compressed chunks.
+    mid = (shape.created(shape.events // 2), 2**62)
     async with services(url) as svc:
         target = await svc.start_api()
-        conn = await asyncpg.connect(url)
+        conn = await raw_connect(url)
         pool = await create_pool(url, min_size=1, max_size=2)
         store = Store(pool)
         try:
@@ -282,15 +329,25 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                 events: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)
                 enfs: enforcement_pb2_grpc.EnforcementServiceAsyncStub = enforcement_pb2_grpc.EnforcementServiceStub(ch)
                 for case in _cases(shape):
-                    for page in (1, s.read_far_page):
-                        token = "" if page == 1 else await _far_token(conn, case, page)
-                        name = f"read {case.kind} {case.label} p{page}"
-                        if token is None:
-                            rows.append(Row(name, notes=f"fewer than {page} pages match"))
-                            continue
-                        # The raw SQL takes the captured statement's local token; the api only
-                        # takes tokens it signed itself, for this list and these filters.
-                        request = _request(case, token and await _api_token(store, case, page))
+                    for where in (
+                        Where("p1", page=1),
+                        Where(f"p{s.read_far_page}", page=s.read_far_page),
+                        Where("mid", cursor=mid),
+                    ):
+                        name = f"read {case.kind} {case.label} {where.label}"
+                        if where.cursor is not None:
+                            token = encode_token(*where.cursor)
+                            api_token = await _api_token_below(store, case, where.cursor)
+                        else:
+                            far = "" if where.page == 1 else await _far_token(conn, case, where.page)
+                            if far is None:
+                                rows.append(Row(name, notes=f"fewer than {where.page} pages match"))
+                                continue
+                            # The raw SQL takes the captured statement's local token; the api
+                            # only takes tokens it signed itself, for this list and these filters.
+                            token = far
+                            api_token = token and await _api_token(store, case, where.page)
+                        request = _request(case, api_token)
                         sql, args = await _sql(case, PAGE, token)
 
                         async def ours(req: Any = request, kind: str = case.kind) -> int:
@@ -302,10 +359,68 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                             return len(await conn.fetch(q, *a))
 
                         rows.append(await _measure(name, ours, raw, s.read_samples))
+                rows += await _by_id(conn, ch, shape, s)
+                rows += await _analytics(conn, ch, s)
         finally:
             await conn.close()
             await pool.close()
-    await cluster.drop(url)
+    if not about:
+        await cluster.drop(url)
+    return rows
+
+
+async def _by_id(conn: asyncpg.Connection, ch: Any, shape: Shape, s: Settings) -> list[Row]:
+    """GetEvent / GetEnforcement: by id alone, which cannot exclude a chunk by time."""
+    events: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)
+    enfs: enforcement_pb2_grpc.EnforcementServiceAsyncStub = enforcement_pb2_grpc.EnforcementServiceStub(ch)
+    rows = []
+    for label, event_id in (("newest", shape.events - 1), ("mid", shape.events // 2), ("oldest", 2)):
+        for kind in ("event", "enforcement"):
+            id_ = event_id if kind == "event" else 2 * event_id
+            sql = f"SELECT {columns(StoredEvent if kind == 'event' else StoredEnforcement)} FROM {kind} WHERE id = $1"
+
+            async def ours(i: int = id_, k: str = kind) -> int:
+                if k == "event":
+                    await events.GetEvent(event_pb2.GetEventRequest(id=i), timeout=30)
+                else:
+                    await enfs.GetEnforcement(enforcement_pb2.GetEnforcementRequest(id=i), timeout=30)
+                return 1
+
+            async def raw(q: str = sql, i: int = id_) -> int:
+                return len(await conn.fetch(q, i))
+
+            rows.append(await _measure(f"read Get{kind.capitalize()} by id, {label}", ours, raw, s.read_samples))
+    return rows
+
+
+async def _analytics(conn: asyncpg.Connection, ch: Any, s: Settings) -> list[Row]:
+    """The hourly volume RPCs over the last 30 days (720 buckets per series)."""
+    stub: analytics_pb2_grpc.AnalyticsServiceAsyncStub = analytics_pb2_grpc.AnalyticsServiceStub(ch)
+    end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    start = end - timedelta(days=30)
+    span = common_pb2.TimeRange(start=_ts(start), end=_ts(end))
+    rows = []
+    for kind in ("event", "enforcement"):
+        view = "event_volume_hourly" if kind == "event" else "enforcement_volume_hourly"
+        sql = f"SELECT * FROM {view} WHERE bucket >= $1 AND bucket < $2"
+
+        async def ours(k: str = kind) -> int:
+            if k == "event":
+                return len(
+                    (await stub.QueryEventVolume(analytics_pb2.QueryEventVolumeRequest(range=span), timeout=30)).buckets
+                )
+            return len(
+                (
+                    await stub.QueryEnforcementVolume(
+                        analytics_pb2.QueryEnforcementVolumeRequest(range=span), timeout=30
+                    )
+                ).buckets
+            )
+
+        async def raw(q: str = sql) -> int:
+            return len(await conn.fetch(q, start, end))
+
+        rows.append(await _measure(f"read {kind} volume, 30 days hourly", ours, raw, s.read_samples))
     return rows
 
 
@@ -328,8 +443,10 @@ async def _measure(name: str, ours: Callable[[], Awaitable[int]], raw: Callable[
         len(mine) / sum(mine),
         percentile(mine, 50),
         percentile(mine, 99),
-        f"pages/s sequential; {got} rows/page; raw (same SQL) p50/p99 "
+        f"calls/s sequential; {got} rows each; raw (same SQL) p50/p99 "
         f"{percentile(base, 50) * 1000:.2f}/{percentile(base, 99) * 1000:.2f} ms; n={n}",
     )
-    progress(f"{name}: p50 {row.p50 * 1000:.2f} ms p99 {row.p99 * 1000:.2f} ms")  # type: ignore[operator]
+    raw_ms = f"{percentile(base, 50) * 1000:.2f}/{percentile(base, 99) * 1000:.2f}"
+    ours_ms = f"{percentile(mine, 50) * 1000:.2f}/{percentile(mine, 99) * 1000:.2f}"
+    progress(f"{name}: p50/p99 {ours_ms} ms (raw {raw_ms} ms)")
     return row

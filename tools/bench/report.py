@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 HEADER = ("scenario", "raw rate", "our rate", "ratio", "p50", "p99", "notes")
+footer: list[str] = []
+"""Lines the scenarios add below the table (the fixture's chunk counts)."""
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -25,6 +25,8 @@ class Settings:
     max_probes: int
     """Most short probes of the sustained-rate search (rising, then one bisection)."""
     read_events: int
+    steady_events: int
+    """Events of the TimescaleDB steady-state fixture (90 days; twice as many enforcements)."""
     read_far_page: int
     """The far page measured (1,000 in the full run)."""
     read_samples: int
@@ -49,6 +51,7 @@ def full(memory_minutes: float) -> Settings:
         start_rate=300.0,
         max_probes=6,
         read_events=1_000_000,
+        steady_events=3_000_000,
         read_far_page=1000,
         read_samples=60,
         latency_events=1000,
@@ -72,6 +75,7 @@ def quick() -> Settings:
         start_rate=100.0,
         max_probes=2,
         read_events=20_000,
+        steady_events=30_000,
         read_far_page=20,
         read_samples=10,
         latency_events=100,

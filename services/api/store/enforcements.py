@@ -295,10 +295,8 @@ class Enforcements(Paged):
             raise NotFound(f"enforcement {id_} not found")
         return Enforcement(*row)
 
-    async def list(
+    def listing(
         self,
-        size: int,
-        token: str,
         *,
         rule_ref: str = "",
         event: int | None = None,
@@ -306,7 +304,8 @@ class Enforcements(Paged):
         trigger_ref: str = "",
         created_from: datetime | None = None,
         created_to: datetime | None = None,
-    ) -> Page[Enforcement]:
+    ) -> tuple[str, Where]:
+        """The SELECT and filters of the list (what its page tokens are bound to)."""
         where = Where()
         if rule_ref:
             where.add("rule_ref = {}", rule_ref)
@@ -320,7 +319,29 @@ class Enforcements(Paged):
             where.add("created >= {}", created_from)
         if created_to is not None:
             where.add("created < {}", created_to)
-        return await self._page(f"SELECT {_ENFORCEMENT} FROM enforcement", where, token, size, Enforcement)
+        return f"SELECT {_ENFORCEMENT} FROM enforcement", where
+
+    async def list(
+        self,
+        size: int,
+        token: str,
+        *,
+        rule_ref: str = "",
+        event: int | None = None,
+        status: str = "",
+        trigger_ref: str = "",
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+    ) -> Page[Enforcement]:
+        select, where = self.listing(
+            rule_ref=rule_ref,
+            event=event,
+            status=status,
+            trigger_ref=trigger_ref,
+            created_from=created_from,
+            created_to=created_to,
+        )
+        return await self._page(select, where, token, size, Enforcement)
 
     async def resolve(self, id_: int, status: str, holder: str | None = None) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""

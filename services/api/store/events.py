@@ -428,10 +428,8 @@ class Events(Paged):
             raise NotFound(f"event {id_} not found")
         return Event(*row)
 
-    async def list(
+    def listing(
         self,
-        size: int,
-        token: str,
         *,
         trigger_ref: str = "",
         source_ref: str = "",
@@ -439,7 +437,8 @@ class Events(Paged):
         created_from: datetime | None = None,
         created_to: datetime | None = None,
         reemit_of: int | None = None,
-    ) -> Page[Event]:
+    ) -> tuple[str, Where]:
+        """The SELECT and filters of the list (what its page tokens are bound to)."""
         where = Where()
         if reemit_of is not None:
             where.add("reemit_of = {}", reemit_of)
@@ -453,4 +452,26 @@ class Events(Paged):
             where.add("created >= {}", created_from)
         if created_to is not None:
             where.add("created < {}", created_to)
-        return await self._page(f"SELECT {_EVENT} FROM event", where, token, size, Event)
+        return f"SELECT {_EVENT} FROM event", where
+
+    async def list(
+        self,
+        size: int,
+        token: str,
+        *,
+        trigger_ref: str = "",
+        source_ref: str = "",
+        rule_ref: str = "",
+        created_from: datetime | None = None,
+        created_to: datetime | None = None,
+        reemit_of: int | None = None,
+    ) -> Page[Event]:
+        select, where = self.listing(
+            trigger_ref=trigger_ref,
+            source_ref=source_ref,
+            rule_ref=rule_ref,
+            created_from=created_from,
+            created_to=created_to,
+            reemit_of=reemit_of,
+        )
+        return await self._page(select, where, token, size, Event)
