@@ -6,7 +6,7 @@ import warnings
 from shared.gen.automation.v1 import common_pb2 as automation_dot_v1_dot_common__pb2
 from shared.gen.automation.v1 import enforcement_pb2 as automation_dot_v1_dot_enforcement__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
