@@ -9,7 +9,6 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from services.api import conditions, store
 from shared.gen.automation.v1 import (
-    analytics_pb2,
     audit_pb2,
     common_pb2,
     condition_pb2,
@@ -61,26 +60,29 @@ def from_ts(value: timestamp_pb2.Timestamp) -> datetime:
     return value.ToDatetime(tzinfo=UTC)
 
 
-def set_value(out: struct_pb2.Value, value: Any) -> None:
-    """Fills a protobuf Value from JSON data in place.
+# List pages convert thousands of JSON values per call, so these test the concrete JSON types
+# directly (Struct.update goes through many abstract type checks per field) and handle the
+# scalars of objects and lists in line, without a call per value. An int is stored as
+# float(value): upb converts an int to a double several times slower than float() does, with
+# the same rounding and the same OverflowError past the largest double.
 
-    Struct.update does the same through many abstract type checks per field; list pages
-    convert thousands of fields, so this tests the concrete JSON types directly.
-    """
+
+def set_value(out: struct_pb2.Value, value: Any) -> None:
+    """Fills a protobuf Value from JSON data in place."""
     kind = type(value)
     if kind is str:
         out.string_value = value
+    elif kind is float:
+        out.number_value = value
+    elif kind is int:
+        out.number_value = float(value)
     elif kind is bool:
         out.bool_value = value
-    elif kind is int or kind is float:
-        out.number_value = value
     elif kind is dict:
         fill_struct(out.struct_value, value)
     elif kind is list:
-        values = out.list_value.values
         out.list_value.SetInParent()
-        for item in value:
-            set_value(values.add(), item)
+        _fill_list(out.list_value.values, value)
     elif value is None:
         out.null_value = struct_pb2.NULL_VALUE
     else:
@@ -88,10 +90,34 @@ def set_value(out: struct_pb2.Value, value: Any) -> None:
 
 
 def fill_struct(out: struct_pb2.Struct, value: dict[str, Any]) -> None:
-    out.SetInParent()
+    if not value:
+        out.SetInParent()  # present, though empty (a field of its own sets it otherwise)
+        return
     fields = out.fields
     for key, item in value.items():
-        set_value(fields[key], item)
+        kind = type(item)
+        if kind is str:
+            fields[key].string_value = item
+        elif kind is float:
+            fields[key].number_value = item
+        elif kind is int:
+            fields[key].number_value = float(item)
+        else:
+            set_value(fields[key], item)
+
+
+def _fill_list(values: Any, items: list[Any]) -> None:
+    add = values.add
+    for item in items:
+        kind = type(item)
+        if kind is str:
+            add().string_value = item
+        elif kind is float:
+            add().number_value = item
+        elif kind is int:
+            add().number_value = float(item)
+        else:
+            set_value(add(), item)
 
 
 def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
@@ -103,13 +129,25 @@ def struct(value: dict[str, Any] | None) -> struct_pb2.Struct:
 
 def list_value(value: list[Any]) -> struct_pb2.ListValue:
     out = struct_pb2.ListValue()
-    for item in value:
-        set_value(out.values.add(), item)
+    _fill_list(out.values, value)
     return out
 
 
 def event(e: store.Event) -> common_pb2.Event:
-    msg = common_pb2.Event(id=e.id, trigger_ref=e.trigger_ref, source_ref=e.source_ref or "", rule_ref=e.rule_ref or "")
+    msg = common_pb2.Event()
+    fill_event(msg, e)
+    return msg
+
+
+def fill_event(msg: common_pb2.Event, e: store.Event) -> None:
+    """Fills an empty Event in place: a list page adds its messages to the response itself
+    rather than copying each one in."""
+    msg.id = e.id
+    msg.trigger_ref = e.trigger_ref
+    if e.source_ref:
+        msg.source_ref = e.source_ref
+    if e.rule_ref:
+        msg.rule_ref = e.rule_ref
     fill_struct(msg.payload, e.payload)
     set_ts(msg.created, e.created)
     if e.config is not None:
@@ -122,20 +160,26 @@ def event(e: store.Event) -> common_pb2.Event:
         msg.rule = e.rule
     if e.reemit_of is not None:
         msg.reemit_of = e.reemit_of
-    return msg
 
 
 def enforcement(e: store.Enforcement) -> common_pb2.Enforcement:
-    msg = common_pb2.Enforcement(
-        id=e.id,
-        rule_ref=e.rule_ref,
-        trigger_ref=e.trigger_ref,
-        status=ENFORCEMENT_STATUS[e.status],
-        condition=CONDITION[e.condition],
-    )
+    msg = common_pb2.Enforcement()
+    fill_enforcement(msg, e)
+    return msg
+
+
+def fill_enforcement(msg: common_pb2.Enforcement, e: store.Enforcement) -> None:
+    """Fills an empty Enforcement in place (see ``fill_event``)."""
+    msg.id = e.id
+    msg.rule_ref = e.rule_ref
+    msg.trigger_ref = e.trigger_ref
+    msg.status = ENFORCEMENT_STATUS[e.status]
+    msg.condition = CONDITION[e.condition]
     fill_struct(msg.payload, e.payload)
-    for node in e.conditions:
-        condition_node(msg.conditions.add(), node)
+    if e.conditions:
+        add = msg.conditions.add
+        for node in e.conditions:
+            condition_node(add(), node)
     set_ts(msg.created, e.created)
     if e.config is not None:
         fill_struct(msg.config, e.config)
@@ -145,7 +189,6 @@ def enforcement(e: store.Enforcement) -> common_pb2.Enforcement:
         msg.event = e.event
     if e.resolved_at is not None:
         set_ts(msg.resolved_at, e.resolved_at)
-    return msg
 
 
 def execution(x: store.Execution) -> execution_pb2.Execution:
@@ -271,14 +314,24 @@ def delivery(d: store.Delivery) -> enforcement_pb2.WatchEnforcementsResponse:
     )
 
 
-def event_volume(v: store.EventVolume) -> analytics_pb2.EventVolumeBucket:
-    return analytics_pb2.EventVolumeBucket(bucket=ts(v.bucket), trigger_ref=v.trigger_ref, event_count=v.event_count)
+def fill_event_volume(repeated: Any, rows: list[store.EventVolume]) -> None:
+    """Adds the buckets to a response's repeated field in place (thousands per answer: each
+    message is filled where it lies, with no copy and no keyword parsing)."""
+    add = repeated.add
+    for seconds, trigger_ref, count in rows:
+        b = add()
+        b.bucket.seconds = seconds
+        b.trigger_ref = trigger_ref
+        b.event_count = count
 
 
-def enforcement_volume(v: store.EnforcementVolume) -> analytics_pb2.EnforcementVolumeBucket:
-    return analytics_pb2.EnforcementVolumeBucket(
-        bucket=ts(v.bucket),
-        rule_ref=v.rule_ref,
-        status=ENFORCEMENT_STATUS[v.status],
-        enforcement_count=v.enforcement_count,
-    )
+def fill_enforcement_volume(repeated: Any, rows: list[store.EnforcementVolume]) -> None:
+    """As ``fill_event_volume``."""
+    add = repeated.add
+    status = ENFORCEMENT_STATUS
+    for seconds, rule_ref, name, count in rows:
+        b = add()
+        b.bucket.seconds = seconds
+        b.rule_ref = rule_ref
+        b.status = status[name]
+        b.enforcement_count = count

@@ -68,7 +68,6 @@ import asyncio
 import base64
 import binascii
 import bisect
-import dataclasses
 import hashlib
 import json
 import re
@@ -465,7 +464,7 @@ async def tail_enforcements(
             change = changes[index]
             if change == _CHANGE.CHANGE_CREATED:
                 # As it was stored, whatever became of it since (its resolution comes next).
-                e = dataclasses.replace(e, status="created", resolved_at=None)
+                e = e._replace(status="created", resolved_at=None)
             yield _CHANGE(
                 enforcement=convert.enforcement(e),
                 change=change,  # type: ignore[arg-type]

@@ -20,10 +20,10 @@ class Analytics(Repo):
         if trigger_ref:
             where.add("trigger_ref = {}", trigger_ref)
         sql = (
-            f"SELECT bucket, trigger_ref, event_count FROM event_volume_hourly {where.sql()} "
-            "ORDER BY bucket, trigger_ref"
+            "SELECT extract(epoch FROM bucket)::bigint, trigger_ref, event_count "
+            f"FROM event_volume_hourly {where.sql()} ORDER BY bucket, trigger_ref"
         )
-        return [EventVolume(*r) for r in await self._fetch(sql, *where.args)]
+        return [EventVolume._make(r) for r in await self._fetch(sql, *where.args)]
 
     async def enforcement_volume(
         self, start: datetime, end: datetime, rule_ref: str = "", status: str = ""
@@ -36,7 +36,8 @@ class Analytics(Repo):
         if status:
             where.add("status = {}::enforcement_status", status)
         sql = (
-            f"SELECT bucket, rule_ref, status::text, enforcement_count FROM enforcement_volume_hourly "
+            f"SELECT extract(epoch FROM bucket)::bigint, rule_ref, status::text, enforcement_count "
+            f"FROM enforcement_volume_hourly "
             f"{where.sql()} ORDER BY bucket, rule_ref, status"
         )
-        return [EnforcementVolume(*r) for r in await self._fetch(sql, *where.args)]
+        return [EnforcementVolume._make(r) for r in await self._fetch(sql, *where.args)]

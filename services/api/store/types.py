@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -14,7 +14,8 @@ JSON = Any
 
 def columns(cls: type, prefix: str = "") -> str:
     """The column list of a row type, for SELECTs built from constants."""
-    return ", ".join(f"{prefix}{f.name}" for f in fields(cls))
+    names = getattr(cls, "_fields", None) or [f.name for f in fields(cls)]  # a named tuple's, or a dataclass's
+    return ", ".join(f"{prefix}{name}" for name in names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +69,13 @@ class Rule:
     """Fires only for events no standard rule of its trigger matched."""
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+# Events and enforcements are read by the hundred per list page and streamed by tails and
+# watches, so they are named tuples: as immutable as the frozen dataclasses of the other rows,
+# and built several times faster (a frozen dataclass sets each field through
+# object.__setattr__). Change a copy with ``_replace``.
+
+
+class Event(NamedTuple):
     id: int
     trigger: int | None
     trigger_ref: str
@@ -84,8 +90,7 @@ class Event:
     """The event this one re-emits (ReemitEvent)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Enforcement:
+class Enforcement(NamedTuple):
     id: int
     rule: int | None
     rule_ref: str
@@ -140,16 +145,20 @@ class AuditRecord:
     change: dict[str, JSON]
 
 
-@dataclass(frozen=True, slots=True)
-class EventVolume:
-    bucket: datetime
+# A 30-day volume answer is thousands of rows (720 hours x refs x statuses): named tuples with
+# the bucket as whole seconds, which go straight into a Timestamp (no datetime per row).
+
+
+class EventVolume(NamedTuple):
+    bucket: int
+    """The hour's start, in seconds since the Unix epoch."""
     trigger_ref: str
     event_count: int
 
 
-@dataclass(frozen=True, slots=True)
-class EnforcementVolume:
-    bucket: datetime
+class EnforcementVolume(NamedTuple):
+    bucket: int
+    """The hour's start, in seconds since the Unix epoch."""
     rule_ref: str
     status: str
     enforcement_count: int
