@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from shared.runtime import run as run_loop
 
-from . import compare, ingest, latency, metrics, pipeline, read, rules, security, settings, traces, webhooks
+from . import backlog, compare, ingest, latency, metrics, pipeline, read, rules, security, settings, traces, webhooks
 from .fixture import STORES, Cluster, StoreUnavailable
 from .report import Row, footer, progress, table
 
@@ -22,6 +22,9 @@ SCENARIOS: dict[str, Scenario] = {
     "pipeline": pipeline.run,  # also the memory rows (scenario 5)
     "read": read.run,
     "latency": latency.run,
+    # Not in the default run: --only backlog (an executor working through 90 days of pending
+    # enforcements, most in compressed chunks on TimescaleDB, beside CreateEvent load).
+    "backlog": backlog.run,
     # Not in the default run (it would take it past 15 minutes): --only security.
     "security": security.run,
     # Not in the default run either: --only webhooks (HTTP deliveries next to CreateEvent).
