@@ -227,3 +227,50 @@ async def test_list_pages_on_90_chunks_visit_few_of_them(db_url: str) -> None:
         assert not failures, "\n".join(failures)
     finally:
         await conn.close()
+
+
+@pytest.mark.timescale
+async def test_get_by_id_on_90_chunks_searches_one_day(db_url: str) -> None:
+    """GetEvent / GetEnforcement carry only an id. On 90 one-day chunks (83 compressed) the store
+    first searches the chunk that the chunks' smallest ids place the id in (one day and an hour
+    before it), then everywhere: a row stored with an explicit old ``created`` is found too."""
+    from services.api.store import Store, create_pool
+    from services.api.store._chunks import SLACK
+    from tools.bench import steady
+
+    shape = await read.load(db_url, STEADY_EVENTS, days=steady.DAYS)
+    await steady.run_policies(db_url)
+    store = Store(await create_pool(db_url, 1, 4))
+    conn = await asyncpg.connect(db_url, server_settings=PLANNER_SETTINGS)
+    try:
+        for kind, repo in (("event", store.events), ("enforcement", store.enforcements)):
+            for id_ in (2, STEADY_EVENTS // 2, STEADY_EVENTS - 1):
+                if kind == "enforcement":
+                    id_ *= 2
+                bounds = await repo.by_id.finder.bounds(id_)
+                assert bounds is not None, (kind, id_)
+                row = await repo.get(id_)
+                assert row.id == id_
+                assert bounds[0] <= row.created < bounds[1], (kind, id_, bounds, row.created)
+                assert bounds[1] - bounds[0] <= timedelta(days=1) + SLACK
+                plan = (await _explain_analyze_generic(conn, repo.by_id.within, (id_, *bounds)))["Plan"]
+                ran = _executed_chunks(plan)
+                assert 1 <= len(ran) <= 2, (kind, id_, ran)
+            # The control: by id alone, every chunk is searched.
+            everywhere = await _explain_analyze_generic(conn, repo.by_id.everywhere, (STEADY_EVENTS // 2,))
+            assert len(_executed_chunks(everywhere["Plan"])) >= 80
+
+        # Stored by SQL with an explicit created 40 days back, after every other row: its id
+        # places it in the newest chunk, where it is not, and the search everywhere finds it.
+        odd = await conn.fetchval(
+            "INSERT INTO event (trigger, trigger_ref, payload, created) "
+            "SELECT trigger, trigger_ref, payload, now() - interval '40 days' FROM event WHERE id = 1 RETURNING id"
+        )
+        assert odd > STEADY_EVENTS
+        bounds = await store.events.by_id.finder.bounds(odd)
+        assert bounds is not None and bounds[0] > shape.created(STEADY_EVENTS) - timedelta(days=2)
+        found = await store.events.get(odd)
+        assert found.id == odd and found.created < bounds[0]
+    finally:
+        await conn.close()
+        await store.close()

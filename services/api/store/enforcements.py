@@ -28,9 +28,10 @@ from shared.errors import Aborted, DomainError, FailedPrecondition, InvalidArgum
 from shared.limits import MAX_CREATE_RESPONSE_BYTES
 
 from . import audit
+from ._chunks import ById
 from ._db import guarded
 from ._derive import derive
-from ._paging import Paged, Where
+from ._paging import Keys, Paged, Where
 from .types import JSON, Actor, Enforcement, Event, Execution, Page, Resolution, columns
 
 _ENFORCEMENT = columns(Enforcement)
@@ -39,7 +40,6 @@ _EXECUTION = columns(Execution)
 _EXECUTION_X = columns(Execution, "x.")
 _N_ENF = len(_ENFORCEMENT.split(", "))
 
-_GET = f"SELECT {_ENFORCEMENT} FROM enforcement WHERE id = $1"
 _DEADLOCK_RETRIES = 4
 
 # Only the principal whose stream holds a live lease may resolve a leased enforcement (its
@@ -169,6 +169,10 @@ def _execution(row: asyncpg.Record) -> Execution | None:
 class Enforcements(Paged):
     """Stores, reads and resolves enforcements."""
 
+    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
+        super().__init__(pool, keys)
+        self.by_id = ById(pool, "enforcement", _ENFORCEMENT)
+
     async def create(
         self,
         *,
@@ -290,7 +294,7 @@ class Enforcements(Paged):
         return out, created
 
     async def get(self, id_: int) -> Enforcement:
-        row = await self._fetchrow(_GET, id_)
+        row = await self.by_id.fetchrow(id_)
         if row is None:
             raise NotFound(f"enforcement {id_} not found")
         return Enforcement(*row)

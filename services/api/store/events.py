@@ -33,6 +33,7 @@ from services.api.encoded import Measure, record_size
 from shared import limits
 from shared.errors import InvalidArgument, NotFound
 
+from ._chunks import ById
 from ._db import Connection, guarded
 from ._derive import derive
 from ._paging import Keys, Paged, Where
@@ -111,7 +112,6 @@ SELECT {_EVENT} FROM event
  WHERE (id, created) IN (SELECT * FROM unnest($1::bigint[], $2::timestamptz[]))"""
 _REPLAY_ENFORCEMENTS = f"""
 SELECT {_ENFORCEMENT} FROM enforcement WHERE event = ANY($1::bigint[]) ORDER BY id"""
-_GET = f"SELECT {_EVENT} FROM event WHERE id = $1"
 _VERSION = "SELECT version FROM rule_set WHERE trigger_ref = $1"
 # ReplayRule: one trigger's events in a range, newest first, through the index on
 # (trigger_ref, created DESC, id DESC); the next page starts after the last (created, id).
@@ -152,6 +152,7 @@ class Events(Paged):
     def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
         super().__init__(pool, keys)
         self._rule_sets = RuleSets()
+        self.by_id = ById(pool, "event", _EVENT)
 
     async def create_many(
         self, new: Sequence[NewEvent], many: bool = False, lease: LeaseFor | None = None
@@ -423,7 +424,7 @@ class Events(Paged):
         return [Event(*r) for r in rows]
 
     async def get(self, id_: int) -> Event:
-        row = await self._fetchrow(_GET, id_)
+        row = await self.by_id.fetchrow(id_)
         if row is None:
             raise NotFound(f"event {id_} not found")
         return Event(*row)
