@@ -160,6 +160,43 @@ async def test_resolving_an_enforcement_in_a_compressed_chunk(
 
 
 @pytest.mark.timescale
+async def test_resolutions_go_on_when_compressed_chunks_hold_a_backlog(store: Store, conn: asyncpg.Connection) -> None:
+    """An executor back after 10 days: 12,000 enforcements of that day compressed, one in 50
+    still pending, in far more batches than the api may decompress in one statement. The
+    set-wise resolution cannot tell TimescaleDB which batches it needs and is refused (it would
+    decompress them all, and before the decompression limit it did so for 15 s per call on
+    the 90-day store); the per-row path resolves old and new enforcements alike, each through
+    one batch."""
+    await setup_rule(store)
+    await conn.execute(
+        """
+        INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, status, payload, created, resolved_at)
+        SELECT r.id, r.ref, r.trigger_ref, '{"p": 1}', g,
+               CASE WHEN g % 50 = 0 THEN 'created' ELSE 'processed' END::enforcement_status, '{"p": 1}', t,
+               CASE WHEN g % 50 = 0 THEN NULL ELSE t END
+          FROM rule r, generate_series(1, 12000) g,
+               LATERAL (SELECT date_trunc('day', now()) - interval '10 days' + g * interval '1 second' AS t) s
+         WHERE r.ref = 'demo.rule'"""
+    )
+    await conn.execute("SELECT compress_chunk(c) FROM show_chunks('enforcement', older_than => INTERVAL '7 days') c")
+    old = [r["id"] for r in await conn.fetch("SELECT enforcement AS id FROM enforcement_dispatch ORDER BY 1")]
+    assert len(old) == 240
+    [fresh] = (await store.events.create_many([NewEvent(HOOK, {"p": 2})]))[0].enforcements
+
+    results = await store.enforcements.resolve_many([(fresh.id, "processed"), *((i, "disabled") for i in old[:20])])
+    assert [getattr(r, "enforcement", r) for r in results] == [
+        await store.enforcements.get(i) for i in [fresh.id, *old[:20]]
+    ]
+    assert [r.enforcement.status for r in results if isinstance(r, Resolution)] == ["processed"] + ["disabled"] * 20
+    assert await conn.fetchval("SELECT count(*) FROM enforcement_dispatch") == 220
+    # Each old row cost one batch: the rest of the chunk stays compressed.
+    assert await conn.fetchval(
+        "SELECT bool_and(is_compressed) FROM timescaledb_information.chunks WHERE hypertable_name = 'enforcement' "
+        "AND range_end < now() - interval '7 days'"
+    )
+
+
+@pytest.mark.timescale
 async def test_retention_drops_old_chunks_and_keeps_recent_rows(store: Store, conn: asyncpg.Connection) -> None:
     await setup_rule(store)
     old_event, old_enf = await insert_old(conn, "100 days")

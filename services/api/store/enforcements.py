@@ -15,6 +15,7 @@ import asyncio
 import builtins
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Sequence
 from datetime import datetime
@@ -40,6 +41,7 @@ _EXECUTION = columns(Execution)
 _EXECUTION_X = columns(Execution, "x.")
 _N_ENF = len(_ENFORCEMENT.split(", "))
 
+_log = logging.getLogger(__name__)
 _DEADLOCK_RETRIES = 4
 
 # Only the principal whose stream holds a live lease may resolve a leased enforcement (its
@@ -54,16 +56,16 @@ SELECT 1 FROM enforcement_dispatch d
  WHERE d.enforcement = $1 AND d.lease_expires_at > now() AND d.lease_principal IS DISTINCT FROM $2"""
 
 # The dispatch row exists exactly while the enforcement is pending (triggers keep it so) and
-# carries `created`, which lets TimescaleDB go straight to the right chunk. The pending row is
-# looked up first and the UPDATE then names it by constants only: on a compressed chunk
-# TimescaleDB decompresses the batches the UPDATE may touch before it runs, and a scan of the
-# same chunk planned inside the statement (a CTE joined to it) would no longer see the row.
-_TARGET = f"""
-SELECT d.enforcement_created AS created, e.rule
-  FROM enforcement_dispatch d
-  JOIN enforcement e ON e.id = d.enforcement AND e.created = d.enforcement_created
- WHERE d.enforcement = $1 AND e.status = 'created' AND {_HOLDS}
+# carries `created`. The per-row path (``_resolve_one``) finds the pending row through it, then
+# updates it by (id, created) alone, under custom plans (``_CUSTOM_PLANS``): on TimescaleDB an
+# UPDATE decompresses, before it runs, every compressed batch its conditions cannot rule out,
+# and only constants rule batches out (a parameter of a generic plan, or a value from a join,
+# does not). With constants, the chunk is chosen at planning and one batch is decompressed.
+_TARGET_DISPATCH = f"""
+SELECT d.enforcement_created AS created FROM enforcement_dispatch d WHERE d.enforcement = $1 AND {_HOLDS}
 """
+_TARGET_RULE = "SELECT e.rule FROM enforcement e WHERE e.id = $1 AND e.created = $2 AND e.status = 'created'"
+_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 
 _RESOLVE_PROCESSED = f"""
 WITH live_rule AS (
@@ -85,9 +87,11 @@ SELECT r.*, {_EXECUTION_X} FROM resolved r, x
 
 # The same resolutions in one round trip, for one id or many (ResolveEnforcements): the
 # pending rows found through their dispatch rows and the rule through the dispatch row's
-# rule_ref (FOR SHARE OF the rule, as above). They change nothing for a row in a compressed
-# chunk (see above), a renamed rule, or a row with nothing to resolve: the two-step path
-# (``_resolve_one``) then decides or explains it.
+# rule_ref (FOR SHARE OF the rule, as above). They change nothing for a renamed rule or a row
+# with nothing to resolve, and on TimescaleDB they are refused (SQLSTATE 53400) when compressed
+# chunks hold pending rows beyond the api's decompression limit: their join cannot tell
+# TimescaleDB which batches it needs, so it would decompress every batch with a pending row.
+# The per-row path (``_resolve_one``) then decides or explains each decision.
 _RESOLVE_PROCESSED_MANY = f"""
 WITH live_rule AS (
     SELECT d.enforcement, d.enforcement_created AS created, r.id, r.action_ref
@@ -355,16 +359,19 @@ class Enforcements(Paged):
         return result
 
     async def _resolve_one(self, id_: int, status: str, holder: str | None) -> Resolution:
-        """The two-step path: looks the pending row up, then updates it by constants."""
-        async with guarded(), self._pool.acquire() as conn:
-            target = await conn.fetchrow(_TARGET, id_, holder)
-            if target is not None and status == "processed":
-                if target["rule"] is not None:
-                    row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, target["created"], target["rule"])
+        """The per-row path: finds the pending row through its dispatch row, then updates it
+        by (id, created) under custom plans (see ``_TARGET_DISPATCH``)."""
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_CUSTOM_PLANS)
+            created = await conn.fetchval(_TARGET_DISPATCH, id_, holder)
+            rule = None if created is None else await conn.fetchrow(_TARGET_RULE, id_, created)
+            if rule is not None and status == "processed":
+                if rule["rule"] is not None:
+                    row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, created, rule["rule"])
                     if row is not None:
                         return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
-            elif target is not None:
-                row = await conn.fetchrow(_RESOLVE_DISABLED, id_, target["created"])
+            elif rule is not None:
+                row = await conn.fetchrow(_RESOLVE_DISABLED, id_, created)
                 if row is not None:
                     return Resolution(Enforcement(*row), None)
         return await self._explain_unresolved(id_, status, holder)
@@ -383,7 +390,7 @@ class Enforcements(Paged):
             ids = sorted(i for i, s in decisions if s == status)
             if not ids:
                 continue
-            for row in await self._fetch_retrying(sql, ids, holder):
+            for row in await self._set_wise(sql, ids, holder):
                 enforcement = Enforcement(*list(row.values())[:_N_ENF])
                 done[enforcement.id] = Resolution(enforcement, _execution(row) if status == "processed" else None)
         out: builtins.list[Resolution | DomainError] = []
@@ -397,16 +404,23 @@ class Enforcements(Paged):
                 out.append(exc)
         return out
 
-    async def _fetch_retrying(self, sql: str, *args: Any) -> builtins.list[asyncpg.Record]:
+    async def _set_wise(self, sql: str, *args: Any) -> builtins.list[asyncpg.Record]:
         """A set-wise resolution, run again when PostgreSQL broke a deadlock by aborting it.
 
         Two batches that share enforcements (an operator's and an executor's, or overlapping
         retries) lock their rows in whatever order their plans visit them; PostgreSQL resolves
         the cycle by aborting one statement, which changed nothing, so running it again is safe.
+        A statement TimescaleDB refused for the batches it would have had to decompress
+        changed nothing either: it answers no rows, and the per-row path takes every decision.
         """
         for attempt in range(_DEADLOCK_RETRIES):
             try:
-                return await self._fetch(sql, *args)
+                async with guarded():
+                    try:
+                        return await self._pool.fetch(sql, *args)
+                    except asyncpg.ConfigurationLimitExceededError as exc:
+                        _log.info("set-wise resolution refused (%s); resolving row by row", exc)
+                        return []
             except Aborted:
                 if attempt == _DEADLOCK_RETRIES - 1:
                     raise
