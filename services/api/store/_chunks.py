@@ -41,7 +41,7 @@ _IS_HYPERTABLE = """
 SELECT EXISTS (SELECT 1 FROM timescaledb_information.hypertables
                 WHERE hypertable_schema = current_schema() AND hypertable_name = $1)"""
 _CHUNKS = """
-SELECT range_start, range_end FROM timescaledb_information.chunks
+SELECT range_start, range_end, is_compressed FROM timescaledb_information.chunks
  WHERE hypertable_schema = current_schema() AND hypertable_name = $1
  ORDER BY range_start"""
 
@@ -50,6 +50,7 @@ SELECT range_start, range_end FROM timescaledb_information.chunks
 class _Chunk:
     start: datetime
     end: datetime
+    compressed: bool
 
 
 class ChunkFinder:
@@ -76,8 +77,26 @@ class ChunkFinder:
     async def bounds(self, id_: int) -> tuple[datetime, datetime] | None:
         """[start, end) of ``created`` to search first for the row ``id_``, or None to search
         every chunk (no hypertable, no chunk, or an id below every chunk's smallest)."""
-        if self._hypertable is False:
+        if not await self._read():
             return None
+        chunks = self._chunks
+        found = await search(len(chunks), lambda i: self._first(chunks[i]), id_)
+        if found is None:
+            return None
+        chunk = chunks[found]
+        return chunk.start - SLACK, chunk.end
+
+    async def compressed_until(self) -> datetime | None:
+        """The end of the newest compressed chunk (rows stamped before it may be compressed),
+        as of at most ``REFRESH_S`` ago; None when no chunk is compressed or no hypertable."""
+        if not await self._read():
+            return None
+        return max((c.end for c in self._chunks if c.compressed), default=None)
+
+    async def _read(self) -> bool:
+        """Reads the chunk list when it is stale; False where the table is no hypertable."""
+        if self._hypertable is False:
+            return False
         if self._hypertable is None or time.monotonic() - self._read_at >= REFRESH_S:
             async with guarded(), self._pool.acquire() as conn:
                 if self._hypertable is None:
@@ -85,19 +104,14 @@ class ChunkFinder:
                         await conn.fetchval(_IS_HYPERTABLE, self._table)
                     )
                     if not self._hypertable:
-                        return None
+                        return False
                 rows = await conn.fetch(_CHUNKS, self._table)
-            self._chunks = [_Chunk(r["range_start"], r["range_end"]) for r in rows]
+            self._chunks = [_Chunk(r["range_start"], r["range_end"], r["is_compressed"]) for r in rows]
             self._read_at = time.monotonic()
             # Chunks that retention dropped are forgotten with them.
             starts = {c.start for c in self._chunks}
             self._first_id = {k: v for k, v in self._first_id.items() if k in starts}
-        chunks = self._chunks
-        found = await search(len(chunks), lambda i: self._first(chunks[i]), id_)
-        if found is None:
-            return None
-        chunk = chunks[found]
-        return chunk.start - SLACK, chunk.end
+        return True
 
     async def _first(self, chunk: _Chunk) -> int | None:
         first = self._first_id.get(chunk.start)

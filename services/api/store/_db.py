@@ -34,9 +34,6 @@ PLANNER_SETTINGS = {
 }
 """Session settings of every api connection; the benchmarks' raw baselines use them too."""
 
-DECOMPRESSION_LIMIT = 10_000
-"""Rows an api statement may decompress on TimescaleDB (its default is 100,000)."""
-
 
 _DECODER = json.JSONDecoder()
 
@@ -89,12 +86,6 @@ async def create_pool(
         "statement_timeout": str(int(statement_timeout_s * 1000)),
         "application_name": "automation-api",
         **PLANNER_SETTINGS,
-        # TimescaleDB (a placeholder elsewhere): a statement that would decompress more than
-        # this is refused at once instead of after seconds of work. The api's own updates
-        # need one compressed batch (at most 1,000 rows) per row; a set-wise resolution that
-        # cannot say which batches it needs is refused and falls back to them
-        # (store/enforcements.py).
-        "timescaledb.max_tuples_decompressed_per_dml_transaction": str(DECOMPRESSION_LIMIT),
     }
     if not notify_triggers:
         settings["automation.notify"] = "off"

@@ -43,6 +43,8 @@ _N_ENF = len(_ENFORCEMENT.split(", "))
 
 _log = logging.getLogger(__name__)
 _DEADLOCK_RETRIES = 4
+_RECENT = "/* recent */"
+"""Where a set-wise resolution gets its lower bound on ``created`` (``_recent``)."""
 
 # Only the principal whose stream holds a live lease may resolve a leased enforcement (its
 # executor decided it); unleased work anyone with the role may. $2 NULL: an operator, or
@@ -87,11 +89,15 @@ SELECT r.*, {_EXECUTION_X} FROM resolved r, x
 
 # The same resolutions in one round trip, for one id or many (ResolveEnforcements): the
 # pending rows found through their dispatch rows and the rule through the dispatch row's
-# rule_ref (FOR SHARE OF the rule, as above). They change nothing for a renamed rule or a row
-# with nothing to resolve, and on TimescaleDB they are refused (SQLSTATE 53400) when compressed
-# chunks hold pending rows beyond the api's decompression limit: their join cannot tell
-# TimescaleDB which batches it needs, so it would decompress every batch with a pending row.
-# The per-row path (``_resolve_one``) then decides or explains each decision.
+# rule_ref (FOR SHARE OF the rule, as above). They change nothing for a renamed rule, a row
+# with nothing to resolve, or (TimescaleDB) a row that may lie in a compressed chunk: the
+# per-row path (``_resolve_one``) then decides or explains each of those.
+#
+# On TimescaleDB the UPDATE names only the chunks newer than the newest compressed one
+# (``_RECENT``, see ``_recent``): its join cannot tell TimescaleDB which compressed batches it
+# needs, so with compressed chunks in its plan it would check every batch of every one of them
+# (4-5 ms a call on 90 days of 600k enforcements) and decompress every batch holding a pending
+# row (1.4M rows and 15 s a call, then refused, when an executor came back after a week).
 _RESOLVE_PROCESSED_MANY = f"""
 WITH live_rule AS (
     SELECT d.enforcement, d.enforcement_created AS created, r.id, r.action_ref
@@ -103,7 +109,7 @@ WITH live_rule AS (
 ), resolved AS (
     UPDATE enforcement e SET status = 'processed', resolved_at = now()
       FROM live_rule l
-     WHERE e.id = l.enforcement AND e.created = l.created AND e.status = 'created' AND e.rule = l.id
+     WHERE e.id = l.enforcement AND e.created = l.created AND e.status = 'created' AND e.rule = l.id {_RECENT}
     RETURNING {_ENFORCEMENT_E}
 ), x AS (
     INSERT INTO execution (action_ref, config, enforcement)
@@ -118,7 +124,7 @@ _RESOLVE_DISABLED_MANY = f"""
 UPDATE enforcement e SET status = 'disabled', resolved_at = now()
   FROM enforcement_dispatch d
  WHERE d.enforcement = ANY($1::bigint[]) AND e.id = d.enforcement
-   AND e.created = d.enforcement_created AND e.status = 'created' AND {_HOLDS}
+   AND e.created = d.enforcement_created AND e.status = 'created' AND {_HOLDS} {_RECENT}
 RETURNING {_ENFORCEMENT_E}
 """
 
@@ -168,6 +174,20 @@ RETURNING {_ENFORCEMENT}"""
 def _execution(row: asyncpg.Record) -> Execution | None:
     values = list(row.values())[_N_ENF : _N_ENF + len(_EXECUTION.split(", "))]
     return None if values[0] is None else Execution(*values)
+
+
+def _recent(template: str, compressed_until: datetime | None) -> str:
+    """A set-wise resolution that leaves alone the rows stamped before ``compressed_until``.
+
+    The bound is a constant in the statement's text, not a parameter: TimescaleDB drops chunks
+    from an UPDATE's plan, and chooses the compressed batches to decompress, from constants
+    only, and the api's statements run as generic plans. The value comes from TimescaleDB's
+    catalog, rendered from a datetime (digits and separators); it moves when a chunk is
+    compressed, about once a day, and each new text is prepared once per connection.
+    """
+    if compressed_until is None:
+        return template.replace(_RECENT, "")
+    return template.replace(_RECENT, f"AND e.created >= '{compressed_until.isoformat()}'::timestamptz")
 
 
 class Enforcements(Paged):
@@ -386,11 +406,12 @@ class Enforcements(Paged):
         principal resolving; a pending enforcement under another principal's live lease is
         refused (None: no such check, for operators)."""
         done: dict[int, Resolution] = {}
+        compressed_until = await self.by_id.finder.compressed_until()
         for status, sql in (("processed", _RESOLVE_PROCESSED_MANY), ("disabled", _RESOLVE_DISABLED_MANY)):
             ids = sorted(i for i, s in decisions if s == status)
             if not ids:
                 continue
-            for row in await self._set_wise(sql, ids, holder):
+            for row in await self._set_wise(_recent(sql, compressed_until), ids, holder):
                 enforcement = Enforcement(*list(row.values())[:_N_ENF])
                 done[enforcement.id] = Resolution(enforcement, _execution(row) if status == "processed" else None)
         out: builtins.list[Resolution | DomainError] = []
@@ -410,8 +431,9 @@ class Enforcements(Paged):
         Two batches that share enforcements (an operator's and an executor's, or overlapping
         retries) lock their rows in whatever order their plans visit them; PostgreSQL resolves
         the cycle by aborting one statement, which changed nothing, so running it again is safe.
-        A statement TimescaleDB refused for the batches it would have had to decompress
-        changed nothing either: it answers no rows, and the per-row path takes every decision.
+        A statement TimescaleDB refused for the rows it would have had to decompress (a chunk
+        compressed since the bound of ``_recent`` was read) changed nothing either: it answers
+        no rows, and the per-row path takes every decision.
         """
         for attempt in range(_DEADLOCK_RETRIES):
             try:
