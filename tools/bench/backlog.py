@@ -1,15 +1,15 @@
-"""``--only backlog``: an executor that was down comes back to weeks of pending enforcements.
+"""``--only backlog``: an executor comes back after 9 days without one.
 
-The store is the read scenario's: on TimescaleDB a copy of the 90-day steady state (83
-compressed chunks per table), on plain PostgreSQL the same rows over 90 days at a tenth of
-the size. 1 % of its enforcements are still ``created``, spread over all 90 days, each with
-its dispatch row, as if no executor had run since they were made.
+The store holds 10 days of events (``Settings.backlog_events``) and their enforcements; the
+ones of the last 9 days are all still ``created``, each with its dispatch row, as if no executor
+had run since. On TimescaleDB the project's compression policy has run (``CALL run_job``), so
+the 2 oldest days of the backlog lie in compressed chunks.
 
 1. One resolution at a time (``ResolveEnforcement``, sequential): rows in compressed chunks
-   (older than 7 days) against rows in uncompressed ones, in the same database.
+   (older than 8 days) against rows in uncompressed ones, in the same database.
 2. CreateEvent c=16 (closed loop) alone; then one executor is started and works through the
-   backlog while the same load runs, until every old pending enforcement is resolved: the
-   ingest rate during the drain against the rate alone, and the drain's own rate.
+   backlog while the same load runs, until every pending enforcement older than the start is
+   resolved: the ingest rate during the drain against the rate alone, and the drain's rate.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from .settings import Settings
 
 TRIGGER = "bench.backlog.hook"
 RULES = ["bench.backlog.a", "bench.backlog.b"]
+DAYS = 10
+DOWN = timedelta(days=9)
+"""How long no executor ran: the enforcements of the last 9 days are pending."""
 COMPRESSED_AGE = timedelta(days=8)
 _PENDING_BEFORE = "SELECT count(*) FROM enforcement_dispatch WHERE enforcement_created < $1"
 _SAMPLE = """
@@ -39,12 +42,12 @@ SELECT d.enforcement FROM enforcement_dispatch d
 
 async def _database(cluster: Cluster, s: Settings) -> tuple[str, int]:
     """A database of its own with the backlog; returns its URL and the events it holds."""
-    if cluster.store == "timescale":
-        fixture = await steady.build(cluster, s.steady_events, keep=not s.quick)
-        return await steady.copy(cluster, fixture.url, "backlog"), fixture.shape.events
     url = await cluster.fresh_database("backlog")
-    events = max(s.read_events // 10, 10_000)
-    await read.load(url, events, days=steady.DAYS)
+    events = s.backlog_events
+    await read.load(url, events, days=DAYS, pending_since=DOWN)
+    if cluster.store == "timescale":
+        await steady.run_policies(url)
+        progress(f"backlog: {steady.describe_chunks(await steady.chunk_counts(url))}")
     return url, events
 
 
@@ -75,7 +78,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                 stub: enforcement_pb2_grpc.EnforcementServiceAsyncStub = enforcement_pb2_grpc.EnforcementServiceStub(ch)
                 n = s.read_samples
                 fresh = [r[0] for r in await conn.fetch(_SAMPLE, now, old, n)]
-                aged = [r[0] for r in await conn.fetch(_SAMPLE, old, now - timedelta(days=steady.DAYS), n)]
+                aged = [r[0] for r in await conn.fetch(_SAMPLE, old, now - DOWN, n)]
                 hot = await _resolve_each(stub, fresh)
                 cold = await _resolve_each(stub, aged)
                 rows.append(

@@ -80,7 +80,9 @@ def _event_rows(shape: Shape, lo: int, hi: int, trigger_ids: list[int], targeted
         )
 
 
-def _enforcement_rows(shape: Shape, lo: int, hi: int, rule_ids: list[int]) -> Iterator[tuple[Any, ...]]:
+def _enforcement_rows(
+    shape: Shape, lo: int, hi: int, rule_ids: list[int], pending_since: datetime | None = None
+) -> Iterator[tuple[Any, ...]]:
     for i in range(lo, hi):
         t = shape.trigger(i)
         created = shape.created(i)
@@ -88,7 +90,9 @@ def _enforcement_rows(shape: Shape, lo: int, hi: int, rule_ids: list[int]) -> It
             j = 2 * i - 1 + k
             r = 2 * t + k
             kind = j % 100
-            status = "created" if kind == 0 else "disabled" if kind < 10 else "processed"
+            # 1 % pending, spread over the whole range; or all since no executor ran.
+            pending = kind == 0 if pending_since is None else created >= pending_since
+            status = "created" if pending else "disabled" if kind < 10 else "processed"
             yield (
                 j,
                 rule_ids[r],
@@ -103,8 +107,10 @@ def _enforcement_rows(shape: Shape, lo: int, hi: int, rule_ids: list[int]) -> It
             )
 
 
-async def load(url: str, events: int, days: int = DAYS) -> Shape:
-    """Fills the tables, ``created`` spread over the last ``days``; returns the shape of what it wrote."""
+async def load(url: str, events: int, days: int = DAYS, pending_since: timedelta | None = None) -> Shape:
+    """Fills the tables, ``created`` spread over the last ``days``; returns the shape of what it
+    wrote. 1 % of the enforcements are pending, or, with ``pending_since``, those created since
+    that long ago (and none before)."""
     conn = await asyncpg.connect(url)
     try:
         trigger_ids = [
@@ -157,7 +163,9 @@ async def load(url: str, events: int, days: int = DAYS) -> Shape:
                 "created",
                 "resolved_at",
             ],
-            lambda lo, hi: _enforcement_rows(shape, lo, hi, rule_ids),
+            lambda lo, hi: _enforcement_rows(
+                shape, lo, hi, rule_ids, None if pending_since is None else now - pending_since
+            ),
         ),
     )
     conn = await asyncpg.connect(url)

@@ -27,6 +27,8 @@ class Settings:
     read_events: int
     steady_events: int
     """Events of the TimescaleDB steady-state fixture (90 days; twice as many enforcements)."""
+    backlog_events: int
+    """Events of the backlog scenario's 10 days (twice as many enforcements, 9 days of them pending)."""
     read_far_page: int
     """The far page measured (1,000 in the full run)."""
     read_samples: int
@@ -52,6 +54,7 @@ def full(memory_minutes: float) -> Settings:
         max_probes=6,
         read_events=1_000_000,
         steady_events=3_000_000,
+        backlog_events=50_000,
         read_far_page=1000,
         read_samples=60,
         latency_events=1000,
@@ -76,6 +79,7 @@ def quick() -> Settings:
         max_probes=2,
         read_events=20_000,
         steady_events=30_000,
+        backlog_events=2_000,
         read_far_page=20,
         read_samples=10,
         latency_events=100,

@@ -19,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -155,26 +153,3 @@ async def build(cluster: Cluster, events: int, keep: bool) -> Steady:
         finally:
             await admin.close()
     return Steady(url, shape, False, time.perf_counter() - t)
-
-
-async def copy(cluster: Cluster, url: str, purpose: str) -> str:
-    """A copy of the fixture at ``url`` for a scenario that changes it (dropped with the cluster).
-
-    CREATE DATABASE ... TEMPLATE needs the template to have no session, and TimescaleDB's
-    scheduler keeps one in every database with the extension: it is refused connections
-    (and its sessions ended) for the moment of the copy.
-    """
-    source = urlsplit(url).path.lstrip("/")
-    name = f"bench_{purpose}_{uuid.uuid4().hex[:6]}"
-    admin = await asyncpg.connect(cluster.admin_url)
-    try:
-        await admin.execute(f'ALTER DATABASE "{source}" WITH ALLOW_CONNECTIONS false')
-        try:
-            await admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", source)
-            await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
-        finally:
-            await admin.execute(f'ALTER DATABASE "{source}" WITH ALLOW_CONNECTIONS true')
-    finally:
-        await admin.close()
-    cluster.databases.append(name)
-    return with_database(cluster.admin_url, name)

@@ -103,8 +103,9 @@ class ChunkFinder:
                     self._hypertable = bool(await conn.fetchval(_HYPERTABLE)) and bool(
                         await conn.fetchval(_IS_HYPERTABLE, self._table)
                     )
-                    if not self._hypertable:
-                        return False
+                # Another call may have found out meanwhile.
+                if not self._hypertable:
+                    return False
                 rows = await conn.fetch(_CHUNKS, self._table)
             self._chunks = [_Chunk(r["range_start"], r["range_end"], r["is_compressed"]) for r in rows]
             self._read_at = time.monotonic()

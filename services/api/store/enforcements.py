@@ -43,6 +43,8 @@ _N_ENF = len(_ENFORCEMENT.split(", "))
 
 _log = logging.getLogger(__name__)
 _DEADLOCK_RETRIES = 4
+_PER_ROW_CONCURRENCY = 4
+"""Per-row resolutions of one call run on at most this many connections at once."""
 _RECENT = "/* recent */"
 """Where a set-wise resolution gets its lower bound on ``created`` (``_recent``)."""
 
@@ -59,14 +61,17 @@ SELECT 1 FROM enforcement_dispatch d
 
 # The dispatch row exists exactly while the enforcement is pending (triggers keep it so) and
 # carries `created`. The per-row path (``_resolve_one``) finds the pending row through it, then
-# updates it by (id, created) alone, under custom plans (``_CUSTOM_PLANS``): on TimescaleDB an
-# UPDATE decompresses, before it runs, every compressed batch its conditions cannot rule out,
-# and only constants rule batches out (a parameter of a generic plan, or a value from a join,
-# does not). With constants, the chunk is chosen at planning and one batch is decompressed.
+# updates it by (id, created, rule_ref) under custom plans (``_CUSTOM_PLANS``): on TimescaleDB
+# an UPDATE decompresses, before it runs, every compressed batch its conditions cannot rule
+# out, and only constants rule batches out (a parameter of a generic plan, or a value from a
+# join, does not). With constants the chunk is chosen at planning, and the segment (rule_ref)
+# and the batch's time range leave one batch to decompress.
 _TARGET_DISPATCH = f"""
-SELECT d.enforcement_created AS created FROM enforcement_dispatch d WHERE d.enforcement = $1 AND {_HOLDS}
+SELECT d.enforcement_created AS created, d.rule_ref FROM enforcement_dispatch d WHERE d.enforcement = $1 AND {_HOLDS}
 """
-_TARGET_RULE = "SELECT e.rule FROM enforcement e WHERE e.id = $1 AND e.created = $2 AND e.status = 'created'"
+_TARGET_RULE = (
+    "SELECT e.rule FROM enforcement e WHERE e.id = $1 AND e.created = $2 AND e.rule_ref = $3 AND e.status = 'created'"
+)
 _CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 
 _RESOLVE_PROCESSED = f"""
@@ -77,7 +82,7 @@ WITH live_rule AS (
 ), resolved AS (
     UPDATE enforcement e SET status = 'processed', resolved_at = now()
       FROM live_rule l
-     WHERE e.id = $1 AND e.created = $2 AND e.status = 'created' AND e.rule = l.id
+     WHERE e.id = $1 AND e.created = $2 AND e.rule_ref = $4 AND e.status = 'created' AND e.rule = l.id
     RETURNING {_ENFORCEMENT_E}
 ), x AS (
     INSERT INTO execution (action_ref, config, enforcement)
@@ -130,7 +135,7 @@ RETURNING {_ENFORCEMENT_E}
 
 _RESOLVE_DISABLED = f"""
 UPDATE enforcement e SET status = 'disabled', resolved_at = now()
- WHERE e.id = $1 AND e.created = $2 AND e.status = 'created'
+ WHERE e.id = $1 AND e.created = $2 AND e.rule_ref = $3 AND e.status = 'created'
 RETURNING {_ENFORCEMENT_E}
 """
 
@@ -380,18 +385,19 @@ class Enforcements(Paged):
 
     async def _resolve_one(self, id_: int, status: str, holder: str | None) -> Resolution:
         """The per-row path: finds the pending row through its dispatch row, then updates it
-        by (id, created) under custom plans (see ``_TARGET_DISPATCH``)."""
+        by (id, created, rule_ref) under custom plans (see ``_TARGET_DISPATCH``)."""
         async with guarded(), self._pool.acquire() as conn, conn.transaction():
             await conn.execute(_CUSTOM_PLANS)
-            created = await conn.fetchval(_TARGET_DISPATCH, id_, holder)
-            rule = None if created is None else await conn.fetchrow(_TARGET_RULE, id_, created)
-            if rule is not None and status == "processed":
+            target = await conn.fetchrow(_TARGET_DISPATCH, id_, holder)
+            rule = None if target is None else await conn.fetchrow(_TARGET_RULE, id_, *target.values())
+            if target is not None and rule is not None and status == "processed":
                 if rule["rule"] is not None:
-                    row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, created, rule["rule"])
+                    created, rule_ref = target.values()
+                    row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, created, rule["rule"], rule_ref)
                     if row is not None:
                         return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
-            elif rule is not None:
-                row = await conn.fetchrow(_RESOLVE_DISABLED, id_, created)
+            elif target is not None and rule is not None:
+                row = await conn.fetchrow(_RESOLVE_DISABLED, id_, *target.values())
                 if row is not None:
                     return Resolution(Enforcement(*row), None)
         return await self._explain_unresolved(id_, status, holder)
@@ -414,16 +420,29 @@ class Enforcements(Paged):
             for row in await self._set_wise(_recent(sql, compressed_until), ids, holder):
                 enforcement = Enforcement(*list(row.values())[:_N_ENF])
                 done[enforcement.id] = Resolution(enforcement, _execution(row) if status == "processed" else None)
-        out: builtins.list[Resolution | DomainError] = []
-        for id_, status in decisions:
-            if id_ in done:
-                out.append(done[id_])
-                continue
-            try:
-                out.append(await self._resolve_one(id_, status, holder))
-            except (NotFound, FailedPrecondition) as exc:
-                out.append(exc)
-        return out
+        # The rest one by one, a few at a time (rows in compressed chunks cost a plan and a
+        # batch each); a second decision for the same id waits for the first.
+        rest: dict[int, Resolution | DomainError] = {}
+        first: builtins.list[tuple[int, int, str]] = []
+        again: builtins.list[tuple[int, int, str]] = []
+        taken: set[int] = set()
+        for k, (id_, status) in enumerate(decisions):
+            if id_ not in done:
+                (again if id_ in taken else first).append((k, id_, status))
+                taken.add(id_)
+        slots = asyncio.Semaphore(_PER_ROW_CONCURRENCY)
+
+        async def one(k: int, id_: int, status: str) -> None:
+            async with slots:
+                try:
+                    rest[k] = await self._resolve_one(id_, status, holder)
+                except (NotFound, FailedPrecondition) as exc:
+                    rest[k] = exc
+
+        await asyncio.gather(*(one(*d) for d in first))
+        for d in again:
+            await one(*d)
+        return [done[id_] if id_ in done else rest[k] for k, (id_, _) in enumerate(decisions)]
 
     async def _set_wise(self, sql: str, *args: Any) -> builtins.list[asyncpg.Record]:
         """A set-wise resolution, run again when PostgreSQL broke a deadlock by aborting it.
