@@ -146,6 +146,26 @@ def _field(index: int, many: bool, name: str) -> str:
     return f"events[{index}].{name}" if many else f"event.{name}"
 
 
+async def _prepare(conn: Connection, *args: Any) -> asyncpg.Record | None:
+    """Runs ``_PREPARE``, again when PostgreSQL chose it as a deadlock's victim.
+
+    It only reads (and draws ids), so running it again is safe. TimescaleDB's retention job
+    takes an exclusive lock on the hypertables' catalog objects while it drops chunks, in an
+    order that can close a cycle with this statement's reads (seen on the bench's server); the
+    victim's retry then simply waits for the job.
+    """
+    for attempt in range(_PREPARE_TRIES):
+        try:
+            return await conn.fetchrow(_PREPARE, *args)
+        except asyncpg.DeadlockDetectedError:
+            if attempt == _PREPARE_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+_PREPARE_TRIES = 3
+
+
 class Events(Paged):
     """Stores and reads events."""
 
@@ -188,8 +208,8 @@ class Events(Paged):
             seen.setdefault(e.request_id, (prints[i], i))
 
         async with self._pool.acquire() as conn:
-            prep = await conn.fetchrow(
-                _PREPARE,
+            prep = await _prepare(
+                conn,
                 len(new),
                 list({e.trigger_ref for e in new}),
                 [e.rule_ref for e in new if e.rule_ref],
