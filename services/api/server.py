@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Sequence
@@ -367,5 +368,9 @@ async def serve(config: ApiConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    # What start-up made (modules, descriptors, the pool) lives as long as the process: out of
+    # the collector's sight, a full collection no longer walks it (on a list page's worth of
+    # garbage a gen-2 pass took 28 ms, a list page's p99 outlier).
+    gc.freeze()
     await stop.wait()
     await server.stop()
