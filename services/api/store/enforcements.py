@@ -44,6 +44,7 @@ _N_ENF = len(_ENFORCEMENT.split(", "))
 _log = logging.getLogger(__name__)
 _DEADLOCK_RETRIES = 4
 _PER_ROW_CONCURRENCY = 4
+_PER_ROW_TRIES = 3
 """Per-row resolutions of one call run on at most this many connections at once."""
 _RECENT = "/* recent */"
 """Where a set-wise resolution gets its lower bound on ``created`` (``_recent``)."""
@@ -385,21 +386,28 @@ class Enforcements(Paged):
 
     async def _resolve_one(self, id_: int, status: str, holder: str | None) -> Resolution:
         """The per-row path: finds the pending row through its dispatch row, then updates it
-        by (id, created, rule_ref) under custom plans (see ``_TARGET_DISPATCH``)."""
+        by (id, created, rule_ref) under custom plans (see ``_TARGET_DISPATCH``).
+
+        An UPDATE can find nothing although the row is pending: TimescaleDB moves a compressed
+        batch's rows out when it decompresses it, and when another transaction did so for the
+        same batch after this statement's snapshot was taken, the moved rows are not in it. A
+        next statement has a new snapshot, so the lookup and the UPDATE are tried again."""
         async with guarded(), self._pool.acquire() as conn, conn.transaction():
             await conn.execute(_CUSTOM_PLANS)
             target = await conn.fetchrow(_TARGET_DISPATCH, id_, holder)
-            rule = None if target is None else await conn.fetchrow(_TARGET_RULE, id_, *target.values())
-            if target is not None and rule is not None and status == "processed":
-                if rule["rule"] is not None:
-                    created, rule_ref = target.values()
+            created, rule_ref = target.values() if target is not None else (None, None)
+            for _ in range(_PER_ROW_TRIES if target is not None else 0):
+                rule = await conn.fetchrow(_TARGET_RULE, id_, created, rule_ref)
+                if rule is None or (status == "processed" and rule["rule"] is None):
+                    break
+                if status == "processed":
                     row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, created, rule["rule"], rule_ref)
                     if row is not None:
                         return Resolution(Enforcement(*list(row.values())[:_N_ENF]), _execution(row))
-            elif target is not None and rule is not None:
-                row = await conn.fetchrow(_RESOLVE_DISABLED, id_, *target.values())
-                if row is not None:
-                    return Resolution(Enforcement(*row), None)
+                else:
+                    row = await conn.fetchrow(_RESOLVE_DISABLED, id_, created, rule_ref)
+                    if row is not None:
+                        return Resolution(Enforcement(*row), None)
         return await self._explain_unresolved(id_, status, holder)
 
     async def resolve_many(
