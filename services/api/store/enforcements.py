@@ -44,8 +44,9 @@ _N_ENF = len(_ENFORCEMENT.split(", "))
 _log = logging.getLogger(__name__)
 _DEADLOCK_RETRIES = 4
 _PER_ROW_CONCURRENCY = 4
-_PER_ROW_TRIES = 3
 """Per-row resolutions of one call run on at most this many connections at once."""
+_PER_ROW_TRIES = 3
+"""Times the per-row path looks a pending row up and updates it (see ``_resolve_one``)."""
 _RECENT = "/* recent */"
 """Where a set-wise resolution gets its lower bound on ``created`` (``_recent``)."""
 
