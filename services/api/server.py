@@ -112,19 +112,23 @@ def server_options(config: ApiConfig) -> list[tuple[str, int]]:
     return list(options.items())
 
 
+CHORES_APPLICATION = "automation-api-chores"
+"""The application_name of the background loops' connection (see ``ApiServer._connect``)."""
+
+
 class _Deferred:
-    """The store's tokens, once the server has a store."""
+    """The store's tokens, once the server has a store (read on the housekeeping connection)."""
 
     def __init__(self, server: ApiServer) -> None:
         self._server = server
 
     async def all(self) -> Sequence[TokenRow]:
-        assert self._server.store is not None
-        return await self._server.store.tokens.all()
+        assert self._server.chores is not None
+        return await self._server.chores.tokens.all()
 
     async def touch(self, last_used: dict[bytes, datetime]) -> None:
-        if self._server.store is not None:
-            await self._server.store.tokens.touch(last_used)
+        if self._server.chores is not None:
+            await self._server.chores.tokens.touch(last_used)
 
 
 class ApiServer:
@@ -169,23 +173,43 @@ class ApiServer:
         )
         self.health = health.aio.HealthServicer()
         self.store: Store | None = None
+        self.chores: Store | None = None
+        """The same store over a connection of its own, for the background loops (health,
+        maintenance, metrics, token refresh): see ``_connect``."""
         self.dispatcher = Dispatcher(config.database_url)
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def _connect(self) -> Store:
+    async def _connect(self) -> tuple[Store, Store]:
+        """The pool that serves calls, and one connection for the background loops.
+
+        Each pool connection plans a statement the first time it runs it, and on TimescaleDB a
+        generic plan over 90 chunks costs 20-30 ms (a new connection's first statement, which
+        also reads the chunks' catalog entries, 70-100 ms). Background queries borrowing the
+        connection that calls had warmed sent the next call to a cold one: those plans were
+        the list pages' p99 outliers. So the loops have their own connection.
+        """
         delay = 0.2
+        cfg = self.config
         while True:
             try:
+                # The dispatcher announces our writes after they commit (see dispatcher.py).
                 pool = await create_pool(
-                    self.config.database_url,
-                    self.config.pool_min,
-                    self.config.pool_max,
-                    self.config.statement_timeout_s,
-                    # The dispatcher announces our writes after they commit (see dispatcher.py).
-                    notify_triggers=False,
+                    cfg.database_url, cfg.pool_min, cfg.pool_max, cfg.statement_timeout_s, notify_triggers=False
                 )
-                return Store(pool)
+                try:
+                    chores = await create_pool(
+                        cfg.database_url,
+                        1,
+                        1,
+                        cfg.statement_timeout_s,
+                        notify_triggers=False,
+                        application_name=CHORES_APPLICATION,
+                    )
+                except BaseException:
+                    await pool.close()
+                    raise
+                return Store(pool), Store(chores)
             except Unavailable as exc:
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -199,7 +223,8 @@ class ApiServer:
         if cfg.migrate_on_start:
             applied = await migrations.migrate_url(cfg.database_url)
             log.info("migrations: %d applied", len(applied))
-        self.store = store = await self._connect()
+        store, self.chores = await self._connect()
+        self.store = store
         events = EventService(store, self.dispatcher, cfg.lease_s)
         event_pb2_grpc.add_EventServiceServicer_to_server(events, self.server)
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, events), self.server)
@@ -256,9 +281,9 @@ class ApiServer:
 
     async def _check_health(self) -> bool:
         """SERVING only while the database answers and no migration is pending."""
-        assert self.store is not None
+        assert self.chores is not None
         try:
-            async with self.store.pool.acquire() as conn:
+            async with self.chores.pool.acquire() as conn:
                 todo = await migrations.pending(conn)
             ok = not todo
             if todo:
@@ -286,14 +311,14 @@ class ApiServer:
     async def _maintenance_loop(self) -> None:
         """Vacuums the dispatch table, marks enforcements that ran out of attempts, forgets old
         idempotency keys."""
-        assert self.store is not None
+        assert self.chores is not None
         cfg = self.config
         next_purge = 0.0
         loop = asyncio.get_running_loop()
         while not self.shutdown.is_set():
             try:
-                await self.store.dispatch.vacuum()
-                exhausted = await self.store.dispatch.exhaust(cfg.max_attempts)
+                await self.chores.dispatch.vacuum()
+                exhausted = await self.chores.dispatch.exhaust(cfg.max_attempts)
                 if exhausted:
                     log.error(
                         "enforcements out of attempts (see GetDispatchState, RetryEnforcement): %s",
@@ -301,10 +326,10 @@ class ApiServer:
                         extra={"enforcement_ids": exhausted},
                     )
                 if loop.time() >= next_purge:
-                    purged = await self.store.dispatch.purge_requests(cfg.request_retention_h)
+                    purged = await self.chores.dispatch.purge_requests(cfg.request_retention_h)
                     if purged:
                         log.info("forgot %d idempotency keys older than %.0fh", purged, cfg.request_retention_h)
-                    orphans = await self.store.dispatch.purge_orphans()
+                    orphans = await self.chores.dispatch.purge_orphans()
                     if orphans:
                         log.warning(
                             "pending enforcements dropped by retention before resolution: %s",
@@ -324,12 +349,12 @@ class ApiServer:
 
     async def _metrics_loop(self, m: ApiMetrics) -> None:
         """The gauges that describe the database and this api's streams, every REFRESH_S."""
-        assert self.store is not None
+        assert self.store is not None and self.chores is not None
         while not self.shutdown.is_set():
             try:
                 m.pool_state(self.store.pool)
                 m.watch(*self.dispatcher.stream_credit())
-                state = await self.store.dispatch.state(0)
+                state = await self.chores.dispatch.state(0)
                 created = state.oldest_pending_created
                 oldest = (state.now - created).total_seconds() if created is not None else 0.0
                 m.dispatch_state(state.pending, oldest, sum(n for _, n in state.leases), state.exhausted_count)
@@ -355,8 +380,9 @@ class ApiServer:
             stop_metrics(self._metrics_http)
             if api_metrics.current is self.metrics:
                 api_metrics.disable()
-        if self.store is not None:
-            await self.store.close()
+        for store in (self.store, self.chores):
+            if store is not None:
+                await store.close()
         log.info("api stopped")
 
 
