@@ -483,3 +483,31 @@ async def test_event_creation_notifies_listeners(store: Store, conn: asyncpg.Con
 
     await eventually(got, what="event_created notification")
     assert f'"trigger_ref" : "{HOOK}"' in received[0]
+
+
+@pytest.mark.usefixtures("triggers")
+async def test_list_pages_read_back_what_get_reads(store: Store) -> None:
+    """List pages decode their JSON columns from text, a page at a time; reads by id go through
+    the connection's codec. Both must give the same rows, column for column."""
+    await make_rule(store, "demo.echo", conditions=[cond("n", "greaterthan", 0)], params={"n": "{{ event.payload.n }}"})
+    payloads: list[dict[str, Any]] = [
+        {"n": 1, "text": 'quote " backslash \\ newline \n tab \t', "unicode": "é 中文 🚀 \u2028"},
+        {"n": 2, "nested": {"list": [1, "two", None, True, 2.5, [], {}], "deep": {"a": {"b": [{"c": None}]}}}},
+        {"n": 3, "big": 2**53 + 1, "neg": -1.5e-7, "tiny": 5e-324, "empty": ""},
+        {},
+    ]
+    configs: list[dict[str, Any] | None] = [None, {"k": "v", "n": [1, 2]}, {}, None]
+    for payload, config in zip(payloads, configs, strict=True):
+        await one(store, NewEvent(HOOK, payload, config=config))
+
+    events = (await store.events.list(100, "")).items
+    assert len(events) == 4
+    assert events == [await store.events.get(e.id) for e in events]
+    assert [e.payload for e in reversed(events)] == payloads
+    assert [e.config for e in reversed(events)] == configs
+
+    enforcements = (await store.enforcements.list(100, "")).items
+    assert len(enforcements) == 3  # payload.n > 0
+    assert enforcements == [await store.enforcements.get(e.id) for e in enforcements]
+    assert all(e.conditions == [cond("n", "greaterthan", 0)] for e in enforcements)
+    assert [e.config for e in reversed(enforcements)] == [{"n": 1}, {"n": 2}, {"n": 3}]

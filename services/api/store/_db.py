@@ -55,6 +55,16 @@ def json_loads(text: str) -> Any:
     return value
 
 
+def json_loads_all(texts: list[str | None]) -> list[Any]:
+    """The JSON values of ``texts`` (None for SQL NULL), decoded in one pass of the C scanner.
+
+    A list page's JSON columns come as text (``columns(..., as_text=...)``) and are decoded
+    here together: the connection's codec calls a Python function for each value, which for a
+    page of enforcements (300 values) cost twice as much as the decoding itself.
+    """
+    return json.loads("[" + ",".join([t if t is not None else "null" for t in texts]) + "]") if texts else []
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json_loads, schema="pg_catalog")

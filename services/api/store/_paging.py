@@ -293,10 +293,13 @@ class Paged(Repo):
         size: int,
         row: Callable[..., T],
         time_column: str = "created",
+        run: tuple[str, Callable[[list[asyncpg.Record]], list[T]]] | None = None,
     ) -> Page[T]:
         """One page of ``select`` filtered by ``where``, below the cursor of ``token``.
 
-        ``time_column`` is also the attribute of ``row`` that holds it.
+        ``time_column`` is also the attribute of ``row`` that holds it. ``run``: the SELECT
+        actually run instead (the same rows, its JSON columns as text) and what builds the
+        rows from its records; tokens stay bound to ``select``, so they do not change with it.
         """
         # The signer first, even for a first page: a page must be able to mint the tokens of
         # Page.cut without I/O. After the first call of this api it is cached.
@@ -304,8 +307,9 @@ class Paged(Repo):
         # Taken before the cursor joins the filters: the filters are what the token is bound to.
         scope = Scope.of(select, where, time_column)
         cursor = signer.decode(scope, token) if token else None
-        sql, args = keyset_query(select, where, cursor, size, time_column)
-        rows = [row(*r) for r in await self._fetch(sql, *args)]
+        sql, args = keyset_query(run[0] if run else select, where, cursor, size, time_column)
+        records = await self._fetch(sql, *args)
+        rows = run[1](records) if run else [row(*r) for r in records]
 
         def token_after(item: T) -> str:
             return signer.encode(scope, (getattr(item, time_column), getattr(item, "id")))  # noqa: B009

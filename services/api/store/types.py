@@ -12,10 +12,11 @@ T = TypeVar("T")
 JSON = Any
 
 
-def columns(cls: type, prefix: str = "") -> str:
-    """The column list of a row type, for SELECTs built from constants."""
+def columns(cls: type, prefix: str = "", as_text: tuple[str, ...] = ()) -> str:
+    """The column list of a row type, for SELECTs built from constants; the columns named in
+    ``as_text`` (JSON ones) come as their text, under their own names."""
     names = getattr(cls, "_fields", None) or [f.name for f in fields(cls)]  # a named tuple's, or a dataclass's
-    return ", ".join(f"{prefix}{name}" for name in names)
+    return ", ".join(f"{prefix}{name}::text AS {name}" if name in as_text else f"{prefix}{name}" for name in names)
 
 
 @dataclass(frozen=True, slots=True)
