@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -31,15 +31,26 @@ log = logging.getLogger(__name__)
 
 # NOTIFY payloads must stay under 8000 bytes.
 _MAX_PAYLOAD = 7000
+# One encoder for every note: json.dumps with separators builds a new one per call, which for
+# the 3,000 notes of a 1,000-event batch was a third of their encoding.
+_NOTE_JSON = json.JSONEncoder(separators=(",", ":")).encode
 _ANNOUNCE = "SELECT pg_notify(u.channel, u.payload) FROM unnest($1::text[], $2::text[]) AS u(channel, payload)"
 
 
-def event_note(e: Event) -> dict[str, Any]:
-    """The payload the event_created trigger would send."""
-    return {"id": e.id, "trigger_ref": e.trigger_ref, "rule_ref": e.rule_ref, "created": e.created.isoformat()}
+def _iso(value: datetime, known: dict[datetime, str]) -> str:
+    """``value.isoformat()``, once per value: the rows of one batch share their ``created``."""
+    text = known.get(value)
+    if text is None:
+        text = known[value] = value.isoformat()
+    return text
 
 
-def enforcement_note(e: Enforcement) -> dict[str, Any]:
+def event_note(e: Event, known: dict[datetime, str]) -> dict[str, Any]:
+    """The payload the event_created trigger would send (``known``: see ``_iso``)."""
+    return {"id": e.id, "trigger_ref": e.trigger_ref, "rule_ref": e.rule_ref, "created": _iso(e.created, known)}
+
+
+def enforcement_note(e: Enforcement, known: dict[datetime, str]) -> dict[str, Any]:
     """The payload the enforcement_created / enforcement_resolved trigger would send."""
     return {
         "id": e.id,
@@ -47,25 +58,28 @@ def enforcement_note(e: Enforcement) -> dict[str, Any]:
         "trigger_ref": e.trigger_ref,
         "event": e.event,
         "status": e.status,
-        "created": e.created.isoformat(),
+        "created": _iso(e.created, known),
         "resolved_at": e.resolved_at.isoformat() if e.resolved_at else None,
     }
 
 
 def pack(notes: list[dict[str, Any]]) -> list[str]:
-    """JSON arrays of notes, each small enough for one NOTIFY payload."""
+    """JSON arrays of notes, each small enough for one NOTIFY payload (or one note alone).
+
+    Runs of notes are encoded with one call each (half the time per note of a call per note),
+    sized from the last run's bytes per note, and halved when one comes out too long. The
+    encoder escapes all but ASCII, so characters are bytes."""
     out: list[str] = []
-    batch: list[str] = []
-    size = 2
-    for note in notes:
-        text = json.dumps(note, separators=(",", ":"))
-        if batch and size + len(text) + 1 > _MAX_PAYLOAD:
-            out.append("[" + ",".join(batch) + "]")
-            batch, size = [], 2
-        batch.append(text)
-        size += len(text) + 1
-    if batch:
-        out.append("[" + ",".join(batch) + "]")
+    i, step = 0, 16
+    while i < len(notes):
+        run = notes[i : i + step]
+        text = _NOTE_JSON(run)
+        if len(text) > _MAX_PAYLOAD and len(run) > 1:
+            step = len(run) // 2
+            continue
+        out.append(text)
+        i += len(run)
+        step = max(1, _MAX_PAYLOAD * len(run) // (len(text) + len(run)) - 1)
     return out
 
 
@@ -256,14 +270,15 @@ class Dispatcher:
                 m.handed_off(len(created))
         if self._pool is None:
             return
-        created_notes = [enforcement_note(e) for e in created]
+        known: dict[datetime, str] = {}
+        created_notes = [enforcement_note(e, known) for e in created]
         if leased:
             for note in created_notes:
                 note["leased"] = True
         for channel, notes in (
-            ("event_created", [event_note(e) for e in events]),
+            ("event_created", [event_note(e, known) for e in events]),
             ("enforcement_created", created_notes),
-            ("enforcement_resolved", [enforcement_note(e) for e in resolved]),
+            ("enforcement_resolved", [enforcement_note(e, known) for e in resolved]),
         ):
             if notes:
                 self._notes.setdefault(channel, []).extend(notes)

@@ -75,3 +75,15 @@ def test_pack_splits_notes_under_the_notify_payload_limit() -> None:
     assert len(payloads) > 1
     assert all(len(p) < 8000 for p in payloads)
     assert [n["id"] for p in payloads for n in json.loads(p)] == list(range(500))
+
+
+def test_pack_keeps_every_note_in_order_when_their_sizes_vary() -> None:
+    # Runs are sized from the last one's bytes per note: a long note after short ones makes a
+    # run too long, which is halved until it fits; a note alone is sent even if long.
+    notes = [{"id": i, "rule_ref": "x" * (i * 37 % 700), "t": "é"} for i in range(3000)] + [
+        {"id": 3000, "x": "y" * 9000}
+    ]
+    payloads = pack(notes)
+    assert all(len(p.encode()) <= 7000 for p in payloads[:-1])
+    assert json.loads(payloads[-1]) == [notes[-1]]
+    assert [n for p in payloads for n in json.loads(p)] == notes

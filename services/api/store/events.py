@@ -67,6 +67,7 @@ def _list_rows(records: list[asyncpg.Record]) -> list[Event]:
     # Arguments are evaluated left to right: config, then payload.
     return [Event(r[0], r[1], r[2], json_value(), json_value(), r[5], r[6], r[7], r[8], r[9], r[10]) for r in records]
 
+
 _ENFORCEMENT = columns(Enforcement)
 
 _PREPARE = """
