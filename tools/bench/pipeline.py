@@ -200,6 +200,10 @@ def _judge(load: OpenResult[int], backlog: list[int], rate: float) -> tuple[bool
     return not why, "; ".join(why)
 
 
+ABORT_ERRORS = 20
+"""Failed CreateEvent calls that end a hold early (one already fails it: see ``_judge``)."""
+
+
 async def window(
     stub: event_pb2_grpc.EventServiceAsyncStub,
     conn: asyncpg.Connection,
@@ -212,12 +216,19 @@ async def window(
 ) -> Window:
     """Offers ``rate`` events/s for ``duration`` s, then waits for the backlog to drain.
 
-    With ``abort_backlog``, the window stops early once the backlog passes it: a hold that
-    has fallen that far behind has failed, and the time is better spent on a lower rate."""
+    With ``abort_backlog``, the window stops early once the backlog passes it, or once
+    ``ABORT_ERRORS`` calls failed: either has already failed the hold, and the time is better
+    spent on a lower rate."""
     request = event_pb2.CreateEventRequest(event=workload.new_event(TRIGGER))
+    failed = 0
 
     async def create(_i: int) -> int:
-        response = await stub.CreateEvent(request, timeout=30, metadata=metadata)
+        nonlocal failed
+        try:
+            response = await stub.CreateEvent(request, timeout=30, metadata=metadata)
+        except Exception:
+            failed += 1
+            raise
         return response.enforcements[0].id
 
     mark = len(sampler.backlog)
@@ -225,12 +236,17 @@ async def window(
     def fallen_behind() -> bool:
         return abort_backlog is not None and len(sampler.backlog) > mark and sampler.backlog[-1][1] > abort_backlog
 
-    load = await open_loop(create, rate, duration, should_stop=fallen_behind)
+    def refused() -> bool:
+        return abort_backlog is not None and failed >= ABORT_ERRORS
+
+    load = await open_loop(create, rate, duration, should_stop=lambda: fallen_behind() or refused())
     backlog = [n for _t, n in sampler.backlog[mark:]]
     ok, why = _judge(load, backlog, rate)
     if fallen_behind():
         ok = False
         why = "; ".join(filter(None, [why, f"stopped after {load.sent / rate:.0f}s: backlog over {abort_backlog:.0f}"]))
+    elif refused():
+        why = "; ".join(filter(None, [why, f"stopped after {load.sent / rate:.0f}s: {failed} calls failed"]))
     left = await _drain(conn, drain_s)
     returned = {enf: t for t, enf in load.results}
     rows = await conn.fetch(
