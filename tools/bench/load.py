@@ -86,11 +86,12 @@ async def open_loop(
     rate: float,
     duration: float,
     max_outstanding: int = 512,
-    should_stop: Callable[[], bool] | None = None,
+    should_stop: Callable[[OpenResult[T]], bool] | None = None,
 ) -> OpenResult[T]:
     """Starts call i at ``start + i / rate`` for ``duration`` seconds, never more than
     ``max_outstanding`` at once (beyond that the offered rate falls behind, which the caller
-    sees in ``offered_rate``), then waits for the calls in flight."""
+    sees in ``offered_rate``), then waits for the calls in flight. ``should_stop`` is asked,
+    with the result so far, before each send."""
     total = max(1, round(rate * duration))
     result: OpenResult[T] = OpenResult(rate, 0, 0.0)
     slots = asyncio.Semaphore(max_outstanding)
@@ -111,7 +112,7 @@ async def open_loop(
     start = time.perf_counter()
     i = 0
     while i < total:
-        if should_stop is not None and should_stop():
+        if should_stop is not None and should_stop(result):
             break
         now = time.perf_counter()
         due = min(total, int((now - start) * rate) + 1)

@@ -220,15 +220,9 @@ async def window(
     ``ABORT_ERRORS`` calls failed: either has already failed the hold, and the time is better
     spent on a lower rate."""
     request = event_pb2.CreateEventRequest(event=workload.new_event(TRIGGER))
-    failed = 0
 
     async def create(_i: int) -> int:
-        nonlocal failed
-        try:
-            response = await stub.CreateEvent(request, timeout=30, metadata=metadata)
-        except Exception:
-            failed += 1
-            raise
+        response = await stub.CreateEvent(request, timeout=30, metadata=metadata)
         return response.enforcements[0].id
 
     mark = len(sampler.backlog)
@@ -236,17 +230,17 @@ async def window(
     def fallen_behind() -> bool:
         return abort_backlog is not None and len(sampler.backlog) > mark and sampler.backlog[-1][1] > abort_backlog
 
-    def refused() -> bool:
-        return abort_backlog is not None and failed >= ABORT_ERRORS
+    def refused(so_far: OpenResult[int]) -> bool:
+        return abort_backlog is not None and len(so_far.errors) >= ABORT_ERRORS
 
-    load = await open_loop(create, rate, duration, should_stop=lambda: fallen_behind() or refused())
+    load = await open_loop(create, rate, duration, should_stop=lambda so_far: fallen_behind() or refused(so_far))
     backlog = [n for _t, n in sampler.backlog[mark:]]
     ok, why = _judge(load, backlog, rate)
     if fallen_behind():
         ok = False
         why = "; ".join(filter(None, [why, f"stopped after {load.sent / rate:.0f}s: backlog over {abort_backlog:.0f}"]))
-    elif refused():
-        why = "; ".join(filter(None, [why, f"stopped after {load.sent / rate:.0f}s: {failed} calls failed"]))
+    elif refused(load):
+        why = "; ".join(filter(None, [why, f"stopped after {load.sent / rate:.0f}s: {len(load.errors)} calls failed"]))
     left = await _drain(conn, drain_s)
     returned = {enf: t for t, enf in load.results}
     rows = await conn.fetch(
