@@ -56,12 +56,8 @@ def json_loads(text: str) -> Any:
 
 
 def json_loads_all(texts: list[str | None]) -> list[Any]:
-    """The JSON values of ``texts`` (None for SQL NULL), decoded in one pass of the C scanner.
-
-    A list page's JSON columns come as text (``columns(..., as_text=...)``) and are decoded
-    here together: the connection's codec calls a Python function for each value, which for a
-    page of enforcements (300 values) cost twice as much as the decoding itself.
-    """
+    """The JSON values of ``texts`` (None for SQL NULL), decoded in one pass of the C scanner
+    (a list page's JSON columns: see ``_paging.json_as_text``)."""
     return json.loads("[" + ",".join([t if t is not None else "null" for t in texts]) + "]") if texts else []
 
 

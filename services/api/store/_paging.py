@@ -39,8 +39,8 @@ from shared import limits
 from shared.errors import InvalidArgument
 from shared.limits import MAX_PAGE_TOKEN
 
-from ._db import Repo
-from .types import Page
+from ._db import Repo, json_loads_all
+from .types import Page, columns
 
 T = TypeVar("T")
 
@@ -267,6 +267,29 @@ def page_of(items: list[T], size: int, token_after: Callable[[T], str]) -> Page[
     return Page(items, token_after(items[-1]), token_after)
 
 
+def json_as_text(
+    row: type[T], table: str, json_columns: tuple[str, ...]
+) -> tuple[str, Callable[[list[asyncpg.Record]], list[T]]]:
+    """What ``Paged._page`` runs for a list of ``row`` (a named tuple) from ``table``: the
+    SELECT with ``json_columns`` as text, and what builds the rows from its records, decoding
+    the whole page's JSON in one pass (the connection's codec calls Python once per value,
+    which for a page of 100 enforcements cost more than the decoding itself)."""
+    names: tuple[str, ...] = getattr(row, "_fields")  # noqa: B009
+    at = [names.index(name) for name in json_columns]
+
+    def rows(records: list[asyncpg.Record]) -> list[T]:
+        values = iter(json_loads_all([r[i] for r in records for i in at]))
+        out = []
+        for r in records:
+            fields = list(r.values())
+            for i in at:
+                fields[i] = next(values)
+            out.append(row(*fields))
+        return out
+
+    return f"SELECT {columns(row, as_text=json_columns)} FROM {table}", rows
+
+
 class Paged(Repo):
     """A repository with list methods.
 
@@ -298,8 +321,8 @@ class Paged(Repo):
         """One page of ``select`` filtered by ``where``, below the cursor of ``token``.
 
         ``time_column`` is also the attribute of ``row`` that holds it. ``run``: the SELECT
-        actually run instead (the same rows, its JSON columns as text) and what builds the
-        rows from its records; tokens stay bound to ``select``, so they do not change with it.
+        actually run instead and what builds the rows from its records (``json_as_text``);
+        tokens stay bound to ``select``, so they do not change with it.
         """
         # The signer first, even for a first page: a page must be able to mint the tokens of
         # Page.cut without I/O. After the first call of this api it is cached.

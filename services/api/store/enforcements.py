@@ -30,9 +30,9 @@ from shared.limits import MAX_CREATE_RESPONSE_BYTES
 
 from . import audit
 from ._chunks import ById
-from ._db import guarded, json_loads_all
+from ._db import guarded
 from ._derive import derive
-from ._paging import Keys, Paged, Where
+from ._paging import Keys, Paged, Where, json_as_text
 from .types import JSON, Actor, Enforcement, Event, Execution, Page, Resolution, columns
 
 _ENFORCEMENT = columns(Enforcement)
@@ -40,7 +40,7 @@ _ENFORCEMENT_E = columns(Enforcement, "e.")
 _EXECUTION = columns(Execution)
 _EXECUTION_X = columns(Execution, "x.")
 _N_ENF = len(_ENFORCEMENT.split(", "))
-_LIST_SELECT = f"SELECT {columns(Enforcement, as_text=('config', 'payload', 'conditions'))} FROM enforcement"
+_LIST = json_as_text(Enforcement, "enforcement", ("config", "payload", "conditions"))
 
 _log = logging.getLogger(__name__)
 _DEADLOCK_RETRIES = 4
@@ -177,19 +177,6 @@ INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, payload, co
 SELECT $1, $2, $3, u.c::jsonb, u.e, u.p::jsonb, $4::enforcement_condition, $5::jsonb
   FROM unnest($6::text[], $7::bigint[], $8::text[]) AS u(c, e, p)
 RETURNING {_ENFORCEMENT}"""
-
-
-def _list_rows(records: builtins.list[asyncpg.Record]) -> builtins.list[Enforcement]:
-    """Enforcements from records of ``_LIST_SELECT``: their JSON decoded in one pass."""
-    texts: builtins.list[str | None] = []
-    for r in records:
-        texts += (r[4], r[7], r[9])
-    json_value = iter(json_loads_all(texts)).__next__
-    # Arguments are evaluated left to right: config, payload, conditions.
-    return [
-        Enforcement(r[0], r[1], r[2], r[3], json_value(), r[5], r[6], json_value(), r[8], json_value(), r[10], r[11])
-        for r in records
-    ]
 
 
 def _execution(row: asyncpg.Record) -> Execution | None:
@@ -390,7 +377,7 @@ class Enforcements(Paged):
             created_from=created_from,
             created_to=created_to,
         )
-        return await self._page(select, where, token, size, Enforcement, run=(_LIST_SELECT, _list_rows))
+        return await self._page(select, where, token, size, Enforcement, run=_LIST)
 
     async def resolve(self, id_: int, status: str, holder: str | None = None) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""

@@ -34,9 +34,9 @@ from shared import limits
 from shared.errors import InvalidArgument, NotFound
 
 from ._chunks import ById
-from ._db import Connection, guarded, json_loads_all
+from ._db import Connection, guarded
 from ._derive import derive
-from ._paging import Keys, Paged, Where
+from ._paging import Keys, Paged, Where, json_as_text
 from ._rulesets import EMPTY, RuleSets
 from .types import CreatedEvent, Enforcement, Event, Lease, NewEvent, Page, columns
 
@@ -55,18 +55,7 @@ LeaseFor = Callable[[int], Lease | None]
 """Asked with the number of enforcements about to be inserted: the stream to hand them to."""
 
 _EVENT = columns(Event)
-_LIST_SELECT = f"SELECT {columns(Event, as_text=('config', 'payload'))} FROM event"
-
-
-def _list_rows(records: list[asyncpg.Record]) -> list[Event]:
-    """Events from records of ``_LIST_SELECT``: their JSON decoded in one pass."""
-    texts: list[str | None] = []
-    for r in records:
-        texts += (r[3], r[4])
-    json_value = iter(json_loads_all(texts)).__next__
-    # Arguments are evaluated left to right: config, then payload.
-    return [Event(r[0], r[1], r[2], json_value(), json_value(), r[5], r[6], r[7], r[8], r[9], r[10]) for r in records]
-
+_LIST = json_as_text(Event, "event", ("config", "payload"))
 
 _ENFORCEMENT = columns(Enforcement)
 
@@ -508,4 +497,4 @@ class Events(Paged):
             created_to=created_to,
             reemit_of=reemit_of,
         )
-        return await self._page(select, where, token, size, Event, run=(_LIST_SELECT, _list_rows))
+        return await self._page(select, where, token, size, Event, run=_LIST)
