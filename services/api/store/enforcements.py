@@ -390,17 +390,20 @@ class Enforcements(Paged):
         """The per-row path: finds the pending row through its dispatch row, then updates it
         by (id, created, rule_ref) under custom plans (see ``_TARGET_DISPATCH``).
 
-        An UPDATE can find nothing although the row is pending: TimescaleDB moves a compressed
-        batch's rows out when it decompresses it, and when another transaction did so for the
-        same batch after this statement's snapshot was taken, the moved rows are not in it. A
-        next statement has a new snapshot, so the lookup and the UPDATE are tried again."""
+        The lookup or the UPDATE can find nothing although the row is pending (its dispatch row
+        says so): TimescaleDB moves a compressed batch's rows out when it decompresses it, and
+        when another transaction did so for the same batch while this statement ran, the moved
+        rows are not in its snapshot. A next statement has a new snapshot, so the lookup and the
+        UPDATE are tried again."""
         async with guarded(), self._pool.acquire() as conn, conn.transaction():
             await conn.execute(_CUSTOM_PLANS)
             target = await conn.fetchrow(_TARGET_DISPATCH, id_, holder)
             created, rule_ref = target.values() if target is not None else (None, None)
             for _ in range(_PER_ROW_TRIES if target is not None else 0):
                 rule = await conn.fetchrow(_TARGET_RULE, id_, created, rule_ref)
-                if rule is None or (status == "processed" and rule["rule"] is None):
+                if rule is None:
+                    continue  # not in this statement's snapshot either (see above)
+                if status == "processed" and rule["rule"] is None:
                     break
                 if status == "processed":
                     row = await conn.fetchrow(_RESOLVE_PROCESSED, id_, created, rule["rule"], rule_ref)
