@@ -117,7 +117,7 @@ CHORES_APPLICATION = "automation-api-chores"
 
 
 class _Deferred:
-    """The store's tokens, once the server has a store (read on the housekeeping connection)."""
+    """The store's tokens, once the server has a store (read on the chores connection)."""
 
     def __init__(self, server: ApiServer) -> None:
         self._server = server

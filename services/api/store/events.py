@@ -148,6 +148,9 @@ def _field(index: int, many: bool, name: str) -> str:
     return f"events[{index}].{name}" if many else f"event.{name}"
 
 
+_PREPARE_TRIES = 3
+
+
 async def _prepare(conn: Connection, *args: Any) -> asyncpg.Record | None:
     """Runs ``_PREPARE``, again when PostgreSQL chose it as a deadlock's victim.
 
@@ -163,9 +166,6 @@ async def _prepare(conn: Connection, *args: Any) -> asyncpg.Record | None:
             if attempt == _PREPARE_TRIES - 1:
                 raise
     raise AssertionError("unreachable")
-
-
-_PREPARE_TRIES = 3
 
 
 class Events(Paged):
