@@ -24,17 +24,15 @@ from services.api._guard import DecodeGuard
 from services.api.auth import Authenticator, AuthInterceptor, Principal
 from services.api.dispatcher import Dispatcher
 from services.api.metrics import ApiMetrics
-from services.api.servicers import (
-    AnalyticsService,
-    EnforcementService,
-    EventService,
-    ExecutionService,
-    HistoryService,
-)
-from services.api.servicers_audit import AuditService
-from services.api.servicers_auth import AuthService
-from services.api.servicers_rules import RuleService
-from services.api.servicers_webhooks import WebhookService
+from services.api.servicers.analytics import AnalyticsService
+from services.api.servicers.audit import AuditService
+from services.api.servicers.auth import AuthService
+from services.api.servicers.enforcements import EnforcementService
+from services.api.servicers.events import EventService
+from services.api.servicers.executions import ExecutionService
+from services.api.servicers.history import HistoryService
+from services.api.servicers.rules import RuleService
+from services.api.servicers.webhooks import WebhookService
 from services.api.store import Store, TokenRow, create_pool
 from shared import limits, tracing
 from shared.config import ApiConfig, parse_principals

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from services.api.dispatcher import Dispatcher
-from services.api.servicers import EventService
+from services.api.servicers.events import EventService
 from services.api.store import NewEvent, Store
 from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from services.api.server import ApiServer
-from services.api.servicers_tails import PAGE
+from services.api.servicers.tails import PAGE
 from shared.config import ApiConfig
 from shared.errors import error_reason
 from shared.gen.automation.v1 import (
@@ -391,11 +391,11 @@ async def test_bad_cursor_is_invalid_argument(api: ApiServer, stubs: Stubs) -> N
 
 
 async def test_expired_cursor_is_failed_precondition(api: ApiServer, stubs: Stubs) -> None:
-    from services.api.servicers_tails import MAX_CURSOR_AGE, Cursors, Track, _us
+    from services.api.servicers.tails import MAX_CURSOR_AGE, Cursors, Track, micros
 
     assert api.store is not None
     now = await api.store.tails.now()
-    old = Track(_us(now - MAX_CURSOR_AGE) - 1_000_000, 0)
+    old = Track(micros(now - MAX_CURSOR_AGE) - 1_000_000, 0)
     filters = sorted({"trigger_ref": "", "source_ref": "", "rule_ref": ""}.items())
     cursor = Cursors(await api.store.tails.signer(), 1, 1, filters).encode([old])
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -427,25 +427,25 @@ async def test_viewer_may_tail(api: ApiServer, stubs: Stubs) -> None:
 
 def test_a_full_track_waits_for_the_window_and_then_delivers_each_row_once() -> None:
     """The throttle of a fast stream, without waiting WINDOW: rows are (key us, id)."""
-    from services.api.servicers_tails import _WINDOW_US, MAX_SEEN, Track
+    from services.api.servicers.tails import MAX_SEEN, WINDOW_US, Track
 
     track = Track(0, 0)
-    now = 10 * _WINDOW_US
+    now = 10 * WINDOW_US
     rows = [(now - 100 + i, i + 1) for i in range(MAX_SEEN + 10)]  # all unstable at `now`
     delivered: list[tuple[int, int]] = []
     for key, id_ in rows:
-        if not track.admit(key, id_, now - _WINDOW_US):
+        if not track.admit(key, id_, now - WINDOW_US):
             break
         delivered.append((key, id_))
     assert len(delivered) == MAX_SEEN and len(track.seen) == MAX_SEEN
     # Later, everything is stable: the rest come in order, the delivered ones are skipped by
     # id in the read (track.skip()) and fall under the position as it passes them.
-    later = now + 2 * _WINDOW_US
+    later = now + 2 * WINDOW_US
     skip = set(track.skip())
     for key, id_ in rows:
         if id_ in skip:
             continue
-        assert track.admit(key, id_, later - _WINDOW_US)
+        assert track.admit(key, id_, later - WINDOW_US)
         delivered.append((key, id_))
-    track.settle(later - _WINDOW_US)
+    track.settle(later - WINDOW_US)
     assert sorted(delivered) == rows and track.seen == []

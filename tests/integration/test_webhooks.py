@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from services.api.server import ApiServer
-from services.api.servicers_webhooks import signature_of
+from services.api.servicers.webhooks import signature_of
 from shared import limits
 from shared.gen.automation.v1 import condition_pb2, rule_pb2
 from tests.conftest import Stubs

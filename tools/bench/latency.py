@@ -21,14 +21,14 @@ from shared.gen.automation.v1 import event_pb2_grpc
 from . import workload
 from .fixture import Cluster, channel, services
 from .load import open_loop
-from .pipeline import RAW_RULE, RAW_TRIGGER, RULE, TRIGGER, Sampler, _raw_define, window
+from .pipeline import RAW_RULE, RAW_TRIGGER, RULE, TRIGGER, Sampler, raw_define, window
 from .report import Row, percentile, progress
 from .settings import Settings
 
 
 async def _raw(url: str, s: Settings) -> list[float]:
     """Insert, then resolve in a second statement once the insert returned, at the same rate."""
-    trigger_id, rule_id = await _raw_define(url)
+    trigger_id, rule_id = await raw_define(url)
     pool = await workload.raw_pool(url, 8)
     latencies: list[float] = []
     try:

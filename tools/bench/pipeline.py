@@ -48,7 +48,7 @@ RAW_CONSUMERS = 8
 # ---- raw baseline ------------------------------------------------------------------------------
 
 
-async def _raw_define(url: str) -> tuple[int, int]:
+async def raw_define(url: str) -> tuple[int, int]:
     conn = await asyncpg.connect(url)
     try:
         trigger_id = await conn.fetchval("INSERT INTO trigger (ref) VALUES ($1) RETURNING id", RAW_TRIGGER)
@@ -104,7 +104,7 @@ async def _raw_rep(pool: asyncpg.Pool, trigger_id: int, rule_id: int, duration: 
 
 async def raw_pipeline(url: str, s: Settings) -> list[float]:
     """Resolutions per second of the SQL-only pipeline, one value per repetition."""
-    trigger_id, rule_id = await _raw_define(url)
+    trigger_id, rule_id = await raw_define(url)
     pool = await workload.raw_pool(url, RAW_PRODUCERS + RAW_CONSUMERS)
     rates: list[float] = []
     try:

@@ -14,7 +14,7 @@ import json
 
 from google.protobuf import field_mask_pb2
 
-from services.api.servicers_webhooks import signature_of
+from services.api.servicers.webhooks import signature_of
 from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
 from tools.healthcheck import wait_http
 from tools.postgres import free_port

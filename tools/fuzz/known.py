@@ -30,7 +30,7 @@ from shared.gen.automation.v1 import (
 )
 from tools.fuzz import catalog
 from tools.fuzz.runner import Engine, typed
-from tools.fuzz.strategies import Call, _nest
+from tools.fuzz.strategies import Call, nest
 
 TRIGGER = "fzk.deep"
 RULE = "fzk.deep_rule"
@@ -58,9 +58,9 @@ async def deep_payload_matching_a_rule(engine: Engine) -> None:
     # 32 JSON levels: about 96 protobuf levels in the request, which still decodes; the
     # enforcement carrying it on the watch stream would not.
     await _setup(engine)
-    await typed(engine, "CreateEvent", _event({"a": _nest(31, "leaf", 0, "a")}))
-    await typed(engine, "CreateEvent", _event({"a": _nest(31, 1, 2**48 - 1, "a")}))
-    await typed(engine, "CreateEvent", _event({"a": _nest(limits.MAX_JSON_DEPTH, "leaf", 0, "a")}))
+    await typed(engine, "CreateEvent", _event({"a": nest(31, "leaf", 0, "a")}))
+    await typed(engine, "CreateEvent", _event({"a": nest(31, 1, 2**48 - 1, "a")}))
+    await typed(engine, "CreateEvent", _event({"a": nest(limits.MAX_JSON_DEPTH, "leaf", 0, "a")}))
 
 
 async def long_source_ref(engine: Engine) -> None:

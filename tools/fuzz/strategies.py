@@ -444,7 +444,7 @@ def _weighted(*options: tuple[int, SearchStrategy[T]]) -> SearchStrategy[T]:
     return st.integers(0, len(table) - 1).flatmap(lambda i: table[i])
 
 
-def _nest(depth: int, leaf: Json, bits: int, key: str) -> Json:
+def nest(depth: int, leaf: Json, bits: int, key: str) -> Json:
     """A JSON value ``depth`` containers deep: objects and lists as the bits of ``bits`` say."""
     value = leaf
     for level in range(depth):
@@ -592,7 +592,7 @@ class JsonValues:
 
     def deep(self) -> SearchStrategy[Json]:
         return st.builds(
-            _nest,
+            nest,
             st.sampled_from(DEPTHS) | st.integers(1, 40),
             json_scalars(),
             st.integers(0, 2**48),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncpg
 
 from ._db import create_pool, translate
+from ._derive import derive
+from ._paging import Scope, Signer, page_size
 from ._secret import SharedKey
 from .analytics import Analytics
 from .audit import Audit
@@ -58,11 +60,15 @@ __all__ = [
     "Page",
     "Resolution",
     "Rule",
+    "Scope",
+    "Signer",
     "Store",
     "TokenRow",
     "Trigger",
     "Webhook",
     "create_pool",
+    "derive",
+    "page_size",
     "translate",
 ]
 

@@ -1,7 +1,7 @@
 """Reads of the live tails (TailEvents, TailEnforcements) and their wake-ups.
 
 A tail reads one bounded page at a time, ascending, strictly after a position and without
-the ids it already delivered in its trailing window (``servicers_tails`` explains the
+the ids it already delivered in its trailing window (``servicers.tails`` explains the
 scheme). Each read first takes the database's ``now()`` and then the rows, on one connection:
 the rows' snapshot is taken after that time, so every row committed before it is visible.
 

@@ -20,10 +20,8 @@ from services.api._rpc import rpc
 from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher
 from services.api.encoded import Measure
-from services.api.servicers import Context, _actor, _filters, _key, _page, _volume_range
-from services.api.store import Event, Store
-from services.api.store._derive import derive
-from services.api.store._paging import page_size
+from services.api.servicers.requests import Context, actor_of_call, check_filters, key_of, page_of, volume_range
+from services.api.store import Event, Store, derive, page_size
 from services.api.store.rules import TRIGGER_UPDATABLE, UPDATABLE
 from shared import limits
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Violations
@@ -208,7 +206,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         ]
         _webhook_secret(v, t.webhook_secret)
         v.raise_if_any()
-        actor = _actor()
+        actor = actor_of_call()
         created = await self._store.rules.create_trigger(
             t.ref,
             t.label,
@@ -244,30 +242,30 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                 )
                 changes[path] = value
         v.raise_if_any()
-        return convert.trigger(await self._store.rules.update_trigger(key, changes, _actor()))
+        return convert.trigger(await self._store.rules.update_trigger(key, changes, actor_of_call()))
 
     @rpc
     async def RotateWebhookKey(self, request: rule_pb2.RotateWebhookKeyRequest, context: Context) -> rule_pb2.Trigger:
-        key = _key(request, "trigger")
-        return convert.trigger(await self._store.rules.rotate_webhook_key(key, _actor()))
+        key = key_of(request, "trigger")
+        return convert.trigger(await self._store.rules.rotate_webhook_key(key, actor_of_call()))
 
     @rpc
     async def GetTrigger(self, request: rule_pb2.GetTriggerRequest, context: Context) -> rule_pb2.Trigger:
-        return convert.trigger(await self._store.rules.get_trigger(_key(request, "trigger")))
+        return convert.trigger(await self._store.rules.get_trigger(key_of(request, "trigger")))
 
     @rpc
     async def ListTriggers(
         self, request: rule_pb2.ListTriggersRequest, context: Context
     ) -> rule_pb2.ListTriggersResponse:
-        _filters(request, texts=("pack_ref",))
+        check_filters(request, texts=("pack_ref",))
         page = await self._store.rules.list_triggers(page_size(request.page_size), request.page_token, request.pack_ref)
-        triggers, token = _page(page, convert.trigger)
+        triggers, token = page_of(page, convert.trigger)
         return rule_pb2.ListTriggersResponse(triggers=triggers, next_page_token=token)
 
     @rpc
     async def DeleteTrigger(self, request: rule_pb2.DeleteTriggerRequest, context: Context) -> empty_pb2.Empty:
-        actor = _actor()
-        await self._store.rules.delete_trigger(_key(request, "trigger"), actor)
+        actor = actor_of_call()
+        await self._store.rules.delete_trigger(key_of(request, "trigger"), actor)
         return empty_pb2.Empty()
 
     @staticmethod
@@ -296,16 +294,16 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         v = Violations()
         fields = self._new_rule(v, request.rule, "rule")
         v.raise_if_any()
-        created = await self._store.rules.create_rule(**fields, actor=_actor())
+        created = await self._store.rules.create_rule(**fields, actor=actor_of_call())
         return convert.rule(created)
 
     @rpc
     async def GetRule(self, request: rule_pb2.GetRuleRequest, context: Context) -> rule_pb2.Rule:
-        return convert.rule(await self._store.rules.get_rule(_key(request, "rule")))
+        return convert.rule(await self._store.rules.get_rule(key_of(request, "rule")))
 
     @rpc
     async def ListRules(self, request: rule_pb2.ListRulesRequest, context: Context) -> rule_pb2.ListRulesResponse:
-        _filters(request, refs=("trigger_ref", "action_ref"), texts=("pack_ref",))
+        check_filters(request, refs=("trigger_ref", "action_ref"), texts=("pack_ref",))
         page = await self._store.rules.list_rules(
             page_size(request.page_size),
             request.page_token,
@@ -314,7 +312,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             action_ref=request.action_ref,
             enabled=request.enabled if request.HasField("enabled") else None,
         )
-        rules, token = _page(page, convert.rule)
+        rules, token = page_of(page, convert.rule)
         return rule_pb2.ListRulesResponse(rules=rules, next_page_token=token)
 
     @rpc
@@ -351,13 +349,13 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                 )
                 changes[path] = value
         v.raise_if_any()
-        actor = _actor()
+        actor = actor_of_call()
         return convert.rule(await self._store.rules.update_rule(key, changes, actor))
 
     @rpc
     async def DeleteRule(self, request: rule_pb2.DeleteRuleRequest, context: Context) -> empty_pb2.Empty:
-        actor = _actor()
-        await self._store.rules.delete_rule(_key(request, "rule"), actor)
+        actor = actor_of_call()
+        await self._store.rules.delete_rule(key_of(request, "rule"), actor)
         return empty_pb2.Empty()
 
     async def _rule_under_test(self, source: rule_pb2.RuleSource) -> _RuleUnderTest:
@@ -436,7 +434,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         if not 0 <= request.limit <= limits.MAX_REPLAY_MATCHES:
             v.add("limit", f"must be 0 (default {limits.DEFAULT_REPLAY_MATCHES}) to {limits.MAX_REPLAY_MATCHES:,}")
         v.raise_if_any()
-        start, end = _volume_range(request.created, "created")
+        start, end = volume_range(request.created, "created")
         cap = request.limit or limits.DEFAULT_REPLAY_MATCHES
         if request.fire:
             if rule.id is None:
@@ -445,7 +443,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                 raise PermissionDenied("fire creates enforcements: it needs the operator role")
             if not rule.enabled:
                 raise FailedPrecondition(f"rule {rule.ref} is disabled: enable it before firing a replay")
-        actor = _actor() if request.fire else None
+        actor = actor_of_call() if request.fire else None
         rule_set = await self._store.events.rule_set(rule.trigger_ref) if rule.backstop else None
         pred = conditions.compile_rule(rule.conditions, rule.condition)
 

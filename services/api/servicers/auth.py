@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from services.api._rpc import rpc
 from services.api.auth import DEVELOPMENT, current_principal
-from services.api.servicers import Context
+from services.api.servicers.requests import Context
 from shared.gen.automation.v1 import auth_pb2, auth_pb2_grpc
 
 

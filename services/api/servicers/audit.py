@@ -1,16 +1,15 @@
 """The audit trail's servicer: ListAuditRecords, validated and paged as every other list is.
 
 The records themselves are written by the store, in the transaction of each audited change,
-with the ``Actor`` the servicers of those changes pass (``servicers.py``).
+with the ``Actor`` the servicers of those changes pass (``servicers.requests.actor_of_call``).
 """
 
 from __future__ import annotations
 
 from services.api import convert
 from services.api._rpc import rpc
-from services.api.servicers import Context, _filters, _page, _time_range
-from services.api.store import Store
-from services.api.store._paging import page_size
+from services.api.servicers.requests import Context, check_filters, page_of, time_range_of
+from services.api.store import Store, page_size
 from services.api.store.audit import ENTITY_TYPES
 from shared.errors import InvalidArgument, brief
 from shared.gen.automation.v1 import audit_pb2, audit_pb2_grpc
@@ -28,9 +27,9 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument.one(
                 "entity_type", f"must be empty or one of {', '.join(ENTITY_TYPES)} (got {brief(request.entity_type)})"
             )
-        _filters(request, texts=("entity_ref", "principal", "rpc"), ids=("entity_id",))
+        check_filters(request, texts=("entity_ref", "principal", "rpc"), ids=("entity_id",))
         size = page_size(request.page_size)
-        start, end = _time_range("time", request.time)
+        start, end = time_range_of("time", request.time)
         page = await self._store.audit.list(
             size,
             request.page_token,
@@ -42,5 +41,5 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             time_from=start,
             time_to=end,
         )
-        records, token = _page(page, convert.audit_record)
+        records, token = page_of(page, convert.audit_record)
         return audit_pb2.ListAuditRecordsResponse(records=records, next_page_token=token)

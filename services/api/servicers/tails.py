@@ -78,8 +78,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.api import convert, validate
-from services.api.store import Enforcement, Event, Store
-from services.api.store._paging import Scope, Signer
+from services.api.store import Enforcement, Event, Scope, Signer, Store
 from services.api.store.tails import Read
 from shared import limits
 from shared.errors import FailedPrecondition, InvalidArgument, Violations
@@ -99,7 +98,7 @@ MAX_CURSOR = 16 * 1024
 """Characters of the longest cursor this api issues."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_WINDOW_US = WINDOW // timedelta(microseconds=1)
+WINDOW_US = WINDOW // timedelta(microseconds=1)
 _MAX_ID = 2**63 - 1
 _MIN_US = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
 _MAX_US = (datetime(9999, 12, 30, tzinfo=UTC) - _EPOCH) // timedelta(microseconds=1)
@@ -112,7 +111,7 @@ _BAD = f"is not a cursor issued by this api (it is malformed or was altered); {_
 _FOREIGN = f"was issued for other filters; send the filters it was issued with, or {_RESTART}"
 
 
-def _us(t: datetime) -> int:
+def micros(t: datetime) -> int:
     return (t - _EPOCH) // timedelta(microseconds=1)
 
 
@@ -344,13 +343,13 @@ async def follow(
             track = source.track
             read = await source.read(track.after(), track.skip(), PAGE)
             _expired(track, read.now)
-            stable_before = _us(read.now) - _WINDOW_US
+            stable_before = micros(read.now) - WINDOW_US
             stopped = False
             for row in read.rows:
                 if not source.ready(row):
                     stopped = True
                     break
-                if not track.admit(_us(source.key(row)), row.id, stable_before):
+                if not track.admit(micros(source.key(row)), row.id, stable_before):
                     stopped = True
                     not_before[index] = loop.time() + (track.seen[0][0] - stable_before) / 1e6
                     break
@@ -377,7 +376,7 @@ async def _start(store: Store, cursors: Cursors, cursor: str, n: int) -> list[Tr
     if cursor:
         # An expired one is refused by the first read of each track the tail follows.
         return cursors.decode(cursor)
-    start = _us(await store.tails.now())
+    start = micros(await store.tails.now())
     return [Track(start, 0) for _ in range(n)]
 
 
@@ -443,7 +442,7 @@ async def tail_enforcements(
         )
 
     def creation_delivered(e: Enforcement) -> bool:
-        return not follow_created or creations.delivered(_us(e.created), e.id)
+        return not follow_created or creations.delivered(micros(e.created), e.id)
 
     sources: list[Source] = []
     changes: list[int] = []

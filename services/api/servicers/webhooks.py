@@ -18,7 +18,8 @@ from typing import Any
 from services.api import validate
 from services.api._rpc import rpc
 from services.api.auth import Unauthenticated
-from services.api.servicers import Context, EventService
+from services.api.servicers.events import EventService
+from services.api.servicers.requests import Context
 from services.api.store import NewEvent, Store
 from shared import limits
 from shared.errors import NotFound, Violations

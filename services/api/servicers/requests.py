@@ -1,0 +1,146 @@
+"""What every servicer does with a request: the call's context type, checked filters, time
+ranges, keys, the acting principal, and list pages cut to their byte budget.
+
+Public on purpose: each service module imports these, and none imports another's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
+
+from services.api import convert, validate
+from services.api._rpc import current_rpc
+from services.api.auth import current_principal
+from services.api.store import Actor, Page
+from shared import limits
+from shared.errors import (
+    InvalidArgument,
+    Violations,
+)
+from shared.gen.automation.v1 import (
+    common_pb2,
+)
+
+log = logging.getLogger(__name__)
+Context = grpc.aio.ServicerContext[Any, Any]
+MAX_VOLUME_RANGE = timedelta(days=90)
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+def to_datetime(field: str, t: timestamp_pb2.Timestamp) -> datetime:
+    try:
+        return convert.from_ts(t)
+    except ValueError as exc:  # seconds outside years 1..9999, or nanos outside [0, 1e9)
+        raise InvalidArgument.one(field, str(exc)) from None
+
+
+def time_range_of(field: str, r: common_pb2.TimeRange) -> tuple[datetime | None, datetime | None]:
+    start = to_datetime(f"{field}.start", r.start) if r.HasField("start") else None
+    end = to_datetime(f"{field}.end", r.end) if r.HasField("end") else None
+    if start and end and start >= end:
+        raise InvalidArgument.one(field, "start must be before end")
+    return start, end
+
+
+def status_filter(value: int, names: Mapping[Any, str]) -> str:
+    """A status filter's stored name; '' for UNSPECIFIED (0, any status)."""
+    if value == 0:
+        return ""
+    if value not in names:
+        raise InvalidArgument.one("status", f"unknown status {value}")
+    return names[value]
+
+
+def key_of(request: Any, what: str) -> int | str:
+    which = request.WhichOneof("key")
+    if which == "id":
+        return validate.id_or_raise("id", request.id)
+    if which == "ref":
+        return validate.ref_or_raise("ref", request.ref)
+    raise InvalidArgument.one("key", f"give the {what}'s id or ref")
+
+
+def actor_of_call() -> Actor:
+    """Who makes a change, by which RPC: what its audit record names."""
+    return Actor(current_principal().name, current_rpc())
+
+
+def lease_holder() -> str | None:
+    """Whose leases the caller may resolve: its own (and unleased work); an operator's, any."""
+    principal = current_principal()
+    return None if principal.is_operator else principal.name
+
+
+def check_filters(
+    request: Any, refs: tuple[str, ...] = (), texts: tuple[str, ...] = (), ids: tuple[str, ...] = ()
+) -> None:
+    """Checks a list request's filters: refs must be possible refs, text is bounded and has no
+    NUL, optional ids are positive."""
+    v = Violations()
+    for name in refs:
+        validate.filter_ref(v, name, getattr(request, name))
+    for name in texts:
+        validate.text(v, name, getattr(request, name), limits.MAX_FILTER_TEXT)
+    for name in ids:
+        if request.HasField(name):
+            validate.positive_id(v, name, getattr(request, name))
+    v.raise_if_any()
+
+
+def page_of(page: Page[T], to_message: Callable[[T], M]) -> tuple[list[M], str]:
+    """A page's messages, cut short (with a token to go on from there) before their encoded
+    size would pass MAX_PAGE_BYTES, so that every default-configured client can receive it."""
+    out: list[M] = []
+    total = 0
+    for item in page.items:
+        message = to_message(item)
+        total += message.ByteSize() + 8  # the repeated field's tag and length
+        if total > limits.MAX_PAGE_BYTES and out:
+            return out, page.cut(len(out)).next_token
+        out.append(message)
+    return out, page.next_token
+
+
+def fill_page(response: Message, repeated: Any, page: Page[T], fill: Callable[[Any, T], None]) -> str:
+    """Adds a page's messages to ``repeated``, a field of ``response`` (its only field set yet),
+    cut as ``page_of`` cuts; returns the token to go on with.
+
+    Filled in place, the messages are not copied into the response, and the size of the whole
+    page is one call: their sizes plus 8 each can only pass the budget when that does."""
+    add = repeated.add
+    for item in page.items:
+        fill(add(), item)
+    n = len(repeated)
+    if response.ByteSize() + 8 * n <= limits.MAX_PAGE_BYTES:
+        return page.next_token
+    total = 0
+    for i, message in enumerate(repeated):
+        total += message.ByteSize() + 8
+        if total > limits.MAX_PAGE_BYTES and i:
+            del repeated[i:]
+            return page.cut(i).next_token
+    return page.next_token
+
+
+def volume_range(r: common_pb2.TimeRange, field: str = "range") -> tuple[datetime, datetime]:
+    """A bounded range: end defaults to now, start to 24 hours before end; at most 90 days."""
+    start, end = time_range_of(field, r)
+    end = end or datetime.now(UTC)
+    if start is None:
+        try:
+            start = end - timedelta(hours=24)
+        except OverflowError:
+            raise InvalidArgument.one(f"{field}.end", "is too early to default start to 24 hours before it") from None
+    if start >= end:
+        raise InvalidArgument.one(field, "start must be before end")
+    if end - start > MAX_VOLUME_RANGE:
+        raise InvalidArgument.one(field, "may cover at most 90 days")
+    return start, end
