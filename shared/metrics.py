@@ -228,14 +228,20 @@ class ServerMetricsInterceptor(grpc.aio.ServerInterceptor):
 
             return counted()
 
-        async def responses(call: Callable[[], AsyncIterator[Any]], context: Any) -> AsyncIterator[Any]:
+        async def responses(call: Callable[[], Any], context: Any) -> AsyncIterator[Any]:
             m.started.inc()
             started = time.perf_counter()
             exc: BaseException | None = None
             try:
-                async for item in call():
-                    m.sent.inc()
-                    yield item
+                result = call()
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        m.sent.inc()
+                        yield item
+                else:
+                    # A handler that writes with context.write and returns a coroutine (grpc's
+                    # own Health.Watch): its messages go out without passing here.
+                    await result
             except BaseException as e:
                 exc = e
                 raise

@@ -96,3 +96,27 @@ async def test_background_loops_keep_off_the_connections_that_serve_calls(api: A
             assert not [q for q in serving if "schema_migrations" in q or "enforcement_dispatch" in q], serving
     finally:
         await conn.close()
+
+
+async def test_health_watch_streams_through_a_real_channel_with_metrics_on(api_config: ApiConfig) -> None:
+    """Health.Watch writes with ``context.write`` instead of yielding: the metrics interceptor
+    once iterated it as a generator and answered UNKNOWN."""
+    server = ApiServer(dataclasses.replace(api_config, metrics_addr="127.0.0.1:0"))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            watch = channel.unary_stream(
+                "/grpc.health.v1.Health/Watch",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            call = watch(health_pb2.HealthCheckRequest(service=""))
+            first = await call.read()
+            assert isinstance(first, health_pb2.HealthCheckResponse)
+            assert first.status == SERVING
+            await server.stop()  # graceful shutdown turns every service NOT_SERVING, and Watch says so
+            second = await call.read()
+            assert isinstance(second, health_pb2.HealthCheckResponse)
+            assert second.status == NOT_SERVING
+    finally:
+        await server.stop()
