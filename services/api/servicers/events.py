@@ -10,6 +10,7 @@ from typing import Any
 from services.api import convert, validate
 from services.api._rpc import rpc
 from services.api.dispatcher import Dispatcher, Handoff
+from services.api.servicers import provenance as webhook_provenance
 from services.api.servicers import tails
 from services.api.servicers.requests import (
     Context,
@@ -45,14 +46,30 @@ def _new_event(v: Violations, field: str, e: event_pb2.NewEvent) -> NewEvent:
     validate.text(v, f"{field}.source_ref", e.source_ref, limits.MAX_SOURCE_REF)
     if e.HasField("source"):
         validate.positive_id(v, f"{field}.source", e.source)
+    config = (
+        validate.json_object(v, f"{field}.config", e.config, limits.MAX_CONFIG_BYTES) if e.HasField("config") else None
+    )
+    # Webhook provenance is asserted by WebhookService alone, from a delivery it verified
+    # itself: a sensor that could write it would make its events indistinguishable from
+    # signed deliveries (and could take a sender's delivery id before the sender does).
+    # Refused rather than stripped, so the sensor learns its event is not what it meant.
+    if e.source_ref.strip().lower() == webhook_provenance.SOURCE_REF:
+        v.add(f"{field}.source_ref", f"{webhook_provenance.SOURCE_REF!r} is reserved for verified webhook deliveries")
+    if e.request_id.startswith(webhook_provenance.REQUEST_ID_PREFIX):
+        v.add(
+            f"{field}.request_id",
+            f"the prefix {webhook_provenance.REQUEST_ID_PREFIX!r} is reserved for webhook deliveries",
+        )
+    if config is not None:
+        for key in webhook_provenance.CONFIG_KEYS:
+            if key in config:
+                v.add(f"{field}.config.{key}", "is reserved for webhook deliveries (set by the api, never by a sensor)")
+        if config.get("source") == webhook_provenance.SOURCE_REF:
+            v.add(f"{field}.config.source", f"{webhook_provenance.SOURCE_REF!r} is reserved for webhook deliveries")
     return NewEvent(
         trigger_ref=e.trigger_ref,
         payload=validate.json_object(v, f"{field}.payload", e.payload, limits.MAX_PAYLOAD_BYTES),
-        config=(
-            validate.json_object(v, f"{field}.config", e.config, limits.MAX_CONFIG_BYTES)
-            if e.HasField("config")
-            else None
-        ),
+        config=config,
         source=e.source if e.HasField("source") else None,
         source_ref=e.source_ref or None,
         rule_ref=e.rule_ref or None,

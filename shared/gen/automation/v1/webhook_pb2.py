@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61utomation/v1/webhook.proto\x12\rautomation.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\rWebhookHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xb3\x01\n\x15\x44\x65liverWebhookRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\x07headers\x18\x04 \x03(\x0b\x32\x1c.automation.v1.WebhookHeader\x12\x11\n\tsource_ip\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x06 \x01(\t\"\x81\x01\n\x16\x44\x65liverWebhookResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x17\n\x0f\x65nforcement_ids\x18\x02 \x03(\x03\x12\x13\n\x0btrigger_ref\x18\x03 \x01(\t\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x15\n\rhmac_verified\x18\x05 \x01(\x08\x32o\n\x0eWebhookService\x12]\n\x0e\x44\x65liverWebhook\x12$.automation.v1.DeliverWebhookRequest\x1a%.automation.v1.DeliverWebhookResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61utomation/v1/webhook.proto\x12\rautomation.v1\x1a\x1cgoogle/protobuf/struct.proto\",\n\rWebhookHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\xc7\x01\n\x15\x44\x65liverWebhookRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\x07headers\x18\x04 \x03(\x0b\x32\x1c.automation.v1.WebhookHeader\x12\x11\n\tsource_ip\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65livery_id\x18\x06 \x01(\t\x12\x12\n\ncheck_only\x18\x07 \x01(\x08\"\xb7\x01\n\x16\x44\x65liverWebhookResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12\x17\n\x0f\x65nforcement_ids\x18\x02 \x03(\x03\x12\x13\n\x0btrigger_ref\x18\x03 \x01(\t\x12\x10\n\x08replayed\x18\x04 \x01(\x08\x12\x15\n\rhmac_verified\x18\x05 \x01(\x08\x12\x18\n\x10signature_scheme\x18\x06 \x01(\t\x12\x1a\n\x12signature_required\x18\x07 \x01(\x08\x32o\n\x0eWebhookService\x12]\n\x0e\x44\x65liverWebhook\x12$.automation.v1.DeliverWebhookRequest\x1a%.automation.v1.DeliverWebhookResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOKHEADER']._serialized_start=76
   _globals['_WEBHOOKHEADER']._serialized_end=120
   _globals['_DELIVERWEBHOOKREQUEST']._serialized_start=123
-  _globals['_DELIVERWEBHOOKREQUEST']._serialized_end=302
-  _globals['_DELIVERWEBHOOKRESPONSE']._serialized_start=305
-  _globals['_DELIVERWEBHOOKRESPONSE']._serialized_end=434
-  _globals['_WEBHOOKSERVICE']._serialized_start=436
-  _globals['_WEBHOOKSERVICE']._serialized_end=547
+  _globals['_DELIVERWEBHOOKREQUEST']._serialized_end=322
+  _globals['_DELIVERWEBHOOKRESPONSE']._serialized_start=325
+  _globals['_DELIVERWEBHOOKRESPONSE']._serialized_end=508
+  _globals['_WEBHOOKSERVICE']._serialized_start=510
+  _globals['_WEBHOOKSERVICE']._serialized_end=621
 # @@protoc_insertion_point(module_scope)

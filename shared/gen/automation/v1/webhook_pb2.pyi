@@ -57,15 +57,24 @@ class DeliverWebhookRequest(_message.Message):
     HEADERS_FIELD_NUMBER: _builtins.int
     SOURCE_IP_FIELD_NUMBER: _builtins.int
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    CHECK_ONLY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The webhook key from the URL: `wh_` and 32 hex digits."""
     body: _builtins.bytes
     """The raw request body, as signed by the sender: at most 256 KiB."""
     source_ip: _builtins.str
-    """The sender's address, at most 255 characters."""
+    """The sender's address as the web service determined it (the peer, or the right-most
+    address a trusted proxy did not add), at most 255 characters.
+    """
     delivery_id: _builtins.str
-    """The sender's delivery id (`X-GitHub-Delivery` or `Idempotency-Key`), at most 150
-    characters: a retry with the same id within 24 hours returns the first event.
+    """The sender's unsigned delivery id (`X-GitHub-Delivery` or `Idempotency-Key`), at most 150
+    characters: a retry with the same id within 24 hours returns the first event. Signed
+    schemes take their id from the signed content instead.
+    """
+    check_only: _builtins.bool
+    """Only check that the key names an enabled webhook (NOT_FOUND otherwise) and store nothing:
+    the web service asks this before it reads a body, so an unknown key costs no upload.
+    Every other field is ignored.
     """
     @_builtins.property
     def payload(self) -> _struct_pb2.Struct:
@@ -76,8 +85,9 @@ class DeliverWebhookRequest(_message.Message):
 
     @_builtins.property
     def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookHeader]:
-        """The request's headers, at most 100. Signatures, authorization and cookies are used for
-        verification only and never stored.
+        """The request's headers, at most 100. Signature headers are used for verification only;
+        only an allow-list of descriptive headers (content type, user agent, the senders'
+        delivery and event-type headers) is stored in the event's config.
         """
 
     def __init__(
@@ -89,10 +99,11 @@ class DeliverWebhookRequest(_message.Message):
         headers: _abc.Iterable[Global___WebhookHeader] | None = ...,
         source_ip: _builtins.str = ...,
         delivery_id: _builtins.str = ...,
+        check_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delivery_id", b"delivery_id", "headers", b"headers", "key", b"key", "payload", b"payload", "source_ip", b"source_ip"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "check_only", b"check_only", "delivery_id", b"delivery_id", "headers", b"headers", "key", b"key", "payload", b"payload", "source_ip", b"source_ip"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -109,14 +120,24 @@ class DeliverWebhookResponse(_message.Message):
     TRIGGER_REF_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     HMAC_VERIFIED_FIELD_NUMBER: _builtins.int
+    SIGNATURE_SCHEME_FIELD_NUMBER: _builtins.int
+    SIGNATURE_REQUIRED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.int
-    """Id of the stored event."""
+    """Id of the stored event (0 for `check_only`)."""
     trigger_ref: _builtins.str
     """Reference of the trigger the key belongs to."""
     replayed: _builtins.bool
     """True when this answers a retry with the same delivery id."""
     hmac_verified: _builtins.bool
     """Whether the delivery's signature was checked and correct."""
+    signature_scheme: _builtins.str
+    """The signature scheme that was checked: `standard-webhooks`, `stripe`, `github`, or empty
+    when the trigger has no secret.
+    """
+    signature_required: _builtins.bool
+    """The trigger has a secret, so an unsigned delivery will be refused (answered to
+    `check_only` too, so the web service can refuse one before reading its body).
+    """
     @_builtins.property
     def enforcement_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Ids of the enforcements it produced."""
@@ -129,10 +150,12 @@ class DeliverWebhookResponse(_message.Message):
         trigger_ref: _builtins.str = ...,
         replayed: _builtins.bool = ...,
         hmac_verified: _builtins.bool = ...,
+        signature_scheme: _builtins.str = ...,
+        signature_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_ids", b"enforcement_ids", "event_id", b"event_id", "hmac_verified", b"hmac_verified", "replayed", b"replayed", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement_ids", b"enforcement_ids", "event_id", b"event_id", "hmac_verified", b"hmac_verified", "replayed", b"replayed", "signature_required", b"signature_required", "signature_scheme", b"signature_scheme", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

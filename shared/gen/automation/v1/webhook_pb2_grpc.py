@@ -53,7 +53,10 @@ class WebhookServiceServicer:
     def DeliverWebhook(self, request, context):
         """Stores one delivery as an event of the key's trigger. NOT_FOUND for an unknown key or a
         disabled webhook; UNAUTHENTICATED with reason WEBHOOK_SIGNATURE for a missing or wrong
-        signature when the trigger has a secret; otherwise as CreateEvent.
+        signature, or a signed timestamp outside the replay tolerance (5 minutes), when the
+        trigger has a secret; otherwise as CreateEvent. A delivery id seen before (signed ones:
+        `webhook-id`, Stripe's event id; GitHub's `X-GitHub-Delivery`) answers with the first
+        event (`replayed`) and stores nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,10 @@ class WebhookServiceStub:
     DeliverWebhook: _grpc.UnaryUnaryMultiCallable[_webhook_pb2.DeliverWebhookRequest, _webhook_pb2.DeliverWebhookResponse]
     """Stores one delivery as an event of the key's trigger. NOT_FOUND for an unknown key or a
     disabled webhook; UNAUTHENTICATED with reason WEBHOOK_SIGNATURE for a missing or wrong
-    signature when the trigger has a secret; otherwise as CreateEvent.
+    signature, or a signed timestamp outside the replay tolerance (5 minutes), when the
+    trigger has a secret; otherwise as CreateEvent. A delivery id seen before (signed ones:
+    `webhook-id`, Stripe's event id; GitHub's `X-GitHub-Delivery`) answers with the first
+    event (`replayed`) and stores nothing.
     """
 
 @_typing.type_check_only
@@ -53,7 +56,10 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     DeliverWebhook: _aio.UnaryUnaryMultiCallable[_webhook_pb2.DeliverWebhookRequest, _webhook_pb2.DeliverWebhookResponse]  # type: ignore[assignment]
     """Stores one delivery as an event of the key's trigger. NOT_FOUND for an unknown key or a
     disabled webhook; UNAUTHENTICATED with reason WEBHOOK_SIGNATURE for a missing or wrong
-    signature when the trigger has a secret; otherwise as CreateEvent.
+    signature, or a signed timestamp outside the replay tolerance (5 minutes), when the
+    trigger has a secret; otherwise as CreateEvent. A delivery id seen before (signed ones:
+    `webhook-id`, Stripe's event id; GitHub's `X-GitHub-Delivery`) answers with the first
+    event (`replayed`) and stores nothing.
     """
 
 class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -70,7 +76,10 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_webhook_pb2.DeliverWebhookResponse, _abc.Awaitable[_webhook_pb2.DeliverWebhookResponse]]:
         """Stores one delivery as an event of the key's trigger. NOT_FOUND for an unknown key or a
         disabled webhook; UNAUTHENTICATED with reason WEBHOOK_SIGNATURE for a missing or wrong
-        signature when the trigger has a secret; otherwise as CreateEvent.
+        signature, or a signed timestamp outside the replay tolerance (5 minutes), when the
+        trigger has a secret; otherwise as CreateEvent. A delivery id seen before (signed ones:
+        `webhook-id`, Stripe's event id; GitHub's `X-GitHub-Delivery`) answers with the first
+        event (`replayed`) and stores nothing.
         """
 
 def add_WebhookServiceServicer_to_server(servicer: WebhookServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
