@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 from shared.logs import LOG_FORMATS
 
@@ -213,11 +214,53 @@ class WebConfig:
     """LOG_FORMAT: text (readable) or json (one object per line, for log shippers)."""
     rpc_timeout_s: float = 10.0
     """RPC_TIMEOUT_SECONDS: how long a delivery may wait for the api before it is answered 503."""
-    trusted_proxies: bool = False
-    """WEB_TRUST_PROXY: take the sender's address from X-Forwarded-For (behind a proxy only)."""
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    """WEB_TRUSTED_PROXIES: addresses or CIDRs of the proxies in front of the service. A client's
+    address is the peer's, unless the peer is one of these: then the right-most address of
+    X-Forwarded-For that is not one of these (every entry left of it is the client's own word).
+    Empty: X-Forwarded-For is never read. (WEB_TRUST_PROXY=true without it is a configuration
+    error: it trusted any peer's header.)"""
+    read_deadline_s: float = 10.0
+    """WEB_READ_DEADLINE_SECONDS: a request's headers must arrive within this of the connection
+    (or of the previous answer on it), and a webhook body or form within this of its headers;
+    past it the connection is closed (headers) or answered 408 (body)."""
+    body_budget_bytes: int = 32 * 1024 * 1024
+    """WEB_BODY_BUDGET_BYTES: webhook bodies held at once, in all (each claims its declared
+    length, or the 256 KiB limit when it declares none); a delivery past it is answered 503
+    with Retry-After before its body is read."""
+    known_key_s: float = 10.0
+    """WEB_KNOWN_KEY_SECONDS: how long the service remembers that a webhook key names an
+    enabled webhook, so that only an unseen key costs a call before its body is read."""
+    signin_burst: int = 5
+    """WEB_SIGNIN_BURST: failed sign-ins one client address may make in a row."""
+    signin_refill_s: float = 12.0
+    """WEB_SIGNIN_REFILL_SECONDS: one more failed sign-in is allowed after this long (5 a
+    minute by default); past the burst, sign-ins are 429 with Retry-After."""
     security: ClientSecurity = field(default_factory=ClientSecurity)
     """API_TLS_CA, API_TOKEN or API_TOKEN_FILE, ...: how it reaches the api, as the executor
     does; its token needs the sensor role."""
+
+
+def parse_networks(name: str, text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Comma-separated addresses or CIDRs (an address is its own /32 or /128)."""
+    out: list[IPv4Network | IPv6Network] = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            out.append(ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}: {item!r} is not an address or CIDR") from None
+    return tuple(out)
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    proxies = parse_networks("WEB_TRUSTED_PROXIES", env.get("WEB_TRUSTED_PROXIES", ""))
+    if not proxies and _bool(env, "WEB_TRUST_PROXY", False):
+        # The old switch believed X-Forwarded-For from any peer: it is not carried over silently.
+        raise ConfigError(
+            "WEB_TRUST_PROXY is replaced by WEB_TRUSTED_PROXIES: the addresses or CIDRs of your "
+            "proxies (e.g. WEB_TRUSTED_PROXIES=10.0.0.5,127.0.0.1)"
+        )
+    return proxies
 
 
 _ROLES = ("sensor", "executor", "viewer", "operator")
@@ -341,6 +384,11 @@ def web_config(env: Mapping[str, str] | None = None) -> WebConfig:
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
         log_format=_log_format(env),
         rpc_timeout_s=_float(env, "RPC_TIMEOUT_SECONDS", 10.0, minimum=0.01),
-        trusted_proxies=env.get("WEB_TRUST_PROXY", "").lower() in ("1", "true", "yes"),
+        trusted_proxies=_trusted_proxies(env),
+        read_deadline_s=_float(env, "WEB_READ_DEADLINE_SECONDS", 10.0, minimum=0.1),
+        body_budget_bytes=_int(env, "WEB_BODY_BUDGET_BYTES", 32 * 1024 * 1024, minimum=256 * 1024 + 1),
+        known_key_s=_float(env, "WEB_KNOWN_KEY_SECONDS", 10.0),
+        signin_burst=_int(env, "WEB_SIGNIN_BURST", 5),
+        signin_refill_s=_float(env, "WEB_SIGNIN_REFILL_SECONDS", 12.0, minimum=0.001),
         security=client_security(env),
     )

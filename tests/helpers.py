@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.api.auth import ROLES, token_hash
 from services.web import create_app
+from services.web.edge import server_config
 from shared.config import WebConfig
 from shared.gen.automation.v1 import common_pb2, event_pb2, rule_pb2
 from shared.transport import ClientSecurity, open_channel
@@ -60,16 +61,15 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
 
 
 @asynccontextmanager
-async def web_service(target: str, ch: grpc.aio.Channel, rpc_timeout_s: float = 10.0) -> AsyncIterator[str]:
-    """The web service in this process (uvicorn on a free port), reaching the api at ``target``
-    through ``ch`` (whose token is the service's); yields its base URL."""
+async def web_service(
+    target: str, ch: grpc.aio.Channel, rpc_timeout_s: float = 10.0, **settings: Any
+) -> AsyncIterator[str]:
+    """The web service in this process (uvicorn on a free port, with production's edge settings),
+    reaching the api at ``target`` through ``ch`` (whose token is the service's); ``settings``
+    are other WebConfig fields; yields its base URL."""
     port = free_port()
-    config = WebConfig(addr=f"127.0.0.1:{port}", target=target, rpc_timeout_s=rpc_timeout_s)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(config, ch), host="127.0.0.1", port=port, log_config=None, timeout_graceful_shutdown=3
-        )
-    )
+    config = WebConfig(addr=f"127.0.0.1:{port}", target=target, rpc_timeout_s=rpc_timeout_s, **settings)
+    server = uvicorn.Server(server_config(create_app(config, ch), config, timeout_graceful_shutdown=3))
     task = asyncio.create_task(server.serve())
 
     async def started() -> bool:

@@ -7,6 +7,7 @@ import sys
 import uvicorn
 
 from services.web import create_app
+from services.web.edge import server_config
 from shared import tracing
 from shared.config import ConfigError, web_config
 from shared.runtime import setup_logging
@@ -27,19 +28,18 @@ def main() -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    host, _, port = config.addr.rpartition(":")
-    uvicorn.run(
-        create_app(config),
-        host=host or "127.0.0.1",
-        port=int(port),
-        log_config=None,  # our logging setup, not uvicorn's
-        access_log=False,
-        loop="uvloop",
-        lifespan="on",
-        # Live pages hold a stream open for as long as they are shown: stop waiting for them
-        # after a few seconds (browsers reconnect to the next instance by themselves).
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    server = uvicorn.Server(
+        server_config(
+            create_app(config),
+            config,
+            loop="uvloop",
+            lifespan="on",
+            # Live pages hold a stream open for as long as they are shown: stop waiting for them
+            # after a few seconds (browsers reconnect to the next instance by themselves).
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
     )
+    server.run()
     tracing.shutdown_tracing()
     return 0
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -22,6 +23,8 @@ from shared import tracing
 from shared.config import WebConfig
 from shared.gen.automation.v1 import auth_pb2_grpc, webhook_pb2_grpc
 from shared.transport import open_channel
+
+log = logging.getLogger("services.web")
 
 
 def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> Starlette:
@@ -72,7 +75,13 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
     def console_route(path: str, name: str, methods: list[str], owner: str = "console") -> Route:
         return Route(path, page(owner, name), methods=methods)
 
+    async def hung_up(request: Request, exc: Exception) -> Response:
+        # One line, not a traceback: a client leaving mid-body is ordinary on the internet.
+        log.info("%s %s: the client hung up before its body arrived", request.method, request.url.path[:40])
+        return Response(status_code=400)
+
     return Starlette(
+        exception_handlers={ClientDisconnect: hung_up},
         routes=[
             Route("/webhooks/{key}", webhook, methods=["POST"]),
             Route("/healthz", health, methods=["GET"]),

@@ -23,9 +23,19 @@ from google.protobuf import field_mask_pb2, json_format
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from services.web.bodies import TooLarge, read_body
+from services.web.bodies import TooLarge, TooSlow, read_body
+from services.web.edge import client_address
 from services.web.render import STATUS_BY_NAME, environment
-from services.web.session import COOKIE, Sessions, User
+from services.web.session import (
+    COOKIE,
+    SIGNIN_COOKIE,
+    Sessions,
+    Throttle,
+    User,
+    csrf_of,
+    signin_csrf_ok,
+    signin_nonce,
+)
 from shared import limits
 from shared.config import WebConfig
 from shared.gen.automation.v1 import (
@@ -133,12 +143,15 @@ def path_id(request: Request) -> int:
     return id_
 
 
-async def read_form(request: Request, limit: int) -> dict[str, str]:
-    """A URL-encoded form body, refused past ``limit`` bytes without reading it whole."""
+async def read_form(request: Request, limit: int, deadline_s: float | None = None) -> dict[str, str]:
+    """A URL-encoded form body, refused past ``limit`` bytes without reading it whole, and
+    when it has not arrived within ``deadline_s``."""
     try:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, deadline_s)
     except TooLarge:
         raise Refused(413, f"the form may be at most {limit:,} bytes") from None
+    except TooSlow as exc:
+        raise Refused(408, str(exc)) from None
     try:
         fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
     except UnicodeDecodeError:
@@ -158,6 +171,7 @@ class Console:
         self.config = config
         self.api = stubs
         self.sessions = sessions
+        self.throttle = Throttle(config.signin_burst, config.signin_refill_s)
         self.env = environment()
 
     # ---- plumbing ---------------------------------------------------------------------------
@@ -231,33 +245,62 @@ class Console:
     # ---- sign-in ----------------------------------------------------------------------------
 
     async def signin_page(self, request: Request) -> Response:
-        return self.render(
+        return self._signin_form(
             request,
-            None,
-            "signin.html",
+            200,
             next=safe_next(request.query_params.get("next", "/")),
             expired=bool(request.query_params.get("expired")),
         )
 
+    def _signin_form(self, request: Request, status: int, **ctx: Any) -> Response:
+        """The sign-in page, its form carrying the CSRF value of its cookie (a new one if the
+        browser has none)."""
+        nonce = request.cookies.get(SIGNIN_COOKIE, "")
+        fresh = len(nonce) != 32
+        if fresh:
+            nonce = signin_nonce()
+        response = self.render(request, None, "signin.html", status, signin_csrf=nonce, **ctx)
+        if fresh:
+            response.set_cookie(
+                SIGNIN_COOKIE,
+                nonce,
+                httponly=True,
+                samesite="strict",
+                secure=request.url.scheme == "https",
+                path="/signin",
+            )
+        return response
+
     async def signin(self, request: Request) -> Response:
+        address = client_address(request, self.config.trusted_proxies)
+        wait = self.throttle.wait_s(address)
+        if wait:
+            log.warning("console: sign-in from %s refused: too many failed sign-ins", address)
+            response = self._signin_form(
+                request, 429, next="/", error=f"Too many failed sign-ins: try again in {wait} s."
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
         try:
-            fields = await read_form(request, SIGNIN_FORM_BYTES)
+            fields = await read_form(request, SIGNIN_FORM_BYTES, self.config.read_deadline_s)
         except Refused as exc:
-            return self.render(request, None, "signin.html", exc.status, next="/", error=str(exc))
-        token, target = fields.get("token", "").strip(), safe_next(fields.get("next", "/"))
+            return self._signin_form(request, exc.status, next="/", error=str(exc))
+        target = safe_next(fields.get("next", "/"))
+        if not signin_csrf_ok(request, fields.get("csrf", "")):
+            return self._signin_form(
+                request, 403, next=target, error="This sign-in form did not come from this console: sign in again."
+            )
+        token = fields.get("token", "").strip()
         try:
             user = await self.sessions.verify(token)
         except grpc.aio.AioRpcError as exc:
             return self.failure(request, None, exc)
         if user is None:
-            return self.render(
-                request, None, "signin.html", 401, next=target, error="The api does not accept this token."
-            )
+            self.throttle.failed(address)
+            return self._signin_form(request, 401, next=target, error="The api does not accept this token.")
         if not user.viewer:
-            return self.render(
+            return self._signin_form(
                 request,
-                None,
-                "signin.html",
                 403,
                 next=target,
                 error=f"This token ({user.name}) has neither the viewer nor the operator role.",
@@ -272,6 +315,20 @@ class Console:
     async def signout(self, request: Request) -> Response:
         token = request.cookies.get(COOKIE, "")
         if token:
+            # Signing someone out is a change like any other: only this console's own form may.
+            try:
+                fields = await read_form(request, SIGNIN_FORM_BYTES, self.config.read_deadline_s)
+            except Refused as exc:
+                return self.render(request, None, "error.html", exc.status, title="Refused", message=str(exc))
+            if not hmac.compare_digest(fields.get("csrf", ""), csrf_of(token)):
+                return self.render(
+                    request,
+                    None,
+                    "error.html",
+                    403,
+                    title="Refused",
+                    message="this form is stale or did not come from this console; reload the page and retry",
+                )
             self.sessions.forget(token)
         response = RedirectResponse("/signin", status_code=303)
         response.delete_cookie(COOKIE, path="/")

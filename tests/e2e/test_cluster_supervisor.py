@@ -223,7 +223,12 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
 
             again = await eventually(delivered, what="a webhook stored through the restarted api")
             (enforcement_id,) = again.json()["enforcement_ids"]
-            signin = await http.post("/signin", data={"token": operator, "next": "/enforcements"})
+            form = await http.get("/signin")  # the sign-in form's CSRF value, and its cookie
+            csrf = re.search(r'name="csrf" value="([^"]*)"', form.text)
+            assert csrf is not None
+            signin = await http.post(
+                "/signin", data={"token": operator, "next": "/enforcements", "csrf": csrf.group(1)}
+            )
             assert signin.status_code == 303 and signin.headers["location"] == "/enforcements"
             page = await http.get("/enforcements")
             assert page.status_code == 200 and f'data-key="{enforcement_id}"' in page.text

@@ -172,6 +172,12 @@ def signin_target(path: str) -> str:
     return "/signin?" + urlencode({"next": path})
 
 
+async def sign_in(client: httpx.AsyncClient, data: dict[str, str]) -> httpx.Response:
+    """Posts the sign-in form as a browser does: from the sign-in page, with its CSRF value."""
+    page = await get(client, "/signin")
+    return await client.post("/signin", data={"csrf": hidden(page, "csrf"), **data})
+
+
 # ---- Server-Sent Events --------------------------------------------------------------------------
 
 
@@ -274,7 +280,7 @@ async def test_a_signed_out_post_changes_nothing_and_goes_to_signin(stubs: Stubs
 async def test_signin_goes_to_next_on_this_site_only(anonymous: httpx.AsyncClient, target: str, landing: str) -> None:
     page = await get(anonymous, "/signin?" + urlencode({"next": target}))
     assert hidden(page, "next") == landing  # the sign-in form carries only a local next
-    answer = await anonymous.post("/signin", data={"token": TOKENS["viewer"], "next": target})
+    answer = await sign_in(anonymous, {"token": TOKENS["viewer"], "next": target})
     assert answer.status_code == 303
     assert answer.headers["location"] == landing
 
@@ -284,18 +290,18 @@ async def test_signin_goes_to_next_on_this_site_only(anonymous: httpx.AsyncClien
 
 async def test_an_unknown_token_or_an_oversized_form_signs_nobody_in(anonymous: httpx.AsyncClient) -> None:
     for token in ("atk_test-nobody-" + "x" * 32, "not a usable token", ""):
-        answer = await anonymous.post("/signin", data={"token": token, "next": "/events"})
+        answer = await sign_in(anonymous, {"token": token, "next": "/events"})
         assert answer.status_code == 401, token
         assert "does not accept" in answer.text
         assert "set-cookie" not in answer.headers
     # A sign-in form is small: a valid token in a huge form is refused, not read whole.
-    answer = await anonymous.post("/signin", data={"token": TOKENS["viewer"], "next": "/", "pad": "x" * 10_000})
+    answer = await sign_in(anonymous, {"token": TOKENS["viewer"], "next": "/", "pad": "x" * 10_000})
     assert answer.status_code == 413 and "set-cookie" not in answer.headers
 
 
 @pytest.mark.parametrize("role", ["sensor", "executor"])
 async def test_a_token_without_viewer_or_operator_is_403(anonymous: httpx.AsyncClient, role: str) -> None:
-    answer = await anonymous.post("/signin", data={"token": TOKENS[role], "next": "/events"})
+    answer = await sign_in(anonymous, {"token": TOKENS[role], "next": "/events"})
     assert answer.status_code == 403
     assert "neither the viewer nor the operator role" in answer.text
     assert "set-cookie" not in answer.headers
@@ -303,7 +309,7 @@ async def test_a_token_without_viewer_or_operator_is_403(anonymous: httpx.AsyncC
 
 
 async def test_signin_sets_a_strict_httponly_cookie_and_signout_clears_it(anonymous: httpx.AsyncClient) -> None:
-    answer = await anonymous.post("/signin", data={"token": TOKENS["viewer"], "next": "/events"})
+    answer = await sign_in(anonymous, {"token": TOKENS["viewer"], "next": "/events"})
     assert answer.status_code == 303 and answer.headers["location"] == "/events"
     cookie = answer.headers["set-cookie"]
     attributes = {part.strip().lower() for part in cookie.split(";")}
@@ -316,7 +322,7 @@ async def test_signin_sets_a_strict_httponly_cookie_and_signout_clears_it(anonym
         assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
         assert page.headers["cache-control"] == "no-store"
 
-    out = await anonymous.post("/signout")
+    out = await submit(anonymous, "/signout", {"csrf": csrf_of(TOKENS["viewer"])})
     assert out.status_code == 303 and out.headers["location"] == "/signin"
     cleared = out.headers["set-cookie"].lower()
     assert cleared.startswith(f"{COOKIE}=") and "max-age=0" in cleared and "path=/" in cleared
