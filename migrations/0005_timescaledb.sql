@@ -4,11 +4,17 @@
 -- preload the library is a FATAL that drops the connection and cannot be caught).
 --
 -- With the extension: event and enforcement become hypertables on `created` (1-day chunks),
--- compressed after 7 days (segmented by trigger_ref / rule_ref), dropped after 90 days; the
--- history tables likewise on `time`; the hourly volume views are continuous aggregates
--- (created WITH NO DATA, which is allowed in a transaction; real-time aggregation on, so rows
--- not yet materialised still show) refreshed by policies.
--- Without it: the same view names and columns as ordinary views over the base tables.
+-- the history tables likewise on `time` (7-day chunks). Then by edition (`timescaledb.license`):
+-- * 'timescale' (the Timescale-licensed edition): compressed after 7 days (segmented by
+--   trigger_ref / rule_ref), dropped after 90 days by retention policies; the hourly volume
+--   views are continuous aggregates (created WITH NO DATA, which is allowed in a transaction;
+--   real-time aggregation on, so rows not yet materialised still show) refreshed by policies.
+-- * 'apache' (the Apache-licensed edition: Debian's and Ubuntu's packages, some managed
+--   services), which refuses compression, continuous aggregates and every policy: no
+--   compression, the volume views are ordinary views, and the api's maintenance drops chunks
+--   older than 90 days itself (drop_chunks is in that edition). 0016 completes the licensed
+--   layout if the database later moves to the licensed edition.
+-- Without the extension: the same view names and columns as ordinary views over the base tables.
 -- Everything here is allowed inside the migration's transaction; refreshes and run_job are
 -- not, and are left to the policies' background jobs.
 -- ============================================================================================
@@ -41,6 +47,19 @@ BEGIN
                               if_not_exists => TRUE, migrate_data => TRUE);
     PERFORM create_hypertable('worker_history', by_range('time', INTERVAL '7 days'),
                               if_not_exists => TRUE, migrate_data => TRUE);
+
+    IF current_setting('timescaledb.license', true) IS DISTINCT FROM 'timescale' THEN
+        RAISE NOTICE 'timescaledb edition %: no compression, policies or continuous aggregates; '
+                     'the api drops chunks past 90 days itself', current_setting('timescaledb.license', true);
+        CREATE VIEW event_volume_hourly AS
+            SELECT time_bucket(INTERVAL '1 hour', created) AS bucket, trigger_ref, count(*) AS event_count
+            FROM event GROUP BY 1, 2;
+        CREATE VIEW enforcement_volume_hourly AS
+            SELECT time_bucket(INTERVAL '1 hour', created) AS bucket, rule_ref, status,
+                   count(*) AS enforcement_count
+            FROM enforcement GROUP BY 1, 2, 3;
+        RETURN;
+    END IF;
 
     ALTER TABLE event SET (timescaledb.compress,
         timescaledb.compress_segmentby = 'trigger_ref',

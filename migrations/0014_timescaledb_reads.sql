@@ -1,6 +1,8 @@
 -- ============================================================================================
 -- TimescaleDB: compressed chunks laid out for the list queries (only where 0005 made
--- hypertables; nothing on plain PostgreSQL).
+-- hypertables; nothing on plain PostgreSQL; the compression settings only on the
+-- Timescale-licensed edition, where 0005 turned compression on: the Apache-licensed edition
+-- refuses them, and 0016 applies them if the database moves to the licensed edition).
 --
 -- * compress_orderby 'created DESC, id DESC' (was 'created DESC, id'): the order of every list
 --   (keyset on (created, id), newest first). With it, a page inside a compressed chunk is a
@@ -32,15 +34,19 @@ BEGIN
         RETURN;
     END IF;
 
-    ALTER TABLE event SET (timescaledb.compress_orderby = 'created DESC, id DESC');
-    ALTER TABLE enforcement SET (timescaledb.compress_orderby = 'created DESC, id DESC');
-    ALTER TABLE execution_history SET (timescaledb.compress_orderby = 'time DESC, id DESC');
-    ALTER TABLE worker_history SET (timescaledb.compress_orderby = 'time DESC, id DESC');
+    IF current_setting('timescaledb.license', true) = 'timescale'
+       AND (SELECT compression_enabled FROM timescaledb_information.hypertables
+             WHERE hypertable_schema = 'public' AND hypertable_name = 'enforcement') THEN
+        ALTER TABLE event SET (timescaledb.compress_orderby = 'created DESC, id DESC');
+        ALTER TABLE enforcement SET (timescaledb.compress_orderby = 'created DESC, id DESC');
+        ALTER TABLE execution_history SET (timescaledb.compress_orderby = 'time DESC, id DESC');
+        ALTER TABLE worker_history SET (timescaledb.compress_orderby = 'time DESC, id DESC');
 
-    -- Explicit sparse indexes arrived in 2.22; older versions keep their automatic ones.
-    IF version >= ARRAY[2, 22] THEN
-        ALTER TABLE enforcement SET (
-            timescaledb.sparse_index = 'minmax(event), bloom(trigger_ref), bloom(rule), bloom(status)');
+        -- Explicit sparse indexes arrived in 2.22; older versions keep their automatic ones.
+        IF version >= ARRAY[2, 22] THEN
+            ALTER TABLE enforcement SET (
+                timescaledb.sparse_index = 'minmax(event), bloom(trigger_ref), bloom(rule), bloom(status)');
+        END IF;
     END IF;
 
     FOR duplicate IN

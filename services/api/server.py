@@ -20,8 +20,9 @@ from prometheus_client import CollectorRegistry
 
 from services.api import metrics as api_metrics
 from services.api import migrate as migrations
-from services.api._guard import DecodeGuard
-from services.api.auth import Authenticator, AuthInterceptor, Principal
+from services.api._guard import ByteBudget, DecodeGuard
+from services.api.auth import Authenticator, AuthInterceptor, Principal, current_principal
+from services.api.budgets import BudgetInterceptor, Budgets, IngestRate, Shares
 from services.api.dispatcher import Dispatcher
 from services.api.metrics import ApiMetrics
 from services.api.servicers.analytics import AnalyticsService
@@ -34,8 +35,9 @@ from services.api.servicers.history import HistoryService
 from services.api.servicers.rules import RuleService
 from services.api.servicers.webhooks import WebhookService
 from services.api.store import Store, TokenRow, create_pool
+from services.api.store.retention import RETENTION_DAYS, Retention
 from shared import limits, tracing
-from shared.config import ApiConfig, parse_principals
+from shared.config import ApiConfig, ConfigError, parse_ingest_rates, parse_principals
 from shared.errors import Unavailable
 from shared.gen.automation.v1 import (
     analytics_pb2,
@@ -137,7 +139,28 @@ class ApiServer:
         self.shutdown = asyncio.Event()
         # Tokens are read from the store, which exists once start() has connected.
         self.authenticator = Authenticator(_Deferred(self), refresh_s=config.token_refresh_s)
-        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeGuard()]
+        shares = Shares(
+            calls=config.max_calls,
+            reserve=config.reserved_calls,
+            principal_calls=config.principal_calls,
+            principal_streams=config.principal_streams,
+            principal_watches=config.principal_watches,
+            principal_memory_fraction=config.principal_memory_fraction,
+            health_watches=config.health_watches,
+        )
+        if problems := shares.problems():
+            raise ConfigError("; ".join(problems))
+        self.budgets = Budgets(shares)
+        self.ingest_rate = IngestRate(config.ingest_rate, overrides=parse_ingest_rates(config.ingest_rates))
+        memory = ByteBudget(
+            limits.MAX_REQUEST_MEMORY_BYTES, int(limits.MAX_REQUEST_MEMORY_BYTES * config.principal_memory_fraction)
+        )
+        # After authentication (the principal is known), before decoding: a call over its
+        # principal's share costs nothing more.
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            BudgetInterceptor(self.budgets),
+            DecodeGuard(memory, owner=lambda: current_principal().name),
+        ]
         # Metrics only when asked for: off, no interceptor and no recording at all.
         self.registry: CollectorRegistry | None = None
         self.metrics: ApiMetrics | None = None
@@ -167,7 +190,9 @@ class ApiServer:
         self.server = grpc.aio.server(
             options=server_options(config),
             interceptors=interceptors,
-            maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS,
+            # A backstop only: the budgets refuse first, by principal. Past the budgets' total
+            # there is room for health checks and for refusing unauthenticated calls.
+            maximum_concurrent_rpcs=shares.calls + shares.health_watches + limits.MAX_CONCURRENT_RPCS,
         )
         self.health = health.aio.HealthServicer()
         self.store: Store | None = None
@@ -223,7 +248,7 @@ class ApiServer:
             log.info("migrations: %d applied", len(applied))
         store, self.chores = await self._connect()
         self.store = store
-        events = EventService(store, self.dispatcher, cfg.lease_s)
+        events = EventService(store, self.dispatcher, cfg.lease_s, self.ingest_rate)
         event_pb2_grpc.add_EventServiceServicer_to_server(events, self.server)
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, events), self.server)
         enforcement_pb2_grpc.add_EnforcementServiceServicer_to_server(
@@ -308,9 +333,10 @@ class ApiServer:
 
     async def _maintenance_loop(self) -> None:
         """Vacuums the dispatch table, marks enforcements that ran out of attempts, forgets old
-        idempotency keys."""
+        idempotency keys, drops expired chunks where no retention policy does."""
         assert self.chores is not None
         cfg = self.config
+        retention = Retention(self.chores.pool)
         next_purge = 0.0
         loop = asyncio.get_running_loop()
         while not self.shutdown.is_set():
@@ -324,6 +350,11 @@ class ApiServer:
                         extra={"enforcement_ids": exhausted},
                     )
                 if loop.time() >= next_purge:
+                    # Retention where TimescaleDB runs no policies (its Apache-licensed edition),
+                    # before the orphans below, which it may leave.
+                    dropped = await retention.drop_expired()
+                    if dropped:
+                        log.info("retention dropped %d chunks older than %d days", len(dropped), RETENTION_DAYS)
                     purged = await self.chores.dispatch.purge_requests(cfg.request_retention_h)
                     if purged:
                         log.info("forgot %d idempotency keys older than %.0fh", purged, cfg.request_retention_h)

@@ -46,9 +46,30 @@ def _copy_with(tmp_path: Path, extra: dict[str, str]) -> Path:
 async def test_applies_every_migration_to_an_empty_database(empty_db_url: str) -> None:
     applied = await migrate.migrate_url(empty_db_url)
     assert [m.version for m in applied] == [m.version for m in ALL]
-    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16]
     assert await _rows(empty_db_url) == [(m.version, m.name, m.checksum) for m in ALL]
     assert await _fetchval(empty_db_url, "SELECT to_regclass('enforcement') IS NOT NULL") is True
+
+
+async def test_earlier_texts_of_the_edition_migrations_count_as_applied(empty_db_url: str) -> None:
+    """0005 and 0014 gained branches for TimescaleDB's Apache edition (where their earlier texts
+    failed): a database that applied an earlier text is up to date, not "edited"."""
+    await migrate.migrate_url(empty_db_url)
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        for version, checksum in sorted(migrate._EARLIER_CHECKSUMS):
+            await conn.execute("UPDATE schema_migrations SET checksum = $2 WHERE version = $1", version, checksum)
+        assert await migrate.pending(conn) == []
+        await conn.execute("UPDATE schema_migrations SET checksum = 'x' WHERE version = 5")
+        with pytest.raises(MigrationError, match=r"0005_timescaledb\.sql was edited"):
+            await migrate.pending(conn)
+    finally:
+        await conn.close()
+
+
+def test_a_missing_migrations_directory_is_named(tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match=r"no migrations directory at .*MIGRATIONS_DIR"):
+        migrate.load(tmp_path / "nowhere")
 
 
 async def test_reapplying_is_a_no_op(empty_db_url: str) -> None:

@@ -1,8 +1,10 @@
 """The TimescaleDB side of the schema: hypertables, compression, retention, continuous aggregates.
 
-Tests marked ``timescale`` need the extension (set TEST_DATABASE_URL to a TimescaleDB server);
-the conftest skips them, with the reason, elsewhere. The file check and the volume-view test
-run on every database.
+Tests marked ``timescale`` need the extension (set TEST_DATABASE_URL to a TimescaleDB server, or
+run where a Docker engine answers); ``timescale_licensed`` the Timescale-licensed edition
+(compression, continuous aggregates, policies); ``timescale_apache`` the Apache-licensed edition
+(hypertables and drop_chunks only: retention is the api's). The conftest skips them, with the
+reason, elsewhere. The file check and the volume-view test run on every database.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.api import migrate
+from services.api.server import ApiServer
 from services.api.store import NewEvent, Resolution, Store
+from shared.config import ApiConfig
 from shared.gen.automation.v1 import common_pb2, condition_pb2, rule_pb2
 from tests.conftest import Stubs
-from tests.helpers import struct
+from tests.helpers import eventually, struct
 
 HOOK = "core.webhook"
 
@@ -81,7 +85,7 @@ async def test_event_and_enforcement_are_hypertables_with_daily_chunks(conn: asy
     assert dims["worker_history"][0] == "time"
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 async def test_compression_is_segmented_by_trigger_and_rule(conn: asyncpg.Connection) -> None:
     rows = await conn.fetch(
         "SELECT hypertable::text AS h, segmentby FROM timescaledb_information.hypertable_compression_settings"
@@ -91,7 +95,7 @@ async def test_compression_is_segmented_by_trigger_and_rule(conn: asyncpg.Connec
     assert settings["enforcement"] == "rule_ref"
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 @pytest.mark.parametrize("table", ["event", "enforcement"])
 async def test_compression_after_7_days_and_retention_of_90_days(conn: asyncpg.Connection, table: str) -> None:
     rows = await conn.fetch(
@@ -105,7 +109,7 @@ async def test_compression_after_7_days_and_retention_of_90_days(conn: asyncpg.C
     ]
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 async def test_volume_views_are_real_time_continuous_aggregates(conn: asyncpg.Connection) -> None:
     rows = await conn.fetch(
         "SELECT view_name, materialized_only FROM timescaledb_information.continuous_aggregates ORDER BY view_name"
@@ -125,7 +129,7 @@ async def resolve_one(store: Store, enf_id: int, many: bool) -> Resolution:
     return outcome
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 @pytest.mark.parametrize("many", [False, True], ids=["one", "many"])
 async def test_resolving_an_enforcement_in_a_compressed_chunk(
     store: Store, conn: asyncpg.Connection, many: bool
@@ -159,7 +163,7 @@ async def test_resolving_an_enforcement_in_a_compressed_chunk(
     assert again.replayed is True and again.execution == resolution.execution
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 async def test_resolutions_go_on_when_compressed_chunks_hold_a_backlog(store: Store, conn: asyncpg.Connection) -> None:
     """An executor back after 10 days: 12,000 enforcements of that day compressed (12 batches),
     one in 50 still pending. A set-wise resolution leaves rows that may be compressed to the
@@ -195,7 +199,7 @@ async def test_resolutions_go_on_when_compressed_chunks_hold_a_backlog(store: St
     assert 0 < decompressed <= 1000
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 async def test_retention_drops_old_chunks_and_keeps_recent_rows(store: Store, conn: asyncpg.Connection) -> None:
     await setup_rule(store)
     old_event, old_enf = await insert_old(conn, "100 days")
@@ -215,7 +219,7 @@ async def test_retention_drops_old_chunks_and_keeps_recent_rows(store: Store, co
     assert (await store.enforcements.resolve(enf.id, "processed")).execution is not None
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 async def test_replay_reads_and_fires_over_compressed_chunks(
     store: Store, conn: asyncpg.Connection, stubs: Stubs
 ) -> None:
@@ -280,6 +284,57 @@ async def insert_event(conn: asyncpg.Connection, age: str, payload: dict[str, An
     return value
 
 
+# ---- the Apache-licensed edition -----------------------------------------------------------------------
+
+
+@pytest.mark.timescale_apache
+async def test_apache_edition_has_no_policies_and_plain_volume_views(conn: asyncpg.Connection) -> None:
+    assert await conn.fetchval("SHOW timescaledb.license") == "apache"
+    assert await conn.fetch("SELECT job_id FROM timescaledb_information.jobs WHERE hypertable_name IS NOT NULL") == []
+    assert await conn.fetch("SELECT view_name FROM timescaledb_information.continuous_aggregates") == []
+    kinds = await conn.fetch(
+        "SELECT relname::text, relkind::text FROM pg_class "
+        "WHERE relname IN ('event_volume_hourly', 'enforcement_volume_hourly') ORDER BY 1"
+    )
+    assert [(r[0], r[1]) for r in kinds] == [("enforcement_volume_hourly", "v"), ("event_volume_hourly", "v")]
+    compressed = await conn.fetch(
+        "SELECT hypertable_name::text FROM timescaledb_information.hypertables WHERE compression_enabled"
+    )
+    assert compressed == []
+
+
+@pytest.mark.timescale_apache
+async def test_apache_edition_retention_is_the_apis(
+    store: Store, conn: asyncpg.Connection, api_config: ApiConfig
+) -> None:
+    """No retention policy there: the api's maintenance drops chunks past 90 days itself (on its
+    first round), and what remains still reads and resolves."""
+    await setup_rule(store)
+    old_event, old_enf = await insert_old(conn, "100 days")
+    [recent] = await store.events.create_many([NewEvent(HOOK, {"p": 2})])
+    assert await conn.fetchval("SELECT count(*) FROM show_chunks('event', older_than => INTERVAL '90 days')") == 1
+    assert await conn.fetchval("SELECT count(*) FROM enforcement_dispatch WHERE enforcement = $1", old_enf) == 1
+
+    async def gone() -> bool | None:
+        chunks = await conn.fetchval(
+            "SELECT count(*) FROM (SELECT show_chunks('event', older_than => INTERVAL '90 days') "
+            "UNION ALL SELECT show_chunks('enforcement', older_than => INTERVAL '90 days')) c"
+        )
+        orphan = await conn.fetchval("SELECT count(*) FROM enforcement_dispatch WHERE enforcement = $1", old_enf)
+        return True if chunks == 0 and orphan == 0 else None
+
+    server = ApiServer(api_config)
+    await server.start()
+    try:
+        await eventually(gone, what="chunks past 90 days dropped by the api")
+    finally:
+        await server.stop()
+    assert await conn.fetchval("SELECT count(*) FROM event WHERE id = $1", old_event) == 0
+    assert (await store.events.get(recent.event.id)).payload == {"p": 2}
+    [enf] = recent.enforcements
+    assert (await store.enforcements.resolve(enf.id, "processed")).execution is not None
+
+
 # ---- runs on every database -------------------------------------------------------------------------
 
 
@@ -340,7 +395,7 @@ def test_timescaledb_statements_stay_inside_the_marked_do_block() -> None:
     assert not _TIMESCALE_CALL.search(inside[:fallback_end].split("IF NOT use_timescaledb THEN", 1)[1])
     assert inside.index("CREATE EXTENSION IF NOT EXISTS timescaledb") > fallback_end
     # Later ones change what 0005 made, only once they found the extension installed.
-    assert [m.name for m in later] == ["timescaledb_reads"]
+    assert [m.name for m in later] == ["timescaledb_reads", "timescaledb_edition"]
     for m in later:
         inside = _guarded_block(m.sql)
         fallback_end = inside.index("RETURN;")
