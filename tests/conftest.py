@@ -1,24 +1,34 @@
 """Fixtures: a real PostgreSQL for the whole run, a fresh database per test, a real api.
 
 Where the database comes from, in order: ``TEST_DATABASE_URL`` (a superuser URL of a running
-server, e.g. one with TimescaleDB); a testcontainers TimescaleDB when a Docker engine answers;
-otherwise a throwaway server of Debian's binaries started here (``tools.postgres``).
+server, e.g. one with TimescaleDB); a testcontainers TimescaleDB, of the image and version
+docker-compose.yml pins, when a Docker engine answers; otherwise a throwaway server of Debian's
+binaries started here (``tools.postgres``). ``TEST_POSTGRES=local`` takes the throwaway server
+even where an engine answers; ``TEST_POSTGRES=container`` requires the container (no engine is a
+failure, not a fallback: CI's container run must never quietly test something else).
 The schema is migrated once into a template database; each test gets
 ``CREATE DATABASE ... TEMPLATE`` of it (fast, and fully isolated).
+
+Markers: ``timescale`` needs the extension; ``timescale_licensed`` needs the Timescale-licensed
+edition (compression, continuous aggregates, policies); ``timescale_apache`` the Apache-licensed
+one. Each is skipped, with the reason, on a database without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import pytest
+import yaml
 
 from services.api import migrate
 from services.api.server import ApiServer
@@ -35,7 +45,18 @@ from shared.gen.automation.v1 import (
 from tests.helpers import channel, store_test_tokens
 from tools.postgres import LocalPostgres
 
-TIMESCALE_IMAGE = "timescale/timescaledb:2.23.0-pg17"
+COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+
+
+def compose_image(service: str) -> str:
+    """The image docker-compose.yml pins for ``service``."""
+    image = yaml.safe_load(COMPOSE_FILE.read_text())["services"][service]["image"]
+    assert isinstance(image, str)
+    return image
+
+
+# The database image of the compose cluster: the tests run on what users run.
+TIMESCALE_IMAGE = compose_image("db")
 
 
 def with_database(url: str, name: str) -> str:
@@ -44,20 +65,30 @@ def with_database(url: str, name: str) -> str:
 
 
 def _docker_available() -> bool:
-    if not os.environ.get("DOCKER_HOST") and not os.path.exists("/var/run/docker.sock"):
-        return False
-    try:
-        import docker
+    """Whether a Docker engine answers ``GET /_ping`` (on DOCKER_HOST, or the default socket).
 
-        client = docker.from_env()  # type: ignore[attr-defined, no-untyped-call]
-    except Exception:  # noqa: BLE001 - any failure means "no engine here"
-        return False
+    Asked over a socket of our own, closed on every path: docker-py's client, built where the
+    socket exists but no engine answers, raises from its constructor and leaks its connection
+    (a ResourceWarning that then fails whichever test the collector runs in)."""
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     try:
-        return bool(client.ping())
-    except Exception:  # noqa: BLE001
+        if host.startswith("unix://"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: str | tuple[str, int] = host.removeprefix("unix://")
+        elif host.startswith("tcp://"):
+            name, _, port = host.removeprefix("tcp://").rstrip("/").rpartition(":")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            address = (name, int(port))
+        else:
+            return False
+        with sock:
+            sock.settimeout(3)
+            sock.connect(address)
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = sock.recv(64)
+    except (OSError, ValueError):
         return False
-    finally:
-        client.close()
+    return reply.startswith(b"HTTP/1.") and reply.split(b" ", 2)[1:2] == [b"200"]
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +97,13 @@ def pg_admin_url() -> Iterator[str]:
     if url := os.environ.get("TEST_DATABASE_URL"):
         yield url
         return
-    if _docker_available():
-        from testcontainers.postgres import PostgresContainer
+    choice = os.environ.get("TEST_POSTGRES", "")
+    if choice not in ("", "local", "container"):
+        raise pytest.UsageError(f"TEST_POSTGRES={choice!r}: expected 'local' or 'container'")
+    if choice == "container" and not _docker_available():
+        raise RuntimeError("TEST_POSTGRES=container, but no Docker engine answers (DOCKER_HOST, docker.sock)")
+    if choice != "local" and _docker_available():
+        from testcontainers.community.postgres import PostgresContainer
 
         with PostgresContainer(TIMESCALE_IMAGE, driver=None) as container:
             yield container.get_connection_url()
@@ -115,14 +151,19 @@ def template_db(pg_admin_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def has_timescaledb(pg_admin_url: str, template_db: str) -> bool:
-    async def check() -> bool:
+def timescaledb_license(pg_admin_url: str, template_db: str) -> str:
+    """The TimescaleDB edition of the test database: ``timescale``, ``apache``, or ``""``
+    without the extension."""
+
+    async def check() -> str:
         name = f"automation_probe_{uuid.uuid4().hex[:8]}"
         await _admin(pg_admin_url, f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
         try:
             conn = await asyncpg.connect(with_database(pg_admin_url, name))
             try:
-                return bool(await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"))
+                if not await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
+                    return ""
+                return str(await conn.fetchval("SELECT current_setting('timescaledb.license', true)") or "")
             finally:
                 await conn.close()
         finally:
@@ -131,16 +172,34 @@ def has_timescaledb(pg_admin_url: str, template_db: str) -> bool:
     return asyncio.run(check())
 
 
+@pytest.fixture(scope="session")
+def has_timescaledb(timescaledb_license: str) -> bool:
+    return bool(timescaledb_license)
+
+
+_NEEDS = {
+    "timescale": "the test database has no TimescaleDB extension (set TEST_DATABASE_URL to one that has it, "
+    "or run where a Docker engine answers)",
+    "timescale_licensed": "needs TimescaleDB's Timescale-licensed edition (compression, continuous aggregates, "
+    "policies); the test database's edition is {edition!r}",
+    "timescale_apache": "needs TimescaleDB's Apache-licensed edition; the test database's edition is {edition!r}",
+}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "timescale" in item.keywords:
+        if any(marker in item.keywords for marker in _NEEDS):
             item.fixturenames.append("_require_timescaledb")  # type: ignore[attr-defined]
 
 
 @pytest.fixture
-def _require_timescaledb(has_timescaledb: bool) -> None:
-    if not has_timescaledb:
-        pytest.skip("the test database has no TimescaleDB extension (set TEST_DATABASE_URL to one that has it)")
+def _require_timescaledb(request: pytest.FixtureRequest, timescaledb_license: str) -> None:
+    wanted = {"timescale": bool(timescaledb_license)}
+    wanted["timescale_licensed"] = timescaledb_license == "timescale"
+    wanted["timescale_apache"] = timescaledb_license == "apache"
+    for marker, reason in _NEEDS.items():
+        if request.node.get_closest_marker(marker) and not wanted[marker]:
+            pytest.skip(reason.format(edition=timescaledb_license or "none"))
 
 
 @pytest.fixture
