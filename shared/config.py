@@ -140,6 +140,26 @@ class ApiConfig:
     tls_client_ca: str = ""
     """API_TLS_CLIENT_CA: mutual TLS: CA certificate(s) (PEM) that must have signed every client's
     certificate; a client without one cannot connect at all. Needs API_TLS_CERT. Reloaded like it."""
+    max_calls: int = 512
+    """API_MAX_CALLS: calls served at once, health checks aside (services/api/budgets.py)."""
+    reserved_calls: int = 128
+    """API_RESERVED_CALLS: of API_MAX_CALLS, how many only ingest and the executor's calls may use."""
+    principal_calls: int = 128
+    """API_PRINCIPAL_CALLS: calls one principal may have in flight at once, streams included."""
+    principal_streams: int = 16
+    """API_PRINCIPAL_STREAMS: tails, replays and reflection streams one principal may hold open."""
+    principal_watches: int = 64
+    """API_PRINCIPAL_WATCHES: WatchEnforcements streams per principal (executors sharing a token)."""
+    principal_memory_fraction: float = 0.25
+    """API_PRINCIPAL_MEMORY_FRACTION: the share of the request memory budget one principal may hold."""
+    health_watches: int = 64
+    """API_HEALTH_WATCHES: Health.Watch streams open at once (Health.Check is always answered)."""
+    ingest_rate: float = 2000.0
+    """API_INGEST_RATE: events per second one principal may create (a burst of 2 s of it); 0 for
+    no pacing. Past it a sensor's calls are slowed up to 2 s, then refused with RetryInfo."""
+    ingest_rates: str = ""
+    """API_INGEST_RATES: rates of named principals, ``name=rate,...`` (0: unpaced), e.g. the web
+    service's sensor, which carries every webhook."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +300,26 @@ def parse_principals(text: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
+def parse_ingest_rates(text: str) -> dict[str, float]:
+    """``name=rate,...`` (API_INGEST_RATES) as a mapping; ConfigError when malformed."""
+    out: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, rate = item.rpartition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = -1.0
+        if not sep or not name.strip() or not value >= 0 or value == float("inf"):
+            raise ConfigError(f"API_INGEST_RATES: {item!r} is not name=rate (events per second, 0 for unpaced)")
+        out[name.strip()] = value
+    return out
+
+
+def _ingest_rates(text: str) -> str:
+    parse_ingest_rates(text)  # refuse a malformed mapping at start
+    return text
+
+
 def _principals(text: str) -> str:
     parse_principals(text)  # refuse a malformed mapping at start, not at the first call
     return text
@@ -344,6 +384,15 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
         heartbeat_s=_float(env, "HEARTBEAT_SECONDS", 5.0, minimum=0.05),
         grace_s=_float(env, "SHUTDOWN_GRACE_SECONDS", 10.0),
         request_retention_h=_float(env, "REQUEST_ID_RETENTION_HOURS", 48.0, minimum=24.0),
+        max_calls=_int(env, "API_MAX_CALLS", 512),
+        reserved_calls=_int(env, "API_RESERVED_CALLS", 128, minimum=0),
+        principal_calls=_int(env, "API_PRINCIPAL_CALLS", 128),
+        principal_streams=_int(env, "API_PRINCIPAL_STREAMS", 16),
+        principal_watches=_int(env, "API_PRINCIPAL_WATCHES", 64),
+        principal_memory_fraction=_float(env, "API_PRINCIPAL_MEMORY_FRACTION", 0.25, minimum=0.01),
+        health_watches=_int(env, "API_HEALTH_WATCHES", 64),
+        ingest_rate=_float(env, "API_INGEST_RATE", 2000.0, minimum=0.0),
+        ingest_rates=_ingest_rates(env.get("API_INGEST_RATES", "")),
         insecure=_bool(env, "API_INSECURE", False),
         reflection_public=_bool(env, "API_REFLECTION_PUBLIC", False),
         certificate_principals=_principals(env.get("API_TLS_PRINCIPALS", "")),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -100,6 +100,11 @@ class ResourceExhausted(DomainError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "RESOURCE_EXHAUSTED"
 
+    def __init__(self, message: str | None = None, reason: str | None = None, retry_after: float | None = None) -> None:
+        super().__init__(message, reason)
+        self.retry_after = retry_after
+        """Seconds to wait before trying again (a ``google.rpc.RetryInfo`` detail), if known."""
+
 
 class Unavailable(DomainError):
     """The database is unreachable; retry later."""
@@ -158,6 +163,12 @@ def to_status(error: DomainError) -> grpc.Status:
             )
         )
         details.append(bad)
+    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
+        retry = any_pb2.Any()
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(int(error.retry_after * 1e9), 0))
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
     code = getattr(code_pb2, error.code.name)
     return rpc_status.to_status(status_pb2.Status(code=code, message=error.message, details=details))
 

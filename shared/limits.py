@@ -20,8 +20,10 @@ limit, so every default-configured client can read every answer."""
 MAX_METADATA_BYTES = 16 * KiB
 """Largest request metadata (headers) the api accepts."""
 MAX_CONCURRENT_RPCS = 256
-"""Calls (watch streams included) the api serves at once; more are RESOURCE_EXHAUSTED. With
-MAX_MESSAGE_BYTES it bounds the memory received requests can hold (1 GiB at the very worst)."""
+"""Room grpc leaves past the budgets' total (API_MAX_CALLS + API_HEALTH_WATCHES, see
+services/api/budgets.py) before it refuses calls itself: health checks and the refusal of
+unauthenticated or over-budget calls never find the server full. The budgets refuse first,
+per principal."""
 MAX_REQUEST_MEMORY_BYTES = 256 * MiB
 """Memory the calls being handled may claim together (their size times REQUEST_AMPLIFICATION);
 past it, calls wait their turn within their deadline."""

@@ -28,7 +28,7 @@ import grpc
 from google.protobuf import descriptor_pool
 
 from shared import limits
-from shared.errors import InvalidArgument, to_status
+from shared.errors import InvalidArgument, ResourceExhausted, to_status
 
 log = logging.getLogger("services.api.rpc")
 # grpc's stubs type handlers for the sync server; the aio ones differ in their behaviours.
@@ -79,16 +79,50 @@ class HandlerCache:
 
 
 class ByteBudget:
-    """Bytes shared by the calls being handled; ``hold(n)`` waits (FIFO) until ``n`` are free."""
+    """Bytes shared by the calls being handled; ``hold(n)`` waits (FIFO) until ``n`` are free.
 
-    def __init__(self, total: int) -> None:
+    With an ``owner`` (the call's principal), what one owner's calls hold and wait for together
+    may not pass ``owner_share``: past it the call is refused (RESOURCE_EXHAUSTED), not queued,
+    so that one client's big requests cannot take the budget, or the queue, from the others.
+    A call of an owner holding nothing always gets in line."""
+
+    def __init__(self, total: int, owner_share: int | None = None) -> None:
         self.total = total
         self.free = total
+        self.owner_share = owner_share
+        self._owners: dict[str, int] = {}
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
+    def check(self, n: int, owner: str | None) -> None:
+        """Raises ResourceExhausted when holding ``n`` more would put ``owner`` past its share."""
+        if owner is None or self.owner_share is None:
+            return
+        held = self._owners.get(owner, 0)
+        if held and held + min(n, self.total) > self.owner_share:
+            raise ResourceExhausted(
+                f"{owner}'s requests being handled hold {held} bytes of request memory; its share is "
+                f"{self.owner_share} (API_PRINCIPAL_MEMORY_FRACTION of {self.total})",
+                reason="REQUEST_MEMORY",
+                retry_after=0.5,
+            )
+
     @contextlib.asynccontextmanager
-    async def hold(self, n: int) -> AsyncIterator[None]:
+    async def hold(self, n: int, owner: str | None = None) -> AsyncIterator[None]:
+        """Holds ``n`` bytes (waiting for them, FIFO) while the block runs; counted against
+        ``owner``'s share from the call on (``check`` first)."""
         n = min(n, self.total)  # a call larger than the whole budget waits for all of it
+        if owner is not None and self.owner_share is not None:
+            self._owners[owner] = self._owners.get(owner, 0) + n
+            try:
+                async with self.hold(n):
+                    yield
+            finally:
+                left = self._owners[owner] - n
+                if left:
+                    self._owners[owner] = left
+                else:
+                    del self._owners[owner]
+            return
         if self.free >= n and not self._waiters:
             self.free -= n
         else:
@@ -126,8 +160,9 @@ class ByteBudget:
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
-    def __init__(self, budget: ByteBudget | None = None) -> None:
+    def __init__(self, budget: ByteBudget | None = None, owner: Callable[[], str | None] = lambda: None) -> None:
         self.budget = budget or ByteBudget(limits.MAX_REQUEST_MEMORY_BYTES)
+        self._owner = owner
         self._cache = HandlerCache()
 
     async def intercept_service(
@@ -144,17 +179,27 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             or handler.request_deserializer is None
         ):
             return handler
-        return self._cache.get(method, handler, lambda: _wrap(handler, _message_name(method), self.budget))
+        return self._cache.get(method, handler, lambda: _wrap(handler, _message_name(method), self.budget, self._owner))
 
 
-def _wrap(handler: Handler, name: str, budget: ByteBudget) -> Handler:
+async def _within_share(budget: ByteBudget, n: int, owner: str | None, context: Any) -> None:
+    try:
+        budget.check(n, owner)
+    except ResourceExhausted as exc:
+        await context.abort_with_status(to_status(exc))
+        raise AssertionError("unreachable") from None  # abort_with_status always raises
+
+
+def _wrap(handler: Handler, name: str, budget: ByteBudget, owner: Callable[[], str | None]) -> Handler:
     deserialize = handler.request_deserializer
     if handler.response_streaming:
         inner_stream = handler.unary_stream
 
         async def unary_stream(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             # A stream lives long: it holds the budget only while its request is decoded.
-            async with budget.hold(len(raw) * limits.REQUEST_AMPLIFICATION):
+            n, who = len(raw) * limits.REQUEST_AMPLIFICATION, owner()
+            await _within_share(budget, n, who, context)
+            async with budget.hold(n, who):
                 request = await _decode(raw, deserialize, name, context)
             async for item in inner_stream(request, context):
                 yield item
@@ -164,7 +209,9 @@ def _wrap(handler: Handler, name: str, budget: ByteBudget) -> Handler:
     inner = handler.unary_unary
 
     async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        async with budget.hold(len(raw) * limits.REQUEST_AMPLIFICATION):
+        n, who = len(raw) * limits.REQUEST_AMPLIFICATION, owner()
+        await _within_share(budget, n, who, context)
+        async with budget.hold(n, who):
             return await inner(await _decode(raw, deserialize, name, context), context)
 
     return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=handler.response_serializer)

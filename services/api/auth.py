@@ -8,7 +8,9 @@ walks every method of every service so that a new RPC cannot ship without one.
 
 Tokens are verified against an in-memory copy of every token's hash (``Authenticator``),
 reloaded every few seconds: a call never waits for the database to be authenticated, and a
-revocation reaches every api replica within the reload interval.
+revocation reaches every api replica within the reload interval. Streams are checked again at
+every reload: a revoked or expired token's tails, watches and replays end then with
+UNAUTHENTICATED (a watch stream's leases are released as it ends).
 """
 
 from __future__ import annotations
@@ -155,6 +157,8 @@ class Authenticator:
         self._known: dict[bytes, _Known] = {}
         self._used: dict[bytes, datetime] = {}
         self._task: asyncio.Task[None] | None = None
+        self._open: dict[int, _Open] = {}
+        self._ending: set[asyncio.Task[None]] = set()
 
     async def load(self) -> None:
         rows = await self._source.all()
@@ -170,13 +174,47 @@ class Authenticator:
     def verify(self, token: str) -> Principal | None:
         """The token's principal, or None for an unknown, expired or revoked token."""
         digest = token_hash(token)
+        principal = self._valid(digest, time.time())
+        if principal is not None:
+            self._used[digest] = datetime.now(UTC)
+        return principal
+
+    def _valid(self, digest: bytes, now: float) -> Principal | None:
         known = self._known.get(digest)
         if known is None or known.revoked:
             return None
-        if known.expires_at is not None and time.time() >= known.expires_at:
+        if known.expires_at is not None and now >= known.expires_at:
             return None
-        self._used[digest] = datetime.now(UTC)
         return known.principal
+
+    def opened(self, token: str, context: Any) -> Callable[[], None]:
+        """Registers a stream opened with ``token``: when a reload finds the token revoked,
+        expired or gone, the stream is ended with UNAUTHENTICATED (``_end_invalid``). Returns
+        what unregisters it (call it when the stream ends)."""
+        task = asyncio.current_task()
+        if task is None:
+            return lambda: None
+        key = id(task)
+        self._open[key] = _Open(token_hash(token), context, task)
+
+        def closed() -> None:
+            self._open.pop(key, None)
+
+        return closed
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._open)
+
+    def _end_invalid(self) -> None:
+        """Ends every open stream whose token is no longer valid."""
+        now = time.time()
+        for key, stream in list(self._open.items()):
+            if self._valid(stream.digest, now) is None:
+                del self._open[key]
+                ending = asyncio.create_task(_end_stream(stream), name="end-revoked-stream")
+                self._ending.add(ending)
+                ending.add_done_callback(self._ending.discard)
 
     async def start(self) -> None:
         """Loads the tokens and keeps them fresh. If the first load fails (the database is
@@ -194,6 +232,7 @@ class Authenticator:
             await asyncio.sleep(self._refresh_s)
             try:
                 await self.load()
+                self._end_invalid()
                 if failing:
                     log.info("tokens reloaded")
                 failing = False
@@ -227,6 +266,28 @@ class Unauthenticated(DomainError):
     reason = "UNAUTHENTICATED"
 
 
+@dataclass(frozen=True, slots=True)
+class _Open:
+    """A stream open under a token: ended when the token stops being valid."""
+
+    digest: bytes
+    context: Any
+    task: asyncio.Task[Any]
+
+
+async def _end_stream(stream: _Open) -> None:
+    """Ends a stream whose token was revoked or expired: its status is sent first (from here:
+    the stream's own task may be waiting for work, or for a client that does not read), then
+    its task is cancelled, which runs its cleanup (a watch stream releases its leases at once)."""
+    log.info("ending a stream: its token was revoked or expired")
+    error = Unauthenticated("the token was revoked or has expired: this stream has ended", reason="TOKEN_REVOKED")
+    # Abort always raises (AbortError) once the status is sent, or when the stream has ended.
+    with contextlib.suppress(Exception):
+        await stream.context.abort_with_status(to_status(error))
+    if not stream.task.done():
+        stream.task.cancel()
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Identifies the caller of every call and checks ``ACCESS`` before any handler runs.
 
@@ -258,8 +319,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         allowed = None if method in REFLECTION else ACCESS.get(method, frozenset())
         return self._cache.get(
-            method, handler, lambda: _wrap(handler, lambda context: self._check(context, method, allowed), method)
+            method,
+            handler,
+            lambda: _wrap(handler, lambda context: self._check(context, method, allowed), method, self.opened),
         )
+
+    def opened(self, context: grpc.aio.ServicerContext[Any, Any]) -> Callable[[], None]:
+        """Registers the stream being opened with its bearer token, so that revoking or
+        expiring the token ends it; what unregisters it. A certificate's principal has no
+        token to revoke."""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                return self._auth.opened(str(value).partition(" ")[2].strip(), context)
+        return lambda: None
 
     def identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal:
         """The caller: its bearer token's principal, else its client certificate's."""
@@ -305,8 +377,14 @@ async def _refuse(context: Any, method: str, error: DomainError) -> NoReturn:
     raise AssertionError("unreachable")  # abort_with_status always raises
 
 
-def _wrap(handler: Handler, check: Callable[[Any], Principal | DomainError], method: str) -> Handler:
-    """The handler with ``check`` run first and its principal current while it runs."""
+def _wrap(
+    handler: Handler,
+    check: Callable[[Any], Principal | DomainError],
+    method: str,
+    opened: Callable[[Any], Callable[[], None]],
+) -> Handler:
+    """The handler with ``check`` run first and its principal current while it runs; a
+    stream is registered (``opened``) so that revoking its token ends it."""
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
 
     async def caller(context: Any) -> Principal:
@@ -334,12 +412,16 @@ def _wrap(handler: Handler, check: Callable[[Any], Principal | DomainError], met
 
         async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
             _current.set(await caller(context))  # a generator runs in its own context
-            result = inner_us(request, context)
-            if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
-            else:
-                await result
+            closed = opened(context)
+            try:
+                result = inner_us(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            finally:
+                closed()
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
     if handler.stream_unary is not None:
@@ -357,11 +439,15 @@ def _wrap(handler: Handler, check: Callable[[Any], Principal | DomainError], met
 
     async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
         _current.set(await caller(context))
-        result = inner_ss(requests, context)
-        if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
-        else:
-            await result
+        closed = opened(context)
+        try:
+            result = inner_ss(requests, context)
+            if hasattr(result, "__aiter__"):
+                async for item in result:
+                    yield item
+            else:
+                await result
+        finally:
+            closed()
 
     return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)

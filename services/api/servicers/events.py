@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -9,6 +10,8 @@ from typing import Any
 
 from services.api import convert, validate
 from services.api._rpc import rpc
+from services.api.auth import current_principal
+from services.api.budgets import IngestRate
 from services.api.dispatcher import Dispatcher, Handoff
 from services.api.servicers import provenance as webhook_provenance
 from services.api.servicers import tails
@@ -95,8 +98,9 @@ def _created_event(c: Any) -> event_pb2.CreateEventResponse:
 
 
 class EventService(event_pb2_grpc.EventServiceServicer):
-    def __init__(self, store: Store, dispatcher: Dispatcher, lease_s: float) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, lease_s: float, rate: IngestRate | None = None) -> None:
         self._store = store
+        self._rate = rate or IngestRate(0.0)
         self._dispatcher = dispatcher
         self._lease_s = lease_s
         # Concurrent CreateEvent calls share statements: one goes at once while fewer than
@@ -137,6 +141,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
     async def create_one(self, new: NewEvent) -> CreatedEvent:
         """Stores one event as CreateEvent does (webhook deliveries too): gathered with other
         calls' events under load, alone when it has a request_id."""
+        await self._paced(1)
         if self._tracing:
             # Here, in the call's own context: a gathered statement runs in another's.
             (new,) = _traced([new])
@@ -148,6 +153,13 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         if isinstance(outcome, DomainError):
             raise outcome
         return outcome
+
+    async def _paced(self, n: int) -> None:
+        """Waits for the caller's turn under its ingest rate (``budgets.IngestRate``): a sensor
+        sending faster is slowed, then refused; nobody else waits for it."""
+        wait = self._rate.take(current_principal().name, n)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _create(self, new: list[NewEvent], many: bool) -> list[CreatedEvent]:
         handoff = self._dispatcher.handoff(self._lease_s)
@@ -201,6 +213,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         v = Violations()
         new = [_new_event(v, f"events[{i}]", e) for i, e in enumerate(request.events)]
         v.raise_if_any()
+        await self._paced(len(new))
         results = await self._create(_traced(new) if self._tracing else new, many=True)
         return event_pb2.CreateEventsResponse(
             receipts=[
