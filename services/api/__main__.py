@@ -8,6 +8,7 @@ python -m services.api tokens revoke NAME
 from __future__ import annotations
 
 import argparse
+import asyncio
 import getpass
 import logging
 import os
@@ -44,6 +45,10 @@ async def _tokens(url: str, ns: argparse.Namespace) -> int:
                 "It is shown this once: only its hash is kept. Send it as 'authorization: Bearer <token>'.",
                 file=sys.stderr,
             )
+            # Every api reloads the tokens every API_TOKEN_REFRESH_SECONDS: returning once one
+            # such interval (and a margin for the reload itself) has passed makes the token
+            # usable as soon as it is printed.
+            await asyncio.sleep(float(os.environ.get("API_TOKEN_REFRESH_SECONDS") or 2.0) + 1.0)
             if ns.out:
                 _write_secret(Path(ns.out), token)
                 print(f"written to {ns.out}", file=sys.stderr)

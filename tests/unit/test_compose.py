@@ -40,7 +40,7 @@ def test_the_web_service_reaches_the_api_with_its_own_sensor_token() -> None:
     services = compose()["services"]
     web = services["web"]
     assert web["command"] == ["python", "-m", "services.web"]
-    assert web["environment"]["API_TOKEN_FILE"] == "/tokens/web" and "8080:8080" in web["ports"]
+    assert web["environment"]["API_TOKEN_FILE"] == "/tokens/web" and "127.0.0.1:8080:8080" in web["ports"]
     assert web["depends_on"] == {
         "api": {"condition": "service_healthy"},
         "web-token": {"condition": "service_completed_successfully"},
@@ -74,14 +74,14 @@ def test_long_running_services_have_health_checks_and_restart_policies() -> None
         assert services[name]["healthcheck"]["test"], name
         assert services[name]["restart"] in {"unless-stopped", "always"}, name
     assert services["api"]["healthcheck"]["test"][:4] == ["CMD", "python", "-m", "tools.healthcheck"]
-    assert services["migrate"]["restart"] == "on-failure"
-    assert services["certs"]["restart"] == "on-failure"
+    assert services["migrate"]["restart"] == "on-failure:3"
+    assert services["certs"]["restart"] == "on-failure:3"
 
 
-def test_api_listens_on_all_interfaces_and_publishes_its_port() -> None:
+def test_api_listens_on_all_interfaces_and_publishes_its_port_on_loopback() -> None:
     api = compose()["services"]["api"]
     assert api["environment"]["API_ADDR"] == "0.0.0.0:50051"
-    assert "50051:50051" in api["ports"]
+    assert "127.0.0.1:50051:50051" in api["ports"]
     assert api["command"] == ["python", "-m", "services.api"]
 
 

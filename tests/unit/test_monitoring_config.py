@@ -362,14 +362,14 @@ def test_compose_runs_prometheus_and_grafana_on_the_files_here() -> None:
     prometheus, grafana = services["prometheus"], services["grafana"]
     assert prometheus["image"].startswith("prom/prometheus")
     assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
-    assert "9090:9090" in prometheus["ports"]
+    assert "127.0.0.1:9090:9090" in prometheus["ports"]
     assert prometheus["depends_on"] == {"api": {"condition": "service_healthy"}}
     assert grafana["image"].startswith("grafana/grafana")
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert grafana["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
-    assert "3000:3000" in grafana["ports"]
+    assert "127.0.0.1:3000:3000" in grafana["ports"]
     assert set(grafana["depends_on"]) == {"prometheus"}
     # The mounted directories are the ones in the repository.
     for service in (prometheus, grafana):
