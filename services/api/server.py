@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import signal
@@ -150,10 +151,23 @@ class ApiServer:
         )
         if problems := shares.problems():
             raise ConfigError("; ".join(problems))
+        ingest_rate = config.ingest_rate
+        if config.insecure:
+            # Without authentication every caller is one principal: a share of it would be a
+            # limit on everyone together. The total and its reserve still hold.
+            everything = shares.calls
+            shares = dataclasses.replace(
+                shares,
+                principal_calls=everything,
+                principal_streams=everything,
+                principal_watches=everything,
+                principal_memory_fraction=1.0,
+            )
+            ingest_rate = 0.0
         self.budgets = Budgets(shares)
-        self.ingest_rate = IngestRate(config.ingest_rate, overrides=parse_ingest_rates(config.ingest_rates))
+        self.ingest_rate = IngestRate(ingest_rate, overrides=parse_ingest_rates(config.ingest_rates))
         memory = ByteBudget(
-            limits.MAX_REQUEST_MEMORY_BYTES, int(limits.MAX_REQUEST_MEMORY_BYTES * config.principal_memory_fraction)
+            limits.MAX_REQUEST_MEMORY_BYTES, int(limits.MAX_REQUEST_MEMORY_BYTES * shares.principal_memory_fraction)
         )
         # After authentication (the principal is known), before decoding: a call over its
         # principal's share costs nothing more.

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -72,23 +74,83 @@ def _reemits(event: common_pb2.Event, of: int) -> bool:
     return event.HasField("reemit_of") and event.reemit_of == of
 
 
+STREAMS_PER_SESSION = 6
+"""Live streams one signed-in session may hold open (a person rarely has more pages open at
+once; each stream is one api tail under their token)."""
+STREAMS_TOTAL = 128
+"""Live streams the web service holds in all: each is an api tail, and the api gives one
+principal at most API_PRINCIPAL_STREAMS of those (16 by default)."""
+BUSY_RETRY_S = 30
+
+
 class Live:
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, per_session: int | None = None, total: int | None = None) -> None:
         self.console = console
+        self.per_session = per_session or STREAMS_PER_SESSION
+        self.total = total or STREAMS_TOTAL
+        self.open = 0
+        self._by_session: dict[bytes, int] = {}
+
+    def _admit(self, user: User) -> Callable[[], None] | Response:
+        """Counts a stream in (what counts it out), or the 429 that refuses it: one session
+        opening live pages without end cannot take every api stream of the web service."""
+        session = hashlib.sha256(user.token.encode()).digest()
+        held = self._by_session.get(session, 0)
+        if held >= self.per_session or self.open >= self.total:
+            which = (
+                f"this session has {held} live streams open, its share is {self.per_session}"
+                if held >= self.per_session
+                else f"the console has {self.open} live streams open, its limit is {self.total}"
+            )
+            log.info("live stream refused for %s: %s", user.name, which)
+            return Response(
+                f"too many live streams: {which}; close a page, then reload\n",
+                status_code=429,
+                headers={"Retry-After": str(BUSY_RETRY_S), "Cache-Control": "no-store"},
+                media_type="text/plain",
+            )
+        self._by_session[session] = held + 1
+        self.open += 1
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            self.open -= 1
+            left = self._by_session[session] - 1
+            if left:
+                self._by_session[session] = left
+            else:
+                del self._by_session[session]
+
+        return release
 
     def _stream(self, request: Request, user: User, body: AsyncIterator[bytes]) -> Response:
-        async def guarded() -> AsyncIterator[bytes]:
-            yield f"retry: {RECONNECT_MS}\n\n".encode()
-            try:
-                async for chunk in body:
-                    yield chunk
-            except grpc.aio.AioRpcError as exc:
-                yield self._ended(user, exc)
+        admitted = self._admit(user)
+        if isinstance(admitted, Response):
+            return admitted
+        release = admitted
 
+        async def guarded() -> AsyncIterator[bytes]:
+            try:
+                yield f"retry: {RECONNECT_MS}\n\n".encode()
+                try:
+                    async for chunk in body:
+                        yield chunk
+                except grpc.aio.AioRpcError as exc:
+                    yield self._ended(user, exc)
+            finally:
+                release()
+
+        # The background task counts the stream out too when the body never started (a
+        # browser gone before the first byte); release is idempotent.
         return StreamingResponse(
             guarded(),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(release),
         )
 
     def _ended(self, user: User, exc: grpc.aio.AioRpcError) -> bytes:

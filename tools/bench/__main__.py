@@ -11,7 +11,21 @@ from collections.abc import Awaitable, Callable
 
 from shared.runtime import run as run_loop
 
-from . import backlog, compare, ingest, latency, metrics, pipeline, read, rules, security, settings, traces, webhooks
+from . import (
+    backlog,
+    compare,
+    fairness,
+    ingest,
+    latency,
+    metrics,
+    pipeline,
+    read,
+    rules,
+    security,
+    settings,
+    traces,
+    webhooks,
+)
 from .fixture import STORES, Cluster, StoreUnavailable
 from .report import Row, footer, progress, table
 
@@ -33,6 +47,8 @@ SCENARIOS: dict[str, Scenario] = {
     "metrics": metrics.run,
     # And: --only tracing (CreateEvent and the pipeline with OpenTelemetry traces on vs off).
     "tracing": traces.run,
+    # And: --only fairness (one sensor's latency alone and beside a flooding one, budgets off and on).
+    "fairness": fairness.run,
     # And: --only compare --baseline-dir PATH (this tree against another, same run).
     "compare": compare.run,
 }
