@@ -148,8 +148,6 @@ class ApiConfig:
     """API_PRINCIPAL_CALLS: calls one principal may have in flight at once, streams included."""
     principal_streams: int = 16
     """API_PRINCIPAL_STREAMS: tails, replays and reflection streams one principal may hold open."""
-    principal_watches: int = 64
-    """API_PRINCIPAL_WATCHES: WatchEnforcements streams per principal (executors sharing a token)."""
     principal_memory_fraction: float = 0.25
     """API_PRINCIPAL_MEMORY_FRACTION: the share of the request memory budget one principal may hold."""
     health_watches: int = 64
@@ -388,7 +386,6 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
         reserved_calls=_int(env, "API_RESERVED_CALLS", 128, minimum=0),
         principal_calls=_int(env, "API_PRINCIPAL_CALLS", 128),
         principal_streams=_int(env, "API_PRINCIPAL_STREAMS", 16),
-        principal_watches=_int(env, "API_PRINCIPAL_WATCHES", 64),
         principal_memory_fraction=_float(env, "API_PRINCIPAL_MEMORY_FRACTION", 0.25, minimum=0.01),
         health_watches=_int(env, "API_HEALTH_WATCHES", 64),
         ingest_rate=_float(env, "API_INGEST_RATE", 2000.0, minimum=0.0),

@@ -234,8 +234,8 @@ async def _secure(env: dict[str, str]) -> str:
         store = Store(pool)
         operator = await _token(store, "local-operator", "operator", TOKENS / "operator")
         env.setdefault("API_TOKEN", await _token(store, "local-executor", "executor", TOKENS / "executor"))
-        # The web service hands webhook deliveries over as a sensor.
-        env.setdefault("WEB_API_TOKEN", await _token(store, "local-web", "sensor", TOKENS / "web"))
+        # The web service hands webhook deliveries over with a role of its own (webhook).
+        env.setdefault("WEB_API_TOKEN", await _token(store, "local-web", "webhook", TOKENS / "web"))
     finally:
         await pool.close()
     return operator

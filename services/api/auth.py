@@ -35,8 +35,10 @@ from shared.errors import DomainError, PermissionDenied, to_status
 
 log = logging.getLogger("services.api.auth")
 
-SENSOR, EXECUTOR, VIEWER, OPERATOR = "sensor", "executor", "viewer", "operator"
-ROLES = (SENSOR, EXECUTOR, VIEWER, OPERATOR)
+SENSOR, EXECUTOR, VIEWER, OPERATOR, WEBHOOK = "sensor", "executor", "viewer", "operator", "webhook"
+ROLES = (SENSOR, EXECUTOR, VIEWER, OPERATOR, WEBHOOK)
+"""``webhook`` is the web service's: it alone hands webhook deliveries over, and a delivery
+carries what only the web service can assert (the signature checked, the client address)."""
 TOKEN_PREFIX = "atk_"
 
 _P = "automation.v1."
@@ -65,8 +67,9 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "RuleService/DeleteTrigger": (),
     _P + "RuleService/UpdateTrigger": (),
     _P + "RuleService/RotateWebhookKey": (),
-    # The web service hands webhook deliveries over with its sensor credentials.
-    _P + "WebhookService/DeliverWebhook": (SENSOR,),
+    # Only the web service (its own role): a delivery asserts a checked signature and the
+    # client's address, which a sensor must not be able to claim.
+    _P + "WebhookService/DeliverWebhook": (WEBHOOK,),
     _P + "RuleService/CreateRule": (),
     # Executors read the rule of each enforcement to decide it.
     _P + "RuleService/GetRule": (VIEWER, EXECUTOR),
@@ -82,7 +85,7 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "AnalyticsService/QueryEventVolume": (VIEWER,),
     _P + "AnalyticsService/QueryEnforcementVolume": (VIEWER,),
     _P + "AuditService/ListAuditRecords": (),
-    _P + "AuthService/WhoAmI": (SENSOR, EXECUTOR, VIEWER),
+    _P + "AuthService/WhoAmI": (SENSOR, EXECUTOR, VIEWER, WEBHOOK),
 }
 ACCESS: Mapping[str, frozenset[str]] = {m: frozenset((*roles, OPERATOR)) for m, roles in _ACCESS.items()}
 """Method (``package.Service/Method``) -> the roles that may call it."""

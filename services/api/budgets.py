@@ -5,9 +5,9 @@ until refused held all 256 calls, and every other client's CreateEvent, resolve 
 health check was RESOURCE_EXHAUSTED. Now every call (health aside) is counted three ways:
 
 - **its principal's share**: at most ``principal_calls`` calls at once, of which at most
-  ``principal_streams`` observing streams (tails, replays, reflection) and
-  ``principal_watches`` executor watch streams; a principal over its share is refused, and
-  only it;
+  ``principal_streams`` observing streams (tails, replays, reflection); a principal over its
+  share is refused, and only it (watch streams have their own per-principal limits of streams
+  and credit: ``EnforcementService._credit_for``);
 - **the api's total** (``calls``), of which ``reserve`` only the critical path may take:
   ingest (CreateEvent, CreateEvents, DeliverWebhook) and the executor's (WatchEnforcements,
   Resolve/Release, GetRule). So reads and tails, however many principals send them, can never
@@ -52,6 +52,7 @@ CRITICAL = frozenset(
 )
 """Calls that may use the reserve: ingest and the executor's path."""
 WATCHES = frozenset({_P + "EnforcementService/WatchEnforcements"})
+"""Streams that are not observing: their limits are the watch stream's own."""
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 
@@ -70,8 +71,6 @@ class Shares:
     principal_streams: int = 16
     """Observing streams (TailEvents, TailEnforcements, ReplayRule, reflection) per principal:
     a console page holds one per open live view."""
-    principal_watches: int = 64
-    """WatchEnforcements streams per principal: executors that share a token share this."""
     principal_memory_fraction: float = 0.25
     """The share of the request memory budget one principal's calls may hold at once."""
     health_watches: int = 64
@@ -86,7 +85,6 @@ class Shares:
         for name, value in (
             ("API_PRINCIPAL_CALLS", self.principal_calls),
             ("API_PRINCIPAL_STREAMS", self.principal_streams),
-            ("API_PRINCIPAL_WATCHES", self.principal_watches),
             ("API_HEALTH_WATCHES", self.health_watches),
         ):
             if value < 1:
@@ -100,7 +98,6 @@ class Shares:
 class _Held:
     calls: int = 0
     streams: int = 0
-    watches: int = 0
 
 
 CALL_RETRY_S = 0.25
@@ -118,10 +115,10 @@ class Budgets:
         self.health_watches = 0
         self._held: dict[str, _Held] = {}
 
-    def held(self, principal: str) -> tuple[int, int, int]:
-        """(calls, streams, watches) the principal holds now."""
+    def held(self, principal: str) -> tuple[int, int]:
+        """(calls, observing streams) the principal holds now."""
         h = self._held.get(principal)
-        return (h.calls, h.streams, h.watches) if h else (0, 0, 0)
+        return (h.calls, h.streams) if h else (0, 0)
 
     def admit(self, principal: str, method: str, stream: bool) -> Callable[[], None]:
         """Counts a call in, or raises ``ResourceExhausted`` naming the budget it is over;
@@ -154,17 +151,9 @@ class Budgets:
                 reason="PRINCIPAL_STREAMS",
                 retry_after=STREAM_RETRY_S,
             )
-        if watch and h.watches >= s.principal_watches:
-            raise ResourceExhausted(
-                f"{principal} has {h.watches} watch streams open, its share is {s.principal_watches} "
-                "(API_PRINCIPAL_WATCHES)",
-                reason="PRINCIPAL_WATCHES",
-                retry_after=STREAM_RETRY_S,
-            )
         self.in_flight += 1
         h.calls += 1
         h.streams += observe
-        h.watches += watch
         done = False
 
         def release() -> None:
@@ -175,7 +164,6 @@ class Budgets:
             self.in_flight -= 1
             h.calls -= 1
             h.streams -= observe
-            h.watches -= watch
             if not h.calls:
                 self._held.pop(principal, None)
 

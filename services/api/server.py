@@ -145,7 +145,6 @@ class ApiServer:
             reserve=config.reserved_calls,
             principal_calls=config.principal_calls,
             principal_streams=config.principal_streams,
-            principal_watches=config.principal_watches,
             principal_memory_fraction=config.principal_memory_fraction,
             health_watches=config.health_watches,
         )
@@ -160,7 +159,6 @@ class ApiServer:
                 shares,
                 principal_calls=everything,
                 principal_streams=everything,
-                principal_watches=everything,
                 principal_memory_fraction=1.0,
             )
             ingest_rate = 0.0

@@ -3,7 +3,7 @@
 The console holds no accounts of its own: a person signs in with an api token (viewer or
 operator), which the api verifies (``AuthService/WhoAmI``) and which then goes with every call
 the console makes for them, so the api's roles and audit trail apply to the person, never to
-the web service. The service's own token (sensor) is for webhook deliveries only; a console
+the web service. The service's own token (role webhook) is for webhook deliveries only; a console
 call without a person's token is never made (``User.metadata`` always carries theirs).
 
 The cookie is HttpOnly (page scripts cannot read it) and SameSite=Strict (another site cannot

@@ -186,7 +186,7 @@ async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, t
             for port in (metrics, metrics + 1):
                 scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
                 assert scraped.status_code == 200 and "grpc_" in scraped.text
-        # The web service runs too, and hands deliveries to the api with its own sensor token.
+        # The web service runs too, and hands deliveries to the api with its own webhook token.
         async with httpx.AsyncClient(timeout=30) as http:
             answer = await http.post(f"http://{web}/webhooks/{key}", json={"kind": "greet", "name": "hook"})
         assert answer.status_code == 202, answer.text

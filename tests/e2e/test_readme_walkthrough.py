@@ -266,8 +266,8 @@ async def webhooks(cluster: Cluster, conn: asyncpg.Connection, block: list[list[
     assert "webhook_secret" not in trigger
     key = trigger["webhook_key"]
     (script,) = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S) if "\ncurl " in b]
-    sensor = ClientSecurity(ca=str(cluster.ca), token=TOKENS["sensor"])
-    async with open_channel(cluster.target, sensor) as ch, web_service(cluster.target, ch) as url:
+    web = ClientSecurity(ca=str(cluster.ca), token=TOKENS["webhook"])
+    async with open_channel(cluster.target, web) as ch, web_service(cluster.target, ch) as url:
         script = script.replace("KEY=wh_...", f"KEY={key}").replace("http://127.0.0.1:8080", url)
         answers = []
         for _ in range(2):

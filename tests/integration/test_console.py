@@ -53,7 +53,7 @@ READ_S = 15.0
 async def web(api: ApiServer) -> AsyncIterator[str]:
     """The web service, its own channel carrying the sensor token (the console never uses it)."""
     target = f"127.0.0.1:{api.port}"
-    async with channel(target, token=TOKENS["sensor"]) as ch, web_service(target, ch) as url:
+    async with channel(target, token=TOKENS["webhook"]) as ch, web_service(target, ch) as url:
         yield url
 
 

@@ -64,7 +64,7 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture
 async def web(api: ApiServer) -> AsyncIterator[str]:
     target = f"127.0.0.1:{api.port}"
-    async with channel(target, TOKENS["sensor"]) as ch, web_service(target, ch) as url:
+    async with channel(target, TOKENS["webhook"]) as ch, web_service(target, ch) as url:
         yield url
 
 
@@ -346,7 +346,7 @@ async def test_live_pages_carry_on_across_an_api_restart(api_config: ApiConfig, 
         before = (await emit(ops, "demo.push", n=1)).enforcements[0].id
         second: ApiServer | None = None
         async with (
-            channel(target, TOKENS["sensor"]) as web_ch,
+            channel(target, TOKENS["webhook"]) as web_ch,
             web_service(target, web_ch) as url,
             signed_in(browser, url, start="/enforcements") as console,
         ):

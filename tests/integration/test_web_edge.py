@@ -24,7 +24,7 @@ from google.protobuf import field_mask_pb2
 from services.api.server import ApiServer
 from services.api.servicers.webhooks import signature_of, standard_signature_of, stripe_signature_of
 from services.web.session import COOKIE, csrf_of
-from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2
+from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2, webhook_pb2, webhook_pb2_grpc
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, channel, eventually, field_violations, new_event, rpc_error, struct, web_service
 
@@ -37,7 +37,7 @@ READ_S = 15.0
 @asynccontextmanager
 async def serve(api: ApiServer, **settings: Any) -> AsyncIterator[str]:
     target = f"127.0.0.1:{api.port}"
-    async with channel(target, token=TOKENS["sensor"]) as ch, web_service(target, ch, **settings) as url:
+    async with channel(target, token=TOKENS["webhook"]) as ch, web_service(target, ch, **settings) as url:
         yield url
 
 
@@ -110,6 +110,14 @@ async def test_a_sensor_cannot_write_webhook_provenance(api: ApiServer, stubs: S
         # Its own provenance is still its to state.
         ok = new_event(HOOK, {}, source_ref="sensor.ci", config=struct({"hmac": "n/a"}))
         await sensor.CreateEvent(event_pb2.CreateEventRequest(event=ok))
+        # Nor can it hand a "delivery" over itself, with a client address of its choosing:
+        # DeliverWebhook is the web service's alone (role webhook).
+        hooks = webhook_pb2_grpc.WebhookServiceStub(ch)
+        exc = await rpc_error(
+            hooks.DeliverWebhook(webhook_pb2.DeliverWebhookRequest(key="wh_x", body=b"{}", source_ip="203.0.113.9")),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        assert "webhook" in (exc.details() or "")
     assert await conn.fetchval("SELECT count(*) FROM event WHERE source_ref = 'webhook'") == 0
     assert await events(conn) == 1
 

@@ -28,7 +28,7 @@ EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 
 
 @asynccontextmanager
-async def serve(target: str, token: str = TOKENS["sensor"], rpc_timeout_s: float = 10.0) -> AsyncIterator[str]:
+async def serve(target: str, token: str = TOKENS["webhook"], rpc_timeout_s: float = 10.0) -> AsyncIterator[str]:
     """The web service on a free port, its deliveries sent with ``token``; its base URL."""
     async with channel(target, token=token) as ch, web_service(target, ch, rpc_timeout_s) as url:
         yield url

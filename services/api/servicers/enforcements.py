@@ -336,6 +336,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 f"{principal} already has {len(streams)} watch streams on this api, the most one principal may open; "
                 "close one first",
                 reason="TOO_MANY_STREAMS",
+                retry_after=5.0,
             )
         left = limits.MAX_CREDIT_PER_PRINCIPAL - sum(sub.credit for sub in streams)
         if left <= 0:
@@ -343,6 +344,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                 f"{principal}'s watch streams already hold {limits.MAX_CREDIT_PER_PRINCIPAL} credit on this api "
                 "(max_in_flight in all); close a stream first",
                 reason="TOO_MUCH_CREDIT",
+                retry_after=5.0,
             )
         return min(wanted, left)
 
