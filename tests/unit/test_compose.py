@@ -36,7 +36,7 @@ def test_compose_has_its_ten_services() -> None:
     }
 
 
-def test_the_web_service_reaches_the_api_with_its_own_sensor_token() -> None:
+def test_the_web_service_reaches_the_api_with_its_own_webhook_token() -> None:
     services = compose()["services"]
     web = services["web"]
     assert web["command"] == ["python", "-m", "services.web"]
@@ -45,7 +45,7 @@ def test_the_web_service_reaches_the_api_with_its_own_sensor_token() -> None:
         "api": {"condition": "service_healthy"},
         "web-token": {"condition": "service_completed_successfully"},
     }
-    assert "--role" in services["web-token"]["command"] and "sensor" in services["web-token"]["command"]
+    assert "--role" in services["web-token"]["command"] and "webhook" in services["web-token"]["command"]
     assert web["healthcheck"]["test"] and web["restart"] == "unless-stopped"
 
 
