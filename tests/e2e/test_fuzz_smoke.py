@@ -39,3 +39,27 @@ async def test_a_short_fuzz_run_breaks_no_invariant(db_url: str, tmp_path: Path)
     assert outcome.ledger_sizes[0] > outcome.traffic.ok > 0, report
     assert outcome.resolved.get("processed", 0) > 0, report
     assert {"scenario", "plausible", "edge", "raw"} <= set(stats.origins), report
+
+
+@pytest.mark.timeout(300)
+async def test_many_principals_fuzzing_leave_the_ordinary_sensor_unharmed(db_url: str, tmp_path: Path) -> None:
+    """The fuzzer's "many principals" mode: the api authenticates, and the fuzzed calls go under
+    ten tokens of every role; the ordinary sensor (a token of its own) is never refused or
+    failed, and its enforcements are resolved by the executor (a token of its own too)."""
+    settings = Settings(
+        minutes=0.3,
+        seed=2,
+        database_url=db_url,
+        log_dir=tmp_path / "logs",
+        regressions_dir=tmp_path / "regressions",
+        principals=10,
+    )
+    outcome = await run(settings)
+    report = render(outcome)
+    assert not outcome.failed, report
+    stats = outcome.stats
+    # Authentication was on: roles without the right were refused, the others got through.
+    assert sum(c["PERMISSION_DENIED"] for c in stats.codes.values()) > 0, report
+    assert sum(c["OK"] for c in stats.codes.values()) > 0, report
+    assert outcome.traffic.ok == outcome.traffic.sent > 0, report
+    assert outcome.resolved.get("processed", 0) > 0, report

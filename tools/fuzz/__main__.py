@@ -1,4 +1,5 @@
-"""``python -m tools.fuzz [--minutes N] [--seed S] [--max-rss-mb M] [--database-url URL] [--keep-logs]``.
+"""``python -m tools.fuzz [--minutes N] [--seed S] [--max-rss-mb M] [--database-url URL] [--keep-logs]
+[--principals N]``.
 
 Exits 0 only if no invariant broke.
 """
@@ -49,9 +50,16 @@ def parse(argv: list[str] | None = None) -> Settings:
         help="run the api and executor from this tree (e.g. `git archive` of another commit) instead of a "
         "snapshot of the working tree",
     )
+    p.add_argument(
+        "--principals",
+        type=int,
+        default=0,
+        help="many principals: the api authenticates and the fuzzed calls go under N tokens of every role, "
+        "beside the ordinary traffic's own (which must stay unharmed); default 0, no authentication",
+    )
     ns = p.parse_args(argv)
-    if ns.minutes <= 0 or ns.workers <= 0 or ns.rate <= 0:
-        p.error("--minutes, --workers and --rate must be positive")
+    if ns.minutes <= 0 or ns.workers <= 0 or ns.rate <= 0 or ns.principals < 0:
+        p.error("--minutes, --workers and --rate must be positive, --principals at least 0")
     return Settings(
         minutes=ns.minutes,
         seed=ns.seed,
@@ -63,6 +71,7 @@ def parse(argv: list[str] | None = None) -> Settings:
         workers=ns.workers,
         rate=ns.rate,
         code_dir=ns.code_dir.resolve() if ns.code_dir else None,
+        principals=ns.principals,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import shutil
 import tempfile
 from collections import Counter
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import asyncpg
 
+from services.api.auth import ROLES, new_token
 from tools.fuzz.invariants import REGRESSIONS_DIR, Protected, Recorder, Violation, last_error, tracebacks
 from tools.fuzz.known import KNOWN
 from tools.fuzz.processes import Cluster, Database, snapshot
@@ -45,6 +47,11 @@ class Settings:
     code_dir: Path | None = None
     """Run the api and executor from this tree (services, shared, migrations) instead of a
     snapshot of the working tree: another commit's ``git archive``, to compare."""
+    principals: int = 0
+    """Many principals: the api authenticates, and the fuzzed calls go under this many tokens
+    of every role (PERMISSION_DENIED and a budget's RESOURCE_EXHAUSTED are then allowed
+    answers); the ordinary traffic and the executor have tokens of their own, and must not be
+    slowed into failure or refused by any of them. 0: no authentication, as before."""
 
     @property
     def seconds(self) -> float:
@@ -164,6 +171,26 @@ async def _row_checks(url: str, base: tuple[int, int], ledger: Ledger) -> tuple[
 
 
 # --- one run ---------------------------------------------------------------------------------
+async def _principals(url: str, n: int) -> dict[str, str]:
+    """Tokens for the many-principals mode: ``n`` fuzzing principals (``fuzz-<i>-<role>``,
+    the roles in turn), the ordinary traffic's (sensor and operator) and the executor's."""
+    conn = await asyncpg.connect(url)
+    try:
+        out = {}
+        wanted = [(f"fuzz-{i}-{ROLES[i % len(ROLES)]}", [ROLES[i % len(ROLES)]]) for i in range(n)]
+        wanted += [("ordinary", ["sensor", "operator"]), ("executor", ["executor"])]
+        suffix = secrets.token_hex(4)  # a reused database keeps earlier runs' names
+        for name, roles in wanted:
+            token, digest = new_token()
+            await conn.execute(
+                "INSERT INTO api_token (name, roles, token_hash) VALUES ($1, $2, $3)", f"{name}-{suffix}", roles, digest
+            )
+            out[name] = token
+        return out
+    finally:
+        await conn.close()
+
+
 async def _known(engine: Engine) -> None:
     for name, case in KNOWN.items():
         try:
@@ -186,7 +213,8 @@ async def run(settings: Settings) -> Outcome:
         code = settings.code_dir or snapshot(log_dir / "code")
         await db.start(code / "migrations")
         base = await _baseline(db.url)
-        cluster = Cluster(db.url, log_dir, code)
+        tokens = await _principals(db.url, settings.principals) if settings.principals else {}
+        cluster = Cluster(db.url, log_dir, code, executor_token=tokens.get("executor", ""))
         await cluster.start()
         rss_task = asyncio.create_task(cluster.sample_rss(rss_stop))
         log.info("api on %s, logs in %s", cluster.target, log_dir)
@@ -204,8 +232,9 @@ async def run(settings: Settings) -> Outcome:
             seed=settings.seed,
             workers=settings.workers,
             deadline_s=settings.deadline_s,
+            tokens=[v for k, v in tokens.items() if k.startswith("fuzz-")],
         )
-        ordinary = Ordinary(cluster.target, ledger, protected, rate=settings.rate)
+        ordinary = Ordinary(cluster.target, ledger, protected, rate=settings.rate, token=tokens.get("ordinary", ""))
         await ordinary.setup()
         if settings.known:
             log.info("replaying %d known-nasty cases", len(KNOWN))

@@ -90,6 +90,8 @@ class Cluster:
     executor: Child | None = None
     own_peak_rss_kb: int = 0
     """This process's (the fuzzer's) peak, for the record: it builds big requests too."""
+    executor_token: str = ""
+    """With many principals: the api authenticates, and the executor uses this token."""
 
     @property
     def target(self) -> str:
@@ -114,7 +116,7 @@ class Cluster:
             # The fuzzer tests what the api does with what it is sent, on every method: no
             # credentials, so that no call stops at the door (an api without authentication
             # ignores the variable).
-            API_INSECURE="true",
+            API_INSECURE="false" if self.executor_token else "true",
         )
         env.update(extra)
         return env
@@ -137,7 +139,8 @@ class Cluster:
     async def start(self) -> None:
         self.api = await self._spawn("api", "services.api")
         await wait_serving(self.target, timeout=60)
-        self.executor = await self._spawn("executor", "services.executor", EXECUTOR_ID="fuzz-executor")
+        token = {"API_TOKEN": self.executor_token} if self.executor_token else {}
+        self.executor = await self._spawn("executor", "services.executor", EXECUTOR_ID="fuzz-executor", **token)
 
     @property
     def children(self) -> list[Child]:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -147,8 +148,13 @@ class Engine:
         deadline_s: float = 30.0,
         watch_read_s: float = 1.5,
         methods: Iterable[Method] | None = None,
+        tokens: Sequence[str] = (),
     ) -> None:
         self.target = target
+        # Many principals: each call goes under one of these tokens (of every role), drawn
+        # by a seeded generator; none: the api runs without authentication.
+        self.tokens = tuple(tokens)
+        self._draw = random.Random(seed)
         self.strategies = strategies or Strategies()
         self.recorder = recorder
         self.protected = protected or Protected()
@@ -198,10 +204,10 @@ class Engine:
             data: bytes
             if method.client_streaming:
                 many: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = self.channel.stream_unary(method.path)
-                data = await many(iter([call.payload]), timeout=self.deadline_s)
+                data = await many(iter([call.payload]), timeout=self.deadline_s, metadata=self._metadata())
             else:
                 one: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self.channel.unary_unary(method.path)
-                data = await one(call.payload, timeout=self.deadline_s)
+                data = await one(call.payload, timeout=self.deadline_s, metadata=self._metadata())
         except grpc.aio.AioRpcError as exc:
             return Result(exc.code(), exc.details() or "")
         return self._decoded(call, [data], grpc.StatusCode.OK, "")
@@ -213,10 +219,10 @@ class Engine:
         stream: grpc.aio.StreamStreamCall[bytes, bytes] | grpc.aio.UnaryStreamCall[bytes, bytes]
         if method.client_streaming:
             both: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = self.channel.stream_stream(method.path)
-            stream = both(iter([call.payload]), timeout=self.deadline_s)
+            stream = both(iter([call.payload]), timeout=self.deadline_s, metadata=self._metadata())
         else:
             out: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self.channel.unary_stream(method.path)
-            stream = out(call.payload, timeout=self.deadline_s)
+            stream = out(call.payload, timeout=self.deadline_s, metadata=self._metadata())
         raw: list[bytes] = []
         ended = False
         try:
@@ -240,6 +246,11 @@ class Engine:
                 return Result(code, await stream.details() or "")
         return self._decoded(call, raw, grpc.StatusCode.OK, "")
 
+    def _metadata(self) -> tuple[tuple[str, str], ...] | None:
+        if not self.tokens:
+            return None
+        return (("authorization", f"Bearer {self._draw.choice(self.tokens)}"),)
+
     def _decoded(self, call: Call, raw: list[bytes], code: grpc.StatusCode, message: str) -> Result:
         result = Result(code, message)
         for data in raw:
@@ -258,7 +269,7 @@ class Engine:
         self.stats.origins[origin] += 1
         if result.code == grpc.StatusCode.OK:
             self.stats.origins_ok[origin] += 1
-        for problem in status_problems(result.code, result.message, len(call.payload)):
+        for problem in status_problems(result.code, result.message, len(call.payload), bool(self.tokens)):
             self._violation(call, result.code, result.message, problem)
         if result.code == grpc.StatusCode.OK:
             for answer in result.answers:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from shared.config import ClientSecurity
 from shared.gen.automation.v1 import condition_pb2, event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
+from shared.transport import open_channel
 from tools.fuzz.invariants import Protected
 from tools.fuzz.runner import Ledger
 
@@ -41,8 +43,12 @@ class TrafficStats:
 class Ordinary:
     """CreateEvent at ``rate`` per second on its own channel, each with a deadline."""
 
-    def __init__(self, target: str, ledger: Ledger, protected: Protected, rate: float = 20.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(self, target: str, ledger: Ledger, protected: Protected, rate: float = 20.0, token: str = "") -> None:
+        # With many principals: a token of its own (sensor and operator), whom nobody else's
+        # calls may slow or refuse.
+        self._channel = (
+            open_channel(target, ClientSecurity(token=token)) if token else grpc.aio.insecure_channel(target)
+        )
         self._events = event_pb2_grpc.EventServiceStub(self._channel)
         self._rules = rule_pb2_grpc.RuleServiceStub(self._channel)
         self._ledger = ledger
