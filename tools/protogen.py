@@ -24,19 +24,22 @@ PROTO_ROOT = ROOT / "protos"
 OUT = ROOT / "shared" / "gen"
 _PREFIX = "shared.gen."
 
-_PY_IMPORT = re.compile(r"^from automation\.v1 import ", re.MULTILINE)
-_PY_MODULE_NAME = re.compile(r"'automation\.v1\.(\w+_pb2)'")
-_PYI_NAME = re.compile(r"(?<![\w./])automation\.v1\.(\w+_pb2(?:_grpc)?)\b")
+# Our packages: automation.v1, and io.cloudevents.v1 (the CloudEvents Protobuf Format), whose
+# top-level name would otherwise be the standard library's io.
+_PACKAGES = r"(automation\.v1|io\.cloudevents\.v1)"
+_PY_IMPORT = re.compile(rf"^from {_PACKAGES} import ", re.MULTILINE)
+_PY_MODULE_NAME = re.compile(rf"'{_PACKAGES}\.(\w+_pb2)'")
+_PYI_NAME = re.compile(rf"(?<![\w./]){_PACKAGES}\.(\w+_pb2(?:_grpc)?)\b")
 
 
 def _rewrite(path: Path) -> None:
     text = path.read_text()
     if path.suffix == ".pyi":
-        text = _PYI_NAME.sub(rf"{_PREFIX}automation.v1.\1", text)
-        text = _PY_IMPORT.sub(f"from {_PREFIX}automation.v1 import ", text)
+        text = _PYI_NAME.sub(rf"{_PREFIX}\1.\2", text)
+        text = _PY_IMPORT.sub(rf"from {_PREFIX}\1 import ", text)
     else:
-        text = _PY_IMPORT.sub(f"from {_PREFIX}automation.v1 import ", text)
-        text = _PY_MODULE_NAME.sub(rf"'{_PREFIX}automation.v1.\1'", text)
+        text = _PY_IMPORT.sub(rf"from {_PREFIX}\1 import ", text)
+        text = _PY_MODULE_NAME.sub(rf"'{_PREFIX}\1.\2'", text)
     path.write_text(text)
 
 

@@ -50,6 +50,8 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "EventService/GetEvent": (VIEWER,),
     _P + "EventService/ListEvents": (VIEWER,),
     _P + "EventService/TailEvents": (VIEWER,),
+    _P + "EventService/Publish": (SENSOR,),
+    _P + "EventService/PublishBatch": (SENSOR,),
     _P + "EventService/ReemitEvent": (),
     _P + "EnforcementService/CreateEnforcement": (),
     _P + "EnforcementService/GetEnforcement": (VIEWER,),
@@ -70,6 +72,7 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     # Only the web service (its own role): a delivery asserts a checked signature and the
     # client's address, which a sensor must not be able to claim.
     _P + "WebhookService/DeliverWebhook": (WEBHOOK,),
+    _P + "CloudEventService/DeliverCloudEvents": (WEBHOOK,),
     _P + "RuleService/CreateRule": (),
     # Executors read the rule of each enforcement to decide it.
     _P + "RuleService/GetRule": (VIEWER, EXECUTOR),

@@ -40,6 +40,14 @@ OPERATOR_NAME = {v: k for k, v in OPERATOR.items()}
 """Operator number -> stored name (NOT_EQUALS is NEQUALS's alias: the same number)."""
 
 
+SCHEMA_MODE = {
+    "off": rule_pb2.SCHEMA_MODE_OFF,
+    "warn": rule_pb2.SCHEMA_MODE_WARN,
+    "enforce": rule_pb2.SCHEMA_MODE_ENFORCE,
+}
+SCHEMA_MODE_NAME = {v: k for k, v in SCHEMA_MODE.items()}
+
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -160,6 +168,11 @@ def fill_event(msg: common_pb2.Event, e: store.Event) -> None:
         msg.rule = e.rule
     if e.reemit_of is not None:
         msg.reemit_of = e.reemit_of
+    if e.schema_version is not None:
+        msg.schema_version = e.schema_version
+    if e.schema_errors:
+        msg.nonconforming = True
+        msg.schema_errors.extend(e.schema_errors)
 
 
 def enforcement(e: store.Enforcement) -> common_pb2.Enforcement:
@@ -223,6 +236,8 @@ def trigger(t: store.Trigger) -> rule_pb2.Trigger:
         webhook_enabled=t.webhook_enabled,
         webhook_key=t.webhook_key,
         webhook_signed=t.webhook_signed,
+        schema_mode=SCHEMA_MODE[t.schema_mode],
+        schema_version=t.schema_version,
     )
     if t.param_schema is not None:
         msg.param_schema.CopyFrom(struct(t.param_schema))

@@ -53,6 +53,8 @@ class Off:
 
     def db_error(self, sqlstate: str) -> None: ...
 
+    def nonconforming(self, trigger_refs: Sequence[str]) -> None: ...
+
 
 class ApiMetrics(Off):
     enabled = True
@@ -110,6 +112,13 @@ class ApiMetrics(Off):
         self.db_errors = Counter(
             "automation_db_errors_total", "Failed statements, by SQLSTATE class.", ["sqlstate_class"], registry=r
         )
+        self.nonconforming_events = Counter(
+            "automation_events_nonconforming_total",
+            "Events stored in 'warn' mode though their payload fails their trigger's schema.",
+            ["trigger_ref"],
+            registry=r,
+        )
+        self._nonconforming_children: dict[str, Any] = {}
         self._triggers = Capped(MAX_REFS)
         self._rules = Capped(MAX_REFS)
         self._event_children: dict[str, Any] = {}
@@ -119,6 +128,10 @@ class ApiMetrics(Off):
     def events_created(self, trigger_refs: Sequence[str]) -> None:
         for ref in trigger_refs:
             self._child(self._event_children, self._triggers, self.events, ref).inc()
+
+    def nonconforming(self, trigger_refs: Sequence[str]) -> None:
+        for ref in trigger_refs:
+            self._child(self._nonconforming_children, self._triggers, self.nonconforming_events, ref).inc()
 
     def enforcements_created(self, rule_refs: Sequence[str]) -> None:
         for ref in rule_refs:

@@ -29,6 +29,7 @@ from services.api.metrics import ApiMetrics
 from services.api.servicers.analytics import AnalyticsService
 from services.api.servicers.audit import AuditService
 from services.api.servicers.auth import AuthService
+from services.api.servicers.cloudevents import CloudEventService
 from services.api.servicers.enforcements import EnforcementService
 from services.api.servicers.events import EventService
 from services.api.servicers.executions import ExecutionService
@@ -47,6 +48,8 @@ from shared.gen.automation.v1 import (
     audit_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    cloudevent_pb2,
+    cloudevent_pb2_grpc,
     enforcement_pb2,
     enforcement_pb2_grpc,
     event_pb2,
@@ -77,6 +80,7 @@ SERVICE_NAMES = [
     analytics_pb2.DESCRIPTOR.services_by_name["AnalyticsService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
     webhook_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    cloudevent_pb2.DESCRIPTOR.services_by_name["CloudEventService"].full_name,
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name,
 ]
 
@@ -263,6 +267,7 @@ class ApiServer:
         events = EventService(store, self.dispatcher, cfg.lease_s, self.ingest_rate)
         event_pb2_grpc.add_EventServiceServicer_to_server(events, self.server)
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, events), self.server)
+        cloudevent_pb2_grpc.add_CloudEventServiceServicer_to_server(CloudEventService(store, events), self.server)
         enforcement_pb2_grpc.add_EnforcementServiceServicer_to_server(
             EnforcementService(store, self.dispatcher, cfg, self.shutdown), self.server
         )

@@ -131,8 +131,12 @@ async def test_reflection_describes_services_and_messages(reflection: Reflection
         "ListEvents",
         "ReemitEvent",
         "TailEvents",
+        "Publish",
+        "PublishBatch",
     }
     assert events.methods_by_name["TailEvents"].server_streaming
+    # The CloudEvents Protobuf Format's own message, from its own package, as grpcurl sees it.
+    assert events.methods_by_name["Publish"].input_type.full_name == "io.cloudevents.v1.CloudEvent"
     enforcement = reflection.pool.FindMessageTypeByName("automation.v1.Enforcement")
     resolved_at = enforcement.fields_by_name["resolved_at"]
     assert resolved_at.message_type is not None

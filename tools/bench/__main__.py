@@ -21,6 +21,7 @@ from . import (
     pipeline,
     read,
     rules,
+    schemas,
     security,
     settings,
     traces,
@@ -49,6 +50,8 @@ SCENARIOS: dict[str, Scenario] = {
     "tracing": traces.run,
     # And: --only fairness (one sensor's latency alone and beside a flooding one, budgets off and on).
     "fairness": fairness.run,
+    # And: --only schemas (ingest with a 40-property trigger schema enforced vs none).
+    "schemas": schemas.run,
     # And: --only compare --baseline-dir PATH (this tree against another, same run).
     "compare": compare.run,
 }

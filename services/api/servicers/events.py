@@ -8,7 +8,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from services.api import convert, validate
+from services.api import cloudevents, convert, metrics, validate
 from services.api._rpc import rpc
 from services.api.auth import current_principal
 from services.api.budgets import IngestRate
@@ -37,6 +37,7 @@ from shared.gen.automation.v1 import (
     event_pb2,
     event_pb2_grpc,
 )
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2
 
 log = logging.getLogger(__name__)
 MAX_BATCH = limits.MAX_BATCH
@@ -179,6 +180,9 @@ class EventService(event_pb2_grpc.EventServiceServicer):
 
     async def _after_commit(self, results: list[CreatedEvent], handoff: Handoff) -> None:
         fresh = [r for r in results if not r.replayed]
+        nonconforming = [r.event.trigger_ref for r in fresh if r.event.schema_errors]
+        if nonconforming:
+            metrics.current.nonconforming(nonconforming)
         created = [e for r in fresh for e in r.enforcements]
         handed = handoff.taken
         traces = [r.traceparent for r in fresh for _ in r.enforcements] if self._tracing else []
@@ -213,20 +217,52 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         v = Violations()
         new = [_new_event(v, f"events[{i}]", e) for i, e in enumerate(request.events)]
         v.raise_if_any()
+        return event_pb2.CreateEventsResponse(receipts=await self.create_batch(new))
+
+    async def create_batch(self, new: list[NewEvent]) -> list[event_pb2.EventReceipt]:
+        """Stores a batch as CreateEvents does (all or nothing), paced and traced alike; its
+        receipts, in order."""
         await self._paced(len(new))
         results = await self._create(_traced(new) if self._tracing else new, many=True)
-        return event_pb2.CreateEventsResponse(
-            receipts=[
-                event_pb2.EventReceipt(
-                    event_id=r.event.id,
-                    created=convert.ts(r.event.created),
-                    enforcement_ids=[e.id for e in r.enforcements],
-                    rule_refs=[e.rule_ref for e in r.enforcements],
-                    replayed=r.replayed,
-                )
-                for r in results
-            ]
+        return [
+            event_pb2.EventReceipt(
+                event_id=r.event.id,
+                created=convert.ts(r.event.created),
+                enforcement_ids=[e.id for e in r.enforcements],
+                rule_refs=[e.rule_ref for e in r.enforcements],
+                replayed=r.replayed,
+            )
+            for r in results
+        ]
+
+    @rpc
+    async def Publish(self, request: cloudevents_pb2.CloudEvent, context: Context) -> event_pb2.PublishResponse:
+        v = Violations()
+        new = cloudevents.to_event(v, "event", request, None, {})
+        v.raise_if_any()
+        assert new is not None
+        result = await self.create_one(new)
+        return event_pb2.PublishResponse(
+            receipt=event_pb2.EventReceipt(
+                event_id=result.event.id,
+                created=convert.ts(result.event.created),
+                enforcement_ids=[e.id for e in result.enforcements],
+                rule_refs=[e.rule_ref for e in result.enforcements],
+                replayed=result.replayed,
+            ),
+            trigger_ref=result.event.trigger_ref,
         )
+
+    @rpc
+    async def PublishBatch(
+        self, request: cloudevents_pb2.CloudEventBatch, context: Context
+    ) -> event_pb2.PublishBatchResponse:
+        if not 1 <= len(request.events) <= MAX_BATCH:
+            raise InvalidArgument.one("events", f"must hold 1 to {MAX_BATCH} events, got {len(request.events)}")
+        v = Violations()
+        new = [cloudevents.to_event(v, f"events[{i}]", ce, None, {}) for i, ce in enumerate(request.events)]
+        v.raise_if_any()
+        return event_pb2.PublishBatchResponse(receipts=await self.create_batch([n for n in new if n is not None]))
 
     @rpc
     async def ReemitEvent(

@@ -8,6 +8,7 @@ Condition trees arrive as ``RuleCondition`` messages and are stored as JSON node
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2, struct_pb2
 
-from services.api import conditions, convert, matching, validate
+from services.api import conditions, convert, matching, schemas, validate
 from services.api._rpc import rpc
 from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher
@@ -104,6 +105,33 @@ def _webhook_secret(v: Violations, secret: str) -> None:
         )
     elif "\x00" in secret:
         v.add("trigger.webhook_secret", "contains a NUL character, which cannot be stored")
+
+
+def _schema_mode(v: Violations, value: int) -> str:
+    name = convert.SCHEMA_MODE_NAME.get(value)  # type: ignore[call-overload]
+    if name is None:
+        v.add("trigger.schema_mode", "must be SCHEMA_MODE_OFF, SCHEMA_MODE_WARN or SCHEMA_MODE_ENFORCE")
+        return "off"
+    return str(name)
+
+
+_INLINE_SCHEMA_BYTES = 4096
+"""Schemas (encoded) up to this size are compiled on the event loop; larger ones in a thread."""
+
+
+async def _check_out_schema(schema: dict[str, Any] | None) -> None:
+    """Refuses an out_schema that does not compile or breaks the bounds of ``schemas.py``,
+    naming its node, before anything is written."""
+    if schema is None:
+        return
+    large = len(json.dumps(schema)) > _INLINE_SCHEMA_BYTES
+    compiled, problems = (
+        await asyncio.to_thread(schemas.compile_schema, schema, "trigger.out_schema")
+        if large
+        else schemas.compile_schema(schema, "trigger.out_schema")
+    )
+    if compiled is None:
+        raise InvalidArgument(problems)
 
 
 def _condition(v: Violations, value: int) -> str:
@@ -205,7 +233,11 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             for name in ("param_schema", "out_schema")
         ]
         _webhook_secret(v, t.webhook_secret)
+        mode = "enforce" if schemas[1] is not None else "off"
+        if t.schema_mode != rule_pb2.SCHEMA_MODE_UNSPECIFIED:
+            mode = _schema_mode(v, t.schema_mode)
         v.raise_if_any()
+        await _check_out_schema(schemas[1])
         actor = actor_of_call()
         created = await self._store.rules.create_trigger(
             t.ref,
@@ -214,6 +246,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             *schemas,
             webhook_enabled=t.webhook_enabled,
             webhook_secret=t.webhook_secret or None,
+            schema_mode=mode,
             actor=actor,
         )
         return convert.trigger(created)
@@ -235,6 +268,16 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             elif path == "webhook_secret":
                 _webhook_secret(v, t.webhook_secret)
                 changes[path] = t.webhook_secret or None
+            elif path in ("param_schema", "out_schema"):
+                # Unset in the message: the schema is removed.
+                given = t.HasField("param_schema" if path == "param_schema" else "out_schema")
+                changes[path] = (
+                    validate.json_object(v, f"trigger.{path}", getattr(t, path), limits.MAX_SCHEMA_BYTES)
+                    if given
+                    else None
+                )
+            elif path == "schema_mode":
+                changes[path] = _schema_mode(v, t.schema_mode)
             else:
                 value = getattr(t, path)
                 validate.text(
@@ -242,6 +285,8 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                 )
                 changes[path] = value
         v.raise_if_any()
+        if changes.get("out_schema") is not None:
+            await _check_out_schema(changes["out_schema"])
         return convert.trigger(await self._store.rules.update_trigger(key, changes, actor_of_call()))
 
     @rpc

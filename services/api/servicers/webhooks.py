@@ -265,8 +265,8 @@ class WebhookService(webhook_pb2_grpc.WebhookServiceServicer):
         )
 
 
-def _config(request: webhook_pb2.DeliverWebhookRequest, headers: dict[str, str], scheme: str) -> dict[str, Any]:
-    """The event's config: where and how the delivery came. Only allow-listed headers."""
+def kept_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The allow-listed headers of a delivery, at most ``_HEADERS_KEPT_BYTES`` of them."""
     kept: dict[str, str] = {}
     room = _HEADERS_KEPT_BYTES
     for name, value in sorted(headers.items()):
@@ -276,6 +276,12 @@ def _config(request: webhook_pb2.DeliverWebhookRequest, headers: dict[str, str],
         if room < 0:
             break
         kept[name] = value
+    return kept
+
+
+def _config(request: webhook_pb2.DeliverWebhookRequest, headers: dict[str, str], scheme: str) -> dict[str, Any]:
+    """The event's config: where and how the delivery came. Only allow-listed headers."""
+    kept = kept_headers(headers)
     return {
         "source": provenance.SOURCE_REF,
         "webhook_key": request.key,

@@ -37,11 +37,14 @@ from ._chunks import ById
 from ._db import Connection, guarded
 from ._derive import derive
 from ._paging import Keys, Paged, Where, json_as_text
-from ._rulesets import EMPTY, RuleSets
+from ._rulesets import EMPTY, RuleSets, Schemas, TriggerSchema
 from .types import CreatedEvent, Enforcement, Event, Lease, NewEvent, Page, columns
 
 _INLINE_WORK = 256
 """Conditions (plus one per rule) a call may evaluate on the event loop; more go to a thread."""
+_SCHEMA_WORK = 2
+"""What checking one event against its trigger's schema counts as, in conditions: a few
+microseconds for a 40-property schema (README, Schemas)."""
 _Plan = tuple[
     list[list[Any]],
     list[list[Any]],
@@ -55,7 +58,7 @@ LeaseFor = Callable[[int], Lease | None]
 """Asked with the number of enforcements about to be inserted: the stream to hand them to."""
 
 _EVENT = columns(Event)
-_LIST = json_as_text(Event, "event", ("config", "payload"))
+_LIST = json_as_text(Event, "event", ("config", "payload", "schema_errors"))
 
 _ENFORCEMENT = columns(Enforcement)
 
@@ -66,6 +69,9 @@ SELECT now() AS now,
           FROM trigger t WHERE t.ref = ANY($2::text[])) AS triggers,
        (SELECT coalesce(jsonb_object_agg(s.trigger_ref, s.version), '{}')
           FROM rule_set s WHERE s.trigger_ref = ANY($2::text[])) AS versions,
+       (SELECT coalesce(jsonb_object_agg(t.ref, jsonb_build_array(t.id, t.schema_version)), '{}')
+          FROM trigger t WHERE t.ref = ANY($2::text[]) AND t.schema_mode <> 'off'
+           AND t.out_schema IS NOT NULL) AS schemas,
        (SELECT coalesce(jsonb_object_agg(r.ref, r.trigger_ref), '{}')
           FROM rule r WHERE r.ref = ANY($3::text[])) AS targeted,
        (SELECT coalesce(jsonb_agg(jsonb_build_object(
@@ -78,11 +84,14 @@ SELECT now() AS now,
 _INSERT = """
 WITH ev AS (
     INSERT INTO event (id, trigger, trigger_ref, config, payload, source, source_ref, rule,
-                       rule_ref, created, reemit_of)
-    SELECT u.i, u.t, u.tr, u.c::jsonb, u.p::jsonb, u.s, u.sr, u.r, u.rr, $10::timestamptz, u.ro
+                       rule_ref, created, reemit_of, schema_version, schema_errors)
+    SELECT u.i, u.t, u.tr, u.c::jsonb, u.p::jsonb, u.s, u.sr, u.r, u.rr, $10::timestamptz, u.ro,
+           u.sv, u.se::jsonb
+      -- $28/$29 (schema versions and problems) are NULL when no event was checked.
       FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
-                  $6::bigint[], $7::text[], $8::bigint[], $9::text[], $26::bigint[])
-           AS u(i, t, tr, c, p, s, sr, r, rr, ro)
+                  $6::bigint[], $7::text[], $8::bigint[], $9::text[], $26::bigint[],
+                  $28::int[], $29::text[])
+           AS u(i, t, tr, c, p, s, sr, r, rr, ro, sv, se)
 ), req AS (
     INSERT INTO ingest_request (kind, request_id, fingerprint, entity_id, entity_created)
     SELECT 'event', u.*, $10::timestamptz
@@ -136,6 +145,34 @@ def fingerprint(e: NewEvent) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _check_schemas(
+    new: Sequence[NewEvent], many: bool, schemas: dict[str, TriggerSchema], replays: dict[str, Any]
+) -> list[tuple[int | None, list[str] | None]]:
+    """Each event checked against its trigger's schema: (the version checked against, its
+    problems when stored in 'warn' mode). Refuses the call, naming every event that fails an
+    'enforce' schema (payload path and keyword; bounded as every error is), before anything
+    is written; an event answered from an earlier request is not checked again."""
+    out: list[tuple[int | None, list[str] | None]] = []
+    refused: list[tuple[str, str]] = []
+    for i, e in enumerate(new):
+        checked = schemas.get(e.trigger_ref)
+        if checked is None or (e.request_id and e.request_id in replays):
+            out.append((None, None))
+            continue
+        problems = checked.schema.problems(e.payload, _field(i, many, "payload"))
+        if not problems:
+            out.append((checked.version, None))
+        elif checked.mode == "enforce":
+            out.append((None, None))
+            if len(refused) <= limits.MAX_VIOLATIONS:
+                refused.extend(problems)
+        else:
+            out.append((checked.version, [f"{where}: {why}" for where, why in problems]))
+    if refused:
+        raise InvalidArgument(refused)
+    return out
+
+
 def _json(value: object) -> str | None:
     """JSON text for a jsonb column sent inside an array (cast back with ::jsonb in SQL).
 
@@ -174,6 +211,7 @@ class Events(Paged):
     def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
         super().__init__(pool, keys)
         self._rule_sets = RuleSets()
+        self._schemas = Schemas()
         self.by_id = ById(pool, "event", _EVENT)
 
     async def create_many(
@@ -224,9 +262,12 @@ class Events(Paged):
             replays = {r["request_id"]: r for r in prep["replays"]}
             targeted_trigger: dict[str, str] = prep["targeted"]
             sets = await self._rule_sets.get(conn, prep["versions"])
+            schemas = await self._schemas.get(conn, prep["schemas"]) if prep["schemas"] else {}
 
             def plan() -> _Plan:
-                ev_cols: list[list[Any]] = [[] for _ in range(10)]
+                # Columns 11 and 12: the schema version each event was checked against, and its
+                # problems (JSON text) when stored in 'warn' mode.
+                ev_cols: list[list[Any]] = [[] for _ in range(12)]
                 req_cols: list[list[Any]] = [[], [], []]
                 # The 9th column: each enforcement's traceparent (that of its event's call).
                 enf_cols: list[list[Any]] = [[] for _ in range(9)]
@@ -237,6 +278,7 @@ class Events(Paged):
                 recorder = metrics.current
                 measure = Measure()
                 call_bytes = 0
+                checked = _check_schemas(new, many, schemas, replays) if schemas else None
                 for i, e in enumerate(new):
                     if e.request_id and e.request_id in replays:
                         if replays[e.request_id]["fingerprint"] != prints[i]:
@@ -279,10 +321,21 @@ class Events(Paged):
                     )
                     payload_json = _json(e.payload)
                     for col, value in zip(
-                        ev_cols, (*values[:3], _json(e.config), payload_json, *values[5:]), strict=True
+                        ev_cols[:10], (*values[:3], _json(e.config), payload_json, *values[5:]), strict=True
                     ):
                         col.append(value)
-                    events.append(Event(*values[:9], created=now, reemit_of=e.reemit_of))
+                    version, problems = checked[i] if checked is not None else (None, None)
+                    ev_cols[10].append(version)
+                    ev_cols[11].append(_json(problems))
+                    events.append(
+                        Event(
+                            *values[:9],
+                            created=now,
+                            reemit_of=e.reemit_of,
+                            schema_version=version,
+                            schema_errors=problems,
+                        )
+                    )
                     if e.request_id:
                         first_of_key[e.request_id] = i
                         for col, value in zip(req_cols, (e.request_id, prints[i], event_id), strict=True):
@@ -348,6 +401,7 @@ class Events(Paged):
             # trigger by MAX_CONDITIONS_PER_TRIGGER) and the payloads searched: past a small
             # amount it runs in a thread, so that the event loop keeps serving other calls.
             work = sum(sets.get(e.trigger_ref, EMPTY).cost if not e.rule_ref else 1 for e in new)
+            work += _SCHEMA_WORK * sum(1 for e in new if e.trigger_ref in schemas)
             planned = await asyncio.to_thread(plan) if work > _INLINE_WORK else plan()
             ev_cols, req_cols, enf_cols, events, unsaved, first_of_key = planned
 
@@ -368,6 +422,8 @@ class Events(Paged):
                     to.principal if to else None,
                     ev_cols[9],
                     enf_cols[8] if any(enf_cols[8]) else None,
+                    ev_cols[10] if any(v is not None for v in ev_cols[10]) else None,
+                    ev_cols[11] if any(ev_cols[11]) else None,
                 )
                 ids_by_key = {(r["event"], r["rule"]): r["id"] for r in rows}
                 enforcements = [

@@ -25,8 +25,9 @@ _TRIGGER = columns(Trigger)
 _RULE = columns(Rule)
 
 _INSERT_TRIGGER = f"""
-INSERT INTO trigger (ref, label, description, param_schema, out_schema, updated_by, webhook_enabled, webhook_secret)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {_TRIGGER}"""
+INSERT INTO trigger (ref, label, description, param_schema, out_schema, updated_by, webhook_enabled, webhook_secret,
+                     schema_mode)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {_TRIGGER}"""
 _TRIGGER_BY_ID = f"SELECT {_TRIGGER} FROM trigger WHERE id = $1"
 _TRIGGER_BY_REF = f"SELECT {_TRIGGER} FROM trigger WHERE ref = $1"
 _LOCK_TRIGGER_BY_ID = f"{_TRIGGER_BY_ID} FOR UPDATE"
@@ -60,7 +61,16 @@ _DELETE_RULE_BY_ID = "DELETE FROM rule WHERE id = $1 RETURNING id, ref"
 _DELETE_RULE_BY_REF = "DELETE FROM rule WHERE ref = $1 RETURNING id, ref"
 
 # What the audit record of a create holds.
-_TRIGGER_FIELDS = ("ref", "label", "description", "param_schema", "out_schema", "webhook_enabled", "webhook_signed")
+_TRIGGER_FIELDS = (
+    "ref",
+    "label",
+    "description",
+    "param_schema",
+    "out_schema",
+    "schema_mode",
+    "webhook_enabled",
+    "webhook_signed",
+)
 _RULE_FIELDS = (
     "ref",
     "label",
@@ -75,7 +85,17 @@ _RULE_FIELDS = (
 )
 
 # Columns UpdateTrigger may change. The secret is audited as set or removed, never its value.
-TRIGGER_UPDATABLE = ("label", "description", "webhook_enabled", "webhook_secret")
+TRIGGER_UPDATABLE = (
+    "label",
+    "description",
+    "webhook_enabled",
+    "webhook_secret",
+    "param_schema",
+    "out_schema",
+    "schema_mode",
+)
+SCHEMA_SETTINGS = frozenset({"out_schema", "schema_mode"})
+"""Changing either gives the trigger's schema a new version (ingest compiles it again)."""
 
 # Columns UpdateRule may change, with the SQL cast each needs.
 UPDATABLE = {
@@ -153,6 +173,7 @@ class Rules(Paged):
         *,
         webhook_enabled: bool = False,
         webhook_secret: str | None = None,
+        schema_mode: str = "off",
         actor: Actor | None = None,
     ) -> Trigger:
         try:
@@ -167,6 +188,7 @@ class Rules(Paged):
                     _by(actor),
                     webhook_enabled,
                     webhook_secret,
+                    schema_mode,
                 )
                 created = _trigger(row, ref)
                 if actor:
@@ -194,10 +216,15 @@ class Rules(Paged):
         sets += ["updated = now()", f"updated_by = {where.param(_by(actor))}"]
         async with self._transaction() as conn:
             old = await _locked_trigger(conn, key)
+            bumped = any(changes[name] != getattr(old, name) for name in SCHEMA_SETTINGS & changes.keys())
+            if bumped:
+                # A new version only for a real change: events checked against the old one
+                # keep naming it, and ingest compiles the schema again once.
+                sets.append("schema_version = schema_version + 1")
             sql = f"UPDATE trigger SET {', '.join(sets)} WHERE id = {where.param(old.id)} RETURNING {_TRIGGER}"
             new = _trigger(await conn.fetchrow(sql, *where.args), key)
             if actor:
-                names = [n for n in changes if n != "webhook_secret"]
+                names = [n for n in changes if n != "webhook_secret"] + (["schema_version"] if bumped else [])
                 change = audit.updated(old, new, names)
                 if "webhook_secret" in changes:
                     change["webhook_secret"] = "set" if changes["webhook_secret"] else "removed"

@@ -36,6 +36,10 @@ class Trigger:
     webhook_key: str = ""
     webhook_signed: bool = False
     """Whether it has a webhook secret (the secret itself is never read back)."""
+    schema_mode: str = "off"
+    """How events are checked against out_schema: 'off', 'warn' or 'enforce'."""
+    schema_version: int = 1
+    """Bumped by every change of out_schema or schema_mode."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,10 @@ class Event(NamedTuple):
     created: datetime
     reemit_of: int | None = None
     """The event this one re-emits (ReemitEvent)."""
+    schema_version: int | None = None
+    """The trigger's schema_version it was checked against (None: not checked)."""
+    schema_errors: list[str] | None = None
+    """Its first schema problems when stored in 'warn' mode without conforming (None: conforms)."""
 
 
 class Enforcement(NamedTuple):

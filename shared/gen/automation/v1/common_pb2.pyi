@@ -128,6 +128,9 @@ class Event(_message.Message):
     RULE_REF_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     REEMIT_OF_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    NONCONFORMING_FIELD_NUMBER: _builtins.int
+    SCHEMA_ERRORS_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier."""
     trigger: _builtins.int
@@ -144,6 +147,12 @@ class Event(_message.Message):
     """Reference of the targeted rule; empty when the event is not targeted."""
     reemit_of: _builtins.int
     """Id of the event this one re-emits (ReemitEvent); unset for an event a sensor reported."""
+    schema_version: _builtins.int
+    """The version of its trigger's out_schema it was checked against (Trigger.schema_version);
+    unset when it was not checked (no schema, or schema_mode OFF).
+    """
+    nonconforming: _builtins.bool
+    """True when its payload does not conform to that schema (stored in WARN mode)."""
     @_builtins.property
     def config(self) -> _struct_pb2.Struct:
         """Configuration of the trigger instance that produced the event (free form)."""
@@ -155,6 +164,12 @@ class Event(_message.Message):
     @_builtins.property
     def created(self) -> _timestamp_pb2.Timestamp:
         """When the event was stored."""
+
+    @_builtins.property
+    def schema_errors(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """When nonconforming: its first problems (at most 5, each at most 200 characters), each
+        naming the payload path and the schema keyword.
+        """
 
     def __init__(
         self,
@@ -170,15 +185,20 @@ class Event(_message.Message):
         rule_ref: _builtins.str = ...,
         created: _timestamp_pb2.Timestamp | None = ...,
         reemit_of: _builtins.int | None = ...,
+        schema_version: _builtins.int | None = ...,
+        nonconforming: _builtins.bool = ...,
+        schema_errors: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "_rule", b"_rule", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "payload", b"payload", "reemit_of", b"reemit_of", "rule", b"rule", "source", b"source", "trigger", b"trigger"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "_rule", b"_rule", "_schema_version", b"_schema_version", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "payload", b"payload", "reemit_of", b"reemit_of", "rule", b"rule", "schema_version", b"schema_version", "source", b"source", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "_rule", b"_rule", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "id", b"id", "payload", b"payload", "reemit_of", b"reemit_of", "rule", b"rule", "rule_ref", b"rule_ref", "source", b"source", "source_ref", b"source_ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "_rule", b"_rule", "_schema_version", b"_schema_version", "_source", b"_source", "_trigger", b"_trigger", "config", b"config", "created", b"created", "id", b"id", "nonconforming", b"nonconforming", "payload", b"payload", "reemit_of", b"reemit_of", "rule", b"rule", "rule_ref", b"rule_ref", "schema_errors", b"schema_errors", "schema_version", b"schema_version", "source", b"source", "source_ref", b"source_ref", "trigger", b"trigger", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reemit_of: _TypeAlias = _typing.Literal["reemit_of"]  # noqa: Y015
     _WhichOneofArgType__reemit_of: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of"]  # noqa: Y015
     _WhichOneofReturnType__rule: _TypeAlias = _typing.Literal["rule"]  # noqa: Y015
     _WhichOneofArgType__rule: _TypeAlias = _typing.Literal["_rule", b"_rule"]  # noqa: Y015
+    _WhichOneofReturnType__schema_version: _TypeAlias = _typing.Literal["schema_version"]  # noqa: Y015
+    _WhichOneofArgType__schema_version: _TypeAlias = _typing.Literal["_schema_version", b"_schema_version"]  # noqa: Y015
     _WhichOneofReturnType__source: _TypeAlias = _typing.Literal["source"]  # noqa: Y015
     _WhichOneofArgType__source: _TypeAlias = _typing.Literal["_source", b"_source"]  # noqa: Y015
     _WhichOneofReturnType__trigger: _TypeAlias = _typing.Literal["trigger"]  # noqa: Y015
@@ -187,6 +207,8 @@ class Event(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__reemit_of) -> _WhichOneofReturnType__reemit_of | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rule) -> _WhichOneofReturnType__rule | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__schema_version) -> _WhichOneofReturnType__schema_version | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__source) -> _WhichOneofReturnType__source | None: ...
     @_typing.overload

@@ -25,39 +25,44 @@ _sym_db = _symbol_database.Default()
 from shared.gen.automation.v1 import common_pb2 as automation_dot_v1_dot_common__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2 as io_dot_cloudevents_dot_v1_dot_cloudevents__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utomation/v1/event.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x01\n\x08NewEvent\x12\x13\n\x0btrigger_ref\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06source\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nsource_ref\x18\x05 \x01(\t\x12\x10\n\x08rule_ref\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\t\n\x07_source\"<\n\x12\x43reateEventRequest\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.automation.v1.NewEvent\"~\n\x13\x43reateEventResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.automation.v1.Event\x12\x30\n\x0c\x65nforcements\x18\x02 \x03(\x0b\x32\x1a.automation.v1.Enforcement\x12\x10\n\x08replayed\x18\x03 \x01(\x08\">\n\x13\x43reateEventsRequest\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.automation.v1.NewEvent\"E\n\x14\x43reateEventsResponse\x12-\n\x08receipts\x18\x01 \x03(\x0b\x32\x1b.automation.v1.EventReceipt\"\x8b\x01\n\x0c\x45ventReceipt\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65nforcement_ids\x18\x03 \x03(\x03\x12\x11\n\trule_refs\x18\x04 \x03(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\x1d\n\x0fGetEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\xc6\x01\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x03 \x01(\t\x12\x12\n\nsource_ref\x18\x04 \x01(\t\x12\x10\n\x08rule_ref\x18\x05 \x01(\t\x12)\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x16\n\treemit_of\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_reemit_of\"S\n\x12ListEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.automation.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x12ReemitEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"v\n\x11TailEventsRequest\x12\x13\n\x0btrigger_ref\x18\x01 \x01(\t\x12\x12\n\nsource_ref\x18\x02 \x01(\t\x12\x10\n\x08rule_ref\x18\x03 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12\x16\n\x0e\x61nnounce_start\x18\x05 \x01(\x08\"X\n\x12TailEventsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.automation.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x08\x32\xfd\x03\n\x0c\x45ventService\x12T\n\x0b\x43reateEvent\x12!.automation.v1.CreateEventRequest\x1a\".automation.v1.CreateEventResponse\x12W\n\x0c\x43reateEvents\x12\".automation.v1.CreateEventsRequest\x1a#.automation.v1.CreateEventsResponse\x12@\n\x08GetEvent\x12\x1e.automation.v1.GetEventRequest\x1a\x14.automation.v1.Event\x12Q\n\nListEvents\x12 .automation.v1.ListEventsRequest\x1a!.automation.v1.ListEventsResponse\x12T\n\x0bReemitEvent\x12!.automation.v1.ReemitEventRequest\x1a\".automation.v1.CreateEventResponse\x12S\n\nTailEvents\x12 .automation.v1.TailEventsRequest\x1a!.automation.v1.TailEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utomation/v1/event.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a#io/cloudevents/v1/cloudevents.proto\"T\n\x0fPublishResponse\x12,\n\x07receipt\x18\x01 \x01(\x0b\x32\x1b.automation.v1.EventReceipt\x12\x13\n\x0btrigger_ref\x18\x02 \x01(\t\"E\n\x14PublishBatchResponse\x12-\n\x08receipts\x18\x01 \x03(\x0b\x32\x1b.automation.v1.EventReceipt\"\xcc\x01\n\x08NewEvent\x12\x13\n\x0btrigger_ref\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x06source\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nsource_ref\x18\x05 \x01(\t\x12\x10\n\x08rule_ref\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\t\n\x07_source\"<\n\x12\x43reateEventRequest\x12&\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x17.automation.v1.NewEvent\"~\n\x13\x43reateEventResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.automation.v1.Event\x12\x30\n\x0c\x65nforcements\x18\x02 \x03(\x0b\x32\x1a.automation.v1.Enforcement\x12\x10\n\x08replayed\x18\x03 \x01(\x08\">\n\x13\x43reateEventsRequest\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.automation.v1.NewEvent\"E\n\x14\x43reateEventsResponse\x12-\n\x08receipts\x18\x01 \x03(\x0b\x32\x1b.automation.v1.EventReceipt\"\x8b\x01\n\x0c\x45ventReceipt\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x65nforcement_ids\x18\x03 \x03(\x03\x12\x11\n\trule_refs\x18\x04 \x03(\t\x12\x10\n\x08replayed\x18\x05 \x01(\x08\"\x1d\n\x0fGetEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\xc6\x01\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x03 \x01(\t\x12\x12\n\nsource_ref\x18\x04 \x01(\t\x12\x10\n\x08rule_ref\x18\x05 \x01(\t\x12)\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x16\n\treemit_of\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x0c\n\n_reemit_of\"S\n\x12ListEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.automation.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x12ReemitEventRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"v\n\x11TailEventsRequest\x12\x13\n\x0btrigger_ref\x18\x01 \x01(\t\x12\x12\n\nsource_ref\x18\x02 \x01(\t\x12\x10\n\x08rule_ref\x18\x03 \x01(\t\x12\x0e\n\x06\x63ursor\x18\x04 \x01(\t\x12\x16\n\x0e\x61nnounce_start\x18\x05 \x01(\x08\"X\n\x12TailEventsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.automation.v1.Event\x12\x0e\n\x06\x63ursor\x18\x02 \x01(\t\x12\r\n\x05start\x18\x03 \x01(\x08\x32\xa0\x05\n\x0c\x45ventService\x12T\n\x0b\x43reateEvent\x12!.automation.v1.CreateEventRequest\x1a\".automation.v1.CreateEventResponse\x12W\n\x0c\x43reateEvents\x12\".automation.v1.CreateEventsRequest\x1a#.automation.v1.CreateEventsResponse\x12@\n\x08GetEvent\x12\x1e.automation.v1.GetEventRequest\x1a\x14.automation.v1.Event\x12Q\n\nListEvents\x12 .automation.v1.ListEventsRequest\x1a!.automation.v1.ListEventsResponse\x12T\n\x0bReemitEvent\x12!.automation.v1.ReemitEventRequest\x1a\".automation.v1.CreateEventResponse\x12S\n\nTailEvents\x12 .automation.v1.TailEventsRequest\x1a!.automation.v1.TailEventsResponse0\x01\x12H\n\x07Publish\x12\x1d.io.cloudevents.v1.CloudEvent\x1a\x1e.automation.v1.PublishResponse\x12W\n\x0cPublishBatch\x12\".io.cloudevents.v1.CloudEventBatch\x1a#.automation.v1.PublishBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.gen.automation.v1.event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NEWEVENT']._serialized_start=136
-  _globals['_NEWEVENT']._serialized_end=340
-  _globals['_CREATEEVENTREQUEST']._serialized_start=342
-  _globals['_CREATEEVENTREQUEST']._serialized_end=402
-  _globals['_CREATEEVENTRESPONSE']._serialized_start=404
-  _globals['_CREATEEVENTRESPONSE']._serialized_end=530
-  _globals['_CREATEEVENTSREQUEST']._serialized_start=532
-  _globals['_CREATEEVENTSREQUEST']._serialized_end=594
-  _globals['_CREATEEVENTSRESPONSE']._serialized_start=596
-  _globals['_CREATEEVENTSRESPONSE']._serialized_end=665
-  _globals['_EVENTRECEIPT']._serialized_start=668
-  _globals['_EVENTRECEIPT']._serialized_end=807
-  _globals['_GETEVENTREQUEST']._serialized_start=809
-  _globals['_GETEVENTREQUEST']._serialized_end=838
-  _globals['_LISTEVENTSREQUEST']._serialized_start=841
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1039
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1041
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1124
-  _globals['_REEMITEVENTREQUEST']._serialized_start=1126
-  _globals['_REEMITEVENTREQUEST']._serialized_end=1178
-  _globals['_TAILEVENTSREQUEST']._serialized_start=1180
-  _globals['_TAILEVENTSREQUEST']._serialized_end=1298
-  _globals['_TAILEVENTSRESPONSE']._serialized_start=1300
-  _globals['_TAILEVENTSRESPONSE']._serialized_end=1388
-  _globals['_EVENTSERVICE']._serialized_start=1391
-  _globals['_EVENTSERVICE']._serialized_end=1900
+  _globals['_PUBLISHRESPONSE']._serialized_start=172
+  _globals['_PUBLISHRESPONSE']._serialized_end=256
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=258
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=327
+  _globals['_NEWEVENT']._serialized_start=330
+  _globals['_NEWEVENT']._serialized_end=534
+  _globals['_CREATEEVENTREQUEST']._serialized_start=536
+  _globals['_CREATEEVENTREQUEST']._serialized_end=596
+  _globals['_CREATEEVENTRESPONSE']._serialized_start=598
+  _globals['_CREATEEVENTRESPONSE']._serialized_end=724
+  _globals['_CREATEEVENTSREQUEST']._serialized_start=726
+  _globals['_CREATEEVENTSREQUEST']._serialized_end=788
+  _globals['_CREATEEVENTSRESPONSE']._serialized_start=790
+  _globals['_CREATEEVENTSRESPONSE']._serialized_end=859
+  _globals['_EVENTRECEIPT']._serialized_start=862
+  _globals['_EVENTRECEIPT']._serialized_end=1001
+  _globals['_GETEVENTREQUEST']._serialized_start=1003
+  _globals['_GETEVENTREQUEST']._serialized_end=1032
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1035
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1233
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1235
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1318
+  _globals['_REEMITEVENTREQUEST']._serialized_start=1320
+  _globals['_REEMITEVENTREQUEST']._serialized_end=1372
+  _globals['_TAILEVENTSREQUEST']._serialized_start=1374
+  _globals['_TAILEVENTSREQUEST']._serialized_end=1492
+  _globals['_TAILEVENTSRESPONSE']._serialized_start=1494
+  _globals['_TAILEVENTSRESPONSE']._serialized_end=1582
+  _globals['_EVENTSERVICE']._serialized_start=1585
+  _globals['_EVENTSERVICE']._serialized_end=2257
 # @@protoc_insertion_point(module_scope)

@@ -22,6 +22,58 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class PublishResponse(_message.Message):
+    """Response of Publish."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPT_FIELD_NUMBER: _builtins.int
+    TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    trigger_ref: _builtins.str
+    """The trigger it was stored under."""
+    @_builtins.property
+    def receipt(self) -> Global___EventReceipt:
+        """What was stored for the CloudEvent."""
+
+    def __init__(
+        self,
+        *,
+        receipt: Global___EventReceipt | None = ...,
+        trigger_ref: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishResponse: _TypeAlias = PublishResponse  # noqa: Y015
+
+@_typing.final
+class PublishBatchResponse(_message.Message):
+    """Response of PublishBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECEIPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def receipts(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventReceipt]:
+        """One receipt per CloudEvent, in request order."""
+
+    def __init__(
+        self,
+        *,
+        receipts: _abc.Iterable[Global___EventReceipt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["receipts", b"receipts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
+
+@_typing.final
 class NewEvent(_message.Message):
     """An event to store."""
 

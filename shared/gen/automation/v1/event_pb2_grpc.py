@@ -5,6 +5,7 @@ import warnings
 
 from shared.gen.automation.v1 import common_pb2 as automation_dot_v1_dot_common__pb2
 from shared.gen.automation.v1 import event_pb2 as automation_dot_v1_dot_event__pb2
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2 as io_dot_cloudevents_dot_v1_dot_cloudevents__pb2
 
 GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
@@ -65,6 +66,16 @@ class EventServiceStub:
                 '/automation.v1.EventService/TailEvents',
                 request_serializer=automation_dot_v1_dot_event__pb2.TailEventsRequest.SerializeToString,
                 response_deserializer=automation_dot_v1_dot_event__pb2.TailEventsResponse.FromString,
+                _registered_method=True)
+        self.Publish = channel.unary_unary(
+                '/automation.v1.EventService/Publish',
+                request_serializer=io_dot_cloudevents_dot_v1_dot_cloudevents__pb2.CloudEvent.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_event__pb2.PublishResponse.FromString,
+                _registered_method=True)
+        self.PublishBatch = channel.unary_unary(
+                '/automation.v1.EventService/PublishBatch',
+                request_serializer=io_dot_cloudevents_dot_v1_dot_cloudevents__pb2.CloudEventBatch.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_event__pb2.PublishBatchResponse.FromString,
                 _registered_method=True)
 
 
@@ -128,6 +139,26 @@ class EventServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Publish(self, request, context):
+        """Stores one CloudEvent (the CloudEvents Protobuf Format's own message, so a producer built
+        on the specification's cloudevents.proto calls it unchanged) as CreateEvent stores an
+        event: `type` is the trigger's ref, `source` the source_ref, `id` and `source` the
+        idempotency key (a redelivery stores nothing and answers `replayed`), the other
+        attributes the config, the data (JSON, an object) the payload (README, CloudEvents).
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishBatch(self, request, context):
+        """Stores 1 to 1,000 CloudEvents as CreateEvents stores events: all or nothing.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EventServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +191,16 @@ def add_EventServiceServicer_to_server(servicer, server):
                     servicer.TailEvents,
                     request_deserializer=automation_dot_v1_dot_event__pb2.TailEventsRequest.FromString,
                     response_serializer=automation_dot_v1_dot_event__pb2.TailEventsResponse.SerializeToString,
+            ),
+            'Publish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Publish,
+                    request_deserializer=io_dot_cloudevents_dot_v1_dot_cloudevents__pb2.CloudEvent.FromString,
+                    response_serializer=automation_dot_v1_dot_event__pb2.PublishResponse.SerializeToString,
+            ),
+            'PublishBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishBatch,
+                    request_deserializer=io_dot_cloudevents_dot_v1_dot_cloudevents__pb2.CloudEventBatch.FromString,
+                    response_serializer=automation_dot_v1_dot_event__pb2.PublishBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -325,6 +366,60 @@ class EventService:
             '/automation.v1.EventService/TailEvents',
             automation_dot_v1_dot_event__pb2.TailEventsRequest.SerializeToString,
             automation_dot_v1_dot_event__pb2.TailEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Publish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.EventService/Publish',
+            io_dot_cloudevents_dot_v1_dot_cloudevents__pb2.CloudEvent.SerializeToString,
+            automation_dot_v1_dot_event__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.EventService/PublishBatch',
+            io_dot_cloudevents_dot_v1_dot_cloudevents__pb2.CloudEventBatch.SerializeToString,
+            automation_dot_v1_dot_event__pb2.PublishBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

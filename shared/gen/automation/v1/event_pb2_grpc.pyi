@@ -7,6 +7,7 @@ from shared.gen.automation.v1 import common_pb2 as _common_pb2
 from shared.gen.automation.v1 import event_pb2 as _event_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2 as _cloudevents_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -64,6 +65,18 @@ class EventServiceStub:
     only as fast as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when
     the cursor is older than 24 hours: the events it needs may be gone; list them instead.
     """
+    Publish: _grpc.UnaryUnaryMultiCallable[_cloudevents_pb2.CloudEvent, _event_pb2.PublishResponse]
+    """Stores one CloudEvent (the CloudEvents Protobuf Format's own message, so a producer built
+    on the specification's cloudevents.proto calls it unchanged) as CreateEvent stores an
+    event: `type` is the trigger's ref, `source` the source_ref, `id` and `source` the
+    idempotency key (a redelivery stores nothing and answers `replayed`), the other
+    attributes the config, the data (JSON, an object) the payload (README, CloudEvents).
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    """
+    PublishBatch: _grpc.UnaryUnaryMultiCallable[_cloudevents_pb2.CloudEventBatch, _event_pb2.PublishBatchResponse]
+    """Stores 1 to 1,000 CloudEvents as CreateEvents stores events: all or nothing.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    """
 
 @_typing.type_check_only
 class EventServiceAsyncStub(EventServiceStub):
@@ -99,6 +112,18 @@ class EventServiceAsyncStub(EventServiceStub):
     twice (see TailEventsRequest.cursor for the limits of that guarantee). The stream reads
     only as fast as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when
     the cursor is older than 24 hours: the events it needs may be gone; list them instead.
+    """
+    Publish: _aio.UnaryUnaryMultiCallable[_cloudevents_pb2.CloudEvent, _event_pb2.PublishResponse]  # type: ignore[assignment]
+    """Stores one CloudEvent (the CloudEvents Protobuf Format's own message, so a producer built
+    on the specification's cloudevents.proto calls it unchanged) as CreateEvent stores an
+    event: `type` is the trigger's ref, `source` the source_ref, `id` and `source` the
+    idempotency key (a redelivery stores nothing and answers `replayed`), the other
+    attributes the config, the data (JSON, an object) the payload (README, CloudEvents).
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+    """
+    PublishBatch: _aio.UnaryUnaryMultiCallable[_cloudevents_pb2.CloudEventBatch, _event_pb2.PublishBatchResponse]  # type: ignore[assignment]
+    """Stores 1 to 1,000 CloudEvents as CreateEvents stores events: all or nothing.
+    buf:lint:ignore RPC_REQUEST_STANDARD_NAME
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -168,6 +193,30 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         twice (see TailEventsRequest.cursor for the limits of that guarantee). The stream reads
         only as fast as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when
         the cursor is older than 24 hours: the events it needs may be gone; list them instead.
+        """
+
+    @_abc_1.abstractmethod
+    def Publish(
+        self,
+        request: _cloudevents_pb2.CloudEvent,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_pb2.PublishResponse, _abc.Awaitable[_event_pb2.PublishResponse]]:
+        """Stores one CloudEvent (the CloudEvents Protobuf Format's own message, so a producer built
+        on the specification's cloudevents.proto calls it unchanged) as CreateEvent stores an
+        event: `type` is the trigger's ref, `source` the source_ref, `id` and `source` the
+        idempotency key (a redelivery stores nothing and answers `replayed`), the other
+        attributes the config, the data (JSON, an object) the payload (README, CloudEvents).
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def PublishBatch(
+        self,
+        request: _cloudevents_pb2.CloudEventBatch,
+        context: _ServicerContext,
+    ) -> _typing.Union[_event_pb2.PublishBatchResponse, _abc.Awaitable[_event_pb2.PublishBatchResponse]]:
+        """Stores 1 to 1,000 CloudEvents as CreateEvents stores events: all or nothing.
+        buf:lint:ignore RPC_REQUEST_STANDARD_NAME
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

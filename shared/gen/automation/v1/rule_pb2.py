@@ -30,59 +30,61 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61utomation/v1/rule.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1d\x61utomation/v1/condition.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x03\n\x07Trigger\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12-\n\x0cparam_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nout_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nupdated_by\x18\n \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0fwebhook_enabled\x18\x0b \x01(\x08\x12\x13\n\x0bwebhook_key\x18\x0c \x01(\t\x12\x16\n\x0ewebhook_secret\x18\r \x01(\t\x12\x16\n\x0ewebhook_signed\x18\x0e \x01(\x08\x42\r\n\x0b_updated_by\"\xf0\x03\n\x04Rule\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x14\n\x07trigger\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btrigger_ref\x18\x07 \x01(\t\x12\x12\n\naction_ref\x18\x08 \x01(\t\x12.\n\raction_params\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\nconditions\x18\n \x03(\x0b\x32\x1c.automation.v1.RuleCondition\x12\x36\n\tcondition\x18\x0b \x01(\x0e\x32#.automation.v1.EnforcementCondition\x12\x14\n\x07\x65nabled\x18\x0c \x01(\x08H\x01\x88\x01\x01\x12+\n\x07\x63reated\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nupdated_by\x18\x0f \x01(\tH\x02\x88\x01\x01\x12\x10\n\x08\x62\x61\x63kstop\x18\x10 \x01(\x08\x42\n\n\x08_triggerB\n\n\x08_enabledB\r\n\x0b_updated_by\"?\n\x14\x43reateTriggerRequest\x12\'\n\x07trigger\x18\x01 \x01(\x0b\x32\x16.automation.v1.Trigger\"7\n\x11GetTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"N\n\x13ListTriggersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\"Y\n\x14ListTriggersResponse\x12(\n\x08triggers\x18\x01 \x03(\x0b\x32\x16.automation.v1.Trigger\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14\x44\x65leteTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"p\n\x14UpdateTriggerRequest\x12\'\n\x07trigger\x18\x01 \x01(\x0b\x32\x16.automation.v1.Trigger\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x17RotateWebhookKeyRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"6\n\x11\x43reateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\"4\n\x0eGetRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\x96\x01\n\x10ListRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x04 \x01(\t\x12\x12\n\naction_ref\x18\x05 \x01(\t\x12\x14\n\x07\x65nabled\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_enabled\"P\n\x11ListRulesResponse\x12\"\n\x05rules\x18\x01 \x03(\x0b\x32\x13.automation.v1.Rule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x11UpdateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"7\n\x11\x44\x65leteRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"Z\n\nRuleSource\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x12%\n\x06inline\x18\x03 \x01(\x0b\x32\x13.automation.v1.RuleH\x00\x42\x08\n\x06source\"\x83\x01\n\x0fTestRuleRequest\x12\'\n\x04rule\x18\x01 \x01(\x0b\x32\x19.automation.v1.RuleSource\x12\x12\n\x08\x65vent_id\x18\x02 \x01(\x03H\x00\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\x0f\x43onditionResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05holds\x18\x02 \x01(\x08\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12(\n\x08\x65xpected\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05\x66ound\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07missing\x18\x07 \x01(\x08\x12\x0c\n\x04note\x18\x08 \x01(\t\"\xb8\x01\n\x10TestRuleResponse\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12\x12\n\nwould_fire\x18\x02 \x01(\x08\x12/\n\x07results\x18\x03 \x03(\x0b\x32\x1e.automation.v1.ConditionResult\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08taken_by\x18\x05 \x03(\t\x12\x13\n\x0btrigger_ref\x18\x06 \x01(\t\"\x84\x01\n\x11ReplayRuleRequest\x12\'\n\x04rule\x18\x01 \x01(\x0b\x32\x19.automation.v1.RuleSource\x12)\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x0c\n\x04\x66ire\x18\x04 \x01(\x08\"\xb6\x01\n\x0bReplayMatch\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x0e\x65nforcement_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07\x65xisted\x18\x05 \x01(\x08\x42\x11\n\x0f_enforcement_id\"S\n\rReplaySummary\x12\x0f\n\x07scanned\x18\x01 \x01(\x03\x12\x0f\n\x07matched\x18\x02 \x01(\x03\x12\r\n\x05\x66ired\x18\x03 \x01(\x03\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"z\n\x12ReplayRuleResponse\x12+\n\x05match\x18\x01 \x01(\x0b\x32\x1a.automation.v1.ReplayMatchH\x00\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.automation.v1.ReplaySummaryH\x00\x42\x06\n\x04item2\xef\x07\n\x0bRuleService\x12L\n\rCreateTrigger\x12#.automation.v1.CreateTriggerRequest\x1a\x16.automation.v1.Trigger\x12\x46\n\nGetTrigger\x12 .automation.v1.GetTriggerRequest\x1a\x16.automation.v1.Trigger\x12W\n\x0cListTriggers\x12\".automation.v1.ListTriggersRequest\x1a#.automation.v1.ListTriggersResponse\x12L\n\rDeleteTrigger\x12#.automation.v1.DeleteTriggerRequest\x1a\x16.google.protobuf.Empty\x12L\n\rUpdateTrigger\x12#.automation.v1.UpdateTriggerRequest\x1a\x16.automation.v1.Trigger\x12R\n\x10RotateWebhookKey\x12&.automation.v1.RotateWebhookKeyRequest\x1a\x16.automation.v1.Trigger\x12\x43\n\nCreateRule\x12 .automation.v1.CreateRuleRequest\x1a\x13.automation.v1.Rule\x12=\n\x07GetRule\x12\x1d.automation.v1.GetRuleRequest\x1a\x13.automation.v1.Rule\x12N\n\tListRules\x12\x1f.automation.v1.ListRulesRequest\x1a .automation.v1.ListRulesResponse\x12\x43\n\nUpdateRule\x12 .automation.v1.UpdateRuleRequest\x1a\x13.automation.v1.Rule\x12\x46\n\nDeleteRule\x12 .automation.v1.DeleteRuleRequest\x1a\x16.google.protobuf.Empty\x12K\n\x08TestRule\x12\x1e.automation.v1.TestRuleRequest\x1a\x1f.automation.v1.TestRuleResponse\x12S\n\nReplayRule\x12 .automation.v1.ReplayRuleRequest\x1a!.automation.v1.ReplayRuleResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61utomation/v1/rule.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1d\x61utomation/v1/condition.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdc\x03\n\x07Trigger\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12-\n\x0cparam_schema\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nout_schema\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x07\x63reated\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nupdated_by\x18\n \x01(\tH\x00\x88\x01\x01\x12\x17\n\x0fwebhook_enabled\x18\x0b \x01(\x08\x12\x13\n\x0bwebhook_key\x18\x0c \x01(\t\x12\x16\n\x0ewebhook_secret\x18\r \x01(\t\x12\x16\n\x0ewebhook_signed\x18\x0e \x01(\x08\x12.\n\x0bschema_mode\x18\x0f \x01(\x0e\x32\x19.automation.v1.SchemaMode\x12\x16\n\x0eschema_version\x18\x10 \x01(\x05\x42\r\n\x0b_updated_by\"\xf0\x03\n\x04Rule\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0b\n\x03ref\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\r\n\x05label\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x14\n\x07trigger\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0btrigger_ref\x18\x07 \x01(\t\x12\x12\n\naction_ref\x18\x08 \x01(\t\x12.\n\raction_params\x18\t \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\nconditions\x18\n \x03(\x0b\x32\x1c.automation.v1.RuleCondition\x12\x36\n\tcondition\x18\x0b \x01(\x0e\x32#.automation.v1.EnforcementCondition\x12\x14\n\x07\x65nabled\x18\x0c \x01(\x08H\x01\x88\x01\x01\x12+\n\x07\x63reated\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\nupdated_by\x18\x0f \x01(\tH\x02\x88\x01\x01\x12\x10\n\x08\x62\x61\x63kstop\x18\x10 \x01(\x08\x42\n\n\x08_triggerB\n\n\x08_enabledB\r\n\x0b_updated_by\"?\n\x14\x43reateTriggerRequest\x12\'\n\x07trigger\x18\x01 \x01(\x0b\x32\x16.automation.v1.Trigger\"7\n\x11GetTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"N\n\x13ListTriggersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\"Y\n\x14ListTriggersResponse\x12(\n\x08triggers\x18\x01 \x03(\x0b\x32\x16.automation.v1.Trigger\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x14\x44\x65leteTriggerRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"p\n\x14UpdateTriggerRequest\x12\'\n\x07trigger\x18\x01 \x01(\x0b\x32\x16.automation.v1.Trigger\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"=\n\x17RotateWebhookKeyRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"6\n\x11\x43reateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\"4\n\x0eGetRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"\x96\x01\n\x10ListRulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08pack_ref\x18\x03 \x01(\t\x12\x13\n\x0btrigger_ref\x18\x04 \x01(\t\x12\x12\n\naction_ref\x18\x05 \x01(\t\x12\x14\n\x07\x65nabled\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\n\n\x08_enabled\"P\n\x11ListRulesResponse\x12\"\n\x05rules\x18\x01 \x03(\x0b\x32\x13.automation.v1.Rule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"g\n\x11UpdateRuleRequest\x12!\n\x04rule\x18\x01 \x01(\x0b\x32\x13.automation.v1.Rule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"7\n\x11\x44\x65leteRuleRequest\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"Z\n\nRuleSource\x12\x0c\n\x02id\x18\x01 \x01(\x03H\x00\x12\r\n\x03ref\x18\x02 \x01(\tH\x00\x12%\n\x06inline\x18\x03 \x01(\x0b\x32\x13.automation.v1.RuleH\x00\x42\x08\n\x06source\"\x83\x01\n\x0fTestRuleRequest\x12\'\n\x04rule\x18\x01 \x01(\x0b\x32\x19.automation.v1.RuleSource\x12\x12\n\x08\x65vent_id\x18\x02 \x01(\x03H\x00\x12*\n\x07payload\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructH\x00\x42\x07\n\x05\x65vent\"\xbb\x01\n\x0f\x43onditionResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05holds\x18\x02 \x01(\x08\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\x12(\n\x08\x65xpected\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12%\n\x05\x66ound\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x0f\n\x07missing\x18\x07 \x01(\x08\x12\x0c\n\x04note\x18\x08 \x01(\t\"\xb8\x01\n\x10TestRuleResponse\x12\x0f\n\x07matched\x18\x01 \x01(\x08\x12\x12\n\nwould_fire\x18\x02 \x01(\x08\x12/\n\x07results\x18\x03 \x03(\x0b\x32\x1e.automation.v1.ConditionResult\x12\'\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08taken_by\x18\x05 \x03(\t\x12\x13\n\x0btrigger_ref\x18\x06 \x01(\t\"\x84\x01\n\x11ReplayRuleRequest\x12\'\n\x04rule\x18\x01 \x01(\x0b\x32\x19.automation.v1.RuleSource\x12)\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x0c\n\x04\x66ire\x18\x04 \x01(\x08\"\xb6\x01\n\x0bReplayMatch\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\x12+\n\x07\x63reated\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1b\n\x0e\x65nforcement_id\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0f\n\x07\x65xisted\x18\x05 \x01(\x08\x42\x11\n\x0f_enforcement_id\"S\n\rReplaySummary\x12\x0f\n\x07scanned\x18\x01 \x01(\x03\x12\x0f\n\x07matched\x18\x02 \x01(\x03\x12\r\n\x05\x66ired\x18\x03 \x01(\x03\x12\x11\n\ttruncated\x18\x04 \x01(\x08\"z\n\x12ReplayRuleResponse\x12+\n\x05match\x18\x01 \x01(\x0b\x32\x1a.automation.v1.ReplayMatchH\x00\x12/\n\x07summary\x18\x02 \x01(\x0b\x32\x1c.automation.v1.ReplaySummaryH\x00\x42\x06\n\x04item*m\n\nSchemaMode\x12\x1b\n\x17SCHEMA_MODE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSCHEMA_MODE_OFF\x10\x01\x12\x14\n\x10SCHEMA_MODE_WARN\x10\x02\x12\x17\n\x13SCHEMA_MODE_ENFORCE\x10\x03\x32\xef\x07\n\x0bRuleService\x12L\n\rCreateTrigger\x12#.automation.v1.CreateTriggerRequest\x1a\x16.automation.v1.Trigger\x12\x46\n\nGetTrigger\x12 .automation.v1.GetTriggerRequest\x1a\x16.automation.v1.Trigger\x12W\n\x0cListTriggers\x12\".automation.v1.ListTriggersRequest\x1a#.automation.v1.ListTriggersResponse\x12L\n\rDeleteTrigger\x12#.automation.v1.DeleteTriggerRequest\x1a\x16.google.protobuf.Empty\x12L\n\rUpdateTrigger\x12#.automation.v1.UpdateTriggerRequest\x1a\x16.automation.v1.Trigger\x12R\n\x10RotateWebhookKey\x12&.automation.v1.RotateWebhookKeyRequest\x1a\x16.automation.v1.Trigger\x12\x43\n\nCreateRule\x12 .automation.v1.CreateRuleRequest\x1a\x13.automation.v1.Rule\x12=\n\x07GetRule\x12\x1d.automation.v1.GetRuleRequest\x1a\x13.automation.v1.Rule\x12N\n\tListRules\x12\x1f.automation.v1.ListRulesRequest\x1a .automation.v1.ListRulesResponse\x12\x43\n\nUpdateRule\x12 .automation.v1.UpdateRuleRequest\x1a\x13.automation.v1.Rule\x12\x46\n\nDeleteRule\x12 .automation.v1.DeleteRuleRequest\x1a\x16.google.protobuf.Empty\x12K\n\x08TestRule\x12\x1e.automation.v1.TestRuleRequest\x1a\x1f.automation.v1.TestRuleResponse\x12S\n\nReplayRule\x12 .automation.v1.ReplayRuleRequest\x1a!.automation.v1.ReplayRuleResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.gen.automation.v1.rule_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SCHEMAMODE']._serialized_start=3375
+  _globals['_SCHEMAMODE']._serialized_end=3484
   _globals['_TRIGGER']._serialized_start=229
-  _globals['_TRIGGER']._serialized_end=633
-  _globals['_RULE']._serialized_start=636
-  _globals['_RULE']._serialized_end=1132
-  _globals['_CREATETRIGGERREQUEST']._serialized_start=1134
-  _globals['_CREATETRIGGERREQUEST']._serialized_end=1197
-  _globals['_GETTRIGGERREQUEST']._serialized_start=1199
-  _globals['_GETTRIGGERREQUEST']._serialized_end=1254
-  _globals['_LISTTRIGGERSREQUEST']._serialized_start=1256
-  _globals['_LISTTRIGGERSREQUEST']._serialized_end=1334
-  _globals['_LISTTRIGGERSRESPONSE']._serialized_start=1336
-  _globals['_LISTTRIGGERSRESPONSE']._serialized_end=1425
-  _globals['_DELETETRIGGERREQUEST']._serialized_start=1427
-  _globals['_DELETETRIGGERREQUEST']._serialized_end=1485
-  _globals['_UPDATETRIGGERREQUEST']._serialized_start=1487
-  _globals['_UPDATETRIGGERREQUEST']._serialized_end=1599
-  _globals['_ROTATEWEBHOOKKEYREQUEST']._serialized_start=1601
-  _globals['_ROTATEWEBHOOKKEYREQUEST']._serialized_end=1662
-  _globals['_CREATERULEREQUEST']._serialized_start=1664
-  _globals['_CREATERULEREQUEST']._serialized_end=1718
-  _globals['_GETRULEREQUEST']._serialized_start=1720
-  _globals['_GETRULEREQUEST']._serialized_end=1772
-  _globals['_LISTRULESREQUEST']._serialized_start=1775
-  _globals['_LISTRULESREQUEST']._serialized_end=1925
-  _globals['_LISTRULESRESPONSE']._serialized_start=1927
-  _globals['_LISTRULESRESPONSE']._serialized_end=2007
-  _globals['_UPDATERULEREQUEST']._serialized_start=2009
-  _globals['_UPDATERULEREQUEST']._serialized_end=2112
-  _globals['_DELETERULEREQUEST']._serialized_start=2114
-  _globals['_DELETERULEREQUEST']._serialized_end=2169
-  _globals['_RULESOURCE']._serialized_start=2171
-  _globals['_RULESOURCE']._serialized_end=2261
-  _globals['_TESTRULEREQUEST']._serialized_start=2264
-  _globals['_TESTRULEREQUEST']._serialized_end=2395
-  _globals['_CONDITIONRESULT']._serialized_start=2398
-  _globals['_CONDITIONRESULT']._serialized_end=2585
-  _globals['_TESTRULERESPONSE']._serialized_start=2588
-  _globals['_TESTRULERESPONSE']._serialized_end=2772
-  _globals['_REPLAYRULEREQUEST']._serialized_start=2775
-  _globals['_REPLAYRULEREQUEST']._serialized_end=2907
-  _globals['_REPLAYMATCH']._serialized_start=2910
-  _globals['_REPLAYMATCH']._serialized_end=3092
-  _globals['_REPLAYSUMMARY']._serialized_start=3094
-  _globals['_REPLAYSUMMARY']._serialized_end=3177
-  _globals['_REPLAYRULERESPONSE']._serialized_start=3179
-  _globals['_REPLAYRULERESPONSE']._serialized_end=3301
-  _globals['_RULESERVICE']._serialized_start=3304
-  _globals['_RULESERVICE']._serialized_end=4311
+  _globals['_TRIGGER']._serialized_end=705
+  _globals['_RULE']._serialized_start=708
+  _globals['_RULE']._serialized_end=1204
+  _globals['_CREATETRIGGERREQUEST']._serialized_start=1206
+  _globals['_CREATETRIGGERREQUEST']._serialized_end=1269
+  _globals['_GETTRIGGERREQUEST']._serialized_start=1271
+  _globals['_GETTRIGGERREQUEST']._serialized_end=1326
+  _globals['_LISTTRIGGERSREQUEST']._serialized_start=1328
+  _globals['_LISTTRIGGERSREQUEST']._serialized_end=1406
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_start=1408
+  _globals['_LISTTRIGGERSRESPONSE']._serialized_end=1497
+  _globals['_DELETETRIGGERREQUEST']._serialized_start=1499
+  _globals['_DELETETRIGGERREQUEST']._serialized_end=1557
+  _globals['_UPDATETRIGGERREQUEST']._serialized_start=1559
+  _globals['_UPDATETRIGGERREQUEST']._serialized_end=1671
+  _globals['_ROTATEWEBHOOKKEYREQUEST']._serialized_start=1673
+  _globals['_ROTATEWEBHOOKKEYREQUEST']._serialized_end=1734
+  _globals['_CREATERULEREQUEST']._serialized_start=1736
+  _globals['_CREATERULEREQUEST']._serialized_end=1790
+  _globals['_GETRULEREQUEST']._serialized_start=1792
+  _globals['_GETRULEREQUEST']._serialized_end=1844
+  _globals['_LISTRULESREQUEST']._serialized_start=1847
+  _globals['_LISTRULESREQUEST']._serialized_end=1997
+  _globals['_LISTRULESRESPONSE']._serialized_start=1999
+  _globals['_LISTRULESRESPONSE']._serialized_end=2079
+  _globals['_UPDATERULEREQUEST']._serialized_start=2081
+  _globals['_UPDATERULEREQUEST']._serialized_end=2184
+  _globals['_DELETERULEREQUEST']._serialized_start=2186
+  _globals['_DELETERULEREQUEST']._serialized_end=2241
+  _globals['_RULESOURCE']._serialized_start=2243
+  _globals['_RULESOURCE']._serialized_end=2333
+  _globals['_TESTRULEREQUEST']._serialized_start=2336
+  _globals['_TESTRULEREQUEST']._serialized_end=2467
+  _globals['_CONDITIONRESULT']._serialized_start=2470
+  _globals['_CONDITIONRESULT']._serialized_end=2657
+  _globals['_TESTRULERESPONSE']._serialized_start=2660
+  _globals['_TESTRULERESPONSE']._serialized_end=2844
+  _globals['_REPLAYRULEREQUEST']._serialized_start=2847
+  _globals['_REPLAYRULEREQUEST']._serialized_end=2979
+  _globals['_REPLAYMATCH']._serialized_start=2982
+  _globals['_REPLAYMATCH']._serialized_end=3164
+  _globals['_REPLAYSUMMARY']._serialized_start=3166
+  _globals['_REPLAYSUMMARY']._serialized_end=3249
+  _globals['_REPLAYRULERESPONSE']._serialized_start=3251
+  _globals['_REPLAYRULERESPONSE']._serialized_end=3373
+  _globals['_RULESERVICE']._serialized_start=3487
+  _globals['_RULESERVICE']._serialized_end=4494
 # @@protoc_insertion_point(module_scope)

@@ -12,6 +12,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -22,6 +23,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SchemaMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SchemaModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SchemaMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SCHEMA_MODE_UNSPECIFIED: _SchemaMode.ValueType  # 0
+    """In a request: the default (see Trigger.schema_mode)."""
+    SCHEMA_MODE_OFF: _SchemaMode.ValueType  # 1
+    """Not checked: the schema is information only."""
+    SCHEMA_MODE_WARN: _SchemaMode.ValueType  # 2
+    """Stored, marked `nonconforming` with its first problems, and counted in a metric."""
+    SCHEMA_MODE_ENFORCE: _SchemaMode.ValueType  # 3
+    """Refused: INVALID_ARGUMENT naming the payload path and the keyword; nothing is stored."""
+
+class SchemaMode(_SchemaMode, metaclass=_SchemaModeEnumTypeWrapper):
+    """What happens to an event whose payload does not conform to its trigger's out_schema."""
+
+SCHEMA_MODE_UNSPECIFIED: SchemaMode.ValueType  # 0
+"""In a request: the default (see Trigger.schema_mode)."""
+SCHEMA_MODE_OFF: SchemaMode.ValueType  # 1
+"""Not checked: the schema is information only."""
+SCHEMA_MODE_WARN: SchemaMode.ValueType  # 2
+"""Stored, marked `nonconforming` with its first problems, and counted in a metric."""
+SCHEMA_MODE_ENFORCE: SchemaMode.ValueType  # 3
+"""Refused: INVALID_ARGUMENT naming the payload path and the keyword; nothing is stored."""
+Global___SchemaMode: _TypeAlias = SchemaMode  # noqa: Y015
 
 @_typing.final
 class Trigger(_message.Message):
@@ -43,6 +72,8 @@ class Trigger(_message.Message):
     WEBHOOK_KEY_FIELD_NUMBER: _builtins.int
     WEBHOOK_SECRET_FIELD_NUMBER: _builtins.int
     WEBHOOK_SIGNED_FIELD_NUMBER: _builtins.int
+    SCHEMA_MODE_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Server-assigned identifier (output only)."""
     ref: _builtins.str
@@ -73,6 +104,15 @@ class Trigger(_message.Message):
     """
     webhook_signed: _builtins.bool
     """Whether the trigger has a webhook secret (output only)."""
+    schema_mode: Global___SchemaMode.ValueType
+    """How events are checked against `out_schema`. On create, UNSPECIFIED means ENFORCE when
+    there is an out_schema and OFF otherwise; triggers defined before schemas were enforced
+    are OFF.
+    """
+    schema_version: _builtins.int
+    """Version of the schema settings (output only): 1 when defined, one more at every change
+    of out_schema or schema_mode. Each checked event keeps the version it was checked against.
+    """
     @_builtins.property
     def param_schema(self) -> _struct_pb2.Struct:
         """JSON schema of the trigger's parameters (optional, informative): at most 64 KiB encoded
@@ -82,9 +122,12 @@ class Trigger(_message.Message):
 
     @_builtins.property
     def out_schema(self) -> _struct_pb2.Struct:
-        """JSON schema of the payloads of its events (optional, informative): at most 64 KiB
-        encoded and 16 levels deep; keys at most 256 characters; NaN, Infinity and NUL
-        characters are refused.
+        """JSON Schema of the payloads of its events (optional): drafts 4, 6, 7, 2019-09 and
+        2020-12 by `$schema` (2020-12 when it names none), compiled when stored and enforced on
+        every event as `schema_mode` says (README, Schemas). At most 64 KiB encoded and 16 levels
+        deep, 2,000 subschemas with its `$ref`s inlined; `$ref` only inside the schema (`#/...`,
+        `#name`) and without cycles; `pattern` on a linear-time engine; `format` not checked.
+        A schema that breaks these is INVALID_ARGUMENT naming its node.
         """
 
     @_builtins.property
@@ -112,10 +155,12 @@ class Trigger(_message.Message):
         webhook_key: _builtins.str = ...,
         webhook_secret: _builtins.str = ...,
         webhook_signed: _builtins.bool = ...,
+        schema_mode: Global___SchemaMode.ValueType = ...,
+        schema_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "out_schema", b"out_schema", "param_schema", b"param_schema", "updated", b"updated", "updated_by", b"updated_by"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "description", b"description", "id", b"id", "label", b"label", "out_schema", b"out_schema", "pack_ref", b"pack_ref", "param_schema", b"param_schema", "ref", b"ref", "updated", b"updated", "updated_by", b"updated_by", "webhook_enabled", b"webhook_enabled", "webhook_key", b"webhook_key", "webhook_secret", b"webhook_secret", "webhook_signed", b"webhook_signed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by", "created", b"created", "description", b"description", "id", b"id", "label", b"label", "out_schema", b"out_schema", "pack_ref", b"pack_ref", "param_schema", b"param_schema", "ref", b"ref", "schema_mode", b"schema_mode", "schema_version", b"schema_version", "updated", b"updated", "updated_by", b"updated_by", "webhook_enabled", b"webhook_enabled", "webhook_key", b"webhook_key", "webhook_secret", b"webhook_secret", "webhook_signed", b"webhook_signed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__updated_by: _TypeAlias = _typing.Literal["updated_by"]  # noqa: Y015
     _WhichOneofArgType__updated_by: _TypeAlias = _typing.Literal["_updated_by", b"_updated_by"]  # noqa: Y015
@@ -393,8 +438,8 @@ class UpdateTriggerRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which fields to change: any of label, description, webhook_enabled, webhook_secret.
-        Required.
+        """Which fields to change: any of label, description, webhook_enabled, webhook_secret,
+        param_schema, out_schema, schema_mode. Required.
         """
 
     def __init__(

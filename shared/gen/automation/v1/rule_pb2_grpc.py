@@ -137,7 +137,8 @@ class RuleServiceServicer:
 
     def UpdateTrigger(self, request, context):
         """Changes the fields of a trigger named in update_mask: label, description,
-        webhook_enabled, webhook_secret.
+        webhook_enabled, webhook_secret, param_schema, out_schema, schema_mode. A new out_schema
+        is compiled first (INVALID_ARGUMENT naming the node); the change is audited, old and new.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,7 +44,8 @@ class RuleServiceStub:
     """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset."""
     UpdateTrigger: _grpc.UnaryUnaryMultiCallable[_rule_pb2.UpdateTriggerRequest, _rule_pb2.Trigger]
     """Changes the fields of a trigger named in update_mask: label, description,
-    webhook_enabled, webhook_secret.
+    webhook_enabled, webhook_secret, param_schema, out_schema, schema_mode. A new out_schema
+    is compiled first (INVALID_ARGUMENT naming the node); the change is audited, old and new.
     """
     RotateWebhookKey: _grpc.UnaryUnaryMultiCallable[_rule_pb2.RotateWebhookKeyRequest, _rule_pb2.Trigger]
     """Gives a trigger a new webhook key; the old one stops working at once."""
@@ -88,7 +89,8 @@ class RuleServiceAsyncStub(RuleServiceStub):
     """Deletes a trigger. Its rules and events keep their trigger_ref; their trigger id is unset."""
     UpdateTrigger: _aio.UnaryUnaryMultiCallable[_rule_pb2.UpdateTriggerRequest, _rule_pb2.Trigger]  # type: ignore[assignment]
     """Changes the fields of a trigger named in update_mask: label, description,
-    webhook_enabled, webhook_secret.
+    webhook_enabled, webhook_secret, param_schema, out_schema, schema_mode. A new out_schema
+    is compiled first (INVALID_ARGUMENT naming the node); the change is audited, old and new.
     """
     RotateWebhookKey: _aio.UnaryUnaryMultiCallable[_rule_pb2.RotateWebhookKeyRequest, _rule_pb2.Trigger]  # type: ignore[assignment]
     """Gives a trigger a new webhook key; the old one stops working at once."""
@@ -159,7 +161,8 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_rule_pb2.Trigger, _abc.Awaitable[_rule_pb2.Trigger]]:
         """Changes the fields of a trigger named in update_mask: label, description,
-        webhook_enabled, webhook_secret.
+        webhook_enabled, webhook_secret, param_schema, out_schema, schema_mode. A new out_schema
+        is compiled first (INVALID_ARGUMENT naming the node); the change is audited, old and new.
         """
 
     @_abc_1.abstractmethod
