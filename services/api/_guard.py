@@ -111,17 +111,17 @@ class ByteBudget:
         """Holds ``n`` bytes (waiting for them, FIFO) while the block runs; counted against
         ``owner``'s share from the call on (``check`` first)."""
         n = min(n, self.total)  # a call larger than the whole budget waits for all of it
-        if owner is not None and self.owner_share is not None:
+        if owner is not None and self.owner_share is not None and n > 0:
             self._owners[owner] = self._owners.get(owner, 0) + n
             try:
                 async with self.hold(n):
                     yield
             finally:
-                left = self._owners[owner] - n
-                if left:
+                left = self._owners.get(owner, 0) - n
+                if left > 0:
                     self._owners[owner] = left
                 else:
-                    del self._owners[owner]
+                    self._owners.pop(owner, None)
             return
         if self.free >= n and not self._waiters:
             self.free -= n

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from services.api._guard import ByteBudget
+from shared.errors import ResourceExhausted
 
 
 class Holder:
@@ -72,4 +73,30 @@ async def test_a_request_larger_than_the_budget_waits_for_all_of_it() -> None:
     budget = ByteBudget(100)
     async with budget.hold(10_000):
         assert budget.free == 0
+    assert budget.free == 100
+
+
+async def test_an_owner_past_its_share_is_refused_and_others_are_not() -> None:
+    budget = ByteBudget(100, owner_share=40)
+    async with budget.hold(30, "a"):
+        budget.check(10, "a")  # exactly at its share
+        with pytest.raises(ResourceExhausted, match="its share is 40"):
+            budget.check(11, "a")
+        budget.check(60, "b")  # another owner has its own share
+        async with budget.hold(40, "b"):
+            pass
+    budget.check(100, "a")  # holding nothing, any call gets in line
+    assert budget.free == 100
+
+
+async def test_empty_requests_of_one_owner_overlap_without_losing_count() -> None:
+    budget = ByteBudget(100, owner_share=40)
+    first = budget.hold(0, "a")
+    second = budget.hold(0, "a")
+    await first.__aenter__()
+    await second.__aenter__()
+    await first.__aexit__(None, None, None)
+    await second.__aexit__(None, None, None)
+    async with budget.hold(10, "a"), budget.hold(0, "a"):
+        budget.check(30, "a")
     assert budget.free == 100
