@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from services.web.cloudevents import CloudEvents
 from services.web.console import Console, Stubs
 from services.web.live import Live
 from services.web.render import HERE
@@ -21,7 +22,7 @@ from services.web.session import Sessions
 from services.web.webhooks import Webhooks
 from shared import tracing
 from shared.config import WebConfig
-from shared.gen.automation.v1 import auth_pb2_grpc, webhook_pb2_grpc
+from shared.gen.automation.v1 import auth_pb2_grpc, cloudevent_pb2_grpc, webhook_pb2_grpc
 from shared.transport import open_channel
 
 log = logging.getLogger("services.web")
@@ -36,7 +37,10 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         own = channel is None
         # Tracing on (shared/tracing.py): a client span for every call to the api.
         ch = channel or open_channel(config.target, config.security, interceptors=tracing.client_interceptors())
-        parts["webhooks"] = Webhooks(config, webhook_pb2_grpc.WebhookServiceStub(ch))
+        hooks = parts["webhooks"] = Webhooks(config, webhook_pb2_grpc.WebhookServiceStub(ch))
+        parts["cloudevents"] = CloudEvents(
+            config, cloudevent_pb2_grpc.CloudEventServiceStub(ch), webhook_pb2_grpc.WebhookServiceStub(ch), hooks.budget
+        )
         sessions = Sessions(auth_pb2_grpc.AuthServiceStub(ch), config.rpc_timeout_s)
         console = parts["console"] = Console(config, Stubs(ch), sessions)
         parts["live"] = Live(console)
@@ -49,6 +53,12 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
     async def webhook(request: Request) -> Response:
         hooks: Webhooks = parts["webhooks"]
         return await hooks.deliver(request)
+
+    async def cloudevent(request: Request) -> Response:
+        endpoint: CloudEvents = parts["cloudevents"]
+        if request.method == "OPTIONS":
+            return await endpoint.handshake(request)
+        return await endpoint.deliver(request)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -84,6 +94,7 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         exception_handlers={ClientDisconnect: hung_up},
         routes=[
             Route("/webhooks/{key}", webhook, methods=["POST"]),
+            Route("/cloudevents/{key}", cloudevent, methods=["POST", "OPTIONS"]),
             Route("/healthz", health, methods=["GET"]),
             Route("/", home, methods=["GET"]),
             Route("/signin", public("signin_page"), methods=["GET"]),
