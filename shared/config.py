@@ -199,6 +199,12 @@ class ExecutorConfig:
     """EXECUTOR_MAX_IN_FLIGHT: enforcements held and decided at once."""
     rpc_timeout_s: float = 10.0
     """RPC_TIMEOUT_SECONDS: deadline of each unary call."""
+    keepalive_s: float = 30.0
+    """EXECUTOR_KEEPALIVE_SECONDS: how often the executor pings the api over HTTP/2 (and how long,
+    at most 10 s, it waits for the answer): a path that went silent without closing (a
+    blackhole, a lost host) ends the watch stream and the executor reconnects. Below 10 s only
+    while the api sends heartbeats more often than that (HEARTBEAT_SECONDS), or the api answers
+    frequent pings with GOAWAY."""
     backoff_initial_s: float = 0.1
     """RECONNECT_BACKOFF_INITIAL_SECONDS: first wait before reconnecting."""
     backoff_max_s: float = 5.0
@@ -411,6 +417,7 @@ def executor_config(env: Mapping[str, str] | None = None) -> ExecutorConfig:
         executor_id=env.get("EXECUTOR_ID", ""),
         max_in_flight=_int(env, "EXECUTOR_MAX_IN_FLIGHT", 32),
         rpc_timeout_s=_float(env, "RPC_TIMEOUT_SECONDS", 10.0, minimum=0.01),
+        keepalive_s=_float(env, "EXECUTOR_KEEPALIVE_SECONDS", 30.0, minimum=1.0),
         backoff_initial_s=_float(env, "RECONNECT_BACKOFF_INITIAL_SECONDS", 0.1, minimum=0.001),
         backoff_max_s=_float(env, "RECONNECT_BACKOFF_MAX_SECONDS", 5.0, minimum=0.001),
         rule_cache_s=_float(env, "RULE_CACHE_SECONDS", 1.0),

@@ -20,6 +20,20 @@ CLIENT_KEEPALIVE = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+
+def client_keepalive(interval_s: float) -> list[tuple[str, int]]:
+    """CLIENT_KEEPALIVE pinging every ``interval_s``, waiting for the answer as long (10 s at most)."""
+    ms = max(int(interval_s * 1000), 1000)
+    options = dict(CLIENT_KEEPALIVE)
+    options["grpc.keepalive_time_ms"] = ms
+    options["grpc.keepalive_timeout_ms"] = min(ms, 10_000)
+    # gRPC core waits this long for the ack of any ping, keepalive ones too (60 s by default,
+    # whatever keepalive_timeout says): without it a blackholed connection lives a minute.
+    options["grpc.http2.ping_timeout_ms"] = min(ms, 10_000)
+    return list(options.items())
+
+
 SERVER_KEEPALIVE = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),

@@ -25,7 +25,7 @@ from typing import Any
 import asyncpg
 
 from services.api import metrics
-from services.api.store import Delivery, Enforcement, Event, Lease
+from services.api.store import Delivery, Enforcement, Event, Lease, alive, connect
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,11 @@ _MAX_PAYLOAD = 7000
 # One encoder for every note: json.dumps with separators builds a new one per call, which for
 # the 3,000 notes of a 1,000-event batch was a third of their encoding.
 _NOTE_JSON = json.JSONEncoder(separators=(",", ":")).encode
+# The LISTEN connection only receives, so nothing on it would notice a half-open path (or a
+# primary that vanished without a word) until TCP keepalive does: it is asked a trivial query
+# this often and replaced when no answer comes within the probe's timeout.
+LISTEN_PROBE_S = 2.0
+LISTEN_PROBE_TIMEOUT_S = 3.0
 _ANNOUNCE = "SELECT pg_notify(u.channel, u.payload) FROM unnest($1::text[], $2::text[]) AS u(channel, payload)"
 
 
@@ -186,6 +191,8 @@ class Dispatcher:
         # Backends this api announced through: their notifications come back to our own
         # LISTEN connection and must not wake our streams a second time.
         self._own_pids: set[int] = set()
+        self.listen_connects = 0
+        """LISTEN connections made so far (a reconnect adds one)."""
 
     def subscribe(
         self, credit: int = 16, filtered: bool = False, executor_id: str = "", token: str = "", principal: str = ""
@@ -335,10 +342,11 @@ class Dispatcher:
         while not self._stopping.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._url)
+                conn = await connect(self._url)
                 await conn.add_listener("enforcement_created", self._on_notify)
                 await conn.add_listener("enforcement_resolved", self._on_notify)
                 delay = 0.1
+                self.listen_connects += 1
                 # Anything committed while we were not listening is found by polling; wake
                 # everyone once so that it is found now.
                 self.wake_all()
@@ -346,9 +354,17 @@ class Dispatcher:
                 conn.add_termination_listener(lambda _c, lost=closed: lost.set())
                 stop = asyncio.ensure_future(self._stopping.wait())
                 lost = asyncio.ensure_future(closed.wait())
-                await asyncio.wait({stop, lost}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                lost.cancel()
+                try:
+                    while True:
+                        await asyncio.wait({stop, lost}, timeout=LISTEN_PROBE_S, return_when=asyncio.FIRST_COMPLETED)
+                        if stop.done() or lost.done():
+                            break
+                        if not await alive(conn, LISTEN_PROBE_TIMEOUT_S):
+                            log.warning("LISTEN connection stopped answering; reconnecting")
+                            break
+                finally:
+                    stop.cancel()
+                    lost.cancel()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
                 with contextlib.suppress(TimeoutError):
@@ -356,8 +372,8 @@ class Dispatcher:
                 delay = min(delay * 2, 5.0)
             finally:
                 if conn is not None:
-                    with contextlib.suppress(Exception):
-                        await conn.close(timeout=1)
+                    # Not close(): over a dead path its goodbye would wait for an answer.
+                    conn.terminate()
 
     def start(self, pool: asyncpg.Pool | None = None) -> None:
         """Starts listening; with a pool, also announcing this api's writes through it."""

@@ -36,7 +36,7 @@ from services.api.servicers.executions import ExecutionService
 from services.api.servicers.history import HistoryService
 from services.api.servicers.rules import RuleService
 from services.api.servicers.webhooks import WebhookService
-from services.api.store import Store, TokenRow, create_pool
+from services.api.store import Store, TokenRow, create_pool, expire_all, writable
 from services.api.store.retention import RETENTION_DAYS, Retention
 from shared import limits, tracing
 from shared.config import ApiConfig, ConfigError, parse_ingest_rates, parse_principals
@@ -116,6 +116,9 @@ def server_options(config: ApiConfig) -> list[tuple[str, int]]:
     )
     return list(options.items())
 
+
+HEALTH_TIMEOUT_S = 5.0
+"""A health check that takes longer fails: NOT_SERVING rather than a check that hangs."""
 
 CHORES_APPLICATION = "automation-api-chores"
 """The application_name of the background loops' connection (see ``ApiServer._connect``)."""
@@ -320,16 +323,33 @@ class ApiServer:
             await self.health.set(name, status)
 
     async def _check_health(self) -> bool:
-        """SERVING only while the database answers and no migration is pending."""
+        """SERVING only while a writable primary answers and no migration is pending.
+
+        Bounded (HEALTH_TIMEOUT_S): over a half-open path the check fails instead of waiting,
+        and its connection is discarded. A read-only answer (a standby, a demoted primary)
+        expires every pool, so that the next connections find the primary wherever it is now.
+        """
         assert self.chores is not None
+        chores = self.chores
         try:
-            async with self.chores.pool.acquire() as conn:
-                todo = await migrations.pending(conn)
-            ok = not todo
-            if todo:
+            async with asyncio.timeout(HEALTH_TIMEOUT_S):
+                async with chores.pool.acquire() as conn:
+                    primary = await writable(conn)
+                    todo = await migrations.pending(conn) if primary else []
+            ok = primary and not todo
+            if not primary:
+                log.warning("NOT_SERVING: the database is read-only (not the primary); reconnecting")
+                await expire_all()
+            elif todo:
                 log.warning("NOT_SERVING: %d migration(s) pending; run `python -m services.api migrate`", len(todo))
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, migrations.MigrationError) as exc:
-            log.warning("NOT_SERVING: %s", exc)
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            migrations.MigrationError,
+        ) as exc:
+            log.warning("NOT_SERVING: %s", exc or exc.__class__.__name__)
             ok = False
         if not self.shutdown.is_set():
             await self._set_health(ok)

@@ -44,7 +44,7 @@ from shared.limits import MAX_MESSAGE_BYTES
 from shared.metrics import MethodMetrics, process_registry
 from shared.metrics import serve as serve_metrics
 from shared.metrics import stop as stop_metrics
-from shared.runtime import CLIENT_KEEPALIVE
+from shared.runtime import client_keepalive
 from shared.transport import open_channel
 
 from ._metrics import ExecutorMetrics
@@ -142,7 +142,13 @@ class Executor:
         # Cap it at ours.
         backoff_ms = max(int(cfg.backoff_max_s * 1000), 100)
         options = [
-            *CLIENT_KEEPALIVE,
+            # Keepalive pings find a silent path (blackhole, lost host) on which the watch
+            # stream would otherwise wait for a heartbeat forever: TCP still looks open.
+            *client_keepalive(cfg.keepalive_s),
+            # How long a connection attempt may take (gRPC: 20 s), at most one keepalive
+            # interval: a handshake nobody answers is as dead as an unanswered ping, and the
+            # watch call waits for it.
+            ("grpc.min_reconnect_backoff_ms", min(max(int(cfg.keepalive_s * 1000), 1000), 20_000)),
             ("grpc.initial_reconnect_backoff_ms", min(max(int(cfg.backoff_initial_s * 1000), 100), backoff_ms)),
             ("grpc.max_reconnect_backoff_ms", backoff_ms),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

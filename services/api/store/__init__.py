@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from ._db import create_pool, translate
+from ._db import alive, connect, create_pool, expire_all, translate, writable
 from ._derive import derive
 from ._paging import Scope, Signer, page_size
 from ._secret import SharedKey
@@ -66,10 +66,14 @@ __all__ = [
     "TokenRow",
     "Trigger",
     "Webhook",
+    "alive",
+    "connect",
     "create_pool",
     "derive",
+    "expire_all",
     "page_size",
     "translate",
+    "writable",
 ]
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,9 +18,104 @@ from shared.errors import Aborted, AlreadyExists, DomainError, InvalidArgument, 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 """A connection of our own or one borrowed from the pool."""
 
+log = logging.getLogger(__name__)
+
 # SQLSTATE classes that mean "the database is not there right now": connection exceptions,
 # operator intervention (shutdown, statement timeout), insufficient resources.
 _UNAVAILABLE_CLASSES = ("08", "57", "53")
+READ_ONLY = "25006"
+"""read_only_sql_transaction: this connection reached a server that no longer takes writes (a
+demoted primary, a standby). Nothing was written; the primary is elsewhere now."""
+
+CONNECT_TIMEOUT_S = 5.0
+"""One connection attempt, every host of a multi-host DATABASE_URL included. asyncpg's default
+(60 s) would hold a call that long on a host that accepts and never answers (a blackhole)."""
+CLIENT_MARGIN_S = 2.0
+"""How long past statement_timeout the client waits for an answer. The server ends a slow
+statement at statement_timeout and says so; silence for longer means the connection is dead
+(half-open), and the call fails as UNAVAILABLE instead of waiting forever."""
+# TCP keepalive on every database socket, both ends: a peer that vanished (host lost, network
+# partition) is found in about IDLE + INTERVAL * COUNT seconds even when the connection is idle
+# (a pool connection, the LISTEN connection); TCP_USER_TIMEOUT does the same while data we sent
+# waits unacknowledged, where keepalive probes are not sent.
+KEEPALIVE_IDLE_S = 5
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+USER_TIMEOUT_MS = 15_000
+
+_pools: set[asyncpg.Pool] = set()
+"""Every open pool of this process: a read-only answer on one means all may point at a demoted
+primary. (Pools take no weak references; closed ones are dropped as new ones are made.)"""
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+    except (OSError, AttributeError):  # not Linux: keepalive with the system's timings
+        pass
+
+
+class DbConnection(asyncpg.Connection):
+    """A database connection with TCP keepalive that is discarded, not cancelled, when a call on
+    it timed out or was cancelled.
+
+    asyncpg answers a timeout by sending a CancelRequest over a second connection and waiting for
+    the first one to say the statement ended: over a half-open path neither ever arrives, so the
+    call (or the pool's release of the connection) waits once more for as long. A connection
+    that went silent is not worth saving: it is closed at once, and the server's
+    statement_timeout (shorter than our wait) ends whatever it was running.
+    """
+
+    interrupted = False
+
+    def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, transport, *args, **kwargs)
+        _keepalive(transport.get_extra_info("socket") if transport is not None else None)
+
+    # asyncpg's private hook, called (as a task) for every timed-out or cancelled command.
+    async def _cancel(self, waiter: asyncio.Future[None], cancel_waiter: Any = None) -> None:
+        self.interrupted = True
+        try:
+            if not waiter.done():
+                waiter.set_result(None)
+        finally:
+            getattr(self, "_cancellations", set()).discard(asyncio.current_task())
+            self.terminate()
+
+
+async def connect(url: str, **kwargs: Any) -> DbConnection:
+    """One connection of our kind (keepalive, discarded when interrupted), bounded to connect."""
+    conn: DbConnection = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_S, connection_class=DbConnection, **kwargs)
+    return conn
+
+
+async def alive(conn: asyncpg.Connection, timeout: float) -> bool:
+    """Whether ``conn`` answers a trivial query within ``timeout`` (a LISTEN connection's probe)."""
+    try:
+        await conn.fetchval("SELECT 1", timeout=timeout)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError):
+        return False
+    return True
+
+
+async def writable(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> bool:
+    """Whether ``conn`` reaches a primary that takes writes (health: SERVING only then)."""
+    return bool(
+        await conn.fetchval("SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'")
+    )
+
+
+async def expire_all() -> None:
+    """Every pool of this process replaces its connections as they come back: the primary moved."""
+    for pool in list(_pools):
+        if not pool.is_closing():
+            await pool.expire_connections()
 
 
 PLANNER_SETTINGS = {
@@ -73,6 +171,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     UNLISTEN, RESET ALL: four statements), about a third of the api's queries. Nothing here
     leaves session state behind: advisory locks are transaction-scoped, LISTEN has its own
     connection, settings are startup parameters; asyncpg still rolls back an open transaction.
+    A connection whose call timed out or was cancelled is already closed (``DbConnection``) and
+    never comes back to the pool.
     """
 
 
@@ -92,6 +192,10 @@ async def create_pool(
     settings = {
         "statement_timeout": str(int(statement_timeout_s * 1000)),
         "application_name": application_name,
+        # The server's side of keepalive: a vanished api's backend (and its locks) goes too.
+        "tcp_keepalives_idle": str(KEEPALIVE_IDLE_S),
+        "tcp_keepalives_interval": str(KEEPALIVE_INTERVAL_S),
+        "tcp_keepalives_count": str(KEEPALIVE_COUNT),
         **PLANNER_SETTINGS,
     }
     if not notify_triggers:
@@ -108,10 +212,15 @@ async def create_pool(
             # connection plans every statement again, and on TimescaleDB its first statement
             # also reads the catalog entries of every chunk (70-100 ms on 90 days).
             max_inactive_connection_lifetime=0,
+            connection_class=DbConnection,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=statement_timeout_s + CLIENT_MARGIN_S,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise Unavailable(f"cannot connect to the database: {exc}") from exc
     assert pool is not None
+    _pools.difference_update([p for p in _pools if p.is_closing()])
+    _pools.add(pool)
     return pool
 
 
@@ -140,6 +249,8 @@ def translate(exc: BaseException) -> DomainError | None:
         return Unavailable(f"the database is unavailable: {exc.__class__.__name__}")
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", "") or ""
+        if state == READ_ONLY:
+            return Unavailable("the database is read-only here: the primary has moved; retry")
         if state.startswith(_UNAVAILABLE_CLASSES):
             return Unavailable(f"the database is unavailable (SQLSTATE {state})")
         if state in ("40P01", "40001"):
@@ -165,7 +276,11 @@ async def guarded() -> AsyncIterator[None]:
         yield
     except Exception as exc:
         if isinstance(exc, asyncpg.PostgresError):
-            metrics.current.db_error(getattr(exc, "sqlstate", "") or "")
+            state = getattr(exc, "sqlstate", "") or ""
+            metrics.current.db_error(state)
+            if state == READ_ONLY:
+                log.warning("the database refused a write as read-only: reconnecting to the primary")
+                await expire_all()
         elif isinstance(exc, (OSError, asyncpg.InterfaceError, ConnectionError, asyncpg.InternalClientError)):
             metrics.current.db_error("08")  # connection exception
         mapped = translate(exc)
@@ -180,18 +295,39 @@ class Repo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
+    # One statement each, on its own (autocommit): one refused as read-only wrote nothing, so it
+    # is sent once more, on a connection the expired pool opens to wherever the primary is now.
+    # Transactions (elsewhere in the store) are answered UNAVAILABLE instead: the caller
+    # retries them, with its request id where it has one.
+
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with guarded():
-            return await self._pool.fetch(sql, *args)
+            try:
+                return await self._pool.fetch(sql, *args)
+            except asyncpg.ReadOnlySQLTransactionError:
+                await expire_all()
+                return await self._pool.fetch(sql, *args)
 
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         async with guarded():
-            return await self._pool.fetchrow(sql, *args)
+            try:
+                return await self._pool.fetchrow(sql, *args)
+            except asyncpg.ReadOnlySQLTransactionError:
+                await expire_all()
+                return await self._pool.fetchrow(sql, *args)
 
     async def _fetchval(self, sql: str, *args: Any) -> Any:
         async with guarded():
-            return await self._pool.fetchval(sql, *args)
+            try:
+                return await self._pool.fetchval(sql, *args)
+            except asyncpg.ReadOnlySQLTransactionError:
+                await expire_all()
+                return await self._pool.fetchval(sql, *args)
 
     async def _execute(self, sql: str, *args: Any) -> str:
         async with guarded():
-            return await self._pool.execute(sql, *args)
+            try:
+                return await self._pool.execute(sql, *args)
+            except asyncpg.ReadOnlySQLTransactionError:
+                await expire_all()
+                return await self._pool.execute(sql, *args)
