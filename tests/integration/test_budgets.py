@@ -14,6 +14,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 
 from services.api.auth import new_token
 from services.api.server import ApiServer
@@ -323,3 +324,21 @@ async def test_a_stream_ends_when_its_token_expires(budgeted: Clients) -> None:
         assert "expired" in (await call.details())
     finally:
         tails.close()
+
+
+async def test_revocation_ends_a_reflection_stream_too(budgeted: Clients) -> None:
+    """Bidirectional streams (reflection, what grpcurl holds open) are registered like tails."""
+    viewer = await budgeted.make("grpcurl-user", "viewer")
+    reflect: grpc.aio.StreamStreamMultiCallable[
+        reflection_pb2.ServerReflectionRequest, reflection_pb2.ServerReflectionResponse
+    ] = viewer.channel.stream_stream(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    call = reflect()
+    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    answer = await call.read()
+    assert isinstance(answer, reflection_pb2.ServerReflectionResponse) and answer.list_services_response.service
+    await budgeted.store.tokens.revoke("grpcurl-user")
+    assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
