@@ -205,6 +205,11 @@ class Dispatcher:
         """The open watch streams of one principal on this api."""
         return [sub for sub in self._subs if sub.principal == principal]
 
+    def subscriptions(self) -> list[Subscription]:
+        """The open watch streams of this api, in no particular order (hand-offs rotate them);
+        read-only use: the executors view, ``EnforcementService.ListExecutors``."""
+        return list(self._subs)
+
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.pop(sub, None)
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +33,7 @@ from services.api.servicers.requests import (
     time_range_of,
 )
 from services.api.store import Delivery, Store, page_size
+from services.api.store.dispatch import ExhaustedFilter
 from shared import limits, tracing
 from shared.config import ApiConfig
 from shared.errors import (
@@ -46,6 +51,61 @@ from shared.gen.automation.v1 import (
 
 log = logging.getLogger(__name__)
 _RESOLVABLE = (common_pb2.ENFORCEMENT_STATUS_PROCESSED, common_pb2.ENFORCEMENT_STATUS_DISABLED)
+REPLICA = f"{socket.gethostname()}-{os.getpid()}"
+"""This api process, as the executors view names it: streams live in one replica's memory."""
+_OUTCOMES = {
+    "released": enforcement_pb2.ATTEMPT_OUTCOME_RELEASED,
+    "lease_expired": enforcement_pb2.ATTEMPT_OUTCOME_LEASE_EXPIRED,
+    "exhausted": enforcement_pb2.ATTEMPT_OUTCOME_EXHAUSTED,
+    "retried": enforcement_pb2.ATTEMPT_OUTCOME_RETRIED,
+}
+
+
+@dataclass
+class _Stream:
+    """What the executors view shows of a watch stream beyond the dispatcher's own state."""
+
+    executor_id: str
+    principal: str
+    connected: datetime
+    rule_refs: list[str]
+    trigger_refs: list[str]
+    last_delivery: datetime | None = None
+
+
+@dataclass
+class _Executors:
+    """The watch streams of this replica and when each (principal, executor id) last had a
+    resolution here. Resolutions are recorded only for keys with an open stream, so the map
+    stays as small as the streams are few."""
+
+    streams: dict[Subscription, _Stream] = field(default_factory=dict)
+    open_keys: Counter[tuple[str, str]] = field(default_factory=Counter)
+    last_resolve: dict[tuple[str, str], datetime] = field(default_factory=dict)
+
+    def opened(self, sub: Subscription, stream: _Stream) -> None:
+        self.streams[sub] = stream
+        self.open_keys[(stream.principal, stream.executor_id)] += 1
+
+    def closed(self, sub: Subscription) -> None:
+        stream = self.streams.pop(sub, None)
+        if stream is None:
+            return
+        key = (stream.principal, stream.executor_id)
+        self.open_keys[key] -= 1
+        if self.open_keys[key] <= 0:
+            del self.open_keys[key]
+            self.last_resolve.pop(key, None)
+
+    def resolving(self, principal: str, executor_ids: set[str]) -> None:
+        if not self.open_keys:
+            return
+        now: datetime | None = None
+        for executor_id in executor_ids:
+            key = (principal, executor_id)
+            if key in self.open_keys:
+                now = now or datetime.now(UTC)
+                self.last_resolve[key] = now
 
 
 class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
@@ -56,6 +116,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         self._shutdown = shutdown
         # Tracing on: every hand-out is a "dispatch" span in the trace of the enforcement's creation.
         self._tracer = tracing.tracer("services.api.dispatch")
+        self._executors = _Executors()
 
     @rpc
     async def CreateEnforcement(
@@ -135,6 +196,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         status = convert.ENFORCEMENT_STATUS_NAME[request.status]
         result = await self._store.enforcements.resolve(id_, status, lease_holder())
         self._dispatcher.resolved(id_)
+        self._executors.resolving(current_principal().name, {request.executor_id})
         if not result.replayed:
             self._dispatcher.announce([], [], [result.enforcement])
         log.debug(
@@ -176,6 +238,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             decisions.append((d.id, convert.ENFORCEMENT_STATUS_NAME.get(d.status, "")))
         v.raise_if_any()
         results = await self._store.enforcements.resolve_many(decisions, lease_holder())
+        self._executors.resolving(current_principal().name, {d.executor_id for d in request.decisions})
         outcomes: list[enforcement_pb2.ResolutionOutcome] = []
         resolved = []
         for (id_, _status), r in zip(decisions, results, strict=True):
@@ -248,6 +311,14 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             token=token,
             principal=principal.name,
         )
+        stream = _Stream(
+            request.executor_id,
+            principal.name,
+            datetime.now(UTC),
+            list(request.rule_refs),
+            list(request.trigger_refs),
+        )
+        self._executors.opened(sub, stream)
         loop = asyncio.get_running_loop()
         next_beat = loop.time()
         next_poll = loop.time() + cfg.poll_s
@@ -262,6 +333,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                     next_poll = loop.time() + cfg.poll_s
                 if sub.inbox:
                     handed, sub.inbox = sub.inbox, []
+                    stream.last_delivery = datetime.now(UTC)
                     for d in handed:
                         if (message := await self._sendable(d, request.executor_id, sub, "handoff")) is not None:
                             yield message
@@ -282,6 +354,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
                     full = sub.starved = len(deliveries) == free
                     if deliveries:
                         metrics.current.claimed(len(deliveries))
+                        stream.last_delivery = datetime.now(UTC)
                     for d in deliveries:
                         sub.held.add(d.enforcement.id)
                         if (message := await self._sendable(d, request.executor_id, sub, "claim")) is not None:
@@ -317,6 +390,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             reason = "api shutting down"
         finally:
             self._dispatcher.unsubscribe(sub)
+            self._executors.closed(sub)
             # Give back what this stream holds so that another executor gets it now, not when
             # the lease runs out. Best effort: if the database is down the lease expires.
             with contextlib.suppress(Exception):  # the lease expiry covers every failure here
@@ -441,3 +515,96 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         return enforcement_pb2.RetryEnforcementResponse(
             enforcement=convert.enforcement(await self._store.enforcements.get(id_))
         )
+
+    @rpc
+    async def ListExecutors(
+        self, request: enforcement_pb2.ListExecutorsRequest, context: Context
+    ) -> enforcement_pb2.ListExecutorsResponse:
+        known = self._executors.streams
+        subs = [sub for sub in self._dispatcher.subscriptions() if sub in known]
+        subs.sort(key=lambda sub: known[sub].connected)
+        leases = await self._store.dispatch.leases_by_token([sub.token for sub in subs if sub.token])
+        response = enforcement_pb2.ListExecutorsResponse(api_replica=REPLICA, server_time=convert.ts(datetime.now(UTC)))
+        for sub in subs:
+            stream = known[sub]
+            item = response.executors.add(
+                executor_id=stream.executor_id,
+                principal=stream.principal,
+                connected_since=convert.ts(stream.connected),
+                in_flight=len(sub.held),
+                credit=sub.credit,
+                leases_held=leases.get(sub.token, 0),
+                api_replica=REPLICA,
+                rule_refs=stream.rule_refs,
+                trigger_refs=stream.trigger_refs,
+                starved=sub.starved,
+            )
+            if (last := self._executors.last_resolve.get((stream.principal, stream.executor_id))) is not None:
+                item.last_resolve.CopyFrom(convert.ts(last))
+            if stream.last_delivery is not None:
+                item.last_delivery.CopyFrom(convert.ts(stream.last_delivery))
+        return response
+
+    @rpc
+    async def ListAttempts(
+        self, request: enforcement_pb2.ListAttemptsRequest, context: Context
+    ) -> enforcement_pb2.ListAttemptsResponse:
+        id_ = validate.id_or_raise("enforcement", request.enforcement)
+        # NOT_FOUND for an enforcement that does not exist, as GetEnforcement answers.
+        await self._store.enforcements.get(id_)
+        pending = await self._store.dispatch.pending(id_)
+        attempts = await self._store.dispatch.attempts(id_)
+        response = enforcement_pb2.ListAttemptsResponse()
+        if pending is not None:
+            d = response.dispatch
+            d.attempts = pending.attempts
+            d.leased_by = pending.leased_by or ""
+            d.last_error = pending.last_error or ""
+            if pending.lease_expires_at is not None:
+                d.lease_expires_at.CopyFrom(convert.ts(pending.lease_expires_at))
+            if pending.exhausted_at is not None:
+                d.exhausted_at.CopyFrom(convert.ts(pending.exhausted_at))
+        for a in attempts:
+            response.attempts.add(
+                attempt=a.attempt,
+                outcome=_OUTCOMES.get(a.outcome, enforcement_pb2.ATTEMPT_OUTCOME_UNSPECIFIED),
+                executor_id=a.executor_id or "",
+                principal=a.principal or "",
+                error=a.error or "",
+                time=convert.ts(a.time),
+            )
+        return response
+
+    @rpc
+    async def RetryEnforcements(
+        self, request: enforcement_pb2.RetryEnforcementsRequest, context: Context
+    ) -> enforcement_pb2.RetryEnforcementsResponse:
+        v = Violations()
+        ids = list(request.ids)
+        if request.all_exhausted:
+            if ids:
+                v.add("ids", "give ids or all_exhausted, not both")
+        elif not 1 <= len(ids) <= limits.MAX_BATCH:
+            v.add("ids", f"must hold 1 to {limits.MAX_BATCH} ids (or set all_exhausted), got {len(ids)}")
+        elif len(set(ids)) != len(ids):
+            v.add("ids", "each id at most once")
+        for i, id_ in enumerate(ids[: limits.MAX_BATCH]):
+            validate.positive_id(v, f"ids[{i}]", id_)
+        if not request.all_exhausted:
+            for name in ("rule_ref", "trigger_ref"):
+                if getattr(request, name):
+                    v.add(name, "only with all_exhausted (ids name the enforcements themselves)")
+            if request.HasField("created"):
+                v.add("created", "only with all_exhausted")
+        v.raise_if_any()
+        check_filters(request, refs=("rule_ref", "trigger_ref"))
+        start, end = time_range_of("created", request.created)
+        which = ExhaustedFilter(
+            ids=ids, rule_ref=request.rule_ref, trigger_ref=request.trigger_ref, created_from=start, created_to=end
+        )
+        retried, matched = await self._store.dispatch.retry_many(
+            which, None if request.validate_only else actor_of_call(), request.validate_only
+        )
+        if retried and not request.validate_only:
+            self._dispatcher.wake_all()
+        return enforcement_pb2.RetryEnforcementsResponse(ids=retried, matched=matched)

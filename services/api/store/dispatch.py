@@ -11,13 +11,15 @@ never in api memory.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 from shared.errors import FailedPrecondition, NotFound, PermissionDenied
 
 from . import audit
 from ._db import Repo, guarded
 from ._paging import Where
-from .types import Actor, Delivery, DispatchState, Enforcement, ExhaustedEnforcement, columns
+from .types import JSON, Actor, Delivery, DispatchState, Enforcement, ExhaustedEnforcement, columns
 
 _ENFORCEMENT_E = columns(Enforcement, "e.")
 _N_ENF = len(_ENFORCEMENT_E.split(", "))
@@ -140,6 +142,100 @@ DELETE FROM enforcement_dispatch d
                     WHERE e.id = d.enforcement AND e.created = d.enforcement_created)
 RETURNING d.enforcement"""
 _PURGE_REQUESTS = "DELETE FROM ingest_request WHERE created < now() - $1 * interval '1 hour'"
+# Outcomes of delivery attempts (0018) are kept as long as the enforcements they describe.
+_PURGE_ATTEMPTS = "DELETE FROM enforcement_attempt WHERE time < now() - interval '90 days'"
+
+_PENDING = """
+SELECT attempts, leased_by, lease_expires_at, last_error, exhausted_at FROM enforcement_dispatch
+ WHERE enforcement = $1"""
+# The newest 200, returned oldest first: an enforcement retried for weeks keeps a bounded page.
+_ATTEMPTS = """
+SELECT attempt, outcome, executor_id, principal, error, time FROM (
+    SELECT * FROM enforcement_attempt WHERE enforcement = $1 ORDER BY id DESC LIMIT 200
+) a ORDER BY id"""
+# Live leases per stream (lease token): the executors view matches them to its streams.
+_LEASES_BY_TOKEN = """
+SELECT lease_token, count(*) FROM enforcement_dispatch
+ WHERE lease_token = ANY($1::text[]) AND lease_expires_at > now() GROUP BY lease_token"""
+# Exhausted rows matching a bulk retry, oldest first, with how many match in all. Not locked
+# here (a window function cannot be): the UPDATE checks exhausted_at again, so of two
+# concurrent retries of one row only the first retries it, and only it is recorded.
+_EXHAUSTED_MATCHING = """
+SELECT enforcement, count(*) OVER () AS matched FROM enforcement_dispatch
+ {where}
+ ORDER BY enforcement_created, enforcement
+ LIMIT {limit}"""
+_RETRY_MANY = """
+UPDATE enforcement_dispatch
+   SET exhausted_at = NULL, attempts = 0, leased_by = NULL, lease_token = NULL, lease_expires_at = NULL
+ WHERE enforcement = ANY($1::bigint[]) AND exhausted_at IS NOT NULL
+RETURNING enforcement, enforcement_created"""
+
+RETRY_BATCH = 1000
+"""Most enforcements one bulk retry offers again (one audit record lists them all)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDispatch:
+    """A pending enforcement's dispatch row, as the enforcement page shows it."""
+
+    attempts: int
+    leased_by: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    exhausted_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One recorded outcome of a delivery attempt (``enforcement_attempt``, 0018)."""
+
+    attempt: int
+    outcome: str
+    executor_id: str | None
+    principal: str | None
+    error: str | None
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ExhaustedFilter:
+    """Which exhausted enforcements a bulk retry takes: named ones, or all matching refs and a
+    creation range."""
+
+    ids: Sequence[int] = ()
+    rule_ref: str = ""
+    trigger_ref: str = ""
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+
+    def where(self) -> Where:
+        where = Where()
+        where.add("exhausted_at IS NOT NULL")
+        if self.ids:
+            where.add("enforcement = ANY({}::bigint[])", list(self.ids))
+        if self.rule_ref:
+            where.add("rule_ref = {}", self.rule_ref)
+        if self.trigger_ref:
+            where.add("trigger_ref = {}", self.trigger_ref)
+        if self.created_from is not None:
+            where.add("enforcement_created >= {}", self.created_from)
+        if self.created_to is not None:
+            where.add("enforcement_created < {}", self.created_to)
+        return where
+
+    def described(self) -> dict[str, JSON]:
+        """The filter as the audit record keeps it (only what was given)."""
+        out: dict[str, JSON] = {}
+        if self.rule_ref:
+            out["rule_ref"] = self.rule_ref
+        if self.trigger_ref:
+            out["trigger_ref"] = self.trigger_ref
+        if self.created_from is not None:
+            out["created_from"] = self.created_from.isoformat()
+        if self.created_to is not None:
+            out["created_to"] = self.created_to.isoformat()
+        return out
 
 
 class Dispatch(Repo):
@@ -277,8 +373,50 @@ class Dispatch(Repo):
         await self._execute("VACUUM (SKIP_LOCKED) enforcement_dispatch")
 
     async def purge_orphans(self) -> list[int]:
-        """Forgets dispatch rows whose enforcement retention dropped (see _PURGE_ORPHANS)."""
-        return [r["enforcement"] for r in await self._fetch(_PURGE_ORPHANS)]
+        """Forgets dispatch rows whose enforcement retention dropped (see _PURGE_ORPHANS), and
+        attempt outcomes as old as the enforcements retention drops."""
+        orphans = [r["enforcement"] for r in await self._fetch(_PURGE_ORPHANS)]
+        await self._execute(_PURGE_ATTEMPTS)
+        return orphans
+
+    async def pending(self, enforcement: int) -> PendingDispatch | None:
+        """The enforcement's dispatch row; None when it has none (resolved, or unknown)."""
+        row = await self._fetchrow(_PENDING, enforcement)
+        return PendingDispatch(*row.values()) if row is not None else None
+
+    async def attempts(self, enforcement: int) -> list[Attempt]:
+        """Recorded outcomes of its delivery attempts, oldest first (the newest 200)."""
+        return [Attempt(*r.values()) for r in await self._fetch(_ATTEMPTS, enforcement)]
+
+    async def leases_by_token(self, tokens: Sequence[str]) -> dict[str, int]:
+        """Live leases held by each of these streams (lease tokens); absent: none."""
+        if not tokens:
+            return {}
+        return {r[0]: r[1] for r in await self._fetch(_LEASES_BY_TOKEN, list(tokens))}
+
+    async def retry_many(
+        self, which: ExhaustedFilter, actor: Actor | None = None, validate_only: bool = False
+    ) -> tuple[list[int], int]:
+        """Offers exhausted enforcements again (the oldest ``RETRY_BATCH`` matching ``which``),
+        with one audit record naming them all, committed with the change. Returns the ids
+        retried (oldest first) and how many matched in all. ``validate_only``: the same answer,
+        nothing changed or recorded."""
+        where = which.where()
+        sql = _EXHAUSTED_MATCHING.format(where=where.sql(), limit=RETRY_BATCH)
+        async with guarded(), self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(sql, *where.args)
+            matched = int(rows[0]["matched"]) if rows else 0
+            ids = [int(r["enforcement"]) for r in rows]
+            if validate_only or not ids:
+                return ids, matched
+            done = await conn.fetch(_RETRY_MANY, ids)
+            retried = [int(r["enforcement"]) for r in sorted(done, key=lambda r: (r[1], r[0]))]
+            if actor and retried:
+                change: dict[str, JSON] = {"enforcements": list(retried), "count": len(retried), "matched": matched}
+                if described := which.described():
+                    change["filter"] = described
+                await audit.record(conn, actor, "enforcement", None, None, change)
+        return retried, matched
 
     async def purge_requests(self, older_than_h: float) -> int:
         """Forgets idempotency keys older than ``older_than_h`` hours."""

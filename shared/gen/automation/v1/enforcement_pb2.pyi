@@ -24,6 +24,38 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AttemptOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AttemptOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AttemptOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ATTEMPT_OUTCOME_UNSPECIFIED: _AttemptOutcome.ValueType  # 0
+    """Never sent."""
+    ATTEMPT_OUTCOME_RELEASED: _AttemptOutcome.ValueType  # 1
+    """Given back by its executor, its closing stream, or an operator (error: the reason)."""
+    ATTEMPT_OUTCOME_LEASE_EXPIRED: _AttemptOutcome.ValueType  # 2
+    """Its lease ran out (the holder went away without a word) and it was taken back."""
+    ATTEMPT_OUTCOME_EXHAUSTED: _AttemptOutcome.ValueType  # 3
+    """It used up its attempts and now waits for an operator."""
+    ATTEMPT_OUTCOME_RETRIED: _AttemptOutcome.ValueType  # 4
+    """An operator offered it again, its attempts reset (error: what it was exhausted with)."""
+
+class AttemptOutcome(_AttemptOutcome, metaclass=_AttemptOutcomeEnumTypeWrapper):
+    """How a delivery attempt ended, when it did not end in a resolution."""
+
+ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome.ValueType  # 0
+"""Never sent."""
+ATTEMPT_OUTCOME_RELEASED: AttemptOutcome.ValueType  # 1
+"""Given back by its executor, its closing stream, or an operator (error: the reason)."""
+ATTEMPT_OUTCOME_LEASE_EXPIRED: AttemptOutcome.ValueType  # 2
+"""Its lease ran out (the holder went away without a word) and it was taken back."""
+ATTEMPT_OUTCOME_EXHAUSTED: AttemptOutcome.ValueType  # 3
+"""It used up its attempts and now waits for an operator."""
+ATTEMPT_OUTCOME_RETRIED: AttemptOutcome.ValueType  # 4
+"""An operator offered it again, its attempts reset (error: what it was exhausted with)."""
+Global___AttemptOutcome: _TypeAlias = AttemptOutcome  # noqa: Y015
+
 @_typing.final
 class CreateEnforcementRequest(_message.Message):
     """Request of CreateEnforcement."""
@@ -931,3 +963,346 @@ class TailEnforcementsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TailEnforcementsResponse: _TypeAlias = TailEnforcementsResponse  # noqa: Y015
+
+@_typing.final
+class ListExecutorsRequest(_message.Message):
+    """Request of ListExecutors. It has no fields: the answer is every stream of the replica."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutorsRequest: _TypeAlias = ListExecutorsRequest  # noqa: Y015
+
+@_typing.final
+class ConnectedExecutor(_message.Message):
+    """One executor connected to this api replica: one WatchEnforcements stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTOR_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    CONNECTED_SINCE_FIELD_NUMBER: _builtins.int
+    IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    LEASES_HELD_FIELD_NUMBER: _builtins.int
+    LAST_RESOLVE_FIELD_NUMBER: _builtins.int
+    API_REPLICA_FIELD_NUMBER: _builtins.int
+    RULE_REFS_FIELD_NUMBER: _builtins.int
+    TRIGGER_REFS_FIELD_NUMBER: _builtins.int
+    STARVED_FIELD_NUMBER: _builtins.int
+    LAST_DELIVERY_FIELD_NUMBER: _builtins.int
+    executor_id: _builtins.str
+    """Identifier the executor gave (WatchEnforcementsRequest.executor_id)."""
+    principal: _builtins.str
+    """The principal it authenticated as (empty with authentication off)."""
+    in_flight: _builtins.int
+    """Enforcements handed to it and not yet resolved or released, as this replica counts them."""
+    credit: _builtins.int
+    """Most enforcements it may hold at once (its max_in_flight, capped by its principal's share)."""
+    leases_held: _builtins.int
+    """Live leases its stream holds in the database (may trail in_flight by a renewal)."""
+    api_replica: _builtins.str
+    """Identifier of the api replica holding the stream (host and process id)."""
+    starved: _builtins.bool
+    """True when its last claim filled its credit: work may be waiting for it to resolve some."""
+    @_builtins.property
+    def connected_since(self) -> _timestamp_pb2.Timestamp:
+        """When its stream opened."""
+
+    @_builtins.property
+    def last_resolve(self) -> _timestamp_pb2.Timestamp:
+        """When this replica last resolved an enforcement for it (by its executor_id and principal);
+        unset when it has resolved none since it connected.
+        """
+
+    @_builtins.property
+    def rule_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The rule references the stream is limited to (empty: all)."""
+
+    @_builtins.property
+    def trigger_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The trigger references the stream is limited to (empty: all)."""
+
+    @_builtins.property
+    def last_delivery(self) -> _timestamp_pb2.Timestamp:
+        """When it was last handed an enforcement; unset when never, since it connected."""
+
+    def __init__(
+        self,
+        *,
+        executor_id: _builtins.str = ...,
+        principal: _builtins.str = ...,
+        connected_since: _timestamp_pb2.Timestamp | None = ...,
+        in_flight: _builtins.int = ...,
+        credit: _builtins.int = ...,
+        leases_held: _builtins.int = ...,
+        last_resolve: _timestamp_pb2.Timestamp | None = ...,
+        api_replica: _builtins.str = ...,
+        rule_refs: _abc.Iterable[_builtins.str] | None = ...,
+        trigger_refs: _abc.Iterable[_builtins.str] | None = ...,
+        starved: _builtins.bool = ...,
+        last_delivery: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connected_since", b"connected_since", "last_delivery", b"last_delivery", "last_resolve", b"last_resolve"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_replica", b"api_replica", "connected_since", b"connected_since", "credit", b"credit", "executor_id", b"executor_id", "in_flight", b"in_flight", "last_delivery", b"last_delivery", "last_resolve", b"last_resolve", "leases_held", b"leases_held", "principal", b"principal", "rule_refs", b"rule_refs", "starved", b"starved", "trigger_refs", b"trigger_refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectedExecutor: _TypeAlias = ConnectedExecutor  # noqa: Y015
+
+@_typing.final
+class ListExecutorsResponse(_message.Message):
+    """Response of ListExecutors."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXECUTORS_FIELD_NUMBER: _builtins.int
+    API_REPLICA_FIELD_NUMBER: _builtins.int
+    SERVER_TIME_FIELD_NUMBER: _builtins.int
+    api_replica: _builtins.str
+    """Identifier of the api replica that answered (host and process id)."""
+    @_builtins.property
+    def executors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectedExecutor]:
+        """The connected executors, in the order their streams opened."""
+
+    @_builtins.property
+    def server_time(self) -> _timestamp_pb2.Timestamp:
+        """The replica's time when it answered."""
+
+    def __init__(
+        self,
+        *,
+        executors: _abc.Iterable[Global___ConnectedExecutor] | None = ...,
+        api_replica: _builtins.str = ...,
+        server_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_replica", b"api_replica", "executors", b"executors", "server_time", b"server_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListExecutorsResponse: _TypeAlias = ListExecutorsResponse  # noqa: Y015
+
+@_typing.final
+class ListAttemptsRequest(_message.Message):
+    """Request of ListAttempts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENFORCEMENT_FIELD_NUMBER: _builtins.int
+    enforcement: _builtins.int
+    """Id of the enforcement."""
+    def __init__(
+        self,
+        *,
+        enforcement: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcement", b"enforcement"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAttemptsRequest: _TypeAlias = ListAttemptsRequest  # noqa: Y015
+
+@_typing.final
+class DeliveryAttempt(_message.Message):
+    """One recorded outcome of a delivery attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    EXECUTOR_ID_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """Which attempt ended (the counter then; a retry starts counting again)."""
+    outcome: Global___AttemptOutcome.ValueType
+    """How it ended."""
+    executor_id: _builtins.str
+    """The executor that held it, when one did."""
+    principal: _builtins.str
+    """That executor's principal, when known."""
+    error: _builtins.str
+    """The reason or error recorded with it."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it ended."""
+
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        outcome: Global___AttemptOutcome.ValueType = ...,
+        executor_id: _builtins.str = ...,
+        principal: _builtins.str = ...,
+        error: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error", b"error", "executor_id", b"executor_id", "outcome", b"outcome", "principal", b"principal", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryAttempt: _TypeAlias = DeliveryAttempt  # noqa: Y015
+
+@_typing.final
+class PendingDispatch(_message.Message):
+    """Where a pending enforcement stands in dispatch (its enforcement_dispatch row)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LEASED_BY_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    EXHAUSTED_AT_FIELD_NUMBER: _builtins.int
+    attempts: _builtins.int
+    """Hand-outs so far (since the last retry)."""
+    leased_by: _builtins.str
+    """The executor holding it under a lease; empty when none does."""
+    last_error: _builtins.str
+    """The last error recorded for it."""
+    @_builtins.property
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When that lease ends unless renewed; unset when unleased."""
+
+    @_builtins.property
+    def exhausted_at(self) -> _timestamp_pb2.Timestamp:
+        """When it used up its attempts; unset while it is still offered."""
+
+    def __init__(
+        self,
+        *,
+        attempts: _builtins.int = ...,
+        leased_by: _builtins.str = ...,
+        lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+        exhausted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["exhausted_at", b"exhausted_at", "lease_expires_at", b"lease_expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "exhausted_at", b"exhausted_at", "last_error", b"last_error", "lease_expires_at", b"lease_expires_at", "leased_by", b"leased_by"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingDispatch: _TypeAlias = PendingDispatch  # noqa: Y015
+
+@_typing.final
+class ListAttemptsResponse(_message.Message):
+    """Response of ListAttempts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DISPATCH_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dispatch(self) -> Global___PendingDispatch:
+        """Its dispatch row; unset once it is resolved."""
+
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryAttempt]:
+        """Recorded outcomes, oldest first (the newest 200)."""
+
+    def __init__(
+        self,
+        *,
+        dispatch: Global___PendingDispatch | None = ...,
+        attempts: _abc.Iterable[Global___DeliveryAttempt] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dispatch", b"dispatch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "dispatch", b"dispatch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAttemptsResponse: _TypeAlias = ListAttemptsResponse  # noqa: Y015
+
+@_typing.final
+class RetryEnforcementsRequest(_message.Message):
+    """Request of RetryEnforcements: either ids, or all_exhausted with optional filters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    ALL_EXHAUSTED_FIELD_NUMBER: _builtins.int
+    RULE_REF_FIELD_NUMBER: _builtins.int
+    TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    all_exhausted: _builtins.bool
+    """Instead of ids: every exhausted enforcement matching the filters below (oldest first, at
+    most 1,000 a call; call again for the rest).
+    """
+    rule_ref: _builtins.str
+    """With all_exhausted: only enforcements of this rule reference (empty: any)."""
+    trigger_ref: _builtins.str
+    """With all_exhausted: only enforcements of this trigger reference (empty: any)."""
+    validate_only: _builtins.bool
+    """Change nothing (and record nothing): answer what would be retried."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The enforcements to retry, 1 to 1,000, each once; those not exhausted are left alone."""
+
+    @_builtins.property
+    def created(self) -> _common_pb2.TimeRange:
+        """With all_exhausted: only enforcements created in this range."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        all_exhausted: _builtins.bool = ...,
+        rule_ref: _builtins.str = ...,
+        trigger_ref: _builtins.str = ...,
+        created: _common_pb2.TimeRange | None = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_exhausted", b"all_exhausted", "created", b"created", "ids", b"ids", "rule_ref", b"rule_ref", "trigger_ref", b"trigger_ref", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryEnforcementsRequest: _TypeAlias = RetryEnforcementsRequest  # noqa: Y015
+
+@_typing.final
+class RetryEnforcementsResponse(_message.Message):
+    """Response of RetryEnforcements."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDS_FIELD_NUMBER: _builtins.int
+    MATCHED_FIELD_NUMBER: _builtins.int
+    matched: _builtins.int
+    """How many exhausted enforcements matched in all (may exceed the 1,000 retried)."""
+    @_builtins.property
+    def ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """The enforcements retried (or, with validate_only, that would be), oldest first."""
+
+    def __init__(
+        self,
+        *,
+        ids: _abc.Iterable[_builtins.int] | None = ...,
+        matched: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ids", b"ids", "matched", b"matched"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryEnforcementsResponse: _TypeAlias = RetryEnforcementsResponse  # noqa: Y015

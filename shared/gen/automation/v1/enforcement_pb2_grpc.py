@@ -86,6 +86,21 @@ class EnforcementServiceStub:
                 request_serializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsRequest.SerializeToString,
                 response_deserializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsResponse.FromString,
                 _registered_method=True)
+        self.ListExecutors = channel.unary_unary(
+                '/automation.v1.EnforcementService/ListExecutors',
+                request_serializer=automation_dot_v1_dot_enforcement__pb2.ListExecutorsRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_enforcement__pb2.ListExecutorsResponse.FromString,
+                _registered_method=True)
+        self.ListAttempts = channel.unary_unary(
+                '/automation.v1.EnforcementService/ListAttempts',
+                request_serializer=automation_dot_v1_dot_enforcement__pb2.ListAttemptsRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_enforcement__pb2.ListAttemptsResponse.FromString,
+                _registered_method=True)
+        self.RetryEnforcements = channel.unary_unary(
+                '/automation.v1.EnforcementService/RetryEnforcements',
+                request_serializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementsRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementsResponse.FromString,
+                _registered_method=True)
 
 
 class EnforcementServiceServicer:
@@ -184,6 +199,33 @@ class EnforcementServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListExecutors(self, request, context):
+        """Lists the executors connected to the api replica that answers (its open
+        WatchEnforcements streams): who they are, since when, their credit and what they hold.
+        Each replica knows only its own streams; GetDispatchState's leases cover every replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAttempts(self, request, context):
+        """Lists what became of an enforcement's delivery attempts that did not end in its
+        resolution (released, lease expired, exhausted, retried), and its dispatch row while it
+        is pending. NOT_FOUND when the enforcement does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryEnforcements(self, request, context):
+        """Offers many exhausted enforcements again, with their attempts reset: the ones named, or
+        every one matching filters (oldest first, at most 1,000 a call). One audit record lists
+        the ids. With validate_only, changes nothing and says what would be retried.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EnforcementServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +278,21 @@ def add_EnforcementServiceServicer_to_server(servicer, server):
                     servicer.TailEnforcements,
                     request_deserializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsRequest.FromString,
                     response_serializer=automation_dot_v1_dot_enforcement__pb2.TailEnforcementsResponse.SerializeToString,
+            ),
+            'ListExecutors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecutors,
+                    request_deserializer=automation_dot_v1_dot_enforcement__pb2.ListExecutorsRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_enforcement__pb2.ListExecutorsResponse.SerializeToString,
+            ),
+            'ListAttempts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAttempts,
+                    request_deserializer=automation_dot_v1_dot_enforcement__pb2.ListAttemptsRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_enforcement__pb2.ListAttemptsResponse.SerializeToString,
+            ),
+            'RetryEnforcements': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryEnforcements,
+                    request_deserializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementsRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_enforcement__pb2.RetryEnforcementsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -509,6 +566,87 @@ class EnforcementService:
             '/automation.v1.EnforcementService/TailEnforcements',
             automation_dot_v1_dot_enforcement__pb2.TailEnforcementsRequest.SerializeToString,
             automation_dot_v1_dot_enforcement__pb2.TailEnforcementsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecutors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.EnforcementService/ListExecutors',
+            automation_dot_v1_dot_enforcement__pb2.ListExecutorsRequest.SerializeToString,
+            automation_dot_v1_dot_enforcement__pb2.ListExecutorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAttempts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.EnforcementService/ListAttempts',
+            automation_dot_v1_dot_enforcement__pb2.ListAttemptsRequest.SerializeToString,
+            automation_dot_v1_dot_enforcement__pb2.ListAttemptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryEnforcements(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.EnforcementService/RetryEnforcements',
+            automation_dot_v1_dot_enforcement__pb2.RetryEnforcementsRequest.SerializeToString,
+            automation_dot_v1_dot_enforcement__pb2.RetryEnforcementsResponse.FromString,
             options,
             channel_credentials,
             insecure,

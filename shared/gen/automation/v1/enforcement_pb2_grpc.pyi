@@ -81,6 +81,21 @@ class EnforcementServiceStub:
     as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when the cursor is
     older than 24 hours: the changes it needs may be gone; list them instead.
     """
+    ListExecutors: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.ListExecutorsRequest, _enforcement_pb2.ListExecutorsResponse]
+    """Lists the executors connected to the api replica that answers (its open
+    WatchEnforcements streams): who they are, since when, their credit and what they hold.
+    Each replica knows only its own streams; GetDispatchState's leases cover every replica.
+    """
+    ListAttempts: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.ListAttemptsRequest, _enforcement_pb2.ListAttemptsResponse]
+    """Lists what became of an enforcement's delivery attempts that did not end in its
+    resolution (released, lease expired, exhausted, retried), and its dispatch row while it
+    is pending. NOT_FOUND when the enforcement does not exist.
+    """
+    RetryEnforcements: _grpc.UnaryUnaryMultiCallable[_enforcement_pb2.RetryEnforcementsRequest, _enforcement_pb2.RetryEnforcementsResponse]
+    """Offers many exhausted enforcements again, with their attempts reset: the ones named, or
+    every one matching filters (oldest first, at most 1,000 a call). One audit record lists
+    the ids. With validate_only, changes nothing and says what would be retried.
+    """
 
 @_typing.type_check_only
 class EnforcementServiceAsyncStub(EnforcementServiceStub):
@@ -133,6 +148,21 @@ class EnforcementServiceAsyncStub(EnforcementServiceStub):
     twice (see TailEnforcementsRequest.cursor for the limits). The stream reads only as fast
     as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when the cursor is
     older than 24 hours: the changes it needs may be gone; list them instead.
+    """
+    ListExecutors: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.ListExecutorsRequest, _enforcement_pb2.ListExecutorsResponse]  # type: ignore[assignment]
+    """Lists the executors connected to the api replica that answers (its open
+    WatchEnforcements streams): who they are, since when, their credit and what they hold.
+    Each replica knows only its own streams; GetDispatchState's leases cover every replica.
+    """
+    ListAttempts: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.ListAttemptsRequest, _enforcement_pb2.ListAttemptsResponse]  # type: ignore[assignment]
+    """Lists what became of an enforcement's delivery attempts that did not end in its
+    resolution (released, lease expired, exhausted, retried), and its dispatch row while it
+    is pending. NOT_FOUND when the enforcement does not exist.
+    """
+    RetryEnforcements: _aio.UnaryUnaryMultiCallable[_enforcement_pb2.RetryEnforcementsRequest, _enforcement_pb2.RetryEnforcementsResponse]  # type: ignore[assignment]
+    """Offers many exhausted enforcements again, with their attempts reset: the ones named, or
+    every one matching filters (oldest first, at most 1,000 a call). One audit record lists
+    the ids. With validate_only, changes nothing and says what would be retried.
     """
 
 class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -243,6 +273,39 @@ class EnforcementServiceServicer(metaclass=_abc_1.ABCMeta):
         twice (see TailEnforcementsRequest.cursor for the limits). The stream reads only as fast
         as the client receives. FAILED_PRECONDITION (reason CURSOR_EXPIRED) when the cursor is
         older than 24 hours: the changes it needs may be gone; list them instead.
+        """
+
+    @_abc_1.abstractmethod
+    def ListExecutors(
+        self,
+        request: _enforcement_pb2.ListExecutorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enforcement_pb2.ListExecutorsResponse, _abc.Awaitable[_enforcement_pb2.ListExecutorsResponse]]:
+        """Lists the executors connected to the api replica that answers (its open
+        WatchEnforcements streams): who they are, since when, their credit and what they hold.
+        Each replica knows only its own streams; GetDispatchState's leases cover every replica.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAttempts(
+        self,
+        request: _enforcement_pb2.ListAttemptsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enforcement_pb2.ListAttemptsResponse, _abc.Awaitable[_enforcement_pb2.ListAttemptsResponse]]:
+        """Lists what became of an enforcement's delivery attempts that did not end in its
+        resolution (released, lease expired, exhausted, retried), and its dispatch row while it
+        is pending. NOT_FOUND when the enforcement does not exist.
+        """
+
+    @_abc_1.abstractmethod
+    def RetryEnforcements(
+        self,
+        request: _enforcement_pb2.RetryEnforcementsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_enforcement_pb2.RetryEnforcementsResponse, _abc.Awaitable[_enforcement_pb2.RetryEnforcementsResponse]]:
+        """Offers many exhausted enforcements again, with their attempts reset: the ones named, or
+        every one matching filters (oldest first, at most 1,000 a call). One audit record lists
+        the ids. With validate_only, changes nothing and says what would be retried.
         """
 
 def add_EnforcementServiceServicer_to_server(servicer: EnforcementServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
