@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from services.web.bodies import TooLarge, TooSlow, read_body
 from services.web.edge import client_address
-from services.web.render import STATUS_BY_NAME, environment
+from services.web.render import STATUS_BY_NAME, STATUS_NAMES, environment
 from services.web.session import (
     COOKIE,
     SIGNIN_COOKIE,
@@ -41,6 +41,8 @@ from shared.config import WebConfig
 from shared.gen.automation.v1 import (
     analytics_pb2,
     analytics_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
     common_pb2,
     enforcement_pb2,
     enforcement_pb2_grpc,
@@ -48,6 +50,8 @@ from shared.gen.automation.v1 import (
     event_pb2_grpc,
     execution_pb2,
     execution_pb2_grpc,
+    history_pb2,
+    history_pb2_grpc,
     rule_pb2,
     rule_pb2_grpc,
 )
@@ -80,10 +84,25 @@ NOTICES = {
     "webhook-on": "Webhook enabled.",
     "webhook-off": "Webhook disabled.",
     "rotated": "New webhook key: senders must use the new URL.",
+    "none-retried": "None of them was exhausted any more: nothing was retried.",
 }
 """What a redirect after a change may announce: a fixed set, so no text is reflected."""
 
 Handler = Callable[[Request, User], Awaitable[Response]]
+RETRY_FILTERS = ("rule_ref", "trigger_ref", "from", "to")
+"""The filters of a bulk retry of exhausted enforcements."""
+EXECUTION_STATUS_BY_NAME: dict[str, int] = {
+    execution_pb2.ExecutionStatus.Name(v).removeprefix("EXECUTION_STATUS_").lower(): v
+    for v in execution_pb2.ExecutionStatus.values()
+    if v
+}
+
+
+def _full_rpc(text: str) -> str:
+    """A method as typed: ``RuleService/UpdateRule`` (or the full name) as the trail keeps it."""
+    if text and "/" in text and not text.startswith("automation."):
+        return f"automation.v1.{text}"
+    return text
 
 
 class Stubs:
@@ -95,6 +114,8 @@ class Stubs:
         self.rules = rule_pb2_grpc.RuleServiceStub(channel)
         self.executions = execution_pb2_grpc.ExecutionServiceStub(channel)
         self.analytics = analytics_pb2_grpc.AnalyticsServiceStub(channel)
+        self.audit = audit_pb2_grpc.AuditServiceStub(channel)
+        self.history = history_pb2_grpc.HistoryServiceStub(channel)
 
 
 class Refused(Exception):
@@ -117,6 +138,40 @@ class Filters:
 
     def query(self, **extra: str) -> str:
         return urlencode({k: v for k, v in {**self.values, **extra}.items() if v})
+
+    def time_range(self, start: str = "from", end: str = "to") -> common_pb2.TimeRange | None:
+        """The range typed in the ``start`` and ``end`` fields (``YYYY-MM-DDTHH:MM``, a
+        datetime-local input's value, in UTC: the server cannot know the browser's zone, and
+        the labels say UTC); None when neither is given."""
+        bounds = [self._utc(start), self._utc(end)]
+        if bounds == [None, None]:
+            return None
+        if bounds[0] and bounds[1] and bounds[0] >= bounds[1]:
+            raise Refused(400, f"{start}: must be before {end}")
+        window = common_pb2.TimeRange()
+        if bounds[0]:
+            window.start.FromDatetime(bounds[0])
+        if bounds[1]:
+            window.end.FromDatetime(bounds[1])
+        return window
+
+    def _utc(self, name: str) -> datetime | None:
+        text = self.values.get(name, "")
+        if not text:
+            return None
+        try:
+            at = datetime.fromisoformat(text[:32])
+        except ValueError:
+            raise Refused(400, f"{name}: a time such as 2024-05-01T13:30 (UTC), got {text[:40]!r}") from None
+        if not 1970 <= at.year <= 9999:
+            raise Refused(400, f"{name}: a year from 1970 on")
+        return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+    @property
+    def timed(self) -> bool:
+        """A time range is given: the list is a fixed window, not followed live (the tails
+        have no time filter, and new rows fall outside a range that ends in the past)."""
+        return bool(self.values.get("from") or self.values.get("to"))
 
     def id(self, name: str) -> int | None:
         text = self.values.get(name, "")
@@ -145,7 +200,12 @@ def path_id(request: Request) -> int:
 
 async def read_form(request: Request, limit: int, deadline_s: float | None = None) -> dict[str, str]:
     """A URL-encoded form body, refused past ``limit`` bytes without reading it whole, and
-    when it has not arrived within ``deadline_s``."""
+    when it has not arrived within ``deadline_s``; the first value of each field."""
+    return {k: v[0] for k, v in (await read_form_lists(request, limit, deadline_s)).items()}
+
+
+async def read_form_lists(request: Request, limit: int, deadline_s: float | None = None) -> dict[str, list[str]]:
+    """A URL-encoded form body with every value of each field (checkboxes of one name)."""
     try:
         body = await read_body(request, limit, deadline_s)
     except TooLarge:
@@ -156,7 +216,7 @@ async def read_form(request: Request, limit: int, deadline_s: float | None = Non
         fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
     except UnicodeDecodeError:
         raise Refused(400, "the form is not UTF-8") from None
-    return {k: v[0] for k, v in fields.items()}
+    return fields
 
 
 def safe_next(target: str) -> str:
@@ -178,6 +238,9 @@ class Console:
 
     def render(self, request: Request, user: User | None, template: str, status: int = 200, **ctx: Any) -> Response:
         notice = NOTICES.get(request.query_params.get("notice", ""), "")
+        n = positive_id(request.query_params.get("n", ""))
+        if request.query_params.get("notice") == "bulk-retried" and n:
+            notice = f"Offered {n:,} exhausted enforcement{'s' if n != 1 else ''} to executors again."
         html = self.env.get_template(template).render(request=request, user=user, notice=notice, **ctx)
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
@@ -230,10 +293,14 @@ class Console:
 
     async def form(self, request: Request, user: User) -> dict[str, str]:
         """A posted form (URL-encoded, bounded), once its CSRF value is checked."""
+        return {k: v[0] for k, v in (await self.form_lists(request, user)).items()}
+
+    async def form_lists(self, request: Request, user: User) -> dict[str, list[str]]:
+        """``form`` with every value of each field."""
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             raise Refused(415, "forms are posted as application/x-www-form-urlencoded")
-        form = await read_form(request, MAX_FORM_BYTES)
-        if not hmac.compare_digest(form.get("csrf", ""), user.csrf):
+        form = await read_form_lists(request, MAX_FORM_BYTES)
+        if not hmac.compare_digest((form.get("csrf") or [""])[0], user.csrf):
             raise Refused(403, "this form is stale or did not come from this console; reload the page and retry")
         return form
 
@@ -368,14 +435,15 @@ class Console:
             first_page=not token,
             next_token=next_token,
             error=error,
-            live=f"{live}?{filters.query()}" if not error else "",
+            live=f"{live}?{filters.query()}" if live and not error and not filters.timed else "",
         )
 
     async def events(self, request: Request, user: User) -> Response:
-        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref", "reemit_of"))
+        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref", "reemit_of", "from", "to"))
 
         async def read(token: str) -> tuple[list[Any], str]:
             req = event_pb2.ListEventsRequest(
+                created=filters.time_range(),
                 page_size=PAGE_SIZE,
                 page_token=token,
                 trigger_ref=filters.values["trigger_ref"],
@@ -428,7 +496,7 @@ class Console:
         return out
 
     async def enforcements(self, request: Request, user: User) -> Response:
-        filters = Filters.of(request, ("rule_ref", "trigger_ref", "status", "event"))
+        filters = Filters.of(request, ("rule_ref", "trigger_ref", "status", "event", "from", "to"))
 
         async def read(token: str) -> tuple[list[Any], str]:
             status = filters.values["status"]
@@ -439,6 +507,7 @@ class Console:
                     page_size=PAGE_SIZE,
                     page_token=token,
                     status=STATUS_BY_NAME.get(status, 0),  # type: ignore[arg-type]
+                    created=filters.time_range(),
                     **self.enforcement_filters(filters),
                 ),
                 **self.call(user),
@@ -459,15 +528,28 @@ class Console:
     async def enforcement(self, request: Request, user: User) -> Response:
         id_ = path_id(request)
         parts = await self.enforcement_parts(user, id_)
-        return self.render(request, user, "enforcement.html", live=f"/live/enforcements?id={id_}", **parts)
+        attempts = await self.api.enforcements.ListAttempts(
+            enforcement_pb2.ListAttemptsRequest(enforcement=id_), **self.call(user)
+        )
+        return self.render(
+            request,
+            user,
+            "enforcement.html",
+            live=f"/live/enforcements?id={id_}",
+            body_status=STATUS_NAMES.get(parts["e"].status, ""),
+            attempts=attempts,
+            **parts,
+        )
 
     async def retry(self, request: Request, user: User) -> Response:
-        await self.form(request, user)
+        form = await self.form(request, user)
         self.operator(user)
         id_ = path_id(request)
         await self.api.enforcements.RetryEnforcement(enforcement_pb2.RetryEnforcementRequest(id=id_), **self.call(user))
         log.info("console: %s retried enforcement %d", user.name, id_)
-        return RedirectResponse("/dispatch?notice=retried", status_code=303)
+        # Back where the button was: the enforcement's own page, or Dispatch.
+        back = f"/enforcements/{id_}" if form.get("from") == "enforcement" else "/dispatch"
+        return RedirectResponse(f"{back}?notice=retried", status_code=303)
 
     # ---- rules and triggers -----------------------------------------------------------------
 
@@ -600,14 +682,137 @@ class Console:
 
     # ---- dispatch and volume ----------------------------------------------------------------
 
-    async def dispatch(self, request: Request, user: User) -> Response:
+    async def dispatch_parts(self, user: User) -> dict[str, Any]:
+        """What the Dispatch page shows, read fresh: also what its live stream re-renders."""
+        kw = self.call(user)
         state = await self.api.enforcements.GetDispatchState(
-            enforcement_pb2.GetDispatchStateRequest(exhausted_limit=100), **self.call(user)
+            enforcement_pb2.GetDispatchStateRequest(exhausted_limit=100), **kw
         )
+        executors = await self.api.enforcements.ListExecutors(enforcement_pb2.ListExecutorsRequest(), **kw)
         oldest = None
         if state.HasField("oldest_pending_age"):
             oldest = state.oldest_pending_age.ToTimedelta().total_seconds()
-        return self.render(request, user, "dispatch.html", state=state, oldest=oldest)
+        return {"state": state, "oldest": oldest, "executors": executors}
+
+    async def dispatch(self, request: Request, user: User) -> Response:
+        parts = await self.dispatch_parts(user)
+        return self.render(request, user, "dispatch.html", live="/live/dispatch", **parts)
+
+    def _retry_request(self, filters: Filters, ids: list[int]) -> enforcement_pb2.RetryEnforcementsRequest:
+        if ids:
+            return enforcement_pb2.RetryEnforcementsRequest(ids=ids)
+        req = enforcement_pb2.RetryEnforcementsRequest(
+            all_exhausted=True, rule_ref=filters.values["rule_ref"], trigger_ref=filters.values["trigger_ref"]
+        )
+        if (window := filters.time_range()) is not None:
+            req.created.CopyFrom(window)
+        return req
+
+    async def review_retry(self, request: Request, user: User) -> Response:
+        """The confirmation of a bulk retry of every exhausted enforcement matching filters:
+        how many match and which would go first (RetryEnforcements with validate_only)."""
+        self.operator(user)
+        filters = Filters.of(request, RETRY_FILTERS)
+        return await self._confirm_retry(request, user, filters, [])
+
+    async def _confirm_retry(self, request: Request, user: User, filters: Filters, ids: list[int]) -> Response:
+        req = self._retry_request(filters, ids)
+        req.validate_only = True
+        answer = await self.api.enforcements.RetryEnforcements(req, **self.call(user))
+        return self.render(
+            request, user, "retry.html", filters=filters, selected=ids, ids=list(answer.ids), matched=answer.matched
+        )
+
+    async def bulk_retry(self, request: Request, user: User) -> Response:
+        """A bulk retry: the ids ticked on Dispatch (``id``) or the filters of the review
+        page. Without ``confirm`` it answers the confirmation page; with it, retries."""
+        form = await self.form_lists(request, user)
+        self.operator(user)
+        ids: list[int] = []
+        for text in form.get("id", [])[: limits.MAX_BATCH + 1]:
+            if (id_ := positive_id(text)) is None:
+                raise Refused(400, f"id: must be a positive whole number (got {text[:40]!r})")
+            ids.append(id_)
+        if len(ids) > limits.MAX_BATCH:
+            raise Refused(400, f"at most {limits.MAX_BATCH:,} enforcements at once")
+        filters = Filters({n: (form.get(n) or [""])[0].strip() for n in RETRY_FILTERS})
+        if not (form.get("confirm") or [""])[0]:
+            if not ids and not (form.get("all") or [""])[0]:
+                raise Refused(400, "tick the enforcements to retry, or review all that match")
+            return await self._confirm_retry(request, user, filters, ids)
+        answer = await self.api.enforcements.RetryEnforcements(self._retry_request(filters, ids), **self.call(user))
+        log.info("console: %s retried %d exhausted enforcements", user.name, len(answer.ids))
+        if not answer.ids:
+            return RedirectResponse("/dispatch?notice=none-retried", status_code=303)
+        return RedirectResponse(f"/dispatch?notice=bulk-retried&n={len(answer.ids)}", status_code=303)
+
+    # ---- executions and audit -----------------------------------------------------------------
+
+    async def executions(self, request: Request, user: User) -> Response:
+        filters = Filters.of(request, ("action_ref", "status", "enforcement", "from", "to"))
+
+        async def read(token: str) -> tuple[list[Any], str]:
+            status = filters.values["status"]
+            if status and status not in EXECUTION_STATUS_BY_NAME:
+                raise Refused(400, f"status: must be one of {', '.join(EXECUTION_STATUS_BY_NAME)}")
+            req = execution_pb2.ListExecutionsRequest(
+                page_size=PAGE_SIZE,
+                page_token=token,
+                action_ref=filters.values["action_ref"],
+                status=EXECUTION_STATUS_BY_NAME.get(status, 0),  # type: ignore[arg-type]
+                created=filters.time_range(),
+            )
+            if (enforcement := filters.id("enforcement")) is not None:
+                req.enforcement = enforcement
+            resp = await self.api.executions.ListExecutions(req, **self.call(user))
+            return list(resp.executions), resp.next_page_token
+
+        return await self.listed(request, user, filters, read, "executions.html", "")
+
+    async def execution(self, request: Request, user: User) -> Response:
+        id_ = path_id(request)
+        kw = self.call(user)
+        execution = await self.api.executions.GetExecution(execution_pb2.GetExecutionRequest(id=id_), **kw)
+        enforcement = None
+        if execution.HasField("enforcement"):
+            try:
+                enforcement = await self.api.enforcements.GetEnforcement(
+                    enforcement_pb2.GetEnforcementRequest(id=execution.enforcement), **kw
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise  # a dangling reference (retention) shows as such; anything else fails
+        history = await self.api.history.ListHistory(
+            history_pb2.ListHistoryRequest(entity_type="execution", entity_id=id_, page_size=50), **kw
+        )
+        return self.render(
+            request,
+            user,
+            "execution.html",
+            x=execution,
+            enforcement=enforcement,
+            history=list(history.records),
+        )
+
+    async def audit(self, request: Request, user: User) -> Response:
+        filters = Filters.of(request, ("principal", "rpc", "entity_type", "entity_ref", "entity_id", "from", "to"))
+
+        async def read(token: str) -> tuple[list[Any], str]:
+            req = audit_pb2.ListAuditRecordsRequest(
+                page_size=PAGE_SIZE,
+                page_token=token,
+                principal=filters.values["principal"],
+                rpc=_full_rpc(filters.values["rpc"]),
+                entity_type=filters.values["entity_type"],
+                entity_ref=filters.values["entity_ref"],
+                time=filters.time_range(),
+            )
+            if (entity_id := filters.id("entity_id")) is not None:
+                req.entity_id = entity_id
+            resp = await self.api.audit.ListAuditRecords(req, **self.call(user))
+            return list(resp.records), resp.next_page_token
+
+        return await self.listed(request, user, filters, read, "audit.html", "")
 
     async def volume(self, request: Request, user: User) -> Response:
         span_name = request.query_params.get("range", "24h")

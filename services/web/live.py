@@ -81,6 +81,10 @@ STREAMS_TOTAL = 128
 """Live streams the web service holds in all: each is an api tail, and the api gives one
 principal at most API_PRINCIPAL_STREAMS of those (16 by default)."""
 BUSY_RETRY_S = 30
+DISPATCH_POLL_S = 2.0
+"""How often the Dispatch page's stream reads the dispatch state and the executors again: they
+have no tail (leases and streams change without a row of their own), so the stream polls,
+and sends only what changed."""
 
 
 class Live:
@@ -317,5 +321,37 @@ class Live:
                 else:
                     # Another enforcement of the same event and rule: only the position moves.
                     yield f"id: {message.cursor}\n\n".encode()
+
+        return self._stream(request, user, body())
+
+    # ---- dispatch ---------------------------------------------------------------------------
+
+    async def dispatch(self, request: Request, user: User) -> Response:
+        """The Dispatch page's parts (tiles, executors, leases, exhausted), read again every
+        DISPATCH_POLL_S and sent when one changed."""
+        console = self.console
+        module = macros(console.env, "_dispatch.html")
+
+        async def body() -> AsyncIterator[bytes]:
+            sent: dict[str, str] = {}
+            quiet = 0.0
+            while True:
+                fresh = await console.dispatch_parts(user)
+                parts = {
+                    "tiles": str(module.tiles(fresh["state"], fresh["oldest"])),
+                    "executors": str(module.executors(fresh["executors"])),
+                    "leases": str(module.leases(fresh["state"])),
+                    "exhausted": str(module.exhausted(fresh["state"], user)),
+                }
+                changed = {k: v for k, v in parts.items() if sent.get(k) != v}
+                if changed:
+                    sent.update(changed)
+                    quiet = 0.0
+                    yield sse("parts", {"status": "", "parts": changed})
+                elif quiet >= HEARTBEAT_S:
+                    quiet = 0.0
+                    yield b": heartbeat\n\n"
+                await asyncio.sleep(DISPATCH_POLL_S)
+                quiet += DISPATCH_POLL_S
 
         return self._stream(request, user, body())

@@ -18,7 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 
-from shared.gen.automation.v1 import common_pb2, condition_pb2, execution_pb2
+from shared.gen.automation.v1 import audit_pb2, common_pb2, condition_pb2, enforcement_pb2, execution_pb2
 
 HERE = Path(__file__).resolve().parent
 
@@ -81,6 +81,38 @@ def value_json(message: Message, name: str) -> str:
     return json.dumps(plain(json_format.MessageToDict(getattr(message, name))), ensure_ascii=False, sort_keys=True)
 
 
+def compact(message: Message | None) -> str:
+    """A Struct as one line of JSON, keys sorted (a table cell's preview)."""
+    if message is None:
+        return "{}"
+    return json.dumps(plain(json_format.MessageToDict(message)), ensure_ascii=False, sort_keys=True)
+
+
+def attempt_outcome(outcome: enforcement_pb2.AttemptOutcome.ValueType) -> Markup:
+    name = enforcement_pb2.AttemptOutcome.Name(outcome).removeprefix("ATTEMPT_OUTCOME_").lower()
+    kind = {"exhausted": "failed", "lease_expired": "created", "retried": "processed"}.get(name, "neutral")
+    return Markup('<span class="badge badge-{}">{}</span>').format(kind, name.replace("_", " "))
+
+
+def audit_target(r: audit_pb2.AuditRecord) -> Markup:
+    """What an audit record changed, linked to its page where it has one."""
+    kind, ref = r.entity_type, r.entity_ref
+    if kind == "rule" and ref:
+        return Markup('rule <a href="/rules/{}">{}</a>').format(ref, ref)
+    if kind == "trigger" and ref:
+        return Markup('trigger <a href="/triggers/{}">{}</a>').format(ref, ref)
+    if kind == "enforcement" and r.HasField("entity_id"):
+        return Markup('enforcement <a href="/enforcements/{}">{}</a>').format(r.entity_id, r.entity_id)
+    if kind == "enforcement":
+        # A bulk retry: one record naming every enforcement it retried.
+        ids = r.change.fields["enforcements"].list_value.values if "enforcements" in r.change.fields else []
+        first = [int(v.number_value) for v in ids[:5]]
+        links = Markup(", ").join(Markup('<a href="/enforcements/{}">{}</a>').format(i, i) for i in first)
+        more = f" and {len(ids) - 5} more" if len(ids) > 5 else ""
+        return Markup("{} enforcements: {}{}").format(len(ids), links, more)
+    return Markup("{} <code>{}</code>").format(kind, ref or (r.entity_id if r.HasField("entity_id") else ""))
+
+
 def operator_name(op: condition_pb2.ConditionOperator.ValueType) -> str:
     return condition_pb2.ConditionOperator.Name(op).removeprefix("CONDITION_OPERATOR_").lower()
 
@@ -134,8 +166,23 @@ def environment() -> Environment:
         tree=condition_tree,
         duration=duration,
         operator=operator_name,
+        compact=compact,
+        outcome=attempt_outcome,
     )
-    env.globals.update(field_time=field_time, value_json=value_json, STATUS_NAMES=STATUS_NAMES, escape=escape)
+    env.globals.update(
+        field_time=field_time,
+        value_json=value_json,
+        STATUS_NAMES=STATUS_NAMES,
+        escape=escape,
+        audit_target=audit_target,
+        EXECUTION_STATUS_NAMES=[
+            execution_pb2.ExecutionStatus.Name(v).removeprefix("EXECUTION_STATUS_").lower()
+            for v in execution_pb2.ExecutionStatus.values()
+            if v
+        ],
+        # The api's audit ENTITY_TYPES (the web service does not import the api's code).
+        AUDITED_ENTITIES=("enforcement", "rule", "token", "trigger"),
+    )
     return env
 
 

@@ -2,6 +2,8 @@
 // (Server-Sent Events carrying fragments the server rendered). Pages work without it.
 "use strict";
 
+document.documentElement.classList.add("js");
+
 const pad = (n) => String(n).padStart(2, "0");
 
 function localTimes(root) {
@@ -42,16 +44,46 @@ function applyRows(data) {
     }
   }
   while (prepend && body.rows.length > 200) body.lastElementChild.remove();
-  const empty = table.parentElement.querySelector(".empty");
-  if (empty) empty.hidden = body.rows.length > 0;
+  const box = table.closest(".scroll") || table;
+  const empty = box.parentElement.querySelector(".empty");
+  if (empty) {
+    empty.hidden = body.rows.length > 0;
+    // Rows that left the filter live do not mean nothing matches: later rows (the next page)
+    // may. Say so instead of "No enforcements match".
+    if (!empty.hidden && !data.snapshot && empty.dataset.emptied) empty.textContent = empty.dataset.emptied;
+  }
 }
 
 function applyParts(data) {
   for (const [name, html] of Object.entries(data.parts)) {
     const part = document.querySelector(`[data-part="${name}"]`);
-    if (part && part.innerHTML.trim() !== html.trim()) { part.replaceChildren(fragment(html)); }
+    if (!part || part.innerHTML.trim() === html.trim()) continue;
+    // Ticked boxes stay ticked across a live update (an operator selecting rows to retry).
+    const ticked = new Set([...part.querySelectorAll("input[type=checkbox]:checked")].map((b) => `${b.name}=${b.value}`));
+    const focused = document.activeElement && part.contains(document.activeElement) ? document.activeElement : null;
+    const fresh = fragment(html);
+    for (const box of fresh.querySelectorAll("input[type=checkbox]")) box.checked = ticked.has(`${box.name}=${box.value}`);
+    for (const form of fresh.querySelectorAll("form[data-confirm]")) confirming(form);
+    part.replaceChildren(fresh);
+    if (focused && focused.name) part.querySelector(`[name="${CSS.escape(focused.name)}"][value="${CSS.escape(focused.value)}"]`)?.focus();
   }
-  document.body.dataset.status = data.status;
+  if (data.status) document.body.dataset.status = data.status;
+}
+
+function confirming(form) {
+  form.addEventListener("submit", (e) => { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
+}
+
+function menu() {
+  const button = document.getElementById("menu");
+  const nav = document.getElementById("nav");
+  if (!button || !nav) return;
+  button.hidden = false;
+  const set = (open) => { nav.classList.toggle("open", open); button.setAttribute("aria-expanded", String(open)); };
+  button.addEventListener("click", () => set(!nav.classList.contains("open")));
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && nav.classList.contains("open")) { set(false); button.focus(); }
+  });
 }
 
 function live() {
@@ -74,9 +106,8 @@ function live() {
 
 document.addEventListener("DOMContentLoaded", () => {
   localTimes(document);
-  for (const form of document.querySelectorAll("form[data-confirm]")) {
-    form.addEventListener("submit", (e) => { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
-  }
+  for (const form of document.querySelectorAll("form[data-confirm]")) confirming(form);
+  menu();
   for (const button of document.querySelectorAll("button[data-copy]")) {
     button.addEventListener("click", () => {
       const input = document.getElementById(button.dataset.copy);
