@@ -114,6 +114,7 @@ async def test_each_audited_rpc_records_its_principal_rpc_entity_and_change(
                 "description": "",
                 "param_schema": {"type": "object"},
                 "out_schema": None,
+                "schema_mode": "off",
                 "webhook_enabled": False,
                 "webhook_signed": False,
             },
