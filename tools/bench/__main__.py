@@ -14,6 +14,7 @@ from shared.runtime import run as run_loop
 from . import (
     backlog,
     compare,
+    console,
     fairness,
     ingest,
     latency,
@@ -52,6 +53,8 @@ SCENARIOS: dict[str, Scenario] = {
     "fairness": fairness.run,
     # And: --only schemas (ingest with a 40-property trigger schema enforced vs none).
     "schemas": schemas.run,
+    # And: --only console (the console's pages, p50/p95/p99 as a person loads them).
+    "console": console.run,
     # And: --only compare --baseline-dir PATH (this tree against another, same run).
     "compare": compare.run,
 }
