@@ -338,8 +338,11 @@ class PatroniCluster:
                 rows = await conn.fetch("SELECT application_name, state, sync_state FROM pg_stat_replication")
             finally:
                 await conn.close()
-            streaming = [r for r in rows if r["state"] == "streaming"]
-            if len(streaming) < len(self.nodes) - 1:
+            # By member name (Patroni's application_name): while a standby is being built,
+            # pg_basebackup's own WAL stream is in pg_stat_replication as 'streaming' too.
+            others = {n.name for n in self.nodes if n is not leader}
+            streaming = [r for r in rows if r["state"] == "streaming" and r["application_name"] in others]
+            if len(streaming) < len(others):
                 return None
             if self.synchronous and not any(r["sync_state"] in ("sync", "quorum") for r in streaming):
                 return None
