@@ -36,7 +36,7 @@ async def test_health_is_serving_on_a_migrated_database(stubs: Stubs, service: s
 
 
 async def test_every_automation_service_reports_serving(stubs: Stubs) -> None:
-    assert len(SERVICE_NAMES) == 9
+    assert len(SERVICE_NAMES) == 10
     for service in SERVICE_NAMES:
         assert await check(stubs.channel, service) == SERVING, service
 
