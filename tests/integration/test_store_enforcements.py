@@ -599,14 +599,15 @@ async def test_dispatch_rows_of_enforcements_dropped_without_triggers_are_purged
 ) -> None:
     old = await pending(store)
     recent = await pending(store)
-    # What retention's drop_chunks does: remove the rows without firing DELETE triggers.
-    await conn.execute("ALTER TABLE enforcement DISABLE TRIGGER USER")
+    # What retention's drop_chunks does: remove the rows without firing DELETE triggers (as a
+    # replica session: TimescaleDB refuses DISABLE TRIGGER on a hypertable).
     await conn.execute(
         "UPDATE enforcement_dispatch SET enforcement_created = now() - interval '100 days' WHERE enforcement = $1",
         old.id,
     )
+    await conn.execute("SET session_replication_role = replica")
     await conn.execute("DELETE FROM enforcement WHERE id = $1", old.id)
-    await conn.execute("ALTER TABLE enforcement ENABLE TRIGGER USER")
+    await conn.execute("RESET session_replication_role")
     assert await store.dispatch.purge_orphans() == [old.id]
     remaining = await conn.fetch("SELECT enforcement FROM enforcement_dispatch ORDER BY 1")
     assert [r["enforcement"] for r in remaining] == [recent.id]

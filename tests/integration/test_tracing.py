@@ -401,7 +401,7 @@ def test_lone_statements_are_not_sampled_but_statements_inside_a_call_are(memory
 # --- the migration on TimescaleDB -----------------------------------------------------------
 
 
-@pytest.mark.timescale
+@pytest.mark.timescale_licensed
 async def test_migration_0013_applies_on_compressed_chunks(empty_db_url: str, tmp_path: Path) -> None:
     """0013 on a database whose enforcement hypertable has a compressed chunk: the old row reads
     back with a NULL traceparent and can still be claimed and resolved."""
