@@ -25,6 +25,8 @@ from tools.bench import read
 from tools.bench.capture import list_enforcements_sql, list_events_sql
 
 EVENTS = 50_000
+SMALL_CHUNK = 1_000
+"""Rows under which a chunk may be scanned whole (see test_list_queries_use_indexes)."""
 BIG_TABLES = {"event", "enforcement"}
 
 
@@ -118,13 +120,23 @@ async def test_list_queries_use_indexes(shape: read.Shape, conn: asyncpg.Connect
     scanned = _seq_scans(await _explain_custom(conn, control, ["web-2"]))
     assert scanned and all(r == "enforcement" or r.startswith("_hyper_") for r in scanned), scanned
 
+    # A chunk of a few hundred rows (the newest day's, on TimescaleDB) is read whole faster than
+    # through an index, and PostgreSQL 17 plans it so: only larger relations must use an index.
+    rows = {
+        r["relname"]: r["reltuples"]
+        for r in await conn.fetch("SELECT relname, reltuples FROM pg_class WHERE relname LIKE '\\_hyper\\_%'")
+    }
+
+    def big(relations: list[str]) -> list[str]:
+        return [r for r in relations if rows.get(r, SMALL_CHUNK) >= SMALL_CHUNK]
+
     failures = []
     for name, sql, args in cases:
-        if bad := _seq_scans(await _explain_custom(conn, sql, args)):
+        if bad := big(_seq_scans(await _explain_custom(conn, sql, args))):
             failures.append(f"{name} (custom plan): Seq Scan on {bad}")
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         try:
-            if bad := _seq_scans(await _explain_generic(conn, sql, args)):
+            if bad := big(_seq_scans(await _explain_generic(conn, sql, args))):
                 failures.append(f"{name} (generic plan): Seq Scan on {bad}")
         finally:
             await conn.execute("RESET plan_cache_mode")
@@ -172,6 +184,14 @@ async def _explain_analyze_generic(conn: asyncpg.Connection, sql: str, args: Seq
         await conn.execute("DEALLOCATE q")
 
 
+async def _edition(db_url: str) -> str:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return str(await conn.fetchval("SHOW timescaledb.license"))
+    finally:
+        await conn.close()
+
+
 @pytest.mark.timescale
 async def test_list_pages_on_90_chunks_visit_few_of_them(db_url: str) -> None:
     """The api's generic plans (its session settings) on 90 one-day chunks, 83 compressed by the
@@ -185,10 +205,13 @@ async def test_list_pages_on_90_chunks_visit_few_of_them(db_url: str) -> None:
     shape = await read.load(db_url, STEADY_EVENTS, days=steady.DAYS)
     await steady.run_policies(db_url)
     counts = await steady.chunk_counts(db_url)
-    assert counts["event"][0] >= 90 and counts["event"][1] >= 82, counts
-    assert counts["enforcement"][0] >= 90 and counts["enforcement"][1] >= 82, counts
+    # The Apache-licensed edition has no compression: the same 90 chunks, none compressed, and
+    # the same few chunk scans are expected of every page.
+    compressed = 82 if await _edition(db_url) == "timescale" else 0
+    assert counts["event"][0] >= 90 and counts["event"][1] >= compressed, counts
+    assert counts["enforcement"][0] >= 90 and counts["enforcement"][1] >= compressed, counts
 
-    deep = STEADY_EVENTS // 2  # 45 days back: compressed
+    deep = STEADY_EVENTS // 2  # 45 days back: compressed on the licensed edition
     token = encode_token(shape.created(deep), deep)
     window = {"created_from": shape.start + timedelta(days=20), "created_to": shape.start + timedelta(days=40)}
     event_filters: list[dict[str, Any]] = [
