@@ -237,6 +237,7 @@ class PatroniCluster:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                cwd=self.base,
             )
 
         async def healthy() -> bool:
@@ -317,6 +318,9 @@ class PatroniCluster:
                 stderr=out,
                 stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True,
+                # Its own directory: the caller's (a CI clone, mode 0700, root's) is one the
+                # postgres user cannot enter, and the standby's pg_basebackup failed there.
+                cwd=node.base,
             )
 
     async def wait_ready(self, timeout: float = 90.0) -> Node:
