@@ -34,6 +34,7 @@ API = {
     "automation_db_pool_waiting": ("gauge", set()),
     "automation_db_pool_max": ("gauge", set()),
     "automation_db_errors": ("counter", {"sqlstate_class"}),
+    "automation_events_nonconforming": ("counter", {"trigger_ref"}),
 }
 EXECUTOR = {
     "automation_executor_decisions": ("counter", {"outcome"}),
@@ -69,6 +70,7 @@ def touched_api() -> tuple[CollectorRegistry, ApiMetrics]:
     m = ApiMetrics(registry)
     now = datetime.now(UTC)
     m.events_created(["demo.a"])
+    m.nonconforming(["demo.a"])
     m.enforcements_created(["demo.r"])
     m.resolved("processed", now - timedelta(seconds=1), now)
     m.matched(0.001)
