@@ -30,7 +30,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.e2e.test_readme_walkthrough import README, shell_blocks
+from tests.e2e.test_readme_walkthrough import section, shell_blocks
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -182,10 +182,11 @@ async def walkthrough(p: Project, db: asyncpg.Connection) -> None:
 
 async def webhook(p: Project, db: asyncpg.Connection) -> None:
     """The Webhooks section: UpdateTrigger by grpcurl, then its signed curl delivery to the web service."""
-    (block,) = [b for b in shell_blocks() if any(a.endswith("/UpdateTrigger") for args in b for a in args)]
+    # The Webhooks section's UpdateTrigger is the README's first (the Schemas section has one too).
+    block = next(b for b in shell_blocks() if any(a.endswith("/UpdateTrigger") for args in b for a in args))
     (line,) = await grpcurl_lines(p, block)
     trigger = json.loads(await p.sh(line))
-    (script,) = [b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S) if "\ncurl " in b]
+    (script,) = [b for b in re.findall(r"```sh\n(.*?)```", section("Webhooks"), flags=re.S) if "\ncurl " in b]
     answer = json.loads(await p.sh(script.replace("KEY=wh_...", f"KEY={trigger['webhook_key']}")))
     assert answer["hmac_verified"] is True and answer["trigger_ref"] == "core.webhook"
     payload = await db.fetchval("SELECT payload FROM event WHERE id = $1", int(answer["event_id"]))
