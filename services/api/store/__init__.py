@@ -6,6 +6,8 @@ typed rows (``types``) and raise the domain errors of ``shared.errors``.
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 
 from ._db import alive, connect, create_pool, expire_all, translate, writable
@@ -77,6 +79,10 @@ __all__ = [
 ]
 
 
+CLOSE_TIMEOUT_S = 10.0
+"""How long closing the pool may wait for its connections before it terminates them."""
+
+
 class Store:
     """Every repository, sharing one pool."""
 
@@ -101,5 +107,11 @@ class Store:
         """Raises when the database cannot answer a trivial query."""
         await self.pool.fetchval("SELECT 1")
 
-    async def close(self) -> None:
-        await self.pool.close()
+    async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Closes the pool gracefully, or terminates it after ``timeout``: a connection whose
+        release never completes (a call cancelled mid-statement on a path that went silent)
+        must not hold the api's shutdown for ever."""
+        try:
+            await asyncio.wait_for(self.pool.close(), timeout)
+        except TimeoutError:
+            self.pool.terminate()
