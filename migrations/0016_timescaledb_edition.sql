@@ -8,10 +8,14 @@
 --
 -- Nothing happens on plain PostgreSQL, on the Apache-licensed edition (the api's maintenance
 -- drops chunks past 90 days there), or where 0005 already made the licensed layout.
+--
+-- It is a function, and the migration runner calls it after every run (``migrate.py``
+-- ``LAYOUT``), not only once here: a database migrated on the Apache edition (0016 included)
+-- that moves to the licensed one later gets the layout at its next migrate.
 -- A database moved the other way (licensed to Apache) keeps its objects: the Apache edition
 -- neither runs policies nor reads compressed chunks, so decompress them before such a move.
 -- ============================================================================================
-DO $migration$
+CREATE OR REPLACE FUNCTION automation_timescaledb_layout() RETURNS void LANGUAGE plpgsql AS $migration$
 DECLARE
     version INT[];
 BEGIN
@@ -85,3 +89,5 @@ BEGIN
     END IF;
 END
 $migration$;
+
+SELECT automation_timescaledb_layout();

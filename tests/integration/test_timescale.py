@@ -371,10 +371,24 @@ def _code(sql: str) -> str:
 
 
 def _guarded_block(sql: str) -> str:
-    """The body of the migration's one DO block, which must be all of its code."""
+    """The body of the migration's one DO block, which must be all of its code; or of its one
+    function (0016's, which the runner calls after every run) and the call of it."""
     code = _code(sql)
     block = re.search(r"DO \$migration\$(.*)\$migration\$;", code, re.DOTALL)
-    assert block is not None
+    function = re.search(
+        r"CREATE OR REPLACE FUNCTION (\w+)\(\) RETURNS void LANGUAGE plpgsql AS \$migration\$(.*)\$migration\$;",
+        code,
+        re.DOTALL,
+    )
+    if block is None:
+        assert function is not None
+        block = function
+        outside = code[: block.start()] + code[block.end() :]
+        assert outside.strip() == f"SELECT {function.group(1)}();"
+        assert f"{function.group(1)}()" == migrate.LAYOUT
+        inside = block.group(2)
+        assert _TIMESCALE_CALL.search(inside)
+        return inside
     outside = code[: block.start()] + code[block.end() :]
     assert outside.strip() == ""
     inside = block.group(1)
