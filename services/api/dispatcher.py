@@ -370,8 +370,10 @@ class Dispatcher:
                 finally:
                     stop.cancel()
                     lost.cancel()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+                # InternalClientError: TargetServerAttributeNotMatched, while a failover leaves no
+                # host of a multi-host URL writable; the task must live on to reconnect after it.
+                log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc or type(exc).__name__, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 5.0)
