@@ -48,6 +48,15 @@ async def store_test_tokens(conn: asyncpg.Connection) -> None:
         )
 
 
+def holds(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """A plain condition on in-process state, as ``eventually`` polls it."""
+
+    async def polled() -> bool:
+        return check()
+
+    return polled
+
+
 async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 15.0, what: str = "condition") -> T:
     """Polls ``check`` until it returns a truthy value; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

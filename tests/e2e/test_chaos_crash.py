@@ -22,7 +22,7 @@ from services.api import migrate
 from services.api.server import ApiServer
 from shared.config import ApiConfig
 from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
-from tests.helpers import channel, eventually, new_event, rule, store_test_tokens
+from tests.helpers import channel, eventually, holds, new_event, rule, store_test_tokens
 from tools.postgres import LocalPostgres
 
 TRIGGER = "crash.tick"
@@ -109,10 +109,10 @@ async def test_acknowledged_events_survive_a_crash_of_postgresql(durable: LocalP
                         codes.add(exc.code())  # the same request id is sent again
 
             task = asyncio.create_task(load())
-            await eventually(lambda: asyncio.sleep(0, len(acked) >= 20), what="events acknowledged")
+            await eventually(holds(lambda: len(acked) >= 20), what="events acknowledged")
             await crash_and_recover(durable, how)
             before = len(acked)
-            await eventually(lambda: asyncio.sleep(0, len(acked) >= before + 20), timeout=30, what="ingest again")
+            await eventually(holds(lambda: len(acked) >= before + 20), timeout=30, what="ingest again")
             stop.set()
             await task
 

@@ -39,7 +39,7 @@ from services.api.server import ApiServer
 from services.executor import Executor
 from shared.config import ApiConfig, ClientSecurity, ExecutorConfig
 from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
-from tests.helpers import TOKENS, channel, eventually, new_event, rule, store_test_tokens
+from tests.helpers import TOKENS, channel, eventually, holds, new_event, rule, store_test_tokens
 from tools.chaos.patroni import Node, PatroniCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -113,7 +113,7 @@ class Sensor:
 
     async def more(self, count: int, timeout: float, what: str) -> None:
         target = len(self.acked) + count
-        await eventually(lambda: asyncio.sleep(0, len(self.acked) >= target), timeout=timeout, what=what)
+        await eventually(holds(lambda: len(self.acked) >= target), timeout=timeout, what=what)
 
 
 @contextlib.asynccontextmanager

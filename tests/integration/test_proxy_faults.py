@@ -27,7 +27,7 @@ from services.executor import Executor
 from shared.config import ApiConfig, ClientSecurity, ExecutorConfig
 from shared.gen.automation.v1 import enforcement_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs, stubs_for
-from tests.helpers import TOKENS, channel, eventually, new_event, rule
+from tests.helpers import TOKENS, channel, eventually, holds, new_event, rule
 from tools.chaos.proxy import FaultProxy, Mode
 
 TRIGGER = "net.tick"
@@ -131,7 +131,7 @@ async def test_a_blackhole_longer_than_the_statement_timeout_fails_calls_within_
     await eventually(created, timeout=DEADLINE_S, what="CreateEvent OK again")
     # The LISTEN connection saw the silence (its probe) and connected again.
     await eventually(
-        lambda: asyncio.sleep(0, proxied.api.dispatcher.listen_connects > listens),
+        holds(lambda: proxied.api.dispatcher.listen_connects > listens),
         timeout=DEADLINE_S,
         what="LISTEN reconnected",
     )
@@ -147,9 +147,7 @@ async def test_resets_in_the_middle_of_calls_lose_nothing_and_duplicate_nothing(
     await proxied.proxy.set_mode(Mode.LATENCY)
     ids = [f"r{i}" for i in range(24)]
     first = [asyncio.create_task(create(proxied, rid)) for rid in ids]
-    await eventually(
-        lambda: asyncio.sleep(0, len(proxied.proxy.delays) > 4), timeout=DEADLINE_S, what="calls in flight"
-    )
+    await eventually(holds(lambda: len(proxied.proxy.delays) > 4), timeout=DEADLINE_S, what="calls in flight")
     proxied.proxy.reset()
     codes = await asyncio.gather(*first)
     assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
@@ -264,7 +262,7 @@ async def test_executor_keepalive_sees_a_blackhole_to_the_api_and_reconnects(api
         # The executor's connection is dead for good: it resolves anything again only once its
         # keepalive saw no answer to a ping, it gave the connection up and opened a new one.
         await eventually(
-            lambda: asyncio.sleep(0, not any(s.executor_id == "exec-net" for s in api.dispatcher._subs)),
+            holds(lambda: not any(s.executor_id == "exec-net" for s in api.dispatcher.subscriptions())),
             timeout=DEADLINE_S,
             what="the api's own keepalive ending the silent stream",
         )
