@@ -62,6 +62,17 @@ async def _decode(
         raise AssertionError("unreachable") from None  # abort_with_status always raises
 
 
+async def responses(result: Any) -> AsyncIterator[Any]:
+    """What a streaming handler answers, as one async iterator: an async generator's items, or
+    nothing for a handler that writes with ``context.write`` and returns a coroutine (grpc's own
+    Health.Watch). Every interceptor that wraps streaming handlers iterates them through this."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    else:
+        await result
+
+
 class HandlerCache:
     """The wrapped handler of each method, made once: grpc's generic handlers answer the same
     handler object for a method on every call, so an interceptor need not wrap it again."""

@@ -29,7 +29,7 @@ from typing import Any, NoReturn, Protocol
 
 import grpc
 
-from services.api._guard import Handler, HandlerCache
+from services.api._guard import Handler, HandlerCache, responses
 from services.api.store.tokens import TokenRow
 from shared.errors import DomainError, PermissionDenied, to_status
 
@@ -423,12 +423,8 @@ def _wrap(
             _current.set(await caller(context))  # a generator runs in its own context
             closed = opened(context)
             try:
-                result = inner_us(request, context)
-                if hasattr(result, "__aiter__"):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
+                async for item in responses(inner_us(request, context)):
+                    yield item
             finally:
                 closed()
 
@@ -450,12 +446,8 @@ def _wrap(
         _current.set(await caller(context))
         closed = opened(context)
         try:
-            result = inner_ss(requests, context)
-            if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
-            else:
-                await result
+            async for item in responses(inner_ss(requests, context)):
+                yield item
         finally:
             closed()
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 
-from services.api._guard import Handler, HandlerCache
+from services.api._guard import Handler, HandlerCache, responses
 from services.api.auth import current_principal
 from shared.errors import ResourceExhausted, to_status
 
@@ -240,13 +240,6 @@ def _wrap(handler: Handler, method: str, admit: Callable[[bool], Callable[[], No
                 release()
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
-
-    async def responses(result: Any) -> AsyncIterator[Any]:
-        if hasattr(result, "__aiter__"):
-            async for item in result:
-                yield item
-        else:  # a handler that writes with context.write (grpc's Health.Watch)
-            await result
 
     if handler.unary_stream is not None:
         inner_us = handler.unary_stream
