@@ -97,7 +97,8 @@ async def project(tmp_path: Path) -> AsyncIterator[Project]:
             check=False,
         )
         (tmp_path / "compose.log").write_text(logs.stdout + logs.stderr)
-        await p.compose("down", "-v", "--remove-orphans", "--timeout", "20")
+        # The images compose built for this throwaway project name go too: every run builds its own.
+        await p.compose("down", "-v", "--rmi", "local", "--remove-orphans", "--timeout", "20")
 
 
 def header_commands() -> list[str]:
