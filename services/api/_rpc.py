@@ -11,7 +11,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from services.api.store import translate
+from services.api.store import set_deadline, translate
 from shared.errors import DomainError, internal_status, to_status
 
 log = logging.getLogger("services.api.rpc")
@@ -60,6 +60,7 @@ def rpc(fn: F) -> F:
     @functools.wraps(fn)
     async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         token = _current_rpc.set(full_name)
+        set_deadline(context.time_remaining())
         try:
             return await fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status

@@ -28,6 +28,7 @@ from services.api.servicers.requests import (
     actor_of_call,
     check_filters,
     fill_page,
+    finish_anyway,
     lease_holder,
     status_filter,
     time_range_of,
@@ -237,7 +238,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             validate.text(v, f"decisions[{i}].reason", d.reason, limits.MAX_REASON)
             decisions.append((d.id, convert.ENFORCEMENT_STATUS_NAME.get(d.status, "")))
         v.raise_if_any()
-        results = await self._store.enforcements.resolve_many(decisions, lease_holder())
+        results = await finish_anyway(self._store.enforcements.resolve_many(decisions, lease_holder()))
         self._executors.resolving(current_principal().name, {d.executor_id for d in request.decisions})
         outcomes: list[enforcement_pb2.ResolutionOutcome] = []
         resolved = []

@@ -19,9 +19,10 @@ from services.api.servicers.requests import (
     Context,
     check_filters,
     fill_page,
+    finish_anyway,
     time_range_of,
 )
-from services.api.store import CreatedEvent, NewEvent, Store, page_size, translate
+from services.api.store import CreatedEvent, NewEvent, Store, page_size, set_deadline, translate
 from shared import limits, tracing
 from shared.batching import Batcher
 from shared.errors import (
@@ -119,6 +120,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         is stored on its own (a statement is atomic: nothing of the failed one was written),
         so that one bad event fails only its own call, with its own error. Nothing here
         raises: every call gets exactly its own outcome."""
+        # Gathered from many calls: no one caller's deadline bounds the wait for a connection.
+        set_deadline(None)
         if len(new) > 1:
             try:
                 return list(await self._create(new, many=True))
@@ -141,15 +144,13 @@ class EventService(event_pb2_grpc.EventServiceServicer):
 
     async def create_one(self, new: NewEvent) -> CreatedEvent:
         """Stores one event as CreateEvent does (webhook deliveries too): gathered with other
-        calls' events under load, alone when it has a request_id."""
+        calls' events under load."""
         await self._paced(1)
         if self._tracing:
             # Here, in the call's own context: a gathered statement runs in another's.
             (new,) = _traced([new])
-        if new.request_id:
-            # A key is checked against the others of its statement; alone, its errors are its own.
-            (result,) = await self._create([new], many=False)
-            return result
+        # Keyed events too: a key that conflicts fails the gathered statement, which then stores
+        # each of its events alone, so that every call still gets its own outcome.
         outcome = await self._coalescer.submit(new)
         if isinstance(outcome, DomainError):
             raise outcome
@@ -223,7 +224,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         """Stores a batch as CreateEvents does (all or nothing), paced and traced alike; its
         receipts, in order."""
         await self._paced(len(new))
-        results = await self._create(_traced(new) if self._tracing else new, many=True)
+        results = await finish_anyway(self._create(_traced(new) if self._tracing else new, many=True))
         return [
             event_pb2.EventReceipt(
                 event_id=r.event.id,

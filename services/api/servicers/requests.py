@@ -6,8 +6,9 @@ Public on purpose: each service module imports these, and none imports another's
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -33,6 +34,33 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_VOLUME_RANGE = timedelta(days=90)
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
+
+
+_finishing: set[asyncio.Task[Any]] = set()
+
+
+async def finish_anyway(write: Coroutine[Any, Any, T]) -> T:
+    """Runs a write to its end even when the call that asked for it ends first (its deadline
+    passed, the client went away); returns its result to a caller still there.
+
+    Cancelling a statement in flight costs its connection (the pool discards an interrupted
+    connection rather than wait on a cancel request that a half-open path would never carry),
+    so on a slow link every expired deadline would otherwise mean a new connection, each slower
+    to set up than the deadline: ingest collapses. Finished instead, the write commits or fails
+    on its own (bounded by the statement timeout), the connection goes back to the pool, and
+    the client's retry with the same key is answered from what committed.
+    """
+    task = asyncio.ensure_future(write)
+    _finishing.add(task)
+    task.add_done_callback(_finished)
+    return await asyncio.shield(task)
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    _finishing.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        # Also retrieved by the caller when it was still waiting; logged for when it was not.
+        log.debug("a write finished after its caller had gone: %r", task.exception())
 
 
 def to_datetime(field: str, t: timestamp_pb2.Timestamp) -> datetime:

@@ -10,7 +10,7 @@ import asyncio
 
 import asyncpg
 
-from ._db import alive, connect, create_pool, expire_all, translate, writable
+from ._db import alive, connect, create_pool, expire_all, set_deadline, translate, writable
 from ._derive import derive
 from ._paging import Scope, Signer, page_size
 from ._secret import SharedKey
@@ -74,6 +74,7 @@ __all__ = [
     "derive",
     "expire_all",
     "page_size",
+    "set_deadline",
     "translate",
     "writable",
 ]

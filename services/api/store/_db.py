@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -87,6 +89,23 @@ class DbConnection(asyncpg.Connection):
         finally:
             getattr(self, "_cancellations", set()).discard(asyncio.current_task())
             self.terminate()
+
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+def set_deadline(seconds: float | None) -> None:
+    """The current call must be answered within ``seconds`` (None: no deadline); for the rest
+    of this context (one RPC)."""
+    _deadline.set(None if seconds is None else time.monotonic() + seconds)
+
+
+def until_deadline() -> float | None:
+    """How long the current call may still wait for a connection, or None for as long as it
+    takes. A write that would start after its caller stopped waiting is not started: waited
+    for behind others on a slow link, it would only delay the calls still there."""
+    deadline = _deadline.get()
+    return None if deadline is None else max(deadline - time.monotonic(), 0.001)
 
 
 async def connect(url: str, **kwargs: Any) -> DbConnection:

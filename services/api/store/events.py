@@ -34,7 +34,7 @@ from shared import limits
 from shared.errors import InvalidArgument, NotFound
 
 from ._chunks import ById
-from ._db import Connection, guarded
+from ._db import Connection, guarded, until_deadline
 from ._derive import derive
 from ._paging import Keys, Paged, Where, json_as_text
 from ._rulesets import EMPTY, RuleSets, Schemas, TriggerSchema
@@ -247,7 +247,7 @@ class Events(Paged):
                 )
             seen.setdefault(e.request_id, (prints[i], i))
 
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=until_deadline()) as conn:
             prep = await _prepare(
                 conn,
                 len(new),
