@@ -15,7 +15,7 @@ from pathlib import Path
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from tools.chaos.harness import run  # after the gRPC environment is set
-from tools.chaos.settings import Settings
+from tools.chaos.settings import ALL_KINDS, FAULT_KINDS, REPLICATED_KINDS, REPLICATION, Settings
 
 
 def parse(argv: list[str] | None = None) -> Settings:
@@ -31,9 +31,29 @@ def parse(argv: list[str] | None = None) -> Settings:
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds the backlog may take to drain")
     p.add_argument("--strict", action="store_true", help="also fail on INTERNAL/UNKNOWN answers")
     p.add_argument("--log-dir", type=Path, default=None, help="where the children's logs go (default: a temp dir)")
+    p.add_argument(
+        "--replication",
+        choices=REPLICATION,
+        default="none",
+        help="none: one PostgreSQL (default); sync/async: a Patroni cluster of two nodes (needs patroni, etcd)",
+    )
+    p.add_argument(
+        "--faults",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated fault kinds, or 'all' (every kind the database allows); of: {', '.join(ALL_KINDS)}. "
+        f"Default: {','.join(FAULT_KINDS)}",
+    )
+    p.add_argument("--latency-window", type=float, default=60.0, help="seconds a latency fault lasts (default 60)")
     ns = p.parse_args(argv)
     if ns.minutes <= 0 or ns.rate <= 0:
         p.error("--minutes and --rate must be positive")
+    if ns.faults == "all":
+        faults = tuple(k for k in ALL_KINDS if ns.replication != "none" or k not in REPLICATED_KINDS)
+    else:
+        faults = tuple(k.strip() for k in ns.faults.split(",") if k.strip())
+        unknown = [k for k in faults if k not in ALL_KINDS]
+        if unknown or not faults:
+            p.error(f"--faults: unknown kind(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(ALL_KINDS)}")
     return Settings(
         minutes=ns.minutes,
         rate=ns.rate,
@@ -43,12 +63,17 @@ def parse(argv: list[str] | None = None) -> Settings:
         fault_interval_s=ns.fault_interval,
         drain_timeout_s=ns.drain_timeout,
         strict=ns.strict,
+        faults=faults,
+        replication=ns.replication,
+        latency_window_s=ns.latency_window,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s chaos: %(message)s", stream=sys.stderr)
+    # Each proxy's mode changes: the network module says it once for all of them.
+    logging.getLogger("chaos.proxy").setLevel(logging.WARNING)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency

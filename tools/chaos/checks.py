@@ -22,6 +22,10 @@ CREATE TEMPORARY TABLE chaos_ack (
     kind        TEXT NOT NULL
 )"""
 
+LOSSES = ("acked_event_missing", "acked_enforcement_missing")
+"""What an acknowledged write lost with its host looks like; the other checks look only at the
+events that are there, so that one lost event is counted once, here."""
+
 # name -> (what it means, query returning offending rows: first column an id)
 CHECKS: dict[str, tuple[str, str]] = {
     "acked_event_missing": (
@@ -42,13 +46,14 @@ CHECKS: dict[str, tuple[str, str]] = {
     ),
     "always_rule_missing": (
         f"an acknowledged untargeted event has no enforcement of {ALWAYS} (enabled all along)",
-        f"""SELECT a.event_id, a.request_id FROM chaos_ack a
+        f"""SELECT a.event_id, a.request_id FROM chaos_ack a JOIN event ev ON ev.id = a.event_id
              WHERE a.target = '' AND NOT EXISTS (
                    SELECT 1 FROM enforcement e WHERE e.event = a.event_id AND e.rule_ref = '{ALWAYS}')""",
     ),
     "targeted_wrong": (
         f"a targeted event has other than exactly one enforcement, of {TARGET}",
         """SELECT a.event_id, array_agg(e.rule_ref) FROM chaos_ack a
+             JOIN event ev ON ev.id = a.event_id
              LEFT JOIN enforcement e ON e.event = a.event_id
             WHERE a.target <> ''
             GROUP BY a.event_id, a.target

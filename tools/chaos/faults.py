@@ -5,7 +5,23 @@
 - ``restart_api``: SIGTERM (odd rounds: SIGKILL) an api, start a new one on the same port;
 - ``restart_postgres``: fast shutdown, then start on the same port and data (the apis and
   executors stay up and must recover by themselves);
-- ``stall_executor``: SIGSTOP an executor for twice the lease, then SIGCONT.
+- ``stall_executor``: SIGSTOP an executor for twice the lease, then SIGCONT;
+- ``crash_postgres``: the primary's PostgreSQL crashes (odd rounds: kill -9 of the postmaster;
+  even: an immediate shutdown), then starts again and replays WAL (Patroni starts it itself);
+- ``blackhole_db`` / ``blackhole_executor``: the half-open case on the path from the apis to
+  PostgreSQL, or from one executor to its api, for longer than the statement timeout and a lease;
+- ``latency``: 200 ms +- 100 ms on every path for a minute, while the other faults go on;
+- ``reset_connections``: a RST on every open connection of every path (database and executors):
+  CreateEvents batches, resolves and commits in flight are cut wherever they are;
+- ``refuse_connections``: every path refuses new connections for a few seconds, after a reset,
+  so that every reconnection in that time is refused;
+- ``failover`` (replicated): kill -9 of the whole primary node; Patroni promotes the standby;
+  the old primary then rejoins as a standby (pg_rewind);
+- ``switchover`` (replicated): a planned switchover through Patroni.
+
+Every fault is recorded as a window (when it began and ended), from which the report derives
+what each kind cost: the longest gap between acknowledgements and the time until the backlog
+was back to where it was.
 """
 
 from __future__ import annotations
@@ -20,8 +36,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from tools.chaos.network import Network
 from tools.chaos.processes import DB_ERRORS, Database, Sql, Supervisor
-from tools.chaos.settings import FAULT_KINDS, Settings
+from tools.chaos.proxy import Mode
+from tools.chaos.settings import NETWORK_KINDS, REPLICATED_KINDS, Settings
 
 log = logging.getLogger("chaos")
 _HELD = "SELECT enforcement FROM enforcement_dispatch WHERE leased_by = $1 ORDER BY 1"
@@ -49,8 +67,25 @@ class Stall:
 
 
 @dataclass
+class Window:
+    """One fault: when it began and ended (monotonic), and what it measured."""
+
+    kind: str
+    began: float
+    ended: float
+    seconds: float | None = None
+    """What the kind measures of itself: PostgreSQL or the primary unavailable, a failover's
+    time without a writable primary, a switchover's duration."""
+    note: str = ""
+
+
+@dataclass
 class FaultLog:
     counts: Counter[str] = field(default_factory=Counter)
+    windows: list[Window] = field(default_factory=list)
+    rejoin_s: list[float] = field(default_factory=list)
+    """After each failover: until the old primary streamed again as a standby."""
+    connections_reset: int = 0
     api_sigkills: int = 0
     redeliveries: list[Redelivery] = field(default_factory=list)
     stalls: list[Stall] = field(default_factory=list)
@@ -76,16 +111,24 @@ class FaultLog:
 
 
 class FaultInjector:
-    def __init__(self, settings: Settings, supervisor: Supervisor, database: Database, sql: Sql) -> None:
+    def __init__(
+        self, settings: Settings, supervisor: Supervisor, database: Database, sql: Sql, network: Network | None
+    ) -> None:
         self._settings = settings
         self._sup = supervisor
         self._db = database
         self._sql = sql
+        self._net = network
         self.log = FaultLog()
         self._watchers: set[asyncio.Task[None]] = set()
-        self.kinds = [k for k in FAULT_KINDS if k != "restart_postgres" or settings.can_restart_db]
-        if not settings.can_restart_db:
-            self.log.skipped.append("restart_postgres: DATABASE_URL is set, so the harness cannot restart it")
+        self.kinds = []
+        for kind in settings.faults:
+            if kind in ("restart_postgres", "crash_postgres") and not (settings.can_restart_db or settings.replicated):
+                self.log.skipped.append(f"{kind}: DATABASE_URL is set, so the harness cannot restart it")
+            elif kind in REPLICATED_KINDS and not settings.replicated:
+                self.log.skipped.append(f"{kind}: needs --replication sync or async")
+            else:
+                self.kinds.append(kind)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Injects faults until ``stop`` is set; a fault under way finishes first."""
@@ -104,7 +147,12 @@ class FaultInjector:
             per_kind[kind] += 1
             n += 1
             try:
-                await getattr(self, kind)(round_)
+                at = time.monotonic()
+                measured = await getattr(self, kind)(round_)
+                # A latency window goes on in the background after its call returned.
+                lasting = self._settings.latency_window_s if kind == "latency" else 0.0
+                self.log.windows.append(Window(kind, at, time.monotonic() + lasting, measured))
+                log.info("fault %s #%d took %.1fs", kind, round_ + 1, time.monotonic() - at)
                 self.log.counts[kind] += 1
             except Exception as exc:  # a fault that fails is reported, not fatal
                 self.log.errors.append(f"{kind} #{round_ + 1} failed: {exc!r}")
@@ -172,7 +220,7 @@ class FaultInjector:
             record.unresolved,
         )
 
-    async def restart_api(self, round_: int) -> None:
+    async def restart_api(self, round_: int) -> float:
         slot = round_ % self._settings.apis
         hard = round_ % 2 == 1
         child = self._sup.apis[slot]
@@ -181,11 +229,64 @@ class FaultInjector:
         log.info("fault: %s api%d (pid %d)", "kill -9" if hard else "SIGTERM", slot, child.pid)
         await self._sup.start_api(slot)
         self.log.api_sigkills += int(hard)
-        self.log.api_down_s.append(time.monotonic() - began)
+        down = time.monotonic() - began
+        self.log.api_down_s.append(down)
+        return down
 
-    async def restart_postgres(self, round_: int) -> None:
+    async def restart_postgres(self, round_: int) -> float:
         log.info("fault: restart PostgreSQL (fast shutdown)")
-        self.log.db_down_s.append(await self._db.restart())
+        down = await self._db.restart()
+        self.log.db_down_s.append(down)
+        return down
+
+    async def crash_postgres(self, round_: int) -> float:
+        how = "kill" if round_ % 2 == 0 else "immediate"
+        what = "kill -9 of the postmaster" if how == "kill" else "immediate shutdown"
+        log.info("fault: PostgreSQL crashes (%s)", what)
+        return await self._db.crash(how)
+
+    async def failover(self, round_: int) -> float:
+        log.info("fault: kill -9 of the primary node (Patroni and PostgreSQL)")
+        down, rejoin = await self._db.failover()
+        log.info("failover: no writable primary for %.1fs; old primary rejoined after %.1fs more", down, rejoin)
+        self.log.rejoin_s.append(rejoin)
+        return down
+
+    async def switchover(self, round_: int) -> float:
+        log.info("fault: planned switchover")
+        return await self._db.switchover()
+
+    def _network(self) -> Network:
+        assert self._net is not None, f"network faults ({', '.join(NETWORK_KINDS)}) need the run's proxies"
+        return self._net
+
+    async def blackhole_db(self, round_: int) -> None:
+        seconds = self._settings.blackhole_s
+        log.info("fault: blackhole between the apis and PostgreSQL for %.0fs", seconds)
+        net = self._network()
+        await net.hold(net.path("db"), Mode.BLACKHOLE, seconds)
+
+    async def blackhole_executor(self, round_: int) -> None:
+        net = self._network()
+        slot = round_ % max(len(net.executors), 1)
+        seconds = self._settings.blackhole_s
+        log.info("fault: blackhole between executor slot %d and its api for %.0fs", slot, seconds)
+        await net.hold([net.executors[slot]], Mode.BLACKHOLE, seconds)
+
+    async def latency(self, round_: int) -> None:
+        window = self._settings.latency_window_s
+        log.info("fault: latency 200 ms +- 100 ms on every path for %.0fs (beside the other faults)", window)
+        await self._network().latency_window(window)
+
+    async def reset_connections(self, round_: int) -> None:
+        n = self._network().reset(self._network().path("all"))
+        self.log.connections_reset += n
+        log.info("fault: RST of %d open connections (database and executor paths)", n)
+
+    async def refuse_connections(self, round_: int) -> None:
+        net = self._network()
+        log.info("fault: connections reset, new ones refused for %.0fs", self._settings.refuse_s)
+        self.log.connections_reset += await net.hold(net.path("all"), Mode.REFUSE, self._settings.refuse_s, reset=True)
 
     async def stall_executor(self, round_: int) -> None:
         slot = (round_ + 1) % self._settings.executors

@@ -57,7 +57,7 @@ CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """What an OK CreateEvent answered."""
+    """What an OK CreateEvent (or one receipt of an OK CreateEvents) answered."""
 
     request_id: str
     event_id: int
@@ -81,6 +81,10 @@ class LoadStats:
     started: float = 0.0
     ended: float = 0.0
     max_ack_latency_s: float = 0.0
+    batches: int = 0
+    """CreateEvents calls among the sends (the rest are CreateEvent)."""
+    ack_times: list[float] = field(default_factory=list)
+    """When each acknowledgement arrived (monotonic): the gaps are what a sensor saw of a fault."""
 
 
 @dataclass
@@ -143,7 +147,11 @@ async def define_rules(clients: Clients) -> None:
 
 
 class LoadDriver:
-    """Sends ``settings.total_events`` events at ``settings.rate`` per second, each until acked."""
+    """Sends ``settings.total_events`` events at ``settings.rate`` per second, each until acked.
+
+    Every ``settings.batch_every``-th send is a CreateEvents batch of ``settings.batch_size``
+    events (the rest are CreateEvent calls), so that faults also land in the middle of batches.
+    """
 
     def __init__(self, settings: Settings, clients: Clients, run_tag: str) -> None:
         self._settings = settings
@@ -153,18 +161,29 @@ class LoadDriver:
         self.stats = LoadStats()
         self.acks: dict[str, Ack] = {}
 
+    def _units(self) -> list[range]:
+        """The sends, as ranges of event numbers: one event, or a batch."""
+        s = self._settings
+        units: list[range] = []
+        i = 0
+        while i < s.total_events:
+            size = s.batch_size if s.batch_every and len(units) % s.batch_every == s.batch_every - 1 else 1
+            units.append(range(i, min(i + size, s.total_events)))
+            i += size
+        return units
+
     async def run(self) -> None:
         s = self._settings
         self.stats.started = time.monotonic()
         limit = asyncio.Semaphore(s.max_in_flight)
         tasks: set[asyncio.Task[None]] = set()
-        for i in range(s.total_events):
-            due = self.stats.started + i / s.rate
+        for unit in self._units():
+            due = self.stats.started + unit.start / s.rate
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             await limit.acquire()
-            task = asyncio.create_task(self._send(i))
+            task = asyncio.create_task(self._send(unit))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             task.add_done_callback(lambda _t: limit.release())
@@ -180,20 +199,32 @@ class LoadDriver:
         event.payload.update({"rid": request_id, "kind": kind, "n": i})
         return event, kind, target
 
-    async def _send(self, i: int) -> None:
-        event, kind, target = self._event(i)
-        request = event_pb2.CreateEventRequest(event=event)
+    async def _call(self, i: int, events: list[event_pb2.NewEvent]) -> list[event_pb2.EventReceipt] | None:
+        """Sends ``events`` (one: CreateEvent; more: CreateEvents) until an OK answer, on the
+        apis in turn; their receipts, or None after ``give_up_s``."""
         stats = self.stats
-        stats.sent += 1
-        began = time.monotonic()
-        deadline = began + self._settings.give_up_s
+        deadline = time.monotonic() + self._settings.give_up_s
         attempt = 0
         while True:
             stub = self._clients.events[(i + attempt) % len(self._clients.events)]
             attempt += 1
             stats.attempts += 1
             try:
-                response: event_pb2.CreateEventResponse = await stub.CreateEvent(request, timeout=5)
+                if len(events) == 1:
+                    one: event_pb2.CreateEventResponse = await stub.CreateEvent(
+                        event_pb2.CreateEventRequest(event=events[0]), timeout=5
+                    )
+                    return [
+                        event_pb2.EventReceipt(
+                            event_id=one.event.id,
+                            enforcement_ids=[e.id for e in one.enforcements],
+                            replayed=one.replayed,
+                        )
+                    ]
+                many: event_pb2.CreateEventsResponse = await stub.CreateEvents(
+                    event_pb2.CreateEventsRequest(events=events), timeout=5
+                )
+                return list(many.receipts)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code in RETRYABLE:
@@ -201,26 +232,40 @@ class LoadDriver:
                 else:
                     stats.unexpected[f"{code.name}: {exc.details()}"[:160]] += 1
                 if time.monotonic() > deadline:
-                    stats.gave_up += 1
-                    log.error(
-                        "event %s: no OK answer after %.0fs; giving up", event.request_id, self._settings.give_up_s
-                    )
-                    return
+                    return None
                 stats.retries += 1
                 await asyncio.sleep(min(0.05 * attempt, 0.5) * (0.5 + self._rng.random()))
-                continue
-            stats.acked += 1
-            stats.replayed += int(response.replayed)
-            stats.max_ack_latency_s = max(stats.max_ack_latency_s, time.monotonic() - began)
-            self.acks[event.request_id] = Ack(
-                request_id=event.request_id,
-                event_id=response.event.id,
-                enforcements=tuple(e.id for e in response.enforcements),
-                target=target,
-                kind=kind,
-                replayed=response.replayed,
+
+    async def _send(self, unit: range) -> None:
+        made = [self._event(i) for i in unit]
+        stats = self.stats
+        stats.sent += len(made)
+        stats.batches += int(len(made) > 1)
+        began = time.monotonic()
+        receipts = await self._call(unit.start, [event for event, _, _ in made])
+        if receipts is None:
+            stats.gave_up += len(made)
+            log.error(
+                "events %s..%s: no OK answer after %.0fs; giving up",
+                made[0][0].request_id,
+                made[-1][0].request_id,
+                self._settings.give_up_s,
             )
             return
+        now = time.monotonic()
+        stats.max_ack_latency_s = max(stats.max_ack_latency_s, now - began)
+        for (event, kind, target), receipt in zip(made, receipts, strict=True):
+            stats.acked += 1
+            stats.replayed += int(receipt.replayed)
+            stats.ack_times.append(now)
+            self.acks[event.request_id] = Ack(
+                request_id=event.request_id,
+                event_id=receipt.event_id,
+                enforcements=tuple(receipt.enforcement_ids),
+                target=target,
+                kind=kind,
+                replayed=receipt.replayed,
+            )
 
 
 class RuleDriver:

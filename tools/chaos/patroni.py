@@ -279,6 +279,8 @@ class PatroniCluster:
                             "max_replication_slots": 10,
                             "wal_keep_size": "128MB",
                             "max_connections": 200,
+                            # The chaos checks time a rule's disable by its commit.
+                            "track_commit_timestamp": "on",
                         },
                     },
                 },
@@ -404,6 +406,38 @@ class PatroniCluster:
             # process group is the helper's, and its backends are in it.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(os.getpgid(pid), signal.SIGKILL)
+
+    async def stop_immediately(self, node: Node) -> None:
+        """``pg_ctl stop -m immediate`` on ``node``: no shutdown checkpoint, as a crash; its
+        Patroni sees PostgreSQL gone and starts it again (crash recovery)."""
+        process = await asyncio.create_subprocess_exec(
+            *_as_postgres([str(find_bindir() / "pg_ctl"), "-D", str(node.datadir), "-m", "immediate", "stop"]),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            cwd=node.base,
+        )
+        await process.wait()
+
+    async def restart(self, node: Node, timeout: float = 60.0) -> None:
+        """A restart of ``node``'s PostgreSQL through its Patroni's REST API (a fast shutdown)."""
+        status, text = await _http("POST", f"{node.rest}/restart", {}, timeout=timeout)
+        if status != 200:
+            raise RuntimeError(f"{node.name}: restart refused ({status}): {text}")
+
+    async def until_down(self, node: Node, pid: int | None, timeout: float = 30.0) -> None:
+        """Waits until the postmaster ``pid`` of ``node`` is gone (a new one, or none)."""
+
+        async def gone() -> bool:
+            return node.postmaster_pid() != pid
+
+        await _until(gone, timeout, f"{node.name}'s postmaster {pid} to end")
+
+    def keep_logs(self, into: Path) -> None:
+        """Copies the logs (etcd, each Patroni) into ``into`` before ``close`` removes them."""
+        into.mkdir(parents=True, exist_ok=True)
+        for path in [self.base / "etcd.log", *(n.log for n in self.nodes)]:
+            with contextlib.suppress(OSError):
+                shutil.copy(path, into / f"{path.parent.name}-{path.name}")
 
     async def switchover(self, candidate: Node | None = None, timeout: float = 60.0) -> Node:
         """A planned switchover to ``candidate`` (the other node by default) through Patroni's

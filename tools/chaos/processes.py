@@ -14,8 +14,10 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.transport import client_security, open_channel
+from tools.chaos.patroni import PatroniCluster, unavailable_for
 from tools.chaos.settings import Settings
 from tools.postgres import LocalPostgres, free_port
 
@@ -44,25 +47,45 @@ def snapshot_code(into: Path) -> Path:
     return into
 
 
+def with_hosts(url: str, hosts: list[str], read_write: bool) -> str:
+    """``url`` with its host list replaced by ``hosts`` (``host:port``), asking for the node
+    that takes writes when there may be several."""
+    parts = urllib.parse.urlsplit(url)
+    user = parts.netloc.rpartition("@")[0]
+    netloc = f"{user}@{','.join(hosts)}" if user else ",".join(hosts)
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    if read_write:
+        query["target_session_attrs"] = "read-write"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=urllib.parse.urlencode(query)))
+
+
 class Database:
-    """The run's PostgreSQL: its own durable server, or a fresh database on ``DATABASE_URL``'s."""
+    """The run's PostgreSQL: its own durable server, a Patroni cluster of two nodes
+    (``--replication``), or a fresh database on ``DATABASE_URL``'s server."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.local: LocalPostgres | None = None
+        self.cluster: PatroniCluster | None = None
         self.url = ""
+        """The run's database, reached directly (the harness's own view: no fault proxy)."""
         self._admin_url = ""
         self._created_db = ""
 
     async def start(self) -> None:
-        if self._settings.database_url is None:
+        s = self._settings
+        if s.replicated:
+            self.cluster = PatroniCluster(synchronous=s.replication == "sync")
+            await self.cluster.start()
+            self._admin_url = self.cluster.dsn()
+        elif s.database_url is None:
             # fsync on: a restart must not be survivable only thanks to luck. The commit
             # timestamps let the checks tell exactly when a rule's disable committed.
             self.local = LocalPostgres(durable=True, settings={"track_commit_timestamp": "on"})
             await asyncio.to_thread(self.local.start)
             self._admin_url = self.local.url
         else:
-            self._admin_url = self._settings.database_url
+            self._admin_url = s.database_url
         # A database of its own, so that the checks see nothing but this run's rows.
         name = f"chaos_{uuid.uuid4().hex[:10]}"
         conn = await asyncpg.connect(self._admin_url)
@@ -75,16 +98,113 @@ class Database:
         base, _, _ = head.rpartition("/")
         self.url = f"{base}/{name}{sep}{query}"
 
+    def describe(self) -> str:
+        if self.cluster is not None:
+            return f"Patroni: 2 nodes, {self.cluster.mode} replication"
+        return "one PostgreSQL (durable)" if self.local is not None else "DATABASE_URL's server"
+
+    def upstreams(self) -> list[tuple[str, int]]:
+        """The server addresses the apis reach (each gets a fault proxy of its own)."""
+        if self.cluster is not None:
+            return [("127.0.0.1", n.pg_port) for n in self.cluster.nodes]
+        parts = urllib.parse.urlsplit(self.url)
+        out = []
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            name, _, port = host.rpartition(":")
+            out.append((name or "127.0.0.1", int(port or 5432)))
+        return out
+
+    def url_through(self, addresses: list[str]) -> str:
+        """The run's database through ``addresses`` (the proxies), for the apis."""
+        return with_hosts(self.url, addresses, read_write=len(addresses) > 1)
+
     async def restart(self) -> float:
-        """Fast shutdown, then start on the same port and data; returns the seconds it was down."""
-        assert self.local is not None, "cannot restart a database given by DATABASE_URL"
+        """A fast restart of the primary on the same port and data; returns the seconds it took
+        (with Patroni: its REST restart of the leader)."""
         began = time.monotonic()
+        if self.cluster is not None:
+            leader = await self.cluster.leader()
+            if leader is None:
+                raise RuntimeError("no primary to restart")
+            await self.cluster.restart(leader)
+            return time.monotonic() - began
+        assert self.local is not None, "cannot restart a database given by DATABASE_URL"
         await asyncio.to_thread(self.local.stop, "fast")
         await asyncio.sleep(0.5)  # down long enough for clients to notice
         await asyncio.to_thread(self.local.start)
         return time.monotonic() - began
 
+    async def crash(self, how: str) -> float:
+        """A crash of the primary's PostgreSQL, ``kill`` (kill -9 of the postmaster) or
+        ``immediate`` (shutdown without a checkpoint): the next start replays WAL. Returns the
+        seconds until it took writes again (with Patroni, Patroni starts it again itself)."""
+        began = time.monotonic()
+        if self.cluster is not None:
+            leader = await self.cluster.leader()
+            if leader is None:
+                raise RuntimeError("no primary to crash")
+            pid = leader.postmaster_pid()
+            if how == "kill":
+                await self.cluster.kill_postmaster(leader)
+            else:
+                await self.cluster.stop_immediately(leader)
+            await self.cluster.until_down(leader, pid)
+            await unavailable_for(self.cluster)
+            return time.monotonic() - began
+        local = self.local
+        assert local is not None, "cannot crash a database given by DATABASE_URL"
+        if how == "kill":
+            pid = int((local.datadir / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, signal.SIGKILL)
+        else:
+            await asyncio.to_thread(local.stop, "immediate")
+        # The backends of a killed postmaster leave by themselves, soon; until they have, a
+        # new postmaster refuses to start on their shared memory.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await asyncio.to_thread(local.start)
+                break
+            except subprocess.CalledProcessError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)  # poll interval of a condition wait
+        return time.monotonic() - began
+
+    async def failover(self) -> tuple[float, float]:
+        """kill -9 of the whole primary node (Patroni too); Patroni promotes the standby. Then
+        the old primary is started again and rejoins as a standby (pg_rewind). Returns the
+        seconds without a writable primary, and those until the old one streamed again."""
+        cluster = self.cluster
+        assert cluster is not None, "a failover needs --replication"
+        leader = await cluster.leader()
+        if leader is None:
+            raise RuntimeError("no primary to fail over from")
+        began = time.monotonic()
+        pid = leader.postmaster_pid()
+        await cluster.kill_node(leader)
+        await cluster.until_down(leader, pid)
+        await unavailable_for(cluster)
+        down = time.monotonic() - began
+        await cluster.start_node(leader)
+        await cluster.wait_ready(120)
+        return down, time.monotonic() - began - down
+
+    async def switchover(self) -> float:
+        """A planned switchover; returns the seconds it took (until the new primary took writes)."""
+        assert self.cluster is not None, "a switchover needs --replication"
+        began = time.monotonic()
+        await self.cluster.switchover()
+        # The old primary follows the new one as its standby: wait, so that the next fault
+        # finds a cluster that can take it.
+        await self.cluster.wait_ready(120)
+        return time.monotonic() - began
+
     async def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.keep_logs(self._settings.log_dir / "patroni")
+            await self.cluster.close()
+            return
         if self.local is not None:
             await asyncio.to_thread(self.local.destroy)
             return
@@ -178,6 +298,8 @@ class Supervisor:
     executors: dict[int, Child] = field(default_factory=dict)
     everything: list[Child] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    executor_targets: dict[int, str] = field(default_factory=dict)
+    """Where each executor slot reaches its api, when not directly (a fault proxy)."""
     _serial: int = 0
     _executor_serial: int = 0
 
@@ -205,12 +327,14 @@ class Supervisor:
             SHUTDOWN_GRACE_SECONDS="2",
             DB_POOL_MIN="2",
             DB_POOL_MAX="8",
-            DB_STATEMENT_TIMEOUT="10",
+            DB_STATEMENT_TIMEOUT=f"{s.statement_timeout_s:g}",
             RPC_TIMEOUT_SECONDS="5",
             RECONNECT_BACKOFF_INITIAL_SECONDS="0.05",
             RECONNECT_BACKOFF_MAX_SECONDS="1",
             RULE_CACHE_SECONDS="0.5",
             PYTHONUNBUFFERED="1",
+            # A dead connection (a blackhole) is found within seconds, not gRPC's 30 (the api allows a ping every 10 s).
+            EXECUTOR_KEEPALIVE_SECONDS="10",
             # The faults here are processes and the database going away; who may call is tested
             # elsewhere (tests/integration/test_auth.py), so the harness runs without tokens.
             API_INSECURE="true",
@@ -263,7 +387,7 @@ class Supervisor:
     async def start_executor(self, slot: int) -> Child:
         self._executor_serial += 1
         executor_id = f"chaos-ex{slot}-{self._executor_serial}"
-        target = self.api_target(slot % len(self.api_ports))
+        target = self.executor_targets.get(slot) or self.api_target(slot % len(self.api_ports))
         child = await self._spawn(
             "executor", slot, executor_id, "services.executor", API_TARGET=target, EXECUTOR_ID=executor_id
         )

@@ -216,7 +216,8 @@ class FaultProxy:
                         # Half-open: the other side never learns.
                         await asyncio.Future()
                     await queue.join()
-                    with contextlib.suppress(OSError):
+                    # RuntimeError: uvloop's answer when the other side was closed meanwhile.
+                    with contextlib.suppress(OSError, RuntimeError):
                         if dst.can_write_eof():
                             dst.write_eof()
                     return
