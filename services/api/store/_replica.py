@@ -173,17 +173,26 @@ class Reads:
     async def _probe_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                await asyncio.wait_for(self.probe(), PROBE_TIMEOUT_S)
+                await self.probe()
             except Exception as exc:  # noqa: BLE001 - any failure means: read from the primary
                 self._unusable(f"the standby does not answer: {exc.__class__.__name__}: {exc}", "down")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), PROBE_S)
 
     async def probe(self) -> None:
-        """Samples the primary's WAL position, reads the standby's, and decides."""
+        """Samples the primary's WAL position, reads the standby's, and decides. Raises when
+        the standby does not answer within PROBE_TIMEOUT_S."""
+        try:
+            primary_lsn = int(await asyncio.wait_for(self._probe_pool.fetchval(_PRIMARY_LSN), PROBE_TIMEOUT_S))
+        except Exception as exc:  # noqa: BLE001 - the primary's side: no fault of the standby's
+            # No sample this round: the newest one ages, and with it the lag the standby is
+            # credited with, so a primary that cannot be asked never leaves stale reads unbounded.
+            log.debug("no primary WAL position this round: %s", exc)
+        else:
+            self._samples.append((time.monotonic(), primary_lsn))
         if self.replica is None:
             # No connection at creation (min_size 0): an unreachable standby costs the api's
-            # start nothing; the first probe connects.
+            # start nothing; this probe connects.
             self.replica = await create_pool(
                 self.url,
                 min_size=0,
@@ -191,10 +200,7 @@ class Reads:
                 statement_timeout_s=self._statement_timeout_s,
                 application_name=APPLICATION,
             )
-        primary_lsn = int(await self._probe_pool.fetchval(_PRIMARY_LSN))
-        now = time.monotonic()
-        self._samples.append((now, primary_lsn))
-        row = await self.replica.fetchrow(_REPLICA_LSN)
+        row = await asyncio.wait_for(self.replica.fetchrow(_REPLICA_LSN), PROBE_TIMEOUT_S)
         assert row is not None  # one row, always
         in_recovery, replayed = row
         if not in_recovery:
@@ -202,7 +208,11 @@ class Reads:
             # The next connections look again (prefer-standby finds a standby that is back).
             await self.replica.expire_connections()
             return
+        if not self._samples:
+            self._unusable("no WAL position of the primary to compare the standby with yet", "lag")
+            return
         replayed = int(replayed)
+        now = time.monotonic()
         # The newest sample the standby has replayed up to; older ones are no longer needed.
         caught_up: float | None = None
         while self._samples and self._samples[0][1] <= replayed:
