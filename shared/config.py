@@ -89,6 +89,14 @@ class ApiConfig:
 
     database_url: str
     """DATABASE_URL: the PostgreSQL the api owns. Required."""
+    database_read_url: str = ""
+    """DATABASE_READ_URL: a streaming standby for the reads that may lag (list pages, Get,
+    history, audit, analytics); may be multi-host with ``target_session_attrs=prefer-standby``.
+    Empty: every read on DATABASE_URL."""
+    read_max_lag_s: float = 5.0
+    """DATABASE_READ_MAX_LAG_SECONDS: past this staleness the standby's reads go to the primary.
+    At least 1: the lag is measured once a second, so under steady writes it reads up to about a
+    second even for a standby that keeps up."""
     addr: str = "127.0.0.1:50051"
     """API_ADDR: where the gRPC server listens."""
     log_level: str = "INFO"
@@ -375,6 +383,8 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
         raise ConfigError("API_TLS_CLIENT_CA needs API_TLS_CERT and API_TLS_KEY: mutual TLS is TLS first")
     return ApiConfig(
         database_url=url,
+        database_read_url=env.get("DATABASE_READ_URL", ""),
+        read_max_lag_s=_float(env, "DATABASE_READ_MAX_LAG_SECONDS", 5.0, minimum=1.0),
         addr=env.get("API_ADDR", "127.0.0.1:50051"),
         log_level=env.get("LOG_LEVEL", "INFO").upper(),
         log_format=_log_format(env),

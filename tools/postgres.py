@@ -4,7 +4,8 @@ It runs Debian's PostgreSQL binaries (``pg_config --bindir``, or ``PG_BINDIR``) 
 loopback port with its data in a temporary directory. PostgreSQL refuses to run as root, so
 when we are root every server command runs as the ``postgres`` user through ``runuser``.
 ``stop(mode="fast")`` followed by ``start()`` restarts it on the same port and data, which is
-how the chaos harness restarts the database under load.
+how the chaos harness restarts the database under load. ``standby()`` makes a streaming
+standby of a running server (``pg_basebackup -R``): the read replica of the tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -129,6 +130,47 @@ class LocalPostgres:
             check=False,
             capture_output=True,
         )
+
+    def standby(self, settings: dict[str, str] | None = None) -> LocalPostgres:
+        """A streaming standby of this running server, on its own port and directory, started.
+
+        ``pg_basebackup -R`` copies the data and writes the connection to the primary
+        (``primary_conninfo``, ``standby.signal``); initdb's pg_hba already lets replication in
+        from 127.0.0.1. The caller destroys it (before this server, or it waits for it)."""
+        replica = LocalPostgres(durable=self.durable, settings=dict(settings or {}))
+        if os.geteuid() == 0:
+            replica.base.chmod(0o755)
+            shutil.chown(replica.base, "postgres", "postgres")
+        subprocess.run(
+            replica._as_owner(
+                str(find_bindir() / "pg_basebackup"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-D",
+                str(replica.datadir),
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ),
+            check=True,
+            capture_output=True,
+        )
+        # The copied postgresql.conf names the primary's socket directory: the standby's own.
+        conf = {"unix_socket_directories": f"'{replica.base}'", "hot_standby": "on", **replica.settings}
+        with (replica.datadir / "postgresql.conf").open("a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in conf.items())
+        try:
+            replica.start()
+        except BaseException:
+            replica.destroy()
+            raise
+        return replica
 
     def destroy(self) -> None:
         self.stop("immediate")

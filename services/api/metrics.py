@@ -53,6 +53,12 @@ class Off:
 
     def db_error(self, sqlstate: str) -> None: ...
 
+    def read_served(self, by: str) -> None: ...
+
+    def replica_fallback(self, reason: str) -> None: ...
+
+    def replica_state(self, usable: bool, lag_s: float | None) -> None: ...
+
     def nonconforming(self, trigger_refs: Sequence[str]) -> None: ...
 
 
@@ -112,6 +118,27 @@ class ApiMetrics(Off):
         self.db_errors = Counter(
             "automation_db_errors_total", "Failed statements, by SQLSTATE class.", ["sqlstate_class"], registry=r
         )
+        self.reads = Counter(
+            "automation_db_reads_total",
+            "Reads that may lag (lists, Get, history, audit, analytics), by the server that answered.",
+            ["served_by"],
+            registry=r,
+        )
+        self.replica_fallbacks = Counter(
+            "automation_db_replica_fallbacks_total",
+            "Reads sent to the primary instead of the standby, by cause (lag, down, not_standby: "
+            "counted once per change; missing: a row not yet on the standby, every time).",
+            ["reason"],
+            registry=r,
+        )
+        self.replica_usable = Gauge(
+            "automation_db_replica_usable", "1 while reads that may lag go to the standby.", registry=r
+        )
+        self.replica_lag = Gauge(
+            "automation_db_replica_lag_seconds",
+            "The standby's staleness at the last probe, an upper bound (NaN when unknown).",
+            registry=r,
+        )
         self.nonconforming_events = Counter(
             "automation_events_nonconforming_total",
             "Events stored in 'warn' mode though their payload fails their trigger's schema.",
@@ -168,6 +195,16 @@ class ApiMetrics(Off):
 
     def db_error(self, sqlstate: str) -> None:
         self.db_errors.labels(sqlstate[:2] or "unknown").inc()
+
+    def read_served(self, by: str) -> None:
+        self.reads.labels(by).inc()
+
+    def replica_fallback(self, reason: str) -> None:
+        self.replica_fallbacks.labels(reason).inc()
+
+    def replica_state(self, usable: bool, lag_s: float | None) -> None:
+        self.replica_usable.set(1 if usable else 0)
+        self.replica_lag.set(float("nan") if lag_s is None else lag_s)
 
     def dispatch_state(self, pending: int, oldest_s: float, leased: int, exhausted: int) -> None:
         self.pending.set(pending)

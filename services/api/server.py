@@ -36,7 +36,7 @@ from services.api.servicers.executions import ExecutionService
 from services.api.servicers.history import HistoryService
 from services.api.servicers.rules import RuleService
 from services.api.servicers.webhooks import WebhookService
-from services.api.store import Store, TokenRow, create_pool, expire_all, writable
+from services.api.store import Reads, Store, TokenRow, create_pool, expire_all, writable
 from services.api.store.retention import RETENTION_DAYS, Retention
 from shared import limits, tracing
 from shared.config import ApiConfig, ConfigError, parse_ingest_rates, parse_principals
@@ -251,7 +251,17 @@ class ApiServer:
                 except BaseException:
                     await pool.close()
                     raise
-                return Store(pool), Store(chores)
+                # The standby (if any) is probed from the chores connection and connected to in
+                # the background: an unreachable one delays nothing and health never asks it.
+                reads = Reads(
+                    pool,
+                    cfg.database_read_url,
+                    cfg.read_max_lag_s,
+                    probe=chores,
+                    max_size=cfg.pool_max,
+                    statement_timeout_s=cfg.statement_timeout_s,
+                )
+                return Store(pool, reads), Store(chores)
             except Unavailable as exc:
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -267,6 +277,7 @@ class ApiServer:
             log.info("migrations: %d applied", len(applied))
         store, self.chores = await self._connect()
         self.store = store
+        await store.reads.start()
         events = EventService(store, self.dispatcher, cfg.lease_s, self.ingest_rate)
         event_pb2_grpc.add_EventServiceServicer_to_server(events, self.server)
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, events), self.server)

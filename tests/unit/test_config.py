@@ -22,6 +22,17 @@ def test_api_defaults_with_only_database_url() -> None:
     assert cfg.request_retention_h == 48.0
 
 
+def test_a_read_url_and_its_lag_bound_are_read_and_optional() -> None:
+    assert api_config({"DATABASE_URL": URL}).database_read_url == ""
+    standby = "postgresql://app@db2:5432,db1:5432/automation?target_session_attrs=prefer-standby"
+    cfg = api_config({"DATABASE_URL": URL, "DATABASE_READ_URL": standby, "DATABASE_READ_MAX_LAG_SECONDS": "2.5"})
+    assert cfg.database_read_url == standby and cfg.read_max_lag_s == 2.5
+    assert api_config({"DATABASE_URL": URL}).read_max_lag_s == 5.0
+    # Below the probe's one-second period a standby that keeps up would be judged behind.
+    with pytest.raises(ConfigError, match="DATABASE_READ_MAX_LAG_SECONDS"):
+        api_config({"DATABASE_URL": URL, "DATABASE_READ_MAX_LAG_SECONDS": "0.5"})
+
+
 @pytest.mark.parametrize("env", [{}, {"DATABASE_URL": ""}])
 def test_database_url_is_required(env: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match="DATABASE_URL is required"):

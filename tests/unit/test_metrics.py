@@ -34,6 +34,10 @@ API = {
     "automation_db_pool_waiting": ("gauge", set()),
     "automation_db_pool_max": ("gauge", set()),
     "automation_db_errors": ("counter", {"sqlstate_class"}),
+    "automation_db_reads": ("counter", {"served_by"}),
+    "automation_db_replica_fallbacks": ("counter", {"reason"}),
+    "automation_db_replica_usable": ("gauge", set()),
+    "automation_db_replica_lag_seconds": ("gauge", set()),
     "automation_events_nonconforming": ("counter", {"trigger_ref"}),
 }
 EXECUTOR = {
@@ -78,6 +82,9 @@ def touched_api() -> tuple[CollectorRegistry, ApiMetrics]:
     m.claimed(1)
     m.announced(1)
     m.db_error("40P01")
+    m.read_served("replica")
+    m.replica_fallback("lag")
+    m.replica_state(True, 0.1)
     m.dispatch_state(1, 2.0, 1, 0)
     m.watch(1, 31)
     return registry, m

@@ -21,6 +21,7 @@ from . import (
     metrics,
     pipeline,
     read,
+    replicas,
     rules,
     schemas,
     security,
@@ -57,6 +58,9 @@ SCENARIOS: dict[str, Scenario] = {
     "console": console.run,
     # And: --only compare --baseline-dir PATH (this tree against another, same run).
     "compare": compare.run,
+    # And: --only replicas (the read scenario's rate with reads on a streaming standby vs on the
+    # primary, under ingest load).
+    "replicas": replicas.run,
 }
 DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 

@@ -190,7 +190,7 @@ class Case:
     filters: dict[str, Any]
 
 
-def _cases(shape: Shape) -> list[Case]:
+def list_cases(shape: Shape) -> list[Case]:
     # 20 of the 30 days: every filter combined with it still has over 1,000 pages.
     start = shape.start + timedelta(days=5)
     end = shape.start + timedelta(days=25)
@@ -230,7 +230,7 @@ def _ts(value: datetime) -> timestamp_pb2.Timestamp:
 STATUS = {"created": 1, "processed": 2, "disabled": 3}
 
 
-def _request(case: Case, token: str) -> event_pb2.ListEventsRequest | enforcement_pb2.ListEnforcementsRequest:
+def list_request(case: Case, token: str) -> event_pb2.ListEventsRequest | enforcement_pb2.ListEnforcementsRequest:
     f = case.filters
     if case.kind == "events":
         return event_pb2.ListEventsRequest(
@@ -334,7 +334,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
             async with channel(target) as ch:
                 events: event_pb2_grpc.EventServiceAsyncStub = event_pb2_grpc.EventServiceStub(ch)
                 enfs: enforcement_pb2_grpc.EnforcementServiceAsyncStub = enforcement_pb2_grpc.EnforcementServiceStub(ch)
-                for case in _cases(shape):
+                for case in list_cases(shape):
                     for where in (
                         Where("p1", page=1),
                         Where(f"p{s.read_far_page}", page=s.read_far_page),
@@ -353,7 +353,7 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                             # only takes tokens it signed itself, for this list and these filters.
                             token = far
                             api_token = token and await _api_token(store, case, where.page)
-                        request = _request(case, api_token)
+                        request = list_request(case, api_token)
                         sql, args = await _sql(case, PAGE, token)
 
                         async def ours(req: Any = request, kind: str = case.kind) -> int:

@@ -514,7 +514,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         await self._store.dispatch.retry(id_, actor)
         self._dispatcher.wake_all()
         return enforcement_pb2.RetryEnforcementResponse(
-            enforcement=convert.enforcement(await self._store.enforcements.get(id_))
+            enforcement=convert.enforcement(await self._store.enforcements.get(id_, fresh=True))
         )
 
     @rpc

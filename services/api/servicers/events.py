@@ -273,7 +273,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         v = Violations()
         validate.text(v, "request_id", request.request_id, limits.MAX_REQUEST_ID)
         v.raise_if_any()
-        original = await self._store.events.get(id_)
+        original = await self._store.events.get(id_, fresh=True)
         new = NewEvent(
             trigger_ref=original.trigger_ref,
             payload=original.payload,

@@ -13,6 +13,7 @@ import asyncpg
 from ._db import alive, connect, create_pool, expire_all, set_deadline, translate, writable
 from ._derive import derive
 from ._paging import Scope, Signer, page_size
+from ._replica import Reads
 from ._secret import SharedKey
 from .analytics import Analytics
 from .audit import Audit
@@ -60,6 +61,7 @@ __all__ = [
     "Lease",
     "NewEvent",
     "Page",
+    "Reads",
     "Resolution",
     "Rule",
     "Scope",
@@ -85,22 +87,30 @@ CLOSE_TIMEOUT_S = 10.0
 
 
 class Store:
-    """Every repository, sharing one pool."""
+    """Every repository, sharing one pool; the reads that may lag on ``reads``.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    Which reads those are (the README's "Read replicas" table): list pages, Get by id and
+    analytics of events, enforcements and executions, history and audit lists. Triggers and
+    rules stay on the primary (small, and an operator who edits a rule must see the edit on
+    the next page), as do tails, dispatch and leases, tokens, idempotency keys and every read
+    inside a write (ingest's one read, resolutions, replays' scans, the page-token key).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, reads: Reads | None = None) -> None:
         self.pool = pool
+        self.reads = reads or Reads(pool)
         # One key signs the page tokens of every list; it is read from the database, where
         # every replica finds the same one, on the first list call.
         keys = SharedKey(pool)
         self.rules = Rules(pool, keys)
-        self.events = Events(pool, keys)
-        self.enforcements = Enforcements(pool, keys)
+        self.events = Events(pool, keys, self.reads)
+        self.enforcements = Enforcements(pool, keys, self.reads)
         self.dispatch = Dispatch(pool)
-        self.executions = Executions(pool, keys)
-        self.history = History(pool, keys)
-        self.analytics = Analytics(pool)
+        self.executions = Executions(pool, keys, self.reads)
+        self.history = History(pool, keys, self.reads)
+        self.analytics = Analytics(pool, self.reads)
         self.tokens = Tokens(pool)
-        self.audit = Audit(pool, keys)
+        self.audit = Audit(pool, keys, self.reads)
         # The live tails sign their cursors with the same key.
         self.tails = Tails(pool, keys)
 
@@ -112,6 +122,7 @@ class Store:
         """Closes the pool gracefully, or terminates it after ``timeout``: a connection whose
         release never completes (a call cancelled mid-statement on a path that went silent)
         must not hold the api's shutdown for ever."""
+        await self.reads.close()
         try:
             await asyncio.wait_for(self.pool.close(), timeout)
         except TimeoutError:

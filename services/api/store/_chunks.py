@@ -134,14 +134,18 @@ class ById:
         self.everywhere = f"SELECT {columns} FROM {table} WHERE id = $1"
         self.within = f"SELECT {columns} FROM {table} WHERE id = $1 AND created >= $2 AND created < $3"
 
-    async def fetchrow(self, id_: int) -> asyncpg.Record | None:
+    async def fetchrow(self, id_: int, pool: asyncpg.Pool | None = None) -> asyncpg.Record | None:
+        """The row ``id_``, read on ``pool`` (a standby's; the primary's by default). The chunk
+        list and chunks' smallest ids always come from the primary: they are cached, and a
+        chunk the standby has not replayed yet only sends the search to every chunk."""
         bounds = await self.finder.bounds(id_)
+        on = pool or self._pool
         async with guarded():
             if bounds is not None:
-                row = await self._pool.fetchrow(self.within, id_, *bounds)
+                row = await on.fetchrow(self.within, id_, *bounds)
                 if row is not None:
                     return row
-            row = await self._pool.fetchrow(self.everywhere, id_)
+            row = await on.fetchrow(self.everywhere, id_)
         if row is not None and bounds is not None:
             self.finder.missed()
         return row

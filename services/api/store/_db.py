@@ -8,9 +8,9 @@ import json
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -44,6 +44,12 @@ KEEPALIVE_IDLE_S = 5
 KEEPALIVE_INTERVAL_S = 2
 KEEPALIVE_COUNT = 3
 USER_TIMEOUT_MS = 15_000
+
+
+def is_row(row: asyncpg.Record | None) -> bool:
+    """Whether a read found its row (``found`` of a read route: a miss asks the primary)."""
+    return row is not None
+
 
 _pools: set[asyncpg.Pool] = set()
 """Every open pool of this process: a read-only answer on one means all may point at a demoted
@@ -308,11 +314,49 @@ async def guarded() -> AsyncIterator[None]:
         raise mapped from exc
 
 
-class Repo:
-    """Base of the per-aggregate repositories: a pool and helpers that translate failures."""
+T = TypeVar("T")
+
+
+class ReadRoute(Protocol):
+    """Where the reads that may lag run (``_replica.Reads``: a standby while it keeps up)."""
+
+    async def run(
+        self, read: Callable[[asyncpg.Pool], Awaitable[T]], found: Callable[[T], bool] | None = None
+    ) -> T: ...
+
+
+class Primary:
+    """Every read on the primary: the route without DATABASE_READ_URL, and of the repositories
+    whose reads must not lag."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
+        self.primary = pool
+
+    async def run(self, read: Callable[[asyncpg.Pool], Awaitable[T]], found: Callable[[T], bool] | None = None) -> T:
+        return await read(self.primary)
+
+
+class Repo:
+    """Base of the per-aggregate repositories: a pool and helpers that translate failures.
+
+    ``reads``: where the reads that may lag go (``_read*``); the primary unless the Store gives
+    this repository the standby's route. Everything else uses ``_pool``, the primary.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, reads: ReadRoute | None = None) -> None:
         self._pool = pool
+        self._reads: ReadRoute = reads or Primary(pool)
+
+    async def _read_fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """``_fetch`` on the read route (a list page, an aggregate)."""
+        async with guarded():
+            return await self._reads.run(lambda pool: pool.fetch(sql, *args))
+
+    async def _read_fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        """``_fetchrow`` on the read route; a row the standby does not have yet is asked of the
+        primary (a Get right after a Create finds it)."""
+        async with guarded():
+            return await self._reads.run(lambda pool: pool.fetchrow(sql, *args), found=is_row)
 
     # One statement each, on its own (autocommit): one refused as read-only wrote nothing, so it
     # is sent once more, on a connection the expired pool opens to wherever the primary is now.

@@ -39,7 +39,7 @@ from shared import limits
 from shared.errors import InvalidArgument
 from shared.limits import MAX_PAGE_TOKEN
 
-from ._db import Repo, json_loads_all
+from ._db import ReadRoute, Repo, json_loads_all
 from .types import Page, columns
 
 T = TypeVar("T")
@@ -297,8 +297,8 @@ class Paged(Repo):
     (``tools.bench.capture``), a repository signs with LOCAL, valid in this process only.
     """
 
-    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
-        super().__init__(pool)
+    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None, reads: ReadRoute | None = None) -> None:
+        super().__init__(pool, reads)
         self._keys: Keys = keys or _LocalKeys()
 
     async def token_below(self, listing: tuple[str, Where], cursor: Cursor) -> str:
@@ -331,7 +331,9 @@ class Paged(Repo):
         scope = Scope.of(select, where, time_column)
         cursor = signer.decode(scope, token) if token else None
         sql, args = keyset_query(run[0] if run else select, where, cursor, size, time_column)
-        records = await self._fetch(sql, *args)
+        # Pages are read where reads may lag (a standby, when configured): a keyset token holds
+        # no server state, so consecutive pages may come from either server.
+        records = await self._read_fetch(sql, *args)
         rows = run[1](records) if run else [row(*r) for r in records]
 
         def token_after(item: T) -> str:

@@ -70,7 +70,7 @@ class Analytics(Repo):
         else:
             sql = f"SELECT {columns} FROM event_volume_hourly {where.sql()}"
         sql += " ORDER BY bucket, trigger_ref"
-        return [EventVolume._make(r) for r in await self._fetch(sql, *where.args)]
+        return [EventVolume._make(r) for r in await self._read_fetch(sql, *where.args)]
 
     async def enforcement_volume(
         self, start: datetime, end: datetime, rule_ref: str = "", status: str = ""
@@ -90,4 +90,4 @@ class Analytics(Repo):
         else:
             sql = f"SELECT {columns} FROM enforcement_volume_hourly {where.sql()}"
         sql += " ORDER BY bucket, rule_ref, status"
-        return [EnforcementVolume._make(r) for r in await self._fetch(sql, *where.args)]
+        return [EnforcementVolume._make(r) for r in await self._read_fetch(sql, *where.args)]

@@ -30,7 +30,7 @@ from shared.limits import MAX_CREATE_RESPONSE_BYTES
 
 from . import audit
 from ._chunks import ById
-from ._db import guarded
+from ._db import ReadRoute, guarded, is_row
 from ._derive import derive
 from ._paging import Keys, Paged, Where, json_as_text
 from .types import JSON, Actor, Enforcement, Event, Execution, Page, Resolution, columns
@@ -201,8 +201,8 @@ def _recent(template: str, compressed_until: datetime | None) -> str:
 class Enforcements(Paged):
     """Stores, reads and resolves enforcements."""
 
-    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
-        super().__init__(pool, keys)
+    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None, reads: ReadRoute | None = None) -> None:
+        super().__init__(pool, keys, reads)
         self.by_id = ById(pool, "enforcement", _ENFORCEMENT)
 
     async def create(
@@ -325,8 +325,13 @@ class Enforcements(Paged):
                 )
         return out, created
 
-    async def get(self, id_: int) -> Enforcement:
-        row = await self.by_id.fetchrow(id_)
+    async def get(self, id_: int, *, fresh: bool = False) -> Enforcement:
+        """The enforcement ``id_``: on the read route (one missing there is asked of the
+        primary; its status may be older by the route's lag), or with ``fresh`` on the primary."""
+        if fresh:
+            row = await self.by_id.fetchrow(id_)
+        else:
+            row = await self._reads.run(lambda pool: self.by_id.fetchrow(id_, pool), found=is_row)
         if row is None:
             raise NotFound(f"enforcement {id_} not found")
         return Enforcement(*row)

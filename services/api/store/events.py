@@ -34,7 +34,7 @@ from shared import limits
 from shared.errors import InvalidArgument, NotFound
 
 from ._chunks import ById
-from ._db import Connection, guarded, until_deadline
+from ._db import Connection, ReadRoute, guarded, is_row, until_deadline
 from ._derive import derive
 from ._paging import Keys, Paged, Where, json_as_text
 from ._rulesets import EMPTY, RuleSets, Schemas, TriggerSchema
@@ -208,8 +208,8 @@ async def _prepare(conn: Connection, *args: Any) -> asyncpg.Record | None:
 class Events(Paged):
     """Stores and reads events."""
 
-    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None) -> None:
-        super().__init__(pool, keys)
+    def __init__(self, pool: asyncpg.Pool, keys: Keys | None = None, reads: ReadRoute | None = None) -> None:
+        super().__init__(pool, keys, reads)
         self._rule_sets = RuleSets()
         self._schemas = Schemas()
         self.by_id = ById(pool, "event", _EVENT)
@@ -501,8 +501,13 @@ class Events(Paged):
             rows = await self._fetch(_SCAN_AFTER, trigger_ref, start, after[0], after[1], size)
         return [Event(*r) for r in rows]
 
-    async def get(self, id_: int) -> Event:
-        row = await self.by_id.fetchrow(id_)
+    async def get(self, id_: int, *, fresh: bool = False) -> Event:
+        """The event ``id_``: on the read route (an event missing there is asked of the primary),
+        or with ``fresh`` on the primary (what a write is about to be based on)."""
+        if fresh:
+            row = await self.by_id.fetchrow(id_)
+        else:
+            row = await self._reads.run(lambda pool: self.by_id.fetchrow(id_, pool), found=is_row)
         if row is None:
             raise NotFound(f"event {id_} not found")
         return Event(*row)

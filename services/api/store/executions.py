@@ -16,7 +16,7 @@ class Executions(Paged):
     """Reads executions."""
 
     async def get(self, id_: int) -> Execution:
-        row = await self._fetchrow(f"SELECT {_EXECUTION} FROM execution WHERE id = $1", id_)
+        row = await self._read_fetchrow(f"SELECT {_EXECUTION} FROM execution WHERE id = $1", id_)
         if row is None:
             raise NotFound(f"execution {id_} not found")
         return Execution(*row)
