@@ -287,7 +287,7 @@ async def test_payloads_of_another_shape_than_the_schema_mask_what_is_there(stub
     """Mode off: payloads the schema does not describe are stored, and masking takes what lies
     at the secret paths (nothing, when a path leads through a scalar or a list)."""
     await secret_trigger(stubs, mode=rule_pb2.SCHEMA_MODE_OFF)
-    shapes = [
+    shapes: list[tuple[dict[str, Any], dict[str, Any]]] = [
         ({"creds": "flat", "keys": {"key": "not-a-list"}}, {"creds": "flat", "keys": {"key": "not-a-list"}}),
         ({"token": {"nested": ["a", 1]}, "keys": [[1], 2]}, {"token": "***", "keys": [[1], 2]}),
         ({"token": 12345, "user": "x"}, {"token": "***", "user": "x"}),
