@@ -253,9 +253,18 @@ def _needles(values: Sequence[Any]) -> tuple[list[str], list[Any]]:
             escaped = json.dumps(v)[1:-1]  # as it appears inside a rendered object's JSON text
             if escaped != v:
                 texts.append(escaped)
+        elif isinstance(v, bool):
+            scalars.append(v)
+            texts.append("true" if v else "false")
         else:
             scalars.append(v)
-            texts.append("true" if v is True else "false" if v is False else json.dumps(v))
+            texts.append(json.dumps(v))
+            # A number may have been rendered from a Struct's double (1234.0) or a decoded
+            # integer (1234): whichever form the rendering used, it holds one of these.
+            if isinstance(v, float) and v.is_integer():
+                texts.append(str(int(v)))
+            elif isinstance(v, int):
+                texts.append(f"{v}.0")
     return texts, scalars
 
 
