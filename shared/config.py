@@ -295,7 +295,7 @@ def _trusted_proxies(env: Mapping[str, str]) -> tuple[IPv4Network | IPv6Network,
     return proxies
 
 
-_ROLES = ("sensor", "executor", "viewer", "operator")
+_ROLES = ("sensor", "executor", "viewer", "operator", "reveal")
 
 
 def parse_principals(text: str) -> dict[str, tuple[str, ...]]:

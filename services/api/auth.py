@@ -36,9 +36,13 @@ from shared.errors import DomainError, PermissionDenied, to_status
 log = logging.getLogger("services.api.auth")
 
 SENSOR, EXECUTOR, VIEWER, OPERATOR, WEBHOOK = "sensor", "executor", "viewer", "operator", "webhook"
-ROLES = (SENSOR, EXECUTOR, VIEWER, OPERATOR, WEBHOOK)
+REVEAL = "reveal"
+ROLES = (SENSOR, EXECUTOR, VIEWER, OPERATOR, WEBHOOK, REVEAL)
 """``webhook`` is the web service's: it alone hands webhook deliveries over, and a delivery
-carries what only the web service can assert (the signature checked, the client address)."""
+carries what only the web service can assert (the signature checked, the client address).
+``reveal`` calls nothing by itself: beside ``viewer`` or ``operator`` it lets reads that ask
+for it (``reveal = true``) show secret fields in clear (README, Schemas); operators do not
+have it unless given."""
 TOKEN_PREFIX = "atk_"
 
 _P = "automation.v1."
@@ -91,7 +95,7 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     _P + "AnalyticsService/QueryEventVolume": (VIEWER,),
     _P + "AnalyticsService/QueryEnforcementVolume": (VIEWER,),
     _P + "AuditService/ListAuditRecords": (),
-    _P + "AuthService/WhoAmI": (SENSOR, EXECUTOR, VIEWER, WEBHOOK),
+    _P + "AuthService/WhoAmI": (SENSOR, EXECUTOR, VIEWER, WEBHOOK, REVEAL),
 }
 ACCESS: Mapping[str, frozenset[str]] = {m: frozenset((*roles, OPERATOR)) for m, roles in _ACCESS.items()}
 """Method (``package.Service/Method``) -> the roles that may call it."""
@@ -117,6 +121,10 @@ class Principal:
     @property
     def is_operator(self) -> bool:
         return OPERATOR in self.roles
+
+    @property
+    def may_reveal(self) -> bool:
+        return REVEAL in self.roles
 
 
 DEVELOPMENT = Principal("insecure-development", frozenset(ROLES))

@@ -32,6 +32,7 @@ from typing import Any
 
 import jsonschema_rs
 
+from services.api import secrets
 from shared.errors import clip
 
 MODES = ("off", "warn", "enforce")
@@ -193,13 +194,14 @@ def _embedded_ids(node: Any, at: tuple[str, ...], out: list[tuple[str, ...]], de
 
 
 class Schema:
-    """A compiled trigger schema."""
+    """A compiled trigger schema, and the payload paths it marks secret (``secrets.py``)."""
 
-    __slots__ = ("_validator", "draft")
+    __slots__ = ("_validator", "draft", "secrets")
 
-    def __init__(self, validator: Any, draft: str) -> None:
+    def __init__(self, validator: Any, draft: str, secret_paths: tuple[secrets.Path, ...] = ()) -> None:
         self._validator = validator
         self.draft = draft
+        self.secrets = secret_paths
 
     def problems(self, payload: dict[str, Any], field: str) -> list[tuple[str, str]]:
         """Nothing when ``payload`` conforms; otherwise its first problems, each naming the
@@ -277,4 +279,7 @@ def compile_schema(schema: dict[str, Any], field: str) -> tuple[Schema | None, l
         return None, [_compile_problem(field, exc)]
     except (ValueError, TypeError, RecursionError) as exc:
         return None, [(field, clip(f"does not compile: {exc}", MAX_ERROR_TEXT))]
-    return Schema(validator, draft), []
+    marked, problems = secrets.secret_paths(schema, field)
+    if problems:
+        return None, problems
+    return Schema(validator, draft, marked), []

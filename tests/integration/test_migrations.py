@@ -46,7 +46,7 @@ def _copy_with(tmp_path: Path, extra: dict[str, str]) -> Path:
 async def test_applies_every_migration_to_an_empty_database(empty_db_url: str) -> None:
     applied = await migrate.migrate_url(empty_db_url)
     assert [m.version for m in applied] == [m.version for m in ALL]
-    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+    assert [m.version for m in ALL] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
     assert await _rows(empty_db_url) == [(m.version, m.name, m.checksum) for m in ALL]
     assert await _fetchval(empty_db_url, "SELECT to_regclass('enforcement') IS NOT NULL") is True
 
@@ -261,7 +261,9 @@ async def test_audit_log_columns_and_constraints(conn: asyncpg.Connection) -> No
     }
     insert = "INSERT INTO audit_log (principal, rpc, entity_type, change) VALUES ('p', 'r', $1, $2::jsonb)"
     with pytest.raises(asyncpg.CheckViolationError):
-        await conn.execute(insert, "event", "{}")
+        await conn.execute(insert, "execution", "{}")
+    # 0019: reveals of events' secret fields are recorded.
+    await conn.execute(insert, "event", '{"revealed": [1]}')
     with pytest.raises(asyncpg.CheckViolationError):
         await conn.execute(insert, "rule", "[]")
     await conn.execute(insert, "rule", "{}")
@@ -387,3 +389,28 @@ async def test_volume_views_have_the_documented_columns(conn: asyncpg.Connection
 async def test_no_history_tables_for_events_or_enforcements(conn: asyncpg.Connection) -> None:
     assert await conn.fetchval("SELECT to_regclass('event_history')") is None
     assert await conn.fetchval("SELECT to_regclass('enforcement_history')") is None
+
+
+async def test_0019_keeps_every_schema_version_from_the_ones_in_place(empty_db_url: str, tmp_path: Path) -> None:
+    """Triggers defined before 0019 get their current schema as a version in effect since they
+    were created; every later change of the schema (any writer) adds one; a delete keeps them."""
+    before = tmp_path / "before"
+    before.mkdir()
+    for path in migrate.MIGRATIONS_DIR.glob("*.sql"):
+        if int(path.name[:4]) < 19:
+            shutil.copy(path, before / path.name)
+    await migrate.migrate_url(empty_db_url, before)
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        await conn.execute(
+            "INSERT INTO trigger (ref, out_schema, created) VALUES ('a.b', '{\"x-secret\": false}', '2020-01-01+00')"
+        )
+        await migrate.migrate_url(empty_db_url)
+        rows = "SELECT schema_version, out_schema::text, since FROM trigger_schema_version ORDER BY schema_version"
+        (kept,) = await conn.fetch(rows)
+        assert (kept[0], kept[1], kept[2].year) == (1, '{"x-secret": false}', 2020)
+        await conn.execute("UPDATE trigger SET out_schema = '{}', schema_version = 2 WHERE ref = 'a.b'")
+        await conn.execute("DELETE FROM trigger WHERE ref = 'a.b'")
+        assert [(r[0], r[1]) for r in await conn.fetch(rows)] == [(1, '{"x-secret": false}'), (2, "{}")]
+    finally:
+        await conn.close()

@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind
 
 from services.api import convert, metrics, validate
 from services.api._rpc import rpc
-from services.api.auth import current_principal
+from services.api.auth import EXECUTOR, current_principal
 from services.api.dispatcher import Dispatcher, Subscription
 from services.api.servicers import tails
 from services.api.servicers.requests import (
@@ -30,10 +30,12 @@ from services.api.servicers.requests import (
     fill_page,
     finish_anyway,
     lease_holder,
+    may_reveal,
+    shown,
     status_filter,
     time_range_of,
 )
-from services.api.store import Delivery, Store, page_size
+from services.api.store import Delivery, Page, Store, page_size
 from services.api.store.dispatch import ExhaustedFilter
 from shared import limits, tracing
 from shared.config import ApiConfig
@@ -145,6 +147,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         if not replayed:
             self._dispatcher.wake(1)
             self._dispatcher.announce([], [enforcement], [])
+        (enforcement,) = await shown(self._store, [enforcement])
         return enforcement_pb2.CreateEnforcementResponse(
             enforcement=convert.enforcement(enforcement), replayed=replayed
         )
@@ -153,7 +156,10 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     async def GetEnforcement(
         self, request: enforcement_pb2.GetEnforcementRequest, context: Context
     ) -> common_pb2.Enforcement:
-        return convert.enforcement(await self._store.enforcements.get(validate.id_or_raise("id", request.id)))
+        id_ = validate.id_or_raise("id", request.id)
+        reveal = may_reveal(request.reveal)
+        (enforcement,) = await shown(self._store, [await self._store.enforcements.get(id_)], reveal=reveal)
+        return convert.enforcement(enforcement)
 
     @rpc
     async def ListEnforcements(
@@ -163,6 +169,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         size = page_size(request.page_size)
         start, end = time_range_of("created", request.created)
         status = status_filter(request.status, convert.ENFORCEMENT_STATUS_NAME)
+        reveal = may_reveal(request.reveal)
         page = await self._store.enforcements.list(
             size,
             request.page_token,
@@ -173,6 +180,7 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             created_from=start,
             created_to=end,
         )
+        page = Page(await shown(self._store, page.items, reveal=reveal), page.next_token, page.token_after)
         response = enforcement_pb2.ListEnforcementsResponse()
         response.next_page_token = fill_page(response, response.enforcements, page, convert.fill_enforcement)
         return response
@@ -208,8 +216,12 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             " (retry)" if result.replayed else "",
             request.reason or "no reason given",
         )
+        resolved = result.enforcement
+        if EXECUTOR not in current_principal().roles:
+            # Executors act on clear values; anyone else resolving (an operator) reads masked.
+            (resolved,) = await shown(self._store, [resolved])
         response = enforcement_pb2.ResolveEnforcementResponse(
-            enforcement=convert.enforcement(result.enforcement), replayed=result.replayed
+            enforcement=convert.enforcement(resolved), replayed=result.replayed
         )
         if result.execution is not None:
             response.execution.CopyFrom(convert.execution(result.execution))
@@ -513,9 +525,8 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         actor = actor_of_call()
         await self._store.dispatch.retry(id_, actor)
         self._dispatcher.wake_all()
-        return enforcement_pb2.RetryEnforcementResponse(
-            enforcement=convert.enforcement(await self._store.enforcements.get(id_, fresh=True))
-        )
+        (retried,) = await shown(self._store, [await self._store.enforcements.get(id_, fresh=True)])
+        return enforcement_pb2.RetryEnforcementResponse(enforcement=convert.enforcement(retried))
 
     @rpc
     async def ListExecutors(

@@ -20,9 +20,11 @@ from services.api.servicers.requests import (
     check_filters,
     fill_page,
     finish_anyway,
+    may_reveal,
+    shown,
     time_range_of,
 )
-from services.api.store import CreatedEvent, NewEvent, Store, page_size, set_deadline, translate
+from services.api.store import CreatedEvent, NewEvent, Page, Store, page_size, set_deadline, translate
 from shared import limits, tracing
 from shared.batching import Batcher
 from shared.errors import (
@@ -97,6 +99,12 @@ def _created_event(c: Any) -> event_pb2.CreateEventResponse:
         enforcements=[convert.enforcement(x) for x in c.enforcements],
         replayed=c.replayed,
     )
+
+
+async def _shown_created(store: Store, c: CreatedEvent) -> event_pb2.CreateEventResponse:
+    """A re-emission's answer: a stored event read back to an operator, so masked as reads are."""
+    (event,) = await shown(store, [c.event])
+    return _created_event(CreatedEvent(event, await shown(store, c.enforcements), replayed=c.replayed))
 
 
 class EventService(event_pb2_grpc.EventServiceServicer):
@@ -300,17 +308,21 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             # Its trigger (or the rule it targeted) was deleted since: NOT_FOUND would say that
             # the event itself is unknown.
             raise FailedPrecondition(f"event {original.id} cannot be re-emitted: {exc.message}") from None
-        return _created_event(result)
+        return await _shown_created(self._store, result)
 
     @rpc
     async def GetEvent(self, request: event_pb2.GetEventRequest, context: Context) -> common_pb2.Event:
-        return convert.event(await self._store.events.get(validate.id_or_raise("id", request.id)))
+        id_ = validate.id_or_raise("id", request.id)
+        reveal = may_reveal(request.reveal)
+        (event,) = await shown(self._store, [await self._store.events.get(id_)], reveal=reveal)
+        return convert.event(event)
 
     @rpc
     async def ListEvents(self, request: event_pb2.ListEventsRequest, context: Context) -> event_pb2.ListEventsResponse:
         check_filters(request, refs=("trigger_ref", "rule_ref"), texts=("source_ref",), ids=("reemit_of",))
         size = page_size(request.page_size)
         start, end = time_range_of("created", request.created)
+        reveal = may_reveal(request.reveal)
         page = await self._store.events.list(
             size,
             request.page_token,
@@ -321,6 +333,7 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             created_to=end,
             reemit_of=request.reemit_of if request.HasField("reemit_of") else None,
         )
+        page = Page(await shown(self._store, page.items, reveal=reveal), page.next_token, page.token_after)
         response = event_pb2.ListEventsResponse()
         response.next_page_token = fill_page(response, response.events, page, convert.fill_event)
         return response

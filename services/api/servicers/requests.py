@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
-from services.api import convert, validate
+from services.api import convert, secrets, validate
 from services.api._rpc import current_rpc
-from services.api.auth import current_principal
-from services.api.store import Actor, Page
+from services.api.auth import REVEAL, current_principal
+from services.api.store import Actor, Enforcement, Event, Page, Store
 from shared import limits
 from shared.errors import (
     InvalidArgument,
+    PermissionDenied,
     Violations,
 )
 from shared.gen.automation.v1 import (
@@ -34,6 +35,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 MAX_VOLUME_RANGE = timedelta(days=90)
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
+R = TypeVar("R", Event, Enforcement)
 
 
 _finishing: set[asyncio.Task[Any]] = set()
@@ -172,3 +174,52 @@ def volume_range(r: common_pb2.TimeRange, field: str = "range") -> tuple[datetim
     if end - start > MAX_VOLUME_RANGE:
         raise InvalidArgument.one(field, "may cover at most 90 days")
     return start, end
+
+
+def may_reveal(reveal: bool) -> bool:
+    """Whether a read asked to show secret fields in clear; refuses the ask (PERMISSION_DENIED
+    naming ``reveal``) from a principal without the ``reveal`` role. Check it before reading:
+    a refused call reads nothing."""
+    if reveal and not current_principal().may_reveal:
+        raise PermissionDenied(f"reveal: showing secret fields in clear needs the {REVEAL!r} role")
+    return reveal
+
+
+async def shown(store: Store, records: Sequence[R], *, reveal: bool = False) -> list[R]:
+    """Events or enforcements as a read sends them: the one place where secret fields are
+    masked, for every read path that returns payloads (Get, List, the tails, and whatever
+    else sends stored payloads to a reader, such as a CloudEvents rendering of a tail).
+
+    Without ``reveal`` (checked by ``may_reveal``), every value at a secret path of the schema
+    version that masks the record (``store.secrets``) is ``"***"``, and so is every rendered
+    action parameter or schema problem that holds a secret's text (``secrets.mask_rendered``).
+    With it, the records go as stored, and the ids of those that held a secret are audited
+    first, in one record: a reveal the audit trail cannot record is not made.
+
+    The executor's WatchEnforcements does not come here: executors act on the clear values."""
+    if not records:
+        return []
+    paths = await store.schema_versions.secret_paths(
+        [(r.trigger_ref, r.schema_version if isinstance(r, Event) else None, r.created) for r in records]
+    )
+    if reveal:
+        revealed = [r.id for r, p in zip(records, paths, strict=True) if p and secrets.secret_values(r.payload, p)]
+        if revealed:
+            kind = "event" if isinstance(records[0], Event) else "enforcement"
+            await store.audit.revealed(actor_of_call(), kind, revealed)
+        return list(records)
+    return [cast(R, _masked(r, p)) if p else r for r, p in zip(records, paths, strict=True)]
+
+
+def _masked(record: Event | Enforcement, paths: tuple[secrets.Path, ...]) -> Event | Enforcement:
+    values = secrets.secret_values(record.payload, paths)
+    if not values:
+        return record
+    payload, _ = secrets.mask_payload(record.payload, paths)
+    if isinstance(record, Event):
+        errors = record.schema_errors
+        if errors:
+            errors, _ = secrets.mask_rendered(errors, values)
+        return record._replace(payload=payload, schema_errors=errors)
+    config, _ = secrets.mask_rendered(record.config, values)
+    return record._replace(payload=payload, config=config)

@@ -78,7 +78,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.api import convert, validate
-from services.api.store import Enforcement, Event, Scope, Signer, Store
+from services.api.servicers.requests import may_reveal, shown
+from services.api.store import Enforcement, Scope, Signer, Store
 from services.api.store.tails import Read
 from shared import limits
 from shared.errors import FailedPrecondition, InvalidArgument, Violations
@@ -391,6 +392,7 @@ async def tail_events(
     validate.filter_ref(v, "rule_ref", request.rule_ref)
     validate.text(v, "source_ref", request.source_ref, limits.MAX_FILTER_TEXT)
     v.raise_if_any()
+    reveal = may_reveal(request.reveal)
     filters = {"trigger_ref": request.trigger_ref, "source_ref": request.source_ref, "rule_ref": request.rule_ref}
     cursors = Cursors(await store.tails.signer(), _EVENTS, 1, sorted(filters.items()))
     (track,) = await _start(store, cursors, request.cursor, 1)
@@ -403,7 +405,7 @@ async def tail_events(
         if request.announce_start:
             yield event_pb2.TailEventsResponse(start=True, cursor=cursors.encode([track]))
         async for _, row in follow([source], wake, stop, poll_s):
-            event: Event = row
+            (event,) = await shown(store, [row], reveal=reveal)
             yield event_pb2.TailEventsResponse(event=convert.event(event), cursor=cursors.encode([track]))
 
 
@@ -424,6 +426,7 @@ async def tail_enforcements(
     if request.status != 0 and request.status not in convert.ENFORCEMENT_STATUS_NAME:
         v.add("status", f"unknown status {request.status}")
     v.raise_if_any()
+    reveal = may_reveal(request.reveal)
     status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
     rule_ref, trigger_ref = request.rule_ref, request.trigger_ref
     event = request.event if request.HasField("event") else None
@@ -464,6 +467,7 @@ async def tail_enforcements(
             if change == _CHANGE.CHANGE_CREATED:
                 # As it was stored, whatever became of it since (its resolution comes next).
                 e = e._replace(status="created", resolved_at=None)
+            (e,) = await shown(store, [e], reveal=reveal)
             yield _CHANGE(
                 enforcement=convert.enforcement(e),
                 change=change,  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from .events import Events
 from .executions import Executions
 from .history import History
 from .rules import Rules
+from .secrets import SchemaVersions
 from .tails import Tails
 from .tokens import TokenRow, Tokens
 from .types import (
@@ -110,6 +111,8 @@ class Store:
         self.history = History(pool, keys, self.reads)
         self.analytics = Analytics(pool, self.reads)
         self.tokens = Tokens(pool)
+        # The secret paths of every schema version, for the reads that mask them.
+        self.schema_versions = SchemaVersions(pool)
         self.audit = Audit(pool, keys, self.reads)
         # The live tails sign their cursors with the same key.
         self.tails = Tails(pool, keys)

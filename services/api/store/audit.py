@@ -18,7 +18,7 @@ from ._db import Connection, guarded
 from ._paging import Paged, Where
 from .types import JSON, Actor, AuditRecord, Page, columns
 
-ENTITY_TYPES = ("enforcement", "rule", "token", "trigger")
+ENTITY_TYPES = ("enforcement", "event", "rule", "token", "trigger")
 """What the trail records changes of (the CHECK of ``audit_log.entity_type``)."""
 
 _RECORD = columns(AuditRecord)
@@ -73,6 +73,11 @@ class Audit(Paged):
     """Reads the audit trail; ``record`` writes it."""
 
     record = staticmethod(record)
+
+    async def revealed(self, actor: Actor, entity_type: str, ids: list[int]) -> None:
+        """Records that a read showed the secret values of these events or enforcements in
+        clear: one record per read, before the read answers (so no reveal goes unrecorded)."""
+        await record(self._pool, actor, entity_type, None, None, {"revealed": ids})
 
     async def list(
         self,

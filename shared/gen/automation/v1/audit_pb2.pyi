@@ -46,7 +46,9 @@ class AuditRecord(_message.Message):
     `automation.v1.RuleService/UpdateRule`.
     """
     entity_type: _builtins.str
-    """What was changed: `rule`, `trigger`, `token` or `enforcement`."""
+    """What was changed: `rule`, `trigger`, `token` or `enforcement`; or what was read with its
+    secret fields in clear (`event`, `enforcement`: a reveal).
+    """
     entity_id: _builtins.int
     """Id of the changed entity, when it has one."""
     entity_ref: _builtins.str
@@ -64,6 +66,8 @@ class AuditRecord(_message.Message):
         record's main fields. A delete: the deleted record's `id` and `ref`. A retry or forced
         release: the `enforcement` id, its `rule_ref`, and what the dispatch row held before (a
         retry: `attempts` and `last_error`; a release: the `reason` given and the lease's holder).
+        A reveal (a read with `reveal` set that showed secret fields in clear): `revealed`, the
+        ids of the events or enforcements shown, with no entity_id.
         """
 
     def __init__(
@@ -111,7 +115,7 @@ class ListAuditRecordsRequest(_message.Message):
     with the list and filters that issued it (INVALID_ARGUMENT otherwise).
     """
     entity_type: _builtins.str
-    """Only records of this entity type: `rule`, `trigger`, `token` or `enforcement`."""
+    """Only records of this entity type: `rule`, `trigger`, `token`, `enforcement` or `event`."""
     entity_ref: _builtins.str
     """Only records of the entity with this reference (at most 255 characters; NUL characters
     are refused); combine with entity_type, since a rule and a trigger may share a ref.

@@ -146,16 +146,24 @@ class GetEnforcementRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Id of the enforcement."""
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every call that shows a secret in clear is audited (the
+    audit trail names the enforcement).
+    """
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reveal", b"reveal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -174,6 +182,7 @@ class ListEnforcementsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     TRIGGER_REF_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of enforcements to return: default 50, at most 1,000. A page also stops
     early, before 2 MiB; next_page_token then continues it.
@@ -194,6 +203,12 @@ class ListEnforcementsRequest(_message.Message):
     """Only enforcements of this trigger reference (`pack.name`, at most 255 characters;
     empty: any).
     """
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every page that shows a secret in clear is audited (the
+    audit trail names the enforcements revealed).
+    """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only enforcements created in this range."""
@@ -208,10 +223,11 @@ class ListEnforcementsRequest(_message.Message):
         status: _common_pb2.EnforcementStatus.ValueType = ...,
         trigger_ref: _builtins.str = ...,
         created: _common_pb2.TimeRange | None = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "created", b"created", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "created", b"created", "event", b"event", "page_size", b"page_size", "page_token", b"page_token", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "created", b"created", "event", b"event", "page_size", b"page_size", "page_token", b"page_token", "reveal", b"reveal", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__event: _TypeAlias = _typing.Literal["event"]  # noqa: Y015
     _WhichOneofArgType__event: _TypeAlias = _typing.Literal["_event", b"_event"]  # noqa: Y015
@@ -852,6 +868,7 @@ class TailEnforcementsRequest(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     ANNOUNCE_START_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     rule_ref: _builtins.str
     """Only enforcements of this rule reference (`pack.name`, at most 255 characters; empty:
     any).
@@ -879,6 +896,12 @@ class TailEnforcementsRequest(_message.Message):
     (GetEnforcement, ListEnforcements) and the tail opens the tail, waits for this message,
     then reads its snapshot: every later change is in the snapshot or in the tail.
     """
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every message that shows a secret in clear is audited (the
+    audit trail names the enforcement).
+    """
     def __init__(
         self,
         *,
@@ -888,10 +911,11 @@ class TailEnforcementsRequest(_message.Message):
         event: _builtins.int | None = ...,
         cursor: _builtins.str = ...,
         announce_start: _builtins.bool = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "announce_start", b"announce_start", "cursor", b"cursor", "event", b"event", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "announce_start", b"announce_start", "cursor", b"cursor", "event", b"event", "reveal", b"reveal", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__event: _TypeAlias = _typing.Literal["event"]  # noqa: Y015
     _WhichOneofArgType__event: _TypeAlias = _typing.Literal["_event", b"_event"]  # noqa: Y015

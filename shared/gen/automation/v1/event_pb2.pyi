@@ -295,16 +295,24 @@ class GetEventRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Id of the event."""
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every call that shows a secret in clear is audited (the
+    audit trail names the event).
+    """
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reveal", b"reveal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +331,7 @@ class ListEventsRequest(_message.Message):
     RULE_REF_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     REEMIT_OF_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of events to return: default 50, at most 1,000. A page also stops early,
     before 2 MiB; next_page_token then continues it.
@@ -343,6 +352,12 @@ class ListEventsRequest(_message.Message):
     """
     reemit_of: _builtins.int
     """Only re-emissions of this event (positive id)."""
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every page that shows a secret in clear is audited (the
+    audit trail names the events revealed).
+    """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only events created in this range."""
@@ -357,10 +372,11 @@ class ListEventsRequest(_message.Message):
         rule_ref: _builtins.str = ...,
         created: _common_pb2.TimeRange | None = ...,
         reemit_of: _builtins.int | None = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "reemit_of", b"reemit_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "page_size", b"page_size", "page_token", b"page_token", "reemit_of", b"reemit_of", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "page_size", b"page_size", "page_token", b"page_token", "reemit_of", b"reemit_of", "reveal", b"reveal", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reemit_of: _TypeAlias = _typing.Literal["reemit_of"]  # noqa: Y015
     _WhichOneofArgType__reemit_of: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of"]  # noqa: Y015
@@ -436,6 +452,7 @@ class TailEventsRequest(_message.Message):
     RULE_REF_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     ANNOUNCE_START_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     trigger_ref: _builtins.str
     """Only events of this trigger reference (`pack.name`, at most 255 characters; empty: any)."""
     source_ref: _builtins.str
@@ -459,6 +476,12 @@ class TailEventsRequest(_message.Message):
     snapshot (ListEvents) and the tail opens the tail, waits for this message, then reads
     its snapshot: every later event is in the snapshot or in the tail.
     """
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every message that shows a secret in clear is audited (the
+    audit trail names the event).
+    """
     def __init__(
         self,
         *,
@@ -467,10 +490,11 @@ class TailEventsRequest(_message.Message):
         rule_ref: _builtins.str = ...,
         cursor: _builtins.str = ...,
         announce_start: _builtins.bool = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["announce_start", b"announce_start", "cursor", b"cursor", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announce_start", b"announce_start", "cursor", b"cursor", "reveal", b"reveal", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
