@@ -363,7 +363,7 @@ def client_security(env: Mapping[str, str] | None = None) -> ClientSecurity:
 
 
 def _uri_reference(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = env.get(name, default)
+    raw = env.get(name, "").strip() or default
     # RFC 3986's characters only: no space, no control, nothing that needs percent-encoding.
     if not 0 < len(raw) <= 255 or not re.fullmatch(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", raw):
         raise ConfigError(f"{name} must be a URI-reference of 1 to 255 characters (e.g. /automation/prod), got {raw!r}")
