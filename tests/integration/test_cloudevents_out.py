@@ -9,7 +9,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -119,7 +119,7 @@ async def test_enforcements_as_cloudevents_created_then_resolved(api: ApiServer,
     # The SDK's strict v1.0 model takes both, attributes typed as the specification says.
     first, second = sdk(created.cloud_event), sdk(resolved.cloud_event)
     assert first.get_type() == "dev.automation.enforcement.created" and first.get_source() == SOURCE
-    assert first.get_time() == stored.created.ToDatetime().replace(tzinfo=first.get_time().tzinfo)
+    assert first.get_time() == stored.created.ToDatetime(tzinfo=UTC)
     assert isinstance(second.get_time(), datetime) and second.get_extension("status") == "processed"
     assert second.get_data() == data and second.get_datacontenttype() == "application/json"
     call.cancel()
@@ -222,7 +222,8 @@ class Stream:
         self._lines = response.aiter_lines()
 
     async def _next(self) -> Message:
-        id_, event, data = "", "", []
+        id_, event = "", ""
+        data: list[str] = []
         async for line in self._lines:
             if not line:
                 if id_ or event or data:
@@ -301,13 +302,9 @@ async def test_the_stream_sends_cloudevents_and_resumes_from_last_event_id(
             sse = Stream(response)
             await sse.next()
             ids = [(await sse.cloudevent())[1].get_id() for _ in range(3)]
-            created, resolved_, new_ = (
-                f"enforcement/{id_}/created",
-                f"enforcement/{id_}/resolved",
-                f"enforcement/{later}/created",
-            )
-            assert sorted(ids) == sorted([created, resolved_, new_])
-            assert ids.index(created) < ids.index(resolved_)
+            made, done = f"enforcement/{id_}/created", f"enforcement/{id_}/resolved"
+            assert sorted(ids) == sorted([made, done, f"enforcement/{later}/created"])
+            assert ids.index(made) < ids.index(done)
 
 
 async def test_the_stream_follows_events_too(api: ApiServer, stubs: Stubs, web: str) -> None:
