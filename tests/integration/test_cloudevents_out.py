@@ -20,7 +20,9 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
 from google.protobuf import json_format
 
+from services.api.auth import new_token
 from services.api.server import ApiServer
+from services.api.store import Store
 from services.web import live
 from services.web.cloudevents_out import structured
 from shared.config import ApiConfig
@@ -388,3 +390,24 @@ async def test_streams_share_the_live_budgets(api: ApiServer, stubs: Stubs, one_
             return True
 
     await eventually(reopened, what="the closed streams' places to come back")
+
+
+async def test_a_revoked_token_ends_its_stream_with_an_error(
+    api: ApiServer, stubs: Stubs, store: Store, web: str
+) -> None:
+    token, digest = new_token()
+    await store.tokens.create("soon-revoked", ["viewer"], digest, None)
+    await api.authenticator.load()
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        httpx.AsyncClient(base_url=web, timeout=30) as http,
+        http.stream("GET", "/cloudevents/stream?kind=events", headers=headers) as response,
+    ):
+        sse = Stream(response)
+        await sse.next()
+        await store.tokens.revoke("soon-revoked")
+        ended = await sse.next()
+        assert ended.event == "error" and json.loads(ended.data)["code"] == "UNAUTHENTICATED"
+    async with httpx.AsyncClient(base_url=web, timeout=30) as http:
+        again = await http.get("/cloudevents/stream?kind=events", headers=headers)
+        assert again.status_code == 401
