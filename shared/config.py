@@ -7,6 +7,7 @@ Names are fixed so that compose, scripts and people agree: ``DATABASE_URL``, ``A
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
@@ -163,6 +164,10 @@ class ApiConfig:
     ingest_rate: float = 2000.0
     """API_INGEST_RATE: events per second one principal may create (a burst of 2 s of it); 0 for
     no pacing. Past it a sensor's calls are slowed up to 2 s, then refused with RetryInfo."""
+    cloudevents_source: str = "/automation"
+    """CLOUDEVENTS_SOURCE: the ``source`` of the CloudEvents the tails send (a URI-reference, at
+    most 255 characters): one per deployment, so that ``source`` + ``id`` stays unique for a
+    consumer that follows several."""
     ingest_rates: str = ""
     """API_INGEST_RATES: rates of named principals, ``name=rate,...`` (0: unpaced), e.g. the web
     service's sensor, which carries every webhook."""
@@ -365,6 +370,14 @@ def client_security(env: Mapping[str, str] | None = None) -> ClientSecurity:
     return ClientSecurity(ca=ca, cert=cert, key=key, token=token, server_name=server_name)
 
 
+def _uri_reference(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    # RFC 3986's characters only: no space, no control, nothing that needs percent-encoding.
+    if not 0 < len(raw) <= 255 or not re.fullmatch(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+", raw):
+        raise ConfigError(f"{name} must be a URI-reference of 1 to 255 characters (e.g. /automation/prod), got {raw!r}")
+    return raw
+
+
 def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
     """Reads the api's settings from the environment (``os.environ`` by default)."""
     env = os.environ if env is None else env
@@ -406,6 +419,7 @@ def api_config(env: Mapping[str, str] | None = None) -> ApiConfig:
         health_watches=_int(env, "API_HEALTH_WATCHES", 64),
         ingest_rate=_float(env, "API_INGEST_RATE", 2000.0, minimum=0.0),
         ingest_rates=_ingest_rates(env.get("API_INGEST_RATES", "")),
+        cloudevents_source=_uri_reference(env, "CLOUDEVENTS_SOURCE", "/automation"),
         insecure=_bool(env, "API_INSECURE", False),
         reflection_public=_bool(env, "API_REFLECTION_PUBLIC", False),
         certificate_principals=_principals(env.get("API_TLS_PRINCIPALS", "")),

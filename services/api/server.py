@@ -278,7 +278,7 @@ class ApiServer:
         store, self.chores = await self._connect()
         self.store = store
         await store.reads.start()
-        events = EventService(store, self.dispatcher, cfg.lease_s, self.ingest_rate)
+        events = EventService(store, self.dispatcher, cfg.lease_s, self.ingest_rate, cfg.cloudevents_source)
         event_pb2_grpc.add_EventServiceServicer_to_server(events, self.server)
         webhook_pb2_grpc.add_WebhookServiceServicer_to_server(WebhookService(store, events), self.server)
         cloudevent_pb2_grpc.add_CloudEventServiceServicer_to_server(CloudEventService(store, events), self.server)

@@ -1,4 +1,4 @@
-"""The Starlette application: the webhook endpoint, the console and its live streams."""
+"""The Starlette application: the webhook and CloudEvents endpoints, the console and its live streams."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from services.web.cloudevents import CloudEvents
+from services.web.cloudevents_out import CloudEventStream
 from services.web.console import Console, Stubs
 from services.web.live import Live
 from services.web.render import HERE
@@ -43,7 +44,8 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         )
         sessions = Sessions(auth_pb2_grpc.AuthServiceStub(ch), config.rpc_timeout_s)
         console = parts["console"] = Console(config, Stubs(ch), sessions)
-        parts["live"] = Live(console)
+        live = parts["live"] = Live(console)
+        parts["cloudevents_out"] = CloudEventStream(live)
         try:
             yield
         finally:
@@ -59,6 +61,10 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         if request.method == "OPTIONS":
             return await endpoint.handshake(request)
         return await endpoint.deliver(request)
+
+    async def cloudevent_stream(request: Request) -> Response:
+        endpoint: CloudEventStream = parts["cloudevents_out"]
+        return await endpoint.stream(request)
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -94,6 +100,8 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         exception_handlers={ClientDisconnect: hung_up},
         routes=[
             Route("/webhooks/{key}", webhook, methods=["POST"]),
+            # Before the key's route: "stream" is no webhook key (those are wh_ and 32 hex digits).
+            Route("/cloudevents/stream", cloudevent_stream, methods=["GET"]),
             Route("/cloudevents/{key}", cloudevent, methods=["POST", "OPTIONS"]),
             Route("/healthz", health, methods=["GET"]),
             Route("/", home, methods=["GET"]),

@@ -23,7 +23,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -95,7 +95,7 @@ class Live:
         self.open = 0
         self._by_session: dict[bytes, int] = {}
 
-    def _admit(self, user: User) -> Callable[[], None] | Response:
+    def admit(self, user: User) -> Callable[[], None] | Response:
         """Counts a stream in (what counts it out), or the 429 that refuses it: one session
         opening live pages without end cannot take every api stream of the web service."""
         session = hashlib.sha256(user.token.encode()).digest()
@@ -132,7 +132,7 @@ class Live:
         return release
 
     def _stream(self, request: Request, user: User, body: AsyncIterator[bytes]) -> Response:
-        admitted = self._admit(user)
+        admitted = self.admit(user)
         if isinstance(admitted, Response):
             return admitted
         release = admitted
@@ -167,7 +167,7 @@ class Live:
         # Not worth reconnecting: the page says why and the script stops the stream.
         return sse("stop", {"code": code.name, "message": exc.details() or ""})
 
-    async def _messages(self, request: Request, call: Any) -> AsyncIterator[Any]:
+    async def messages(self, request: Request, call: Any) -> AsyncGenerator[Any]:
         """The tail's messages, with ``None`` for each heartbeat; raises the tail's error."""
         queue: asyncio.Queue[Any] = asyncio.Queue(BUFFER)
         reader = asyncio.create_task(_ahead(call, queue))
@@ -196,14 +196,14 @@ class Live:
         if len(cursor) > 16 * 1024 or not cursor.isascii():
             cursor = ""
         try:
-            async for message in self._messages(request, open_call(cursor)):
+            async for message in self.messages(request, open_call(cursor)):
                 yield message
         except grpc.aio.AioRpcError as exc:
             stale = exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
             if not cursor or not stale:
                 raise
             log.info("live: resuming from the browser's cursor was refused (%s); starting afresh", exc.code().name)
-            async for message in self._messages(request, open_call("")):
+            async for message in self.messages(request, open_call("")):
                 yield message
 
     # ---- events -----------------------------------------------------------------------------

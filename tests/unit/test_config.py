@@ -93,6 +93,8 @@ def test_empty_values_mean_default() -> None:
         ("REQUEST_ID_RETENTION_HOURS", "1", "REQUEST_ID_RETENTION_HOURS must be at least 24"),
         ("MIGRATE_ON_START", "maybe", "MIGRATE_ON_START must be true or false"),
         ("SHUTDOWN_GRACE_SECONDS", "-1", "SHUTDOWN_GRACE_SECONDS must be at least 0"),
+        ("CLOUDEVENTS_SOURCE", "/a b", "CLOUDEVENTS_SOURCE must be a URI-reference"),
+        ("CLOUDEVENTS_SOURCE", "/" + "x" * 255, "CLOUDEVENTS_SOURCE must be a URI-reference"),
     ],
 )
 def test_bad_api_value_names_the_variable(name: str, value: str, message: str) -> None:
@@ -100,6 +102,13 @@ def test_bad_api_value_names_the_variable(name: str, value: str, message: str) -
         api_config({"DATABASE_URL": URL, name: value})
     assert str(info.value).startswith(message)
     assert repr(value) in str(info.value)
+
+
+def test_cloudevents_source_is_read_and_defaults_to_the_project() -> None:
+    assert api_config({"DATABASE_URL": URL}).cloudevents_source == "/automation"
+    assert api_config({"DATABASE_URL": URL, "CLOUDEVENTS_SOURCE": ""}).cloudevents_source == "/automation"
+    given = "https://automation.example.com/prod"
+    assert api_config({"DATABASE_URL": URL, "CLOUDEVENTS_SOURCE": given}).cloudevents_source == given
 
 
 def test_pool_min_above_max_is_refused() -> None:

@@ -187,7 +187,9 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
 
     @rpc
     async def TailEnforcements(self, request: enforcement_pb2.TailEnforcementsRequest, context: Context) -> Any:
-        async for message in tails.tail_enforcements(self._store, request, self._shutdown, self._config.poll_s):
+        async for message in tails.tail_enforcements(
+            self._store, request, self._shutdown, self._config.poll_s, self._config.cloudevents_source
+        ):
             yield message
 
     @rpc

@@ -8,7 +8,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from services.api import cloudevents, convert, metrics, validate
+from services.api import cloudevents, cloudevents_out, convert, metrics, validate
 from services.api._rpc import rpc
 from services.api.auth import current_principal
 from services.api.budgets import IngestRate
@@ -108,8 +108,16 @@ async def _shown_created(store: Store, c: CreatedEvent) -> event_pb2.CreateEvent
 
 
 class EventService(event_pb2_grpc.EventServiceServicer):
-    def __init__(self, store: Store, dispatcher: Dispatcher, lease_s: float, rate: IngestRate | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        dispatcher: Dispatcher,
+        lease_s: float,
+        rate: IngestRate | None = None,
+        cloudevents_source: str = cloudevents_out.DEFAULT_SOURCE,
+    ) -> None:
         self._store = store
+        self._cloudevents_source = cloudevents_source
         self._rate = rate or IngestRate(0.0)
         self._dispatcher = dispatcher
         self._lease_s = lease_s
@@ -340,5 +348,5 @@ class EventService(event_pb2_grpc.EventServiceServicer):
 
     @rpc
     async def TailEvents(self, request: event_pb2.TailEventsRequest, context: Context) -> Any:
-        async for message in tails.tail_events(self._store, request):
+        async for message in tails.tail_events(self._store, request, ce_source=self._cloudevents_source):
             yield message

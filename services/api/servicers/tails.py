@@ -77,13 +77,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from services.api import convert, validate
+from services.api import cloudevents_out, convert, validate
 from services.api.servicers.requests import may_reveal, shown
 from services.api.store import Enforcement, Scope, Signer, Store
 from services.api.store.tails import Read
 from shared import limits
 from shared.errors import FailedPrecondition, InvalidArgument, Violations
-from shared.gen.automation.v1 import enforcement_pb2, event_pb2
+from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2
 
 WINDOW = timedelta(seconds=10)
 """How long after its key time a row may commit and still be delivered (see the module doc)."""
@@ -373,6 +373,13 @@ async def follow(
                 w.cancel()
 
 
+def _cloudevents(v: Violations, fmt: int) -> bool:
+    """Whether the tail sends CloudEvents (``format``); an unknown format is a violation."""
+    if fmt not in common_pb2.TailFormat.values():
+        v.add("format", f"unknown format {fmt}; TAIL_FORMAT_UNSPECIFIED or TAIL_FORMAT_CLOUDEVENTS")
+    return fmt == common_pb2.TAIL_FORMAT_CLOUDEVENTS
+
+
 async def _start(store: Store, cursors: Cursors, cursor: str, n: int) -> list[Track]:
     if cursor:
         # An expired one is refused by the first read of each track the tail follows.
@@ -385,12 +392,18 @@ async def _start(store: Store, cursors: Cursors, cursor: str, n: int) -> list[Tr
 
 
 async def tail_events(
-    store: Store, request: event_pb2.TailEventsRequest, stop: asyncio.Event | None = None, poll_s: float = POLL_S
+    store: Store,
+    request: event_pb2.TailEventsRequest,
+    stop: asyncio.Event | None = None,
+    poll_s: float = POLL_S,
+    ce_source: str = cloudevents_out.DEFAULT_SOURCE,
 ) -> AsyncIterator[event_pb2.TailEventsResponse]:
+    """``ce_source``: the CloudEvents' ``source``, with format CLOUDEVENTS."""
     v = Violations()
     validate.filter_ref(v, "trigger_ref", request.trigger_ref)
     validate.filter_ref(v, "rule_ref", request.rule_ref)
     validate.text(v, "source_ref", request.source_ref, limits.MAX_FILTER_TEXT)
+    as_cloudevents = _cloudevents(v, request.format)
     v.raise_if_any()
     reveal = may_reveal(request.reveal)
     filters = {"trigger_ref": request.trigger_ref, "source_ref": request.source_ref, "rule_ref": request.rule_ref}
@@ -406,7 +419,14 @@ async def tail_events(
             yield event_pb2.TailEventsResponse(start=True, cursor=cursors.encode([track]))
         async for _, row in follow([source], wake, stop, poll_s):
             (event,) = await shown(store, [row], reveal=reveal)
-            yield event_pb2.TailEventsResponse(event=convert.event(event), cursor=cursors.encode([track]))
+            cursor = cursors.encode([track])
+            if as_cloudevents:
+                out = cloudevents_out.to_cloudevent(
+                    convert.event(event), cloudevents_out.CREATED, source=ce_source, cursor=cursor
+                )
+                yield event_pb2.TailEventsResponse(cloud_event=out, cursor=cursor)
+            else:
+                yield event_pb2.TailEventsResponse(event=convert.event(event), cursor=cursor)
 
 
 _CHANGE = enforcement_pb2.TailEnforcementsResponse
@@ -417,7 +437,9 @@ async def tail_enforcements(
     request: enforcement_pb2.TailEnforcementsRequest,
     stop: asyncio.Event | None = None,
     poll_s: float = POLL_S,
+    ce_source: str = cloudevents_out.DEFAULT_SOURCE,
 ) -> AsyncIterator[enforcement_pb2.TailEnforcementsResponse]:
+    """``ce_source``: the CloudEvents' ``source``, with format CLOUDEVENTS."""
     v = Violations()
     validate.filter_ref(v, "rule_ref", request.rule_ref)
     validate.filter_ref(v, "trigger_ref", request.trigger_ref)
@@ -425,6 +447,7 @@ async def tail_enforcements(
         validate.positive_id(v, "event", request.event)
     if request.status != 0 and request.status not in convert.ENFORCEMENT_STATUS_NAME:
         v.add("status", f"unknown status {request.status}")
+    as_cloudevents = _cloudevents(v, request.format)
     v.raise_if_any()
     reveal = may_reveal(request.reveal)
     status = convert.ENFORCEMENT_STATUS_NAME.get(request.status, "")
@@ -468,11 +491,13 @@ async def tail_enforcements(
                 # As it was stored, whatever became of it since (its resolution comes next).
                 e = e._replace(status="created", resolved_at=None)
             (e,) = await shown(store, [e], reveal=reveal)
-            yield _CHANGE(
-                enforcement=convert.enforcement(e),
-                change=change,  # type: ignore[arg-type]
-                cursor=cursors.encode([creations, resolutions]),
-            )
+            cursor = cursors.encode([creations, resolutions])
+            if as_cloudevents:
+                name = cloudevents_out.CREATED if change == _CHANGE.CHANGE_CREATED else cloudevents_out.RESOLVED
+                out = cloudevents_out.to_cloudevent(convert.enforcement(e), name, source=ce_source, cursor=cursor)
+                yield _CHANGE(cloud_event=out, change=change, cursor=cursor)  # type: ignore[arg-type]
+            else:
+                yield _CHANGE(enforcement=convert.enforcement(e), change=change, cursor=cursor)  # type: ignore[arg-type]
 
 
 __all__ = ["Cursors", "Track", "follow", "tail_enforcements", "tail_events"]

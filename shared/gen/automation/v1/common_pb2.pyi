@@ -50,6 +50,36 @@ ENFORCEMENT_STATUS_DISABLED: EnforcementStatus.ValueType  # 3
 """Resolved: the rule was disabled or deleted meanwhile, nothing runs."""
 Global___EnforcementStatus: _TypeAlias = EnforcementStatus  # noqa: Y015
 
+class _TailFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TailFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TailFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TAIL_FORMAT_UNSPECIFIED: _TailFormat.ValueType  # 0
+    """The project's own messages: `event` (TailEvents) or `enforcement` (TailEnforcements)."""
+    TAIL_FORMAT_CLOUDEVENTS: _TailFormat.ValueType  # 1
+    """A CloudEvent (the CloudEvents Protobuf Format's message) in `cloud_event` instead, for
+    consumers that follow CloudEvents rather than these protos: type
+    `dev.automation.event.created`, `dev.automation.enforcement.created` or
+    `dev.automation.enforcement.resolved`, id `<subject>/<change>` (the same for every delivery
+    of one change), data the JSON of the event or enforcement (README, CloudEvents).
+    """
+
+class TailFormat(_TailFormat, metaclass=_TailFormatEnumTypeWrapper):
+    """What a tail's messages carry (TailEventsRequest.format, TailEnforcementsRequest.format)."""
+
+TAIL_FORMAT_UNSPECIFIED: TailFormat.ValueType  # 0
+"""The project's own messages: `event` (TailEvents) or `enforcement` (TailEnforcements)."""
+TAIL_FORMAT_CLOUDEVENTS: TailFormat.ValueType  # 1
+"""A CloudEvent (the CloudEvents Protobuf Format's message) in `cloud_event` instead, for
+consumers that follow CloudEvents rather than these protos: type
+`dev.automation.event.created`, `dev.automation.enforcement.created` or
+`dev.automation.enforcement.resolved`, id `<subject>/<change>` (the same for every delivery
+of one change), data the JSON of the event or enforcement (README, CloudEvents).
+"""
+Global___TailFormat: _TypeAlias = TailFormat  # noqa: Y015
+
 class _EnforcementCondition:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015

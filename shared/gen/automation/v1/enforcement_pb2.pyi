@@ -13,6 +13,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2 as _cloudevents_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -868,6 +869,7 @@ class TailEnforcementsRequest(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     ANNOUNCE_START_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     REVEAL_FIELD_NUMBER: _builtins.int
     rule_ref: _builtins.str
     """Only enforcements of this rule reference (`pack.name`, at most 255 characters; empty:
@@ -896,6 +898,10 @@ class TailEnforcementsRequest(_message.Message):
     (GetEnforcement, ListEnforcements) and the tail opens the tail, waits for this message,
     then reads its snapshot: every later change is in the snapshot or in the tail.
     """
+    format: _common_pb2.TailFormat.ValueType
+    """What the messages carry: UNSPECIFIED the `enforcement`; CLOUDEVENTS a `cloud_event`
+    instead. Not bound to the cursor: a cursor resumes in either format.
+    """
     reveal: _builtins.bool
     """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
     clear instead of "***". Only a principal with the `reveal` role may ask
@@ -911,11 +917,12 @@ class TailEnforcementsRequest(_message.Message):
         event: _builtins.int | None = ...,
         cursor: _builtins.str = ...,
         announce_start: _builtins.bool = ...,
+        format: _common_pb2.TailFormat.ValueType = ...,
         reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "announce_start", b"announce_start", "cursor", b"cursor", "event", b"event", "reveal", b"reveal", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_event", b"_event", "announce_start", b"announce_start", "cursor", b"cursor", "event", b"event", "format", b"format", "reveal", b"reveal", "rule_ref", b"rule_ref", "status", b"status", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__event: _TypeAlias = _typing.Literal["event"]  # noqa: Y015
     _WhichOneofArgType__event: _TypeAlias = _typing.Literal["_event", b"_event"]  # noqa: Y015
@@ -963,6 +970,7 @@ class TailEnforcementsResponse(_message.Message):
     ENFORCEMENT_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
+    CLOUD_EVENT_FIELD_NUMBER: _builtins.int
     change: Global___TailEnforcementsResponse.Change.ValueType
     """Which change this message reports."""
     cursor: _builtins.str
@@ -973,16 +981,25 @@ class TailEnforcementsResponse(_message.Message):
     def enforcement(self) -> _common_pb2.Enforcement:
         """The enforcement, as this change left it; unset in the CHANGE_STARTED message."""
 
+    @_builtins.property
+    def cloud_event(self) -> _cloudevents_pb2.CloudEvent:
+        """With format CLOUDEVENTS, the change as a CloudEvent (type
+        `dev.automation.enforcement.created` or `.resolved`, id `enforcement/<id>/created` or
+        `enforcement/<id>/resolved`), and `enforcement` unset; unset in the CHANGE_STARTED message
+        and without that format.
+        """
+
     def __init__(
         self,
         *,
         enforcement: _common_pb2.Enforcement | None = ...,
         change: Global___TailEnforcementsResponse.Change.ValueType = ...,
         cursor: _builtins.str = ...,
+        cloud_event: _cloudevents_pb2.CloudEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enforcement", b"enforcement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cloud_event", b"cloud_event", "enforcement", b"enforcement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "cursor", b"cursor", "enforcement", b"enforcement"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "cloud_event", b"cloud_event", "cursor", b"cursor", "enforcement", b"enforcement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

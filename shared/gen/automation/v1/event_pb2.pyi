@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2 as _cloudevents_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -452,6 +453,7 @@ class TailEventsRequest(_message.Message):
     RULE_REF_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     ANNOUNCE_START_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     REVEAL_FIELD_NUMBER: _builtins.int
     trigger_ref: _builtins.str
     """Only events of this trigger reference (`pack.name`, at most 255 characters; empty: any)."""
@@ -476,6 +478,10 @@ class TailEventsRequest(_message.Message):
     snapshot (ListEvents) and the tail opens the tail, waits for this message, then reads
     its snapshot: every later event is in the snapshot or in the tail.
     """
+    format: _common_pb2.TailFormat.ValueType
+    """What the messages carry: UNSPECIFIED the `event`; CLOUDEVENTS a `cloud_event` instead.
+    Not bound to the cursor: a cursor resumes in either format.
+    """
     reveal: _builtins.bool
     """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
     clear instead of "***". Only a principal with the `reveal` role may ask
@@ -490,11 +496,12 @@ class TailEventsRequest(_message.Message):
         rule_ref: _builtins.str = ...,
         cursor: _builtins.str = ...,
         announce_start: _builtins.bool = ...,
+        format: _common_pb2.TailFormat.ValueType = ...,
         reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["announce_start", b"announce_start", "cursor", b"cursor", "reveal", b"reveal", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["announce_start", b"announce_start", "cursor", b"cursor", "format", b"format", "reveal", b"reveal", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -509,6 +516,7 @@ class TailEventsResponse(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
+    CLOUD_EVENT_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Opaque, signed position just after this event (or, in the `start` message, the
     position the tail starts from): send it as TailEventsRequest.cursor to resume here (at
@@ -520,16 +528,24 @@ class TailEventsResponse(_message.Message):
     def event(self) -> _common_pb2.Event:
         """The new event; unset in the `start` message."""
 
+    @_builtins.property
+    def cloud_event(self) -> _cloudevents_pb2.CloudEvent:
+        """With format CLOUDEVENTS, the new event as a CloudEvent (type
+        `dev.automation.event.created`, id `event/<id>/created`), and `event` unset; unset in
+        the `start` message and without that format.
+        """
+
     def __init__(
         self,
         *,
         event: _common_pb2.Event | None = ...,
         cursor: _builtins.str = ...,
         start: _builtins.bool = ...,
+        cloud_event: _cloudevents_pb2.CloudEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cloud_event", b"cloud_event", "event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "event", b"event", "start", b"start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cloud_event", b"cloud_event", "cursor", b"cursor", "event", b"event", "start", b"start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
