@@ -13,6 +13,7 @@ from shared.runtime import run as run_loop
 
 from . import (
     backlog,
+    capacity,
     compare,
     console,
     fairness,
@@ -57,6 +58,8 @@ SCENARIOS: dict[str, Scenario] = {
     "console": console.run,
     # And: --only compare --baseline-dir PATH (this tree against another, same run).
     "compare": compare.run,
+    # And: --only capacity (CPU and WAL per event and per enforcement: the capacity model's inputs).
+    "capacity": capacity.run,
 }
 DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 
