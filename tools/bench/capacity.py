@@ -22,10 +22,11 @@ Phases, on one fresh database, one api, executor stopped unless said:
 - ``CreateEvents 1000/call``, without and with the rule.
 
 PostgreSQL's statistics are flushed by each backend about once a second, and by an idle one
-only after several seconds: each phase ends with a quiet pause (``SETTLE_S``) before they are
+only after several seconds: each phase ends with a quiet pause (``settle_s``) before they are
 read, and the CPU and WAL position are read when the load stops. PostgreSQL's CPU is read
-only when the server runs on this machine (a backend of ours is one of its processes);
-otherwise those cells say ``-``. One window per phase: the figures are costs, steadier than
+only when the server runs on this machine (the parent of our backend works in the server's
+data directory); otherwise those cells say ``-``. The executor's own start (imports, channel)
+is measured apart and taken off the resolutions' CPU. One window per phase: the figures are costs, steadier than
 rates on a shared machine, but still single measurements.
 """
 
@@ -112,14 +113,20 @@ async def find_postmaster(url: str) -> int | None:
     try:
         # Read while the backend lives: it exits with the connection.
         backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
+        datadir = str(await conn.fetchval("SELECT current_setting('data_directory')"))
         fields = _stat(backend)
-        try:
-            is_ours = Path(f"/proc/{backend}/cmdline").read_bytes().startswith(b"postgres")
-        except OSError:
-            return None
     finally:
         await conn.close()
-    return int(fields[1]) if fields is not None and is_ours else None
+    if fields is None:
+        return None
+    postmaster = int(fields[1])
+    # A server in a container has its own pids: the same number here may be anything, another
+    # PostgreSQL included. Ours works in its data directory.
+    try:
+        here = os.path.realpath(os.readlink(f"/proc/{postmaster}/cwd"))
+    except OSError:
+        return None
+    return postmaster if here == os.path.realpath(datadir) else None
 
 
 # ---- snapshots ---------------------------------------------------------------------------------
