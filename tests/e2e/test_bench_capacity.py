@@ -60,7 +60,7 @@ def test_quick_capacity_run_attributes_every_cost() -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert len(cells) == len(COLUMNS), line
         phases[cells[0]] = dict(zip(COLUMNS, cells, strict=True))
-    assert len(phases) == 8, done.stdout
+    assert len(phases) == 9, done.stdout
     for name, row in phases.items():
         assert number(row["items"]) > 0 and number(row["rate"]) > 0, name
         assert number(row["WAL bytes"]) > 0 and number(row["WAL records"]) > 0, name

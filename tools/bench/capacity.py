@@ -19,6 +19,8 @@ Phases, on one fresh database, one api, executor stopped unless said:
   phase (claims, ``ResolveEnforcements`` batches): per enforcement resolved;
 - ``pipeline``: CreateEvent at a fixed offered rate (40 % of the unary rate) with the executor
   running (hand-off), until the last enforcement is resolved: per event, end to end;
+- ``raw COPY``: the baseline of a batch, the ingest scenario's: ids from the sequence, then the
+  events and their enforcements by ``copy_records_to_table``, 1,000 per transaction;
 - ``CreateEvents 1000/call``, without and with the rule.
 
 PostgreSQL's statistics are flushed by each backend about once a second, and by an idle one
@@ -37,6 +39,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -45,6 +48,7 @@ from shared.gen.automation.v1 import event_pb2, event_pb2_grpc
 
 from . import workload
 from .fixture import Cluster, Services, channel, services
+from .ingest import ENFORCEMENT_COLUMNS, EVENT_COLUMNS
 from .load import closed_loop, open_loop
 from .report import Row, footer, median, percentile, progress
 from .settings import Settings
@@ -463,6 +467,45 @@ async def _phases(conn: asyncpg.Connection, url: str, s: Settings, postmaster: i
                     return r.items, r.latencies
 
                 return load
+
+            # The raw side of a batch: the ingest scenario's ids from the sequence and COPY.
+            copy_pool = await asyncpg.create_pool(
+                url,
+                min_size=BATCH_CONCURRENCY,
+                max_size=BATCH_CONCURRENCY,
+                server_settings={"automation.notify": "off"},
+                reset=_no_reset,
+            )
+            assert copy_pool is not None
+            try:
+
+                async def raw_copy() -> int:
+                    async with copy_pool.acquire() as c, c.transaction():
+                        ids = await c.fetchval(
+                            "SELECT array(SELECT nextval('event_id_seq') FROM generate_series(1, $1))", s.batch_size
+                        )
+                        now = datetime.now(UTC)
+                        source = workload.SOURCE
+                        events = [(i, raw_trigger, RAW, workload.PAYLOAD_JSON, source, now) for i in ids]
+                        await c.copy_records_to_table("event", columns=EVENT_COLUMNS, records=events)
+                        enforcements = [
+                            (raw_rule, RAW_RULE, RAW, workload.RAW_CONFIG, i, workload.PAYLOAD_JSON, "all", "[]", now)
+                            for i in ids
+                        ]
+                        await c.copy_records_to_table("enforcement", columns=ENFORCEMENT_COLUMNS, records=enforcements)
+                    return s.batch_size
+
+                async def raw_copies() -> tuple[int, list[float]]:
+                    r = await closed_loop(raw_copy, BATCH_CONCURRENCY, window)
+                    return r.items, r.latencies
+
+                await raw_copy()  # warm-up
+                await asyncio.sleep(settle)  # the warm-up's statistics flushed before the phase reads them
+                await meter.measure(
+                    f"raw COPY {s.batch_size}/transaction (events + enforcements)", "event", raw_copies, settle
+                )
+            finally:
+                await copy_pool.close()
 
             warm = event_pb2.CreateEventsRequest(events=[workload.new_event(BARE)] * s.batch_size)
             await stub.CreateEvents(warm, timeout=60)
