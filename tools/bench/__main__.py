@@ -13,6 +13,7 @@ from shared.runtime import run as run_loop
 
 from . import (
     backlog,
+    capacity,
     compare,
     console,
     fairness,
@@ -61,6 +62,8 @@ SCENARIOS: dict[str, Scenario] = {
     # And: --only replicas (the read scenario's rate with reads on a streaming standby vs on the
     # primary, under ingest load).
     "replicas": replicas.run,
+    # And: --only capacity (CPU and WAL per event and per enforcement: the capacity model's inputs).
+    "capacity": capacity.run,
 }
 DEFAULT = ["ingest", "rules", "pipeline", "read", "latency"]
 
