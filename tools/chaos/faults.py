@@ -86,6 +86,9 @@ class FaultLog:
     rejoin_s: list[float] = field(default_factory=list)
     """After each failover: until the old primary streamed again as a standby."""
     connections_reset: int = 0
+    unpromoted: int = 0
+    """Failovers in which Patroni promoted nobody (no standby eligible) and the old primary,
+    started again, took writes again."""
     api_sigkills: int = 0
     redeliveries: list[Redelivery] = field(default_factory=list)
     stalls: list[Stall] = field(default_factory=list)
@@ -247,9 +250,11 @@ class FaultInjector:
 
     async def failover(self, round_: int) -> float:
         log.info("fault: kill -9 of the primary node (Patroni and PostgreSQL)")
-        down, rejoin = await self._db.failover()
+        down, rejoin, promoted = await self._db.failover()
         log.info("failover: no writable primary for %.1fs; old primary rejoined after %.1fs more", down, rejoin)
         self.log.rejoin_s.append(rejoin)
+        if not promoted:
+            self.log.unpromoted += 1
         return down
 
     async def switchover(self, round_: int) -> float:

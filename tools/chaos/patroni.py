@@ -419,10 +419,16 @@ class PatroniCluster:
         await process.wait()
 
     async def restart(self, node: Node, timeout: float = 60.0) -> None:
-        """A restart of ``node``'s PostgreSQL through its Patroni's REST API (a fast shutdown)."""
-        status, text = await _http("POST", f"{node.rest}/restart", {}, timeout=timeout)
-        if status != 200:
-            raise RuntimeError(f"{node.name}: restart refused ({status}): {text}")
+        """A restart of ``node``'s PostgreSQL through its Patroni's REST API (a fast shutdown);
+        asked again while Patroni answers 503 (busy: a promotion, another restart)."""
+
+        async def restarted() -> bool:
+            status, text = await _http("POST", f"{node.rest}/restart", {}, timeout=timeout)
+            if status not in (200, 503):
+                raise RuntimeError(f"{node.name}: restart refused ({status}): {text}")
+            return status == 200
+
+        await _until(restarted, timeout, f"{node.name}'s Patroni to restart PostgreSQL")
 
     async def until_down(self, node: Node, pid: int | None, timeout: float = 30.0) -> None:
         """Waits until the postmaster ``pid`` of ``node`` is gone (a new one, or none)."""

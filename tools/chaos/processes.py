@@ -127,7 +127,11 @@ class Database:
             if leader is None:
                 raise RuntimeError("no primary to restart")
             await self.cluster.restart(leader)
-            return time.monotonic() - began
+            down = time.monotonic() - began
+            # A restarted primary has no synchronous standby until the standby reconnects, and
+            # Patroni promotes only a synchronous one: the next fault waits for it.
+            await self.cluster.wait_ready(120)
+            return down
         assert self.local is not None, "cannot restart a database given by DATABASE_URL"
         await asyncio.to_thread(self.local.stop, "fast")
         await asyncio.sleep(0.5)  # down long enough for clients to notice
@@ -150,7 +154,11 @@ class Database:
                 await self.cluster.stop_immediately(leader)
             await self.cluster.until_down(leader, pid)
             await unavailable_for(self.cluster)
-            return time.monotonic() - began
+            down = time.monotonic() - began
+            # Patroni may still be finishing (a promotion after the crash recovery): the next
+            # fault needs a cluster that can take it.
+            await self.cluster.wait_ready(120)
+            return down
         local = self.local
         assert local is not None, "cannot crash a database given by DATABASE_URL"
         if how == "kill":
@@ -171,10 +179,13 @@ class Database:
                 await asyncio.sleep(0.2)  # poll interval of a condition wait
         return time.monotonic() - began
 
-    async def failover(self) -> tuple[float, float]:
+    async def failover(self, promotion_timeout: float = 45.0) -> tuple[float, float, bool]:
         """kill -9 of the whole primary node (Patroni too); Patroni promotes the standby. Then
         the old primary is started again and rejoins as a standby (pg_rewind). Returns the
-        seconds without a writable primary, and those until the old one streamed again."""
+        seconds without a writable primary, those until the old one streamed again, and whether
+        the standby was promoted at all: Patroni promotes only a standby that is synchronous
+        (in synchronous mode) or close enough (asynchronous), and otherwise waits for the old
+        primary, which then takes writes again once started."""
         cluster = self.cluster
         assert cluster is not None, "a failover needs --replication"
         leader = await cluster.leader()
@@ -184,11 +195,21 @@ class Database:
         pid = leader.postmaster_pid()
         await cluster.kill_node(leader)
         await cluster.until_down(leader, pid)
-        await unavailable_for(cluster)
-        down = time.monotonic() - began
-        await cluster.start_node(leader)
+        promoted = True
+        try:
+            await unavailable_for(cluster, promotion_timeout)
+        except TimeoutError:
+            promoted = False
+            log.warning("failover: the standby was not promoted in %.0fs; starting the old primary", promotion_timeout)
+        if promoted:
+            down = time.monotonic() - began
+            await cluster.start_node(leader)
+        else:
+            await cluster.start_node(leader)
+            await unavailable_for(cluster, 120)
+            down = time.monotonic() - began
         await cluster.wait_ready(120)
-        return down, time.monotonic() - began - down
+        return down, time.monotonic() - began - down, promoted
 
     async def switchover(self) -> float:
         """A planned switchover; returns the seconds it took (until the new primary took writes)."""

@@ -200,6 +200,7 @@ def table(o: Outcome) -> str:
         ("drain time", "timeout" if o.drain_s is None else f"{o.drain_s:.2f} s"),
         ("redelivery after kill -9", f.redelivery_summary()),
         ("failover: old primary rejoined after (s)", _spread(f.rejoin_s)),
+        ("failovers without a promotion (old primary back)", str(f.unpromoted)),
         ("connections reset by network faults", str(f.connections_reset)),
         ("statuses off contract (INTERNAL in api logs)", f"{sum(o.load.unexpected.values())} ({o.internal_errors})"),
         ("harness event loop worst lag", f"{o.loop_lag_s:.2f} s"),
