@@ -142,6 +142,13 @@ MAX_REPLAY_MATCHES = 10_000
 MAX_REPLAY_SCAN = 1_000_000
 """Events one ReplayRule call looks at before it stops (its summary then says truncated): a
 rule that matches nothing still ends in bounded time."""
+DEFAULT_SCHEMA_CHECK = 1_000
+"""Events CheckSchema checks when its request names no limit."""
+MAX_SCHEMA_CHECK = 10_000
+"""Events one CheckSchema checks at most: a dry run reads payloads (up to 256 KiB each) page
+by page, and validates them at a few microseconds each; past this, a sample says as much."""
+MAX_SCHEMA_CHECK_EXAMPLES = 5
+"""Failing events CheckSchema names."""
 
 # --- webhooks --------------------------------------------------------------------------------
 MIN_WEBHOOK_SECRET = 16

@@ -89,6 +89,9 @@ _ACCESS: dict[str, tuple[str, ...]] = {
     # Reads only; ReplayRule's `fire` also needs the operator role (checked by the servicer).
     _P + "RuleService/TestRule": (VIEWER,),
     _P + "RuleService/ReplayRule": (VIEWER,),
+    # Operators only: a dry run of a change only they may make, and a proposed schema could
+    # otherwise ask yes/no questions of stored values that reads mask (secret fields).
+    _P + "RuleService/CheckSchema": (),
     _P + "ExecutionService/GetExecution": (VIEWER,),
     _P + "ExecutionService/ListExecutions": (VIEWER,),
     _P + "HistoryService/ListHistory": (VIEWER,),

@@ -215,6 +215,183 @@ class Schema:
             out.append((path, clip(f"{keyword}: {e.message}", MAX_ERROR_TEXT)))
         return out or [(field, "does not conform to the trigger's schema")]
 
+    def first_problem(self, payload: dict[str, Any], field: str) -> tuple[str, str] | None:
+        """None when ``payload`` conforms; otherwise the payload path (under ``field``) and the
+        keyword of its first problem, without the message (which may quote a secret value)."""
+        if self._validator.is_valid(payload):
+            return None
+        for e in islice(self._validator.iter_errors(payload), 1):
+            keyword = str(e.schema_path[-1]) if e.schema_path else "schema"
+            return _node_path(field, tuple(str(p) for p in e.instance_path)), keyword
+        return field, "schema"
+
+
+# ---- fields a schema rules out (TestRule) ---------------------------------------------------
+
+_NOTHING = object()
+"""What a path walk over an ``enum``/``const`` value finds where the value has nothing."""
+_WALK_STEPS = 20_000
+"""Subschemas one ``cannot_exist`` call may visit: a stored schema inlines to at most 2,000, a
+path has at most 16 segments, so this only guards against a schema stored before the bounds."""
+_CHILDREN_OK = ("object", "array")
+
+
+def _at(value: Any, segments: tuple[str, ...]) -> Any:
+    """The value at ``segments`` as a condition's field lookup walks it (``matching.lookup``)."""
+    for segment in segments:
+        if isinstance(value, dict) and segment in value:
+            value = value[segment]
+        elif isinstance(value, list) and segment.isdigit() and int(segment) < len(value):
+            value = value[int(segment)]
+        else:
+            return _NOTHING
+    return value
+
+
+def _types(node: dict[str, Any]) -> set[str] | None:
+    declared = node.get("type")
+    if isinstance(declared, str):
+        return {declared}
+    if isinstance(declared, list) and all(isinstance(t, str) for t in declared):
+        return set(declared)
+    return None
+
+
+@dataclass(slots=True)
+class _Excluder:
+    """Whether a schema rules out anything at a payload path, for sure. Sound, not complete:
+    every keyword it does not understand (``not``, ``if``/``then``/``else``, ``propertyNames``
+    with a schema, ``dependentSchemas``, ...) is taken to allow anything."""
+
+    root: Any
+    old_refs: bool
+    """Drafts 4 to 7: a ``$ref`` replaces its siblings, which are then ignored."""
+    steps: int = _WALK_STEPS
+
+    def target(self, ref: str) -> Any:
+        if not ref.startswith("#"):
+            return True
+        fragment = ref[1:]
+        if fragment and not fragment.startswith("/"):
+            anchors: dict[str, tuple[str, ...]] = {}
+            _anchors(self.root, (), anchors)
+            pointer = anchors.get(fragment)
+            if pointer is None:
+                return True
+        else:
+            pointer = tuple(_unescape(t) for t in fragment.split("/")[1:]) if fragment else ()
+        found = _at(self.root, pointer)
+        return True if found is _NOTHING else found
+
+    def why(self, node: Any, segments: tuple[str, ...], shown: str) -> str | None:
+        """Why nothing can be at ``segments`` under ``node`` (``shown``: the path so far, for
+        the reason's words), or None when the schema allows it or cannot tell."""
+        self.steps -= 1
+        if self.steps < 0:
+            return None
+        if node is False:
+            return f"the schema allows no value at {shown or 'the top'}"
+        if not isinstance(node, dict):
+            return None
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            out = self.why(self.target(ref), segments, shown)
+            if out is not None or self.old_refs:
+                return out
+        for key in ("const", "enum"):
+            if key in node:
+                values = [node[key]] if key == "const" else node[key]
+                if isinstance(values, list) and all(_at(v, segments) is _NOTHING for v in values):
+                    return (
+                        f"{shown or 'the payload'} is limited by {key} to values without it"
+                        if segments
+                        else (f"{key} allows no value at {shown}")
+                    )
+        for sub in node.get("allOf", ()) if isinstance(node.get("allOf"), list) else ():
+            out = self.why(sub, segments, shown)
+            if out is not None:
+                return out
+        for key in ("anyOf", "oneOf"):
+            branches = node.get(key)
+            if isinstance(branches, list) and branches:
+                reasons = [self.why(b, segments, shown) for b in branches]
+                if all(r is not None for r in reasons):
+                    return f"no branch of {key} at {shown or 'the top'} allows it ({reasons[0]}, ...)"
+        if not segments:
+            return None
+        return self.own(node, segments, shown)
+
+    def own(self, node: dict[str, Any], segments: tuple[str, ...], shown: str) -> str | None:
+        """What the node's own keywords say about its child ``segments[0]`` and below."""
+        segment, rest = segments[0], segments[1:]
+        here = f"{shown}.{segment}" if shown else segment
+        types = _types(node)
+        as_object = types is None or "object" in types
+        as_array = segment.isdigit() and (types is None or "array" in types)
+        if not as_object and not as_array:
+            kinds = " or ".join(sorted(types or ()))
+            return f"{shown or 'the payload'} is of type {kinds}, which has no {segment!r}"
+        reasons = []
+        if as_object:
+            reasons.append(self.in_object(node, segment, rest, here, shown))
+        if as_array:
+            reasons.append(self.in_array(node, int(segment), rest, here, shown))
+        if all(r is not None for r in reasons):
+            return reasons[0]
+        return None
+
+    def in_object(self, node: dict[str, Any], name: str, rest: tuple[str, ...], here: str, shown: str) -> str | None:
+        if node.get("maxProperties") == 0 or node.get("propertyNames") is False:
+            return f"{shown or 'the payload'} may have no properties"
+        properties = node.get("properties")
+        if isinstance(properties, dict) and name in properties:
+            return self.why(properties[name], rest, here)
+        if node.get("patternProperties"):
+            # Whether an ECMA pattern matches is not decided here: any pattern may.
+            return None
+        extra = node.get("additionalProperties")
+        if extra is None and node.get("unevaluatedProperties") is False:
+            # Only its own properties evaluate names when nothing applies other subschemas in place.
+            in_place = ("$ref", "allOf", "anyOf", "oneOf", "if", "dependentSchemas", "dependencies")
+            if not any(k in node for k in in_place):
+                extra = False
+        if extra is False:
+            return f"{here} is not declared and {shown or 'the payload'} allows no other properties"
+        if isinstance(extra, dict):
+            return self.why(extra, rest, here)
+        return None
+
+    def in_array(self, node: dict[str, Any], index: int, rest: tuple[str, ...], here: str, shown: str) -> str | None:
+        most = node.get("maxItems")
+        if isinstance(most, int) and not isinstance(most, bool) and index >= most:
+            return f"{shown or 'the payload'} holds at most {most} items"
+        prefix, rest_schema = node.get("prefixItems"), node.get("items")
+        if not isinstance(prefix, list) and isinstance(rest_schema, list):
+            # Drafts before 2020-12: items as a list is the tuple, additionalItems the rest.
+            prefix, rest_schema = rest_schema, node.get("additionalItems")
+        if isinstance(prefix, list) and index < len(prefix):
+            return self.why(prefix[index], rest, here)
+        if rest_schema is False:
+            count = len(prefix) if isinstance(prefix, list) else 0
+            return f"{shown or 'the payload'} holds at most {count} items"
+        if isinstance(rest_schema, dict):
+            return self.why(rest_schema, rest, here)
+        return None
+
+
+def cannot_exist(schema: Any, path: str) -> str | None:
+    """Why ``schema`` says a payload can have nothing at the dot ``path`` (a condition's field),
+    or None. Conservative: only what the schema rules out for sure (a property not declared
+    where no others are allowed, a path through a value whose type has no children, an index
+    past ``maxItems``, a ``false`` subschema, ``enum``/``const`` values without it, every branch
+    of an ``anyOf``/``oneOf`` ruling it out); anything it cannot decide (``patternProperties``,
+    ``not``, ``if``/``then``) counts as allowed. ``schema`` is a stored (so checked) out_schema."""
+    if not isinstance(schema, dict | bool):
+        return None
+    draft = _draft(schema) if isinstance(schema, dict) else "draft 2020-12"
+    old = draft in ("draft 4", "draft 6", "draft 7")
+    return _Excluder(schema, old).why(schema, tuple(path.split(".")), "")
+
 
 def _draft(schema: dict[str, Any]) -> str | None:
     declared = schema.get("$schema")

@@ -120,9 +120,10 @@ async def nothing_pending(conn: asyncpg.Connection) -> bool:
 async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: asyncpg.Connection) -> None:
     cluster.tls = True
     blocks = [b for b in shell_blocks() if b]
-    assert len(blocks) == 11, (
+    # The last block (CloudEvents out: a tail that never ends by itself) is counted, not run.
+    assert len(blocks) == 14, (
         "walkthrough, DISABLED (two parts), bad input; rules: nested, replay, re-emit, backstop; webhooks; "
-        "schemas; CloudEvents"
+        "schemas, its TestRule and CheckSchema; CloudEvents in; CloudEvents out"
     )
     main, disable, after, bad = blocks[:4]
     await cluster.start_api()
@@ -162,19 +163,36 @@ async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: async
 
     await writing_rules(cluster, conn, blocks[4:8])
     await webhooks(cluster, conn, blocks[8])
-    await schemas_and_cloudevents(cluster, conn, blocks[9], blocks[10])
+    await schemas_and_cloudevents(cluster, conn, blocks[9], blocks[12], blocks[10:12])
 
 
 async def schemas_and_cloudevents(
-    cluster: Cluster, conn: asyncpg.Connection, schemas: list[list[str]], cloudevents: list[list[str]]
+    cluster: Cluster,
+    conn: asyncpg.Connection,
+    schemas: list[list[str]],
+    cloudevents: list[list[str]],
+    before: list[list[list[str]]],
 ) -> None:
-    """The "Schemas" section's UpdateTrigger, then the "CloudEvents" section's Publish: a
-    CloudEvent whose data fits the schema just set is stored and fires a rule of the trigger."""
+    """The "Schemas" section's UpdateTrigger, its TestRule flagging a field the schema rules out
+    and its CheckSchema dry run, then the "CloudEvents" section's Publish: a CloudEvent whose
+    data fits the schema just set is stored and fires a rule of the trigger."""
     ((code, out),) = [await run(cluster, args) for args in schemas]
     assert code == 0, out
     trigger = json.loads(out)
     assert trigger.get("schema_version", trigger.get("schemaVersion")) == 2, out
     assert trigger.get("schema_mode", trigger.get("schemaMode")) == "SCHEMA_MODE_ENFORCE", out
+    (((code, out),), ((checked_code, checked_out),)) = [[await run(cluster, a) for a in block] for block in before]
+    assert code == 0, out
+    tested = json.loads(out)
+    (flagged,) = [r for r in tested["results"] if r.get("cannotExist", r.get("cannot_exist"))]
+    assert flagged["field"] == "action.name", out
+    assert "action is limited by enum to values without it" in out, out
+    assert tested.get("schema_version", tested.get("schemaVersion")) == 2, out
+    assert checked_code == 0, checked_out
+    checked = json.loads(checked_out)
+    assert checked.get("trigger_ref", checked.get("triggerRef")) == "core.webhook", checked_out
+    assert checked["draft"] == "draft 2020-12", checked_out
+    assert 0 <= int(checked.get("failing", 0)) <= int(checked["checked"]), checked_out
     ((code, out),) = [await run(cluster, args) for args in cloudevents]
     assert code == 0, out
     answer = json.loads(out)

@@ -14,9 +14,9 @@ from google.protobuf import field_mask_pb2, json_format
 
 from services.api.schemas import MAX_SCHEMA_NODES
 from shared import limits
-from shared.gen.automation.v1 import audit_pb2, audit_pb2_grpc, event_pb2, rule_pb2
+from shared.gen.automation.v1 import audit_pb2, audit_pb2_grpc, condition_pb2, event_pb2, rule_pb2, rule_pb2_grpc
 from tests.conftest import Stubs
-from tests.helpers import TOKENS, channel, count, field_violations, new_event, rpc_error, struct, web_service
+from tests.helpers import TOKENS, channel, count, field_violations, new_event, rpc_error, rule, struct, web_service
 
 T = "demo.typed"
 SCHEMA: dict[str, Any] = {
@@ -34,6 +34,7 @@ SCHEMA: dict[str, Any] = {
 GOOD = {"repo": {"name": "api"}, "n": 3}
 BAD = {"repo": {"name": 7}, "n": 3}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+FAILED = grpc.StatusCode.FAILED_PRECONDITION
 
 
 async def typed(stubs: Stubs, mode: int = rule_pb2.SCHEMA_MODE_UNSPECIFIED, **kw: Any) -> rule_pb2.Trigger:
@@ -245,3 +246,122 @@ async def test_a_webhook_delivery_that_fails_the_schema_is_400_with_the_errors(
         good = await http.post(f"{web}/webhooks/{trigger.webhook_key}", json=GOOD)
         assert good.status_code == 202, good.text
     assert await count(conn, "event") == 1
+
+
+# ---- TestRule: fields the schema rules out ---------------------------------------------------
+
+CLOSED = {**SCHEMA, "additionalProperties": False}
+
+
+def _test(rule_ref: str = "", payload: dict[str, Any] | None = None) -> rule_pb2.TestRuleRequest:
+    r = rule(
+        rule_ref,
+        T,
+        conditions=[
+            ("repo.name", condition_pb2.CONDITION_OPERATOR_EQUALS, "api"),
+            ("reop.name", condition_pb2.CONDITION_OPERATOR_EQUALS, "api"),
+            ("n.value", condition_pb2.CONDITION_OPERATOR_EQUALS, 1),
+        ],
+    )
+    return rule_pb2.TestRuleRequest(rule=rule_pb2.RuleSource(inline=r), payload=struct(payload or GOOD))
+
+
+async def test_test_rule_flags_the_fields_the_schema_rules_out(stubs: Stubs) -> None:
+    trigger = await stubs.rules.CreateTrigger(
+        rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=T, out_schema=struct(CLOSED)))
+    )
+    tested = await stubs.rules.TestRule(_test())
+    assert tested.schema_version == trigger.schema_version and tested.schema_mode == rule_pb2.SCHEMA_MODE_ENFORCE
+    flagged = {r.field: r.cannot_exist_note for r in tested.results if r.cannot_exist}
+    assert flagged == {
+        "reop.name": "reop is not declared and the payload allows no other properties",
+        "n.value": "n is of type integer, which has no 'value'",
+    }
+    # The same rule stored, tested against a stored event: the same flags.
+    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=_test("demo.flagged").rule.inline))
+    stored = await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(T, GOOD)))
+    by_ref = await stubs.rules.TestRule(
+        rule_pb2.TestRuleRequest(rule=rule_pb2.RuleSource(ref="demo.flagged"), event_id=stored.event.id)
+    )
+    assert {r.field for r in by_ref.results if r.cannot_exist} == {"reop.name", "n.value"}
+    # Opened up, the schema rules out only what its types still do; and the answer follows it.
+    opened = await set_schema(stubs, SCHEMA, rule_pb2.SCHEMA_MODE_WARN)
+    tested = await stubs.rules.TestRule(_test())
+    assert {r.field for r in tested.results if r.cannot_exist} == {"n.value"}
+    assert tested.schema_version == opened.schema_version and tested.schema_mode == rule_pb2.SCHEMA_MODE_WARN
+
+
+async def test_test_rule_flags_nothing_without_a_schema(stubs: Stubs) -> None:
+    await stubs.rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=T)))
+    tested = await stubs.rules.TestRule(_test())
+    assert not tested.HasField("schema_version")
+    assert not any(r.cannot_exist or r.cannot_exist_note for r in tested.results)
+
+
+# ---- CheckSchema: a dry run of a schema over stored events ----------------------------------
+
+
+async def test_check_schema_counts_the_stored_events_a_new_schema_would_refuse(
+    stubs: Stubs, conn: asyncpg.Connection
+) -> None:
+    trigger = await stubs.rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=T)))
+    payloads: list[dict[str, Any]] = [GOOD, BAD, GOOD, {"n": 3}, GOOD]
+    made = [
+        (await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(T, p)))).event.id for p in payloads
+    ]
+    audits, rows = await count(conn, "audit_log"), await count(conn, "event")
+    checked = await stubs.rules.CheckSchema(rule_pb2.CheckSchemaRequest(trigger_ref=T, out_schema=struct(SCHEMA)))
+    assert (checked.checked, checked.failing) == (5, 2)
+    assert checked.draft == "draft 2020-12" and checked.schema_version == trigger.schema_version
+    # Newest first, each naming the first problem's path and keyword, never the value.
+    assert [(e.event_id, e.path, e.keyword) for e in checked.examples] == [
+        (made[3], "event.payload", "required"),
+        (made[1], "event.payload.repo.name", "type"),
+    ]
+    # The limit takes the newest events only.
+    newest = await stubs.rules.CheckSchema(
+        rule_pb2.CheckSchemaRequest(trigger_id=trigger.id, out_schema=struct(SCHEMA), limit=2)
+    )
+    assert (newest.checked, newest.failing) == (2, 1)
+    # Nothing was written: no audit record, no event, the trigger unchanged.
+    assert (await count(conn, "audit_log"), await count(conn, "event")) == (audits, rows)
+    again = await stubs.rules.GetTrigger(rule_pb2.GetTriggerRequest(ref=T))
+    assert again.schema_version == trigger.schema_version and not again.HasField("out_schema")
+
+
+async def test_check_schema_uses_the_current_schema_when_none_is_proposed(stubs: Stubs) -> None:
+    await typed(stubs, rule_pb2.SCHEMA_MODE_WARN)
+    await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(T, BAD)))
+    await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(T, GOOD)))
+    checked = await stubs.rules.CheckSchema(rule_pb2.CheckSchemaRequest(trigger_ref=T))
+    assert (checked.checked, checked.failing) == (2, 1)
+
+
+async def test_check_schema_refuses_bad_requests_naming_the_field(stubs: Stubs) -> None:
+    await stubs.rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=T)))
+    over = await rpc_error(
+        stubs.rules.CheckSchema(
+            rule_pb2.CheckSchemaRequest(trigger_ref=T, out_schema=struct(SCHEMA), limit=limits.MAX_SCHEMA_CHECK + 1)
+        ),
+        INVALID,
+    )
+    assert "10,000" in field_violations(over)["limit"]
+    cyclic = {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}
+    bad = await rpc_error(
+        stubs.rules.CheckSchema(rule_pb2.CheckSchemaRequest(trigger_ref=T, out_schema=struct(cyclic))), INVALID
+    )
+    assert any(f.startswith("out_schema") for f in field_violations(bad))
+    await rpc_error(stubs.rules.CheckSchema(rule_pb2.CheckSchemaRequest(trigger_ref=T)), FAILED)
+    await rpc_error(stubs.rules.CheckSchema(rule_pb2.CheckSchemaRequest()), INVALID)
+    await rpc_error(
+        stubs.rules.CheckSchema(rule_pb2.CheckSchemaRequest(trigger_ref="demo.none", out_schema=struct(SCHEMA))),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    # A viewer may not: a proposed schema could ask yes/no questions of masked values.
+    async with channel(stubs.target, TOKENS["viewer"]) as ch:
+        await rpc_error(
+            rule_pb2_grpc.RuleServiceStub(ch).CheckSchema(
+                rule_pb2.CheckSchemaRequest(trigger_ref=T, out_schema=struct(SCHEMA))
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )

@@ -11,8 +11,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from services.api.schemas import compile_schema
 from shared import limits
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, rule_pb2
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2
 from tools.fuzz import catalog
 from tools.fuzz.invariants import Protected
 from tools.fuzz.strategies import (
@@ -22,6 +24,7 @@ from tools.fuzz.strategies import (
     Pool,
     Strategies,
     cycle,
+    hostile_schemas,
     json_depth,
     near_misses,
 )
@@ -173,3 +176,38 @@ def test_protected_refs_and_ids_are_never_mutated() -> None:
     raw = rule_pb2.DeleteRuleRequest(id=1).SerializeToString()
     assert guard.touches_raw(delete, raw)
     assert not guard.touches_raw(delete, b"\xff\xff")
+
+
+def test_a_cloudevent_naming_the_ordinary_trigger_is_never_published() -> None:
+    guard = Protected(refs={"ordinary.tick"}, ids={1})
+    one = cloudevents_pb2.CloudEvent(id="1", source="s", spec_version="1.0", type="ordinary.tick")
+    assert guard.touches(catalog.find("Publish"), one)
+    assert guard.touches(catalog.find("PublishBatch"), cloudevents_pb2.CloudEventBatch(events=[one]))
+    other = cloudevents_pb2.CloudEvent(id="1", source="s", spec_version="1.0", type="fz.t0")
+    assert not guard.touches(catalog.find("PublishBatch"), cloudevents_pb2.CloudEventBatch(events=[other]))
+
+
+@QUICK
+@given(hostile_schemas())
+def test_hostile_schemas_are_refused_or_compiled_never_raise(schema: dict[str, Any]) -> None:
+    # What the api does with each when it is stored: an answer, never an exception.
+    compiled, problems = compile_schema(schema, "trigger.out_schema")
+    assert (compiled is None) == bool(problems)
+    assert all(where.startswith("trigger.out_schema") and len(why) <= 200 for where, why in problems)
+
+
+def test_hostile_schemas_cover_what_the_issue_names() -> None:
+    """Cycles, huge patterns, nesting past the depth limit and expansion past the subschema
+    bound: each refused by the api's own compiler, naming why."""
+    cases: dict[str, dict[str, Any]] = {
+        "a $ref cycle": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+        "a pattern over the compiled size": {"type": "string", "pattern": "a{1000}{1000}"},
+        "a backreference": {"type": "string", "pattern": "(a)\\1"},
+        "a doubling chain": {
+            "$defs": {"d0": {}, **{f"d{i}": {"allOf": [{"$ref": f"#/$defs/d{i - 1}"}] * 2} for i in range(1, 13)}},
+            "$ref": "#/$defs/d12",
+        },
+    }
+    for what, schema in cases.items():
+        compiled, problems = compile_schema(schema, "trigger.out_schema")
+        assert compiled is None and problems, what

@@ -43,7 +43,7 @@ ALLOWED = frozenset(
 )
 MAX_MESSAGE_CHARS = 1000
 """An error message longer than this is a violation (the api cuts its own at 512)."""
-MUTATING_PREFIXES = ("Create", "Update", "Delete", "Disable", "Enable", "Set", "Patch", "Remove")
+MUTATING_PREFIXES = ("Create", "Update", "Delete", "Disable", "Enable", "Set", "Patch", "Remove", "Publish")
 """Methods whose requests must not name the ordinary traffic's trigger or rule."""
 
 
@@ -130,7 +130,8 @@ def _scalars(message: Message) -> Iterable[Any]:
     for fd, value in message.ListFields():
         items = list(value) if fd.is_repeated else [value]
         if fd.type == FieldDescriptor.TYPE_MESSAGE:
-            if message_type(fd).full_name.startswith("automation.") and not is_map(fd):
+            # A CloudEvent's type names its trigger: PublishBatch's events are looked into too.
+            if message_type(fd).full_name.startswith(("automation.", "io.cloudevents.")) and not is_map(fd):
                 for item in items:
                     yield from _scalars(item)
         elif fd.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64):

@@ -85,7 +85,12 @@ class Stats:
 
 def writes(method: Method) -> bool:
     """Whether an OK answer of the method can acknowledge new events or enforcements."""
-    return method.name.startswith("Create") or method.name in ("ReemitEvent", "ReplayRule", "DeliverWebhook")
+    return method.name.startswith(("Create", "Publish")) or method.name in (
+        "ReemitEvent",
+        "ReplayRule",
+        "DeliverWebhook",
+        "DeliverCloudEvents",
+    )
 
 
 @dataclass

@@ -26,6 +26,7 @@ bit-flipped or padded encodings of valid requests) sent without a serializer.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import threading
 import time
@@ -42,6 +43,7 @@ from hypothesis.strategies import SearchStrategy
 
 from shared import limits
 from shared.gen.automation.v1 import common_pb2, condition_pb2, enforcement_pb2, event_pb2, rule_pb2
+from shared.gen.io.cloudevents.v1 import cloudevents_pb2
 from tools.fuzz.catalog import Method, enum_type, is_map, message_class, message_type
 
 T = TypeVar("T")
@@ -1059,10 +1061,13 @@ Scenario = Callable[["Strategies"], SearchStrategy[Message]]
 
 
 def _scenario_trigger(s: Strategies) -> SearchStrategy[Message]:
-    def make(ref: str, label: str, schema: dict[str, Json] | None) -> Message:
+    def make(ref: str, label: str, schema: dict[str, Json] | None, out: Fill | None, mode: int) -> Message:
         request = rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=ref, label=label))
         if schema is not None:
             request.trigger.param_schema.update(schema)
+        if out is not None:
+            out(request.trigger.out_schema)
+        request.trigger.schema_mode = rule_pb2.SchemaMode.ValueType(mode)
         return request
 
     return st.builds(
@@ -1070,7 +1075,265 @@ def _scenario_trigger(s: Strategies) -> SearchStrategy[Message]:
         st.sampled_from(FUZZ_TRIGGERS),
         st.sampled_from(("", "Fuzz trigger")) | texts(),
         st.none() | s.json.small(plausible=True).filter(lambda v: isinstance(v, dict)),
+        _weighted((2, st.none()), (3, out_schemas())),
+        schema_modes(),
     )
+
+
+# --- trigger schemas: plausible and hostile ----------------------------------------------------
+def _chain(n: int, twice: bool) -> dict[str, Json]:
+    """$defs each referring to the one before (twice: the inlined size doubles per link)."""
+    defs: dict[str, Json] = {"d0": {"type": "string", "pattern": "^a+$"}}
+    for i in range(1, n + 1):
+        ref = {"$ref": f"#/$defs/d{i - 1}"}
+        defs[f"d{i}"] = {"allOf": [ref, ref]} if twice else ref
+    return {"$defs": defs, "$ref": f"#/$defs/d{n}"}
+
+
+def _deep_schema(depth: int, through: str) -> dict[str, Json]:
+    """A schema ``depth`` subschemas deep, through properties, items or allOf."""
+    node: dict[str, Json] = {"type": "string"}
+    for _ in range(depth):
+        if through == "properties":
+            node = {"type": "object", "properties": {"a": node}}
+        elif through == "items":
+            node = {"type": "array", "items": node}
+        else:
+            node = {"allOf": [node]}
+    return node
+
+
+_PATTERNS = (
+    "(a+)+$",  # catastrophic for a backtracking engine, linear here
+    "^(a|a)*$",
+    "(x+x+)+y",
+    "a{1000}{1000}",  # a compiled size far over the bound
+    "(?:a{1,1000}){1,1000}",
+    "(a)\\1",  # a backreference: no linear engine has one
+    "(?<=a)b",  # lookbehind, likewise
+    "[",
+    "\\p{L}+",
+    "",
+)
+PLAUSIBLE_SCHEMA: dict[str, Json] = {
+    "type": "object",
+    "properties": {
+        "kind": {"enum": ["x", "y", "tick", "greet"]},
+        "n": {"type": "integer"},
+        "b": {"type": "object", "properties": {"c": {}}},
+        "secret": {"type": "string", "x-secret": True},
+    },
+}
+"""What the plain payloads of ``JsonValues.payloads`` conform to, so events keep flowing."""
+
+
+def hostile_schemas() -> SearchStrategy[dict[str, Json]]:
+    """out_schemas that must be refused, or accepted, in bounded time: deep nesting, huge and
+    backtracking patterns, $ref cycles and chains that expand past the subschema bound,
+    remote and dynamic references, unknown drafts, wrong keyword shapes."""
+    fixed: list[dict[str, Json]] = [
+        {"$ref": "#"},
+        {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+        {"$defs": {"a": {"$anchor": "x", "properties": {"p": {"$ref": "#x"}}}}, "$ref": "#x"},
+        {"properties": {"p": {"$ref": "#/properties/p"}}},
+        {"$ref": "https://example.com/schema.json"},
+        {"$ref": "other.json#/a"},
+        {"$ref": "#/$defs/missing"},
+        {"$dynamicRef": "#meta"},
+        {"$defs": {"a": {"$id": "https://example.com/a", "type": "string"}}},
+        {"$schema": "http://json-schema.org/draft-03/schema#"},
+        {"$schema": 5},
+        {"type": 5},
+        {"type": "objekt"},
+        {"properties": []},
+        {"required": "a"},
+        {"enum": []},
+        {"x-secret": "yes"},
+        {"properties": {"a": {"x-secret": True, "type": "object", "properties": {"b": {"x-secret": True}}}}},
+        {"format": "email", "type": "string"},
+        {"properties": {f"p{i}": {"type": "string"} for i in range(2500)}},
+        {"patternProperties": {p: {} for p in _PATTERNS[:3]}, "additionalProperties": False},
+    ]
+    return _weighted(
+        (3, st.sampled_from(fixed)),
+        (2, st.sampled_from(_PATTERNS).map(lambda p: {"type": "string", "pattern": p})),
+        (1, st.sampled_from(_PATTERNS).map(lambda p: {"patternProperties": {p: {"type": "integer"}}})),
+        (1, st.builds(lambda n, p: {"type": "string", "pattern": p * n}, st.integers(1, 4000), st.sampled_from("a("))),
+        (
+            2,
+            st.builds(
+                _deep_schema, st.sampled_from((8, 15, 16, 17, 40)), st.sampled_from(("properties", "items", "allOf"))
+            ),
+        ),
+        (2, st.builds(_chain, st.sampled_from((3, 10, 11, 12, 20, 40)), st.booleans())),
+    )
+
+
+def out_schemas() -> SearchStrategy[Fill]:
+    """Fills of an out_schema Struct: plausible ones (so enforcement runs on real events) and
+    hostile ones. Deep ones are filled in place (see ``Fill``)."""
+    plausible = st.sampled_from(
+        (
+            PLAUSIBLE_SCHEMA,
+            {**PLAUSIBLE_SCHEMA, "additionalProperties": False},
+            {**PLAUSIBLE_SCHEMA, "$schema": "http://json-schema.org/draft-07/schema#"},
+            {"type": "object", "required": ["kind"]},
+            {},
+        )
+    )
+    return _weighted((2, plausible), (3, hostile_schemas())).map(fill_struct)
+
+
+def schema_modes() -> SearchStrategy[int]:
+    """Mostly modes that let events through (warn, off), some enforce, some unknown numbers."""
+    return _weighted(
+        (3, st.just(rule_pb2.SCHEMA_MODE_WARN)),
+        (2, st.just(rule_pb2.SCHEMA_MODE_OFF)),
+        (2, st.just(rule_pb2.SCHEMA_MODE_UNSPECIFIED)),
+        (1, st.just(rule_pb2.SCHEMA_MODE_ENFORCE)),
+        (1, st.sampled_from((4, -1, INT32_MAX))),
+    )
+
+
+def _scenario_update_trigger(s: Strategies) -> SearchStrategy[Message]:
+    def make(key: str | int, paths: list[str], out: Fill | None, mode: int) -> Message:
+        request = rule_pb2.UpdateTriggerRequest(update_mask=field_mask_pb2.FieldMask(paths=paths))
+        if isinstance(key, str):
+            request.trigger.ref = key
+        else:
+            request.trigger.id = key
+        if out is not None:
+            out(request.trigger.out_schema)
+        request.trigger.schema_mode = rule_pb2.SchemaMode.ValueType(mode)
+        return request
+
+    paths = st.lists(
+        st.sampled_from(("out_schema", "schema_mode", "param_schema", "label")), min_size=1, max_size=3, unique=True
+    )
+    return st.builds(
+        make,
+        st.sampled_from(FUZZ_TRIGGERS) | s.plausible.ids("trigger"),
+        paths,
+        _weighted((1, st.none()), (4, out_schemas())),
+        schema_modes(),
+    )
+
+
+def _scenario_check_schema(s: Strategies) -> SearchStrategy[Message]:
+    def make(key: str | int, out: Fill | None, limit: int) -> Message:
+        request = rule_pb2.CheckSchemaRequest(limit=limit)
+        if isinstance(key, str):
+            request.trigger_ref = key
+        else:
+            request.trigger_id = key
+        if out is not None:
+            out(request.out_schema)
+        return request
+
+    return st.builds(
+        make,
+        st.sampled_from(FUZZ_TRIGGERS) | s.plausible.ids("trigger"),
+        _weighted((1, st.none()), (4, out_schemas())),
+        st.sampled_from((0, 1, 10, limits.MAX_SCHEMA_CHECK, limits.MAX_SCHEMA_CHECK + 1, -1, INT32_MAX)),
+    )
+
+
+# --- CloudEvents (EventService.Publish / PublishBatch) -----------------------------------------
+def _cloudevent(s: Strategies) -> SearchStrategy[Fill]:
+    """CloudEvents a producer sends: mostly well-formed (type a fuzz trigger, JSON data), with
+    edge ids, sources, attributes and data (not JSON, a wrong content type, proto data, too
+    large) mixed in."""
+    attribute = cloudevents_pb2.CloudEvent.CloudEventAttributeValue
+
+    def make(type_: str, source: str, id_: str, spec: str, data: tuple[str, Json], attrs: dict[str, Json]) -> Fill:
+        def fill(ce: cloudevents_pb2.CloudEvent) -> None:
+            ce.type, ce.source, ce.id, ce.spec_version = type_, source, id_, spec
+            kind, value = data
+            if kind == "text":
+                ce.text_data = value
+            elif kind == "binary":
+                ce.binary_data = value
+            elif kind == "proto":
+                ce.proto_data.Pack(timestamp_pb2.Timestamp(seconds=1))
+            for name, v in attrs.items():
+                if isinstance(v, bool):
+                    ce.attributes[name].CopyFrom(attribute(ce_boolean=v))
+                elif isinstance(v, int):
+                    ce.attributes[name].CopyFrom(attribute(ce_integer=v))
+                elif isinstance(v, bytes):
+                    ce.attributes[name].CopyFrom(attribute(ce_bytes=v))
+                elif v is None:
+                    ce.attributes[name].CopyFrom(attribute())
+                else:
+                    ce.attributes[name].CopyFrom(attribute(ce_string=str(v)))
+
+        return fill
+
+    json_data = s.json.payloads().map(lambda p: ("text", _dumps(p)))
+    data = _weighted(
+        (5, json_data),
+        (2, s.json.payloads().map(lambda p: ("binary", _dumps(p).encode()))),
+        (1, st.just(("none", None))),
+        (
+            1,
+            st.sampled_from(("[1, 2]", "not json", '{"a": NaN}', '{"a": 1', "\x00", '"text"')).map(
+                lambda t: ("text", t)
+            ),
+        ),
+        (1, st.binary(max_size=64).map(lambda b: ("binary", b))),
+        (1, st.just(("proto", None))),
+        (
+            1,
+            st.builds(
+                lambda n: ("text", '{"a": "' + "x" * n + '"}'), st.sampled_from((limits.MAX_PAYLOAD_BYTES, 4 * MiB))
+            ),
+        ),
+    )
+    attrs = st.dictionaries(
+        st.sampled_from(("datacontenttype", "subject", "time", "dataschema", "traceparent", "x-y", "Upper", "")),
+        st.sampled_from(("application/json", "text/plain", "application/cloudevents+json", "2026-01-01T00:00:00Z"))
+        | st.booleans()
+        | st.integers(INT32_MIN, INT32_MAX)
+        | st.binary(max_size=16)
+        | st.none()
+        | texts(),
+        max_size=4,
+    )
+    return st.builds(
+        make,
+        _weighted((5, st.sampled_from(FUZZ_TRIGGERS)), (1, s.edge.string("type")), (1, st.just(""))),
+        _weighted((4, st.sampled_from(("fz.sensor", "//fuzz/source", "https://example.com/x"))), (1, texts())),
+        _weighted((4, st.integers(0, 50).map(str)), (1, texts()), (1, st.just(""))),
+        _weighted((6, st.just("1.0")), (1, st.sampled_from(("0.3", "", "1.0\x00")))),
+        data,
+        _weighted((2, st.just({})), (2, st.just({"datacontenttype": "application/json"})), (1, attrs)),
+    )
+
+
+def _dumps(value: Json) -> str:
+    # NaN and Infinity written as JavaScript would: the api must refuse them, not choke.
+    return json.dumps(value, allow_nan=True)
+
+
+def _scenario_publish(s: Strategies) -> SearchStrategy[Message]:
+    return _cloudevent(s).map(lambda fill: build(cloudevents_pb2.CloudEvent, fill))
+
+
+def _scenario_publish_batch(s: Strategies) -> SearchStrategy[Message]:
+    events = cloudevents_pb2.CloudEventBatch.DESCRIPTOR.fields_by_name["events"]
+    many = st.builds(
+        lambda items, n: cycle(items, n, events),
+        st.lists(_cloudevent(s), min_size=1, max_size=3),
+        st.sampled_from((limits.MAX_BATCH, limits.MAX_BATCH + 1)),
+    )
+
+    def make(fills: list[Fill]) -> Message:
+        request = cloudevents_pb2.CloudEventBatch()
+        for fill in fills:
+            fill(request.events.add())
+        return request
+
+    return _weighted((4, st.lists(_cloudevent(s), max_size=8)), (1, many)).map(make)
 
 
 def _condition(s: Strategies) -> SearchStrategy[Fill]:
@@ -1218,6 +1481,10 @@ SCENARIOS: dict[str, Scenario] = {
     "CreateEvents": _scenario_events,
     "CreateEnforcement": _scenario_enforcement,
     "UpdateRule": _scenario_update_rule,
+    "UpdateTrigger": _scenario_update_trigger,
+    "CheckSchema": _scenario_check_schema,
+    "Publish": _scenario_publish,
+    "PublishBatch": _scenario_publish_batch,
 }
 
 

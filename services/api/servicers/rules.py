@@ -11,7 +11,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import empty_pb2, struct_pb2
@@ -22,10 +22,10 @@ from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher
 from services.api.encoded import Measure
 from services.api.servicers.requests import Context, actor_of_call, check_filters, key_of, page_of, volume_range
-from services.api.store import Event, Store, derive, page_size
+from services.api.store import Event, Store, Trigger, derive, page_size
 from services.api.store.rules import TRIGGER_UPDATABLE, UPDATABLE
 from shared import limits
-from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Violations
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violations, clip
 from shared.gen.automation.v1 import condition_pb2, rule_pb2, rule_pb2_grpc
 
 _FOUND_MAX_BYTES = 4096
@@ -119,19 +119,18 @@ _INLINE_SCHEMA_BYTES = 4096
 """Schemas (encoded) up to this size are compiled on the event loop; larger ones in a thread."""
 
 
-async def _check_out_schema(schema: dict[str, Any] | None) -> None:
-    """Refuses an out_schema that does not compile or breaks the bounds of ``schemas.py``,
-    naming its node, before anything is written."""
-    if schema is None:
-        return
+async def _check_out_schema(schema: dict[str, Any], field: str = "trigger.out_schema") -> schemas.Schema:
+    """The out_schema compiled; refused when it does not compile or breaks the bounds of
+    ``schemas.py``, naming its node, before anything is written."""
     large = len(json.dumps(schema)) > _INLINE_SCHEMA_BYTES
     compiled, problems = (
-        await asyncio.to_thread(schemas.compile_schema, schema, "trigger.out_schema")
+        await asyncio.to_thread(schemas.compile_schema, schema, field)
         if large
-        else schemas.compile_schema(schema, "trigger.out_schema")
+        else schemas.compile_schema(schema, field)
     )
     if compiled is None:
         raise InvalidArgument(problems)
+    return compiled
 
 
 def _condition(v: Violations, value: int) -> str:
@@ -214,6 +213,20 @@ def _result(r: conditions.Result) -> rule_pb2.ConditionResult:
     return msg
 
 
+def _flag_impossible(results: Any, schema: dict[str, Any]) -> None:
+    """Marks the tests whose field the schema rules out (``schemas.cannot_exist``)."""
+    known: dict[str, str | None] = {}
+    for r in results:
+        if not r.field or r.kind in conditions.GROUPS:
+            continue
+        if r.field not in known:
+            known[r.field] = schemas.cannot_exist(schema, r.field)
+        why = known[r.field]
+        if why is not None:
+            r.cannot_exist = True
+            r.cannot_exist_note = clip(why, schemas.MAX_ERROR_TEXT)
+
+
 class RuleService(rule_pb2_grpc.RuleServiceServicer):
     def __init__(self, store: Store, dispatcher: Dispatcher | None = None) -> None:
         self._store = store
@@ -237,7 +250,8 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         if t.schema_mode != rule_pb2.SCHEMA_MODE_UNSPECIFIED:
             mode = _schema_mode(v, t.schema_mode)
         v.raise_if_any()
-        await _check_out_schema(schemas[1])
+        if schemas[1] is not None:
+            await _check_out_schema(schemas[1])
         actor = actor_of_call()
         created = await self._store.rules.create_trigger(
             t.ref,
@@ -431,6 +445,13 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             r.id, r.ref, r.trigger_ref, r.enabled, r.backstop, r.action_params, r.conditions, r.condition
         )
 
+    async def _trigger_if_any(self, ref: str) -> Trigger | None:
+        """The trigger a rule watches, or None once it was deleted (the rule keeps its ref)."""
+        try:
+            return await self._store.rules.get_trigger(ref)
+        except NotFound:
+            return None
+
     @rpc
     async def TestRule(self, request: rule_pb2.TestRuleRequest, context: Context) -> rule_pb2.TestRuleResponse:
         rule = await self._rule_under_test(request.rule)
@@ -450,6 +471,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         else:
             raise InvalidArgument.one("event", "give a stored event's event_id or an inline payload")
         rule_set = await self._store.events.rule_set(rule.trigger_ref) if rule.backstop else None
+        trigger = await self._trigger_if_any(rule.trigger_ref)
 
         def test() -> rule_pb2.TestRuleResponse:
             facts = matching.Facts(payload)
@@ -465,6 +487,10 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             out.would_fire = matched and rule.enabled and not out.taken_by
             if matched:
                 convert.fill_struct(out.config, _render(rule, payload, event, "payload"))
+            if trigger is not None and trigger.out_schema is not None:
+                out.schema_version = trigger.schema_version
+                out.schema_mode = convert.SCHEMA_MODE[trigger.schema_mode]
+                _flag_impossible(out.results, trigger.out_schema)
             return out
 
         # Large payloads and regexes over them cost milliseconds: off the event loop.
@@ -552,3 +578,57 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         yield rule_pb2.ReplayRuleResponse(
             summary=rule_pb2.ReplaySummary(scanned=scanned, matched=matched, fired=fired, truncated=truncated)
         )
+
+    @rpc
+    async def CheckSchema(self, request: rule_pb2.CheckSchemaRequest, context: Context) -> rule_pb2.CheckSchemaResponse:
+        which = request.WhichOneof("trigger")
+        if which == "trigger_id":
+            key: int | str = validate.id_or_raise("trigger_id", request.trigger_id)
+        elif which == "trigger_ref":
+            key = validate.ref_or_raise("trigger_ref", request.trigger_ref)
+        else:
+            raise InvalidArgument.one("trigger", "give the trigger's trigger_id or trigger_ref")
+        v = Violations()
+        if not 0 <= request.limit <= limits.MAX_SCHEMA_CHECK:
+            v.add("limit", f"must be 0 (default {limits.DEFAULT_SCHEMA_CHECK:,}) to {limits.MAX_SCHEMA_CHECK:,}")
+        proposed = (
+            validate.json_object(v, "out_schema", request.out_schema, limits.MAX_SCHEMA_BYTES)
+            if request.HasField("out_schema")
+            else None
+        )
+        v.raise_if_any()
+        trigger = await self._store.rules.get_trigger(key)
+        schema = proposed if proposed is not None else trigger.out_schema
+        if schema is None:
+            raise FailedPrecondition(f"trigger {trigger.ref} has no out_schema: give the one to check in out_schema")
+        compiled = await _check_out_schema(schema, "out_schema")
+        cap = request.limit or limits.DEFAULT_SCHEMA_CHECK
+        out = rule_pb2.CheckSchemaResponse(
+            trigger_ref=trigger.ref, draft=compiled.draft, schema_version=trigger.schema_version
+        )
+
+        def check(page: list[Event]) -> list[tuple[Event, tuple[str, str]]]:
+            failed = []
+            for event in page:
+                problem = compiled.first_problem(event.payload, "event.payload")
+                if problem is not None:
+                    failed.append((event, problem))
+            return failed
+
+        # Every event a trigger could have: the scan is newest first and stops at the limit.
+        start, end = datetime(1970, 1, 1, tzinfo=UTC), datetime.now(UTC) + timedelta(days=1)
+        after: tuple[datetime, int] | None = None
+        while out.checked < cap:
+            page = await self._store.events.scan(trigger.ref, start, end, after, min(_REPLAY_PAGE, cap - out.checked))
+            if not page:
+                break
+            after = (page[-1].created, page[-1].id)
+            # A page of large payloads costs milliseconds to validate: off the event loop.
+            for event, (path, keyword) in await asyncio.to_thread(check, page):
+                out.failing += 1
+                if len(out.examples) < limits.MAX_SCHEMA_CHECK_EXAMPLES:
+                    out.examples.add(
+                        event_id=event.id, created=convert.ts(event.created), path=clip(path, 200), keyword=keyword
+                    )
+            out.checked += len(page)
+        return out

@@ -764,6 +764,8 @@ class ConditionResult(_message.Message):
     FOUND_FIELD_NUMBER: _builtins.int
     MISSING_FIELD_NUMBER: _builtins.int
     NOTE_FIELD_NUMBER: _builtins.int
+    CANNOT_EXIST_FIELD_NUMBER: _builtins.int
+    CANNOT_EXIST_NOTE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """Where the node is in the rule, such as `conditions[1].any[0]`; `conditions` is the top."""
     holds: _builtins.bool
@@ -778,6 +780,15 @@ class ConditionResult(_message.Message):
     """Why it holds or not, in words: a type mismatch, how many items a search passed, a
     value too large to show.
     """
+    cannot_exist: _builtins.bool
+    """Test: true when the trigger's current out_schema says no payload can have anything at
+    `field` (a property not declared where no others are allowed, a path through a value whose
+    type has no children, ...; README, Schemas), so the test only ever sees it missing.
+    Conservative: false whenever the schema allows the path or cannot tell. The item tests of
+    a `search` are not flagged.
+    """
+    cannot_exist_note: _builtins.str
+    """Test: with cannot_exist, why the schema rules the field out (at most 200 characters)."""
     @_builtins.property
     def expected(self) -> _struct_pb2.Value:
         """Test: the value compared against."""
@@ -799,10 +810,12 @@ class ConditionResult(_message.Message):
         found: _struct_pb2.Value | None = ...,
         missing: _builtins.bool = ...,
         note: _builtins.str = ...,
+        cannot_exist: _builtins.bool = ...,
+        cannot_exist_note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "found", b"found"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected", b"expected", "field", b"field", "found", b"found", "holds", b"holds", "kind", b"kind", "missing", b"missing", "node", b"node", "note", b"note"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cannot_exist", b"cannot_exist", "cannot_exist_note", b"cannot_exist_note", "expected", b"expected", "field", b"field", "found", b"found", "holds", b"holds", "kind", b"kind", "missing", b"missing", "node", b"node", "note", b"note"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -820,6 +833,8 @@ class TestRuleResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     TAKEN_BY_FIELD_NUMBER: _builtins.int
     TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    SCHEMA_MODE_FIELD_NUMBER: _builtins.int
     matched: _builtins.bool
     """Whether the rule's conditions hold for the event."""
     would_fire: _builtins.bool
@@ -828,6 +843,14 @@ class TestRuleResponse(_message.Message):
     """
     trigger_ref: _builtins.str
     """The trigger the rule watches."""
+    schema_version: _builtins.int
+    """The trigger's schema_version that ConditionResult.cannot_exist was decided against; unset
+    when the trigger has no out_schema (then nothing is flagged).
+    """
+    schema_mode: Global___SchemaMode.ValueType
+    """The trigger's schema_mode. Only under ENFORCE does every event stored since conform; a
+    field flagged cannot_exist may still be in events stored under WARN or OFF.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConditionResult]:
         """Every node of the condition tree, parents before children, in the rule's order."""
@@ -851,12 +874,16 @@ class TestRuleResponse(_message.Message):
         config: _struct_pb2.Struct | None = ...,
         taken_by: _abc.Iterable[_builtins.str] | None = ...,
         trigger_ref: _builtins.str = ...,
+        schema_version: _builtins.int | None = ...,
+        schema_mode: Global___SchemaMode.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_schema_version", b"_schema_version", "config", b"config", "schema_version", b"schema_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "matched", b"matched", "results", b"results", "taken_by", b"taken_by", "trigger_ref", b"trigger_ref", "would_fire", b"would_fire"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_schema_version", b"_schema_version", "config", b"config", "matched", b"matched", "results", b"results", "schema_mode", b"schema_mode", "schema_version", b"schema_version", "taken_by", b"taken_by", "trigger_ref", b"trigger_ref", "would_fire", b"would_fire"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__schema_version: _TypeAlias = _typing.Literal["schema_version"]  # noqa: Y015
+    _WhichOneofArgType__schema_version: _TypeAlias = _typing.Literal["_schema_version", b"_schema_version"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__schema_version) -> _WhichOneofReturnType__schema_version | None: ...
 
 Global___TestRuleResponse: _TypeAlias = TestRuleResponse  # noqa: Y015
 
@@ -1012,3 +1039,128 @@ class ReplayRuleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___ReplayRuleResponse: _TypeAlias = ReplayRuleResponse  # noqa: Y015
+
+@_typing.final
+class CheckSchemaRequest(_message.Message):
+    """Request of CheckSchema."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIGGER_ID_FIELD_NUMBER: _builtins.int
+    TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    OUT_SCHEMA_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    trigger_id: _builtins.int
+    """Id of the trigger."""
+    trigger_ref: _builtins.str
+    """Reference of the trigger, `pack.name`, at most 255 characters."""
+    limit: _builtins.int
+    """How many of the trigger's most recent events to check, newest first: default 1,000, at
+    most 10,000.
+    """
+    @_builtins.property
+    def out_schema(self) -> _struct_pb2.Struct:
+        """The proposed out_schema, bounded and compiled as UpdateTrigger compiles it (INVALID_ARGUMENT
+        naming the node under `out_schema`). Unset: the trigger's current out_schema
+        (FAILED_PRECONDITION when it has none).
+        """
+
+    def __init__(
+        self,
+        *,
+        trigger_id: _builtins.int = ...,
+        trigger_ref: _builtins.str = ...,
+        out_schema: _struct_pb2.Struct | None = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["out_schema", b"out_schema", "trigger", b"trigger", "trigger_id", b"trigger_id", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "out_schema", b"out_schema", "trigger", b"trigger", "trigger_id", b"trigger_id", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_trigger: _TypeAlias = _typing.Literal["trigger_id", "trigger_ref"]  # noqa: Y015
+    _WhichOneofArgType_trigger: _TypeAlias = _typing.Literal["trigger", b"trigger"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_trigger) -> _WhichOneofReturnType_trigger | None: ...
+
+Global___CheckSchemaRequest: _TypeAlias = CheckSchemaRequest  # noqa: Y015
+
+@_typing.final
+class SchemaFailure(_message.Message):
+    """One checked event that the schema would refuse."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    KEYWORD_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.int
+    """Id of the event."""
+    path: _builtins.str
+    """The payload path of its first problem, such as `event.payload.repo.name`."""
+    keyword: _builtins.str
+    """The schema keyword that failed there, such as `type` or `required` (the payload's values are
+    never echoed: they may be secret).
+    """
+    @_builtins.property
+    def created(self) -> _timestamp_pb2.Timestamp:
+        """When the event was stored."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.int = ...,
+        created: _timestamp_pb2.Timestamp | None = ...,
+        path: _builtins.str = ...,
+        keyword: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "event_id", b"event_id", "keyword", b"keyword", "path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchemaFailure: _TypeAlias = SchemaFailure  # noqa: Y015
+
+@_typing.final
+class CheckSchemaResponse(_message.Message):
+    """Response of CheckSchema: "failing of checked events would be refused"."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    FAILING_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    DRAFT_FIELD_NUMBER: _builtins.int
+    SCHEMA_VERSION_FIELD_NUMBER: _builtins.int
+    trigger_ref: _builtins.str
+    """The trigger checked."""
+    checked: _builtins.int
+    """Events checked: the limit, or fewer when the trigger has fewer stored events."""
+    failing: _builtins.int
+    """Of those, events the schema would refuse under ENFORCE."""
+    draft: _builtins.str
+    """The draft the schema was compiled as, such as `draft 2020-12`."""
+    schema_version: _builtins.int
+    """The trigger's schema_version when checked (what an UpdateTrigger after it will bump)."""
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedCompositeFieldContainer[Global___SchemaFailure]:
+        """The newest failing events, at most 5."""
+
+    def __init__(
+        self,
+        *,
+        trigger_ref: _builtins.str = ...,
+        checked: _builtins.int = ...,
+        failing: _builtins.int = ...,
+        examples: _abc.Iterable[Global___SchemaFailure] | None = ...,
+        draft: _builtins.str = ...,
+        schema_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "draft", b"draft", "examples", b"examples", "failing", b"failing", "schema_version", b"schema_version", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckSchemaResponse: _TypeAlias = CheckSchemaResponse  # noqa: Y015

@@ -101,6 +101,11 @@ class RuleServiceStub:
                 request_serializer=automation_dot_v1_dot_rule__pb2.ReplayRuleRequest.SerializeToString,
                 response_deserializer=automation_dot_v1_dot_rule__pb2.ReplayRuleResponse.FromString,
                 _registered_method=True)
+        self.CheckSchema = channel.unary_unary(
+                '/automation.v1.RuleService/CheckSchema',
+                request_serializer=automation_dot_v1_dot_rule__pb2.CheckSchemaRequest.SerializeToString,
+                response_deserializer=automation_dot_v1_dot_rule__pb2.CheckSchemaResponse.FromString,
+                _registered_method=True)
 
 
 class RuleServiceServicer:
@@ -206,6 +211,15 @@ class RuleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckSchema(self, request, context):
+        """A dry run of a trigger schema before it is switched on: checks the trigger's most recent
+        stored events (at most 10,000) against a proposed out_schema with ingest's own compiled
+        validator and answers how many would be refused, with a few examples. Writes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +287,11 @@ def add_RuleServiceServicer_to_server(servicer, server):
                     servicer.ReplayRule,
                     request_deserializer=automation_dot_v1_dot_rule__pb2.ReplayRuleRequest.FromString,
                     response_serializer=automation_dot_v1_dot_rule__pb2.ReplayRuleResponse.SerializeToString,
+            ),
+            'CheckSchema': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckSchema,
+                    request_deserializer=automation_dot_v1_dot_rule__pb2.CheckSchemaRequest.FromString,
+                    response_serializer=automation_dot_v1_dot_rule__pb2.CheckSchemaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -627,6 +646,33 @@ class RuleService:
             '/automation.v1.RuleService/ReplayRule',
             automation_dot_v1_dot_rule__pb2.ReplayRuleRequest.SerializeToString,
             automation_dot_v1_dot_rule__pb2.ReplayRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckSchema(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/automation.v1.RuleService/CheckSchema',
+            automation_dot_v1_dot_rule__pb2.CheckSchemaRequest.SerializeToString,
+            automation_dot_v1_dot_rule__pb2.CheckSchemaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,11 @@ class RuleServiceStub:
     missing enforcements of those events (at most one per rule and event, however often it
     runs).
     """
+    CheckSchema: _grpc.UnaryUnaryMultiCallable[_rule_pb2.CheckSchemaRequest, _rule_pb2.CheckSchemaResponse]
+    """A dry run of a trigger schema before it is switched on: checks the trigger's most recent
+    stored events (at most 10,000) against a proposed out_schema with ingest's own compiled
+    validator and answers how many would be refused, with a few examples. Writes nothing.
+    """
 
 @_typing.type_check_only
 class RuleServiceAsyncStub(RuleServiceStub):
@@ -117,6 +122,11 @@ class RuleServiceAsyncStub(RuleServiceStub):
     streaming each event it matches and then a summary. With `fire`, also creates the
     missing enforcements of those events (at most one per rule and event, however often it
     runs).
+    """
+    CheckSchema: _aio.UnaryUnaryMultiCallable[_rule_pb2.CheckSchemaRequest, _rule_pb2.CheckSchemaResponse]  # type: ignore[assignment]
+    """A dry run of a trigger schema before it is switched on: checks the trigger's most recent
+    stored events (at most 10,000) against a proposed out_schema with ingest's own compiled
+    validator and answers how many would be refused, with a few examples. Writes nothing.
     """
 
 class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -237,6 +247,17 @@ class RuleServiceServicer(metaclass=_abc_1.ABCMeta):
         streaming each event it matches and then a summary. With `fire`, also creates the
         missing enforcements of those events (at most one per rule and event, however often it
         runs).
+        """
+
+    @_abc_1.abstractmethod
+    def CheckSchema(
+        self,
+        request: _rule_pb2.CheckSchemaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rule_pb2.CheckSchemaResponse, _abc.Awaitable[_rule_pb2.CheckSchemaResponse]]:
+        """A dry run of a trigger schema before it is switched on: checks the trigger's most recent
+        stored events (at most 10,000) against a proposed out_schema with ingest's own compiled
+        validator and answers how many would be refused, with a few examples. Writes nothing.
         """
 
 def add_RuleServiceServicer_to_server(servicer: RuleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
