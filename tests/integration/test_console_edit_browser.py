@@ -249,5 +249,7 @@ async def test_dark_mode_follows_the_system_setting(stubs: Stubs, web: str, brow
         dark = await page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert light == "rgb(246, 247, 249)" and dark == "rgb(18, 21, 28)", (light, dark)
         await shots(page, "dark-rule-edit")
+        await emit(stubs, "demo.alert", severity="critical", host="db-1")
         await console.open("/enforcements")
+        await expect(page.locator("table[data-list=enforcements] tbody tr")).to_have_count(2)
         await shots(page, "dark-enforcements")
