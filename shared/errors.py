@@ -190,3 +190,19 @@ def error_reason(exc: grpc.aio.AioRpcError) -> str:
                 detail.Unpack(info)
                 return str(info.reason)
     return ""
+
+
+def field_violations(exc: grpc.aio.AioRpcError) -> list[tuple[str, str]]:
+    """The BadRequest field violations a failed call carries, in order, as (field, why): what a
+    form shows next to each field it names."""
+    out: list[tuple[str, str]] = []
+    for key, value in exc.trailing_metadata() or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.TypeName() == error_details_pb2.BadRequest.DESCRIPTOR.full_name:
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                out.extend((v.field, v.description) for v in bad.field_violations)
+    return out

@@ -17,6 +17,7 @@ from starlette.staticfiles import StaticFiles
 from services.web.cloudevents import CloudEvents
 from services.web.cloudevents_out import CloudEventStream
 from services.web.console import Console, Stubs
+from services.web.editing import Editing
 from services.web.live import Live
 from services.web.render import HERE
 from services.web.session import Sessions
@@ -44,6 +45,7 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         )
         sessions = Sessions(auth_pb2_grpc.AuthServiceStub(ch), config.rpc_timeout_s)
         console = parts["console"] = Console(config, Stubs(ch), sessions)
+        parts["editing"] = Editing(console)
         live = parts["live"] = Live(console)
         parts["cloudevents_out"] = CloudEventStream(live)
         try:
@@ -115,10 +117,23 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
             console_route("/enforcements/{id}", "enforcement", ["GET"]),
             console_route("/enforcements/{id}/retry", "retry", ["POST"]),
             console_route("/rules", "rules", ["GET"]),
+            # Before the ref's routes: "new" is no ref (those are pack.name).
+            console_route("/rules/new", "new_rule", ["GET"], owner="editing"),
+            console_route("/rules/new", "create_rule", ["POST"], owner="editing"),
+            console_route("/rules/{ref}/edit", "edit_rule", ["GET"], owner="editing"),
+            console_route("/rules/{ref}/edit", "update_rule", ["POST"], owner="editing"),
+            console_route("/rules/{ref}/delete", "confirm_delete_rule", ["GET"], owner="editing"),
+            console_route("/rules/{ref}/delete", "delete_rule", ["POST"], owner="editing"),
             console_route("/rules/{ref}", "rule", ["GET"]),
             console_route("/rules/{ref}/enabled", "set_rule_enabled", ["POST"]),
             console_route("/rules/{ref}/test", "test_rule", ["POST"]),
             console_route("/triggers", "triggers", ["GET"]),
+            console_route("/triggers/new", "new_trigger", ["GET"], owner="editing"),
+            console_route("/triggers/new", "create_trigger", ["POST"], owner="editing"),
+            console_route("/triggers/{ref}/edit", "edit_trigger", ["GET"], owner="editing"),
+            console_route("/triggers/{ref}/edit", "update_trigger", ["POST"], owner="editing"),
+            console_route("/triggers/{ref}/delete", "confirm_delete_trigger", ["GET"], owner="editing"),
+            console_route("/triggers/{ref}/delete", "delete_trigger", ["POST"], owner="editing"),
             console_route("/triggers/{ref}", "trigger", ["GET"]),
             console_route("/triggers/{ref}/webhook", "set_webhook", ["POST"]),
             console_route("/triggers/{ref}/rotate", "rotate", ["POST"]),

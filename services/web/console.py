@@ -85,8 +85,18 @@ NOTICES = {
     "webhook-off": "Webhook disabled.",
     "rotated": "New webhook key: senders must use the new URL.",
     "none-retried": "None of them was exhausted any more: nothing was retried.",
+    "created": "Created.",
+    "saved": "Saved.",
+    "rule-deleted": "Rule deleted.",
+    "trigger-deleted": "Trigger deleted.",
 }
 """What a redirect after a change may announce: a fixed set, so no text is reflected."""
+
+UNSIGNED_WARNING = (
+    "This webhook would accept unsigned deliveries: anyone who learns its URL can create events "
+    "on this trigger. Set a secret, or confirm that you want it unsigned."
+)
+"""What enabling a webhook without a secret is confirmed with (here and on the trigger form)."""
 
 Handler = Callable[[Request, User], Awaitable[Response]]
 RETRY_FILTERS = ("rule_ref", "trigger_ref", "from", "to")
@@ -295,11 +305,11 @@ class Console:
         """A posted form (URL-encoded, bounded), once its CSRF value is checked."""
         return {k: v[0] for k, v in (await self.form_lists(request, user)).items()}
 
-    async def form_lists(self, request: Request, user: User) -> dict[str, list[str]]:
+    async def form_lists(self, request: Request, user: User, limit: int = MAX_FORM_BYTES) -> dict[str, list[str]]:
         """``form`` with every value of each field."""
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             raise Refused(415, "forms are posted as application/x-www-form-urlencoded")
-        form = await read_form_lists(request, MAX_FORM_BYTES)
+        form = await read_form_lists(request, limit)
         if not hmac.compare_digest((form.get("csrf") or [""])[0], user.csrf):
             raise Refused(403, "this form is stale or did not come from this console; reload the page and retry")
         return form
@@ -662,6 +672,11 @@ class Console:
         form = await self.form(request, user)
         self.operator(user)
         ref, enabled = request.path_params["ref"], form.get("enabled") == "true"
+        if enabled and form.get("unsigned_ok") != "yes":
+            trigger = await self.api.rules.GetTrigger(rule_pb2.GetTriggerRequest(ref=ref), **self.call(user))
+            if not trigger.webhook_signed:
+                # An unsigned endpoint is opened only once the person has read what that means.
+                return self.render(request, user, "webhook_unsigned.html", trigger=trigger, warning=UNSIGNED_WARNING)
         await self.api.rules.UpdateTrigger(
             rule_pb2.UpdateTriggerRequest(
                 trigger=rule_pb2.Trigger(ref=ref, webhook_enabled=enabled),
