@@ -337,3 +337,40 @@ async def test_the_console_shows_secrets_masked(stubs: Stubs, api: ApiServer) ->
                     ):
                         assert clear not in text, (path, clear)
                     assert "ann" in text  # what is not secret is shown
+
+
+async def test_a_list_page_cut_at_its_byte_budget_audits_only_what_it_sent(stubs: Stubs, revealer: str) -> None:
+    await secret_trigger(stubs)
+    big = "z" * 200_000  # 15 of them pass the 2 MiB page budget
+    events = [new_event(T, {**PAYLOAD, "big": big, "n": i}) for i in range(15)]
+    async with channel(stubs.target, TOKENS["sensor"]) as ch:
+        await event_pb2_grpc.EventServiceStub(ch).CreateEvents(event_pb2.CreateEventsRequest(events=events), timeout=30)
+    async with as_role(stubs, revealer) as (events_stub, _):
+        page = await events_stub.ListEvents(event_pb2.ListEventsRequest(trigger_ref=T, page_size=15, reveal=True))
+    sent = [e.id for e in page.events]
+    assert page.next_page_token and 0 < len(sent) < 15
+    assert all(plain(e.payload)["token"] == "hunter2" for e in page.events)
+    audit = audit_pb2_grpc.AuditServiceStub(stubs.channel)
+    records = (await audit.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(principal="revealer"))).records
+    assert [plain(r.change)["revealed"] for r in records] == [sent]
+
+
+async def test_a_tail_masks_a_page_with_one_lookup_not_one_per_message(stubs: Stubs, api: ApiServer) -> None:
+    await secret_trigger(stubs)
+    assert api.store is not None
+    versions = api.store.schema_versions
+    n = 200
+    async with as_role(stubs, TOKENS["viewer"]) as (events, _):
+        tail = events.TailEvents(event_pb2.TailEventsRequest(trigger_ref=T, announce_start=True))
+        messages = tail.__aiter__()
+        assert (await messages.__anext__()).start
+        batch = [new_event(T, {**PAYLOAD, "n": i}) for i in range(n)]
+        async with channel(stubs.target, TOKENS["sensor"]) as ch:
+            await event_pb2_grpc.EventServiceStub(ch).CreateEvents(event_pb2.CreateEventsRequest(events=batch))
+        before = versions.reads
+        got = [await asyncio.wait_for(messages.__anext__(), 30) for _ in range(n)]
+        tail.cancel()
+    assert all(plain(m.event.payload)["token"] == "***" for m in got)
+    assert [plain(m.event.payload)["n"] for m in got] == list(range(n))
+    # A page of the tail (32 rows) is masked with one lookup: one a message would be 200.
+    assert versions.reads - before <= n // 16

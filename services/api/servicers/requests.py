@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -185,41 +186,73 @@ def may_reveal(reveal: bool) -> bool:
     return reveal
 
 
-async def shown(store: Store, records: Sequence[R], *, reveal: bool = False) -> list[R]:
-    """Events or enforcements as a read sends them: the one place where secret fields are
-    masked, for every read path that returns payloads (Get, List, the tails, and whatever
-    else sends stored payloads to a reader, such as a CloudEvents rendering of a tail).
+@dataclass(frozen=True, slots=True)
+class Revealed:
+    """What a read that asked to reveal holds in clear: the ids to audit, as they are sent."""
+
+    kind: str
+    """The audit record's entity type: event, enforcement, execution or rule."""
+    ids: frozenset[int] = frozenset()
+
+    async def audit(self, store: Store, sent: Iterable[int]) -> None:
+        """Audits the reveal of those of ``sent`` that held a secret: one record, written
+        before the caller answers, so a reveal the audit trail cannot record is not made. A
+        page cut at its byte budget audits only what it sends."""
+        ids = [i for i in sent if i in self.ids]
+        if ids:
+            await store.audit.revealed(actor_of_call(), self.kind, ids)
+
+
+async def shown_unaudited(store: Store, records: Sequence[R], *, reveal: bool = False) -> tuple[list[R], Revealed]:
+    """Events or enforcements as a read sends them: the one place where their secret fields
+    are masked, for every read path that returns payloads (Get, List, the tails, and whatever
+    else sends stored payloads to a reader, such as a CloudEvents rendering of a tail). The
+    caller audits what it sends with the ``Revealed`` (``shown`` does both, for a read that
+    sends all it read).
 
     Without ``reveal`` (checked by ``may_reveal``), every value at a secret path of the schema
-    version that masks the record (``store.secrets``) is ``"***"``, and so is every rendered
-    action parameter or schema problem that holds a secret's text (``secrets.mask_rendered``).
-    With it, the records go as stored, and the ids of those that held a secret are audited
-    first, in one record: a reveal the audit trail cannot record is not made.
+    version that masks the record (``store.schema_versions``, one lookup for all the records)
+    is ``"***"``, and so is every rendered action parameter or schema problem that holds a
+    secret's text (``secrets.mask_rendered``) and every condition value of an enforcement's
+    snapshot whose field is secret (``secrets.mask_conditions``). With it, the records go as
+    stored.
 
     The executor's WatchEnforcements does not come here: executors act on the clear values."""
+    kind = "event" if records and isinstance(records[0], Event) else "enforcement"
     if not records:
-        return []
+        return [], Revealed(kind)
     paths = await store.schema_versions.secret_paths(
         [(r.trigger_ref, r.schema_version if isinstance(r, Event) else None, r.created) for r in records]
     )
+    masked = [cast(R, _masked(r, p)) if p else r for r, p in zip(records, paths, strict=True)]
     if reveal:
-        revealed = [r.id for r, p in zip(records, paths, strict=True) if p and secrets.secret_values(r.payload, p)]
-        if revealed:
-            kind = "event" if isinstance(records[0], Event) else "enforcement"
-            await store.audit.revealed(actor_of_call(), kind, revealed)
-        return list(records)
-    return [cast(R, _masked(r, p)) if p else r for r, p in zip(records, paths, strict=True)]
+        held = frozenset(r.id for r, m in zip(records, masked, strict=True) if m is not r)
+        return list(records), Revealed(kind, held)
+    return masked, Revealed(kind)
+
+
+async def shown(store: Store, records: Sequence[R], *, reveal: bool = False) -> list[R]:
+    """``shown_unaudited``, and the audit of a reveal of every record."""
+    out, revealed = await shown_unaudited(store, records, reveal=reveal)
+    await revealed.audit(store, (r.id for r in out))
+    return out
 
 
 def _masked(record: Event | Enforcement, paths: tuple[secrets.Path, ...]) -> Event | Enforcement:
+    """The record masked, or the record itself when nothing in it is secret."""
     values = secrets.secret_values(record.payload, paths)
-    if not values:
-        return record
-    payload, _ = secrets.mask_payload(record.payload, paths)
     if isinstance(record, Event):
+        if not values:
+            return record
+        payload, _ = secrets.mask_payload(record.payload, paths)
         errors = record.schema_errors
         if errors:
             errors, _ = secrets.mask_rendered(errors, values)
         return record._replace(payload=payload, schema_errors=errors)
+    # The rule's conditions may name a secret value whatever this payload holds.
+    conditions, in_rule = secrets.mask_conditions(record.conditions, paths)
+    if not values:
+        return record._replace(conditions=conditions) if in_rule else record
+    payload, _ = secrets.mask_payload(record.payload, paths)
     config, _ = secrets.mask_rendered(record.config, values)
-    return record._replace(payload=payload, config=config)
+    return record._replace(payload=payload, config=config, conditions=conditions)
