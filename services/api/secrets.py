@@ -312,3 +312,57 @@ def _same_scalar(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     return bool(a == b)
+
+
+def _field_path(field: str) -> Path:
+    return tuple(field.split(".")) if field else ()
+
+
+def _touches(field: Path, path: Path) -> bool:
+    """Whether a condition's field lies at, under or above a secret path: either way the value
+    it is compared with is (or holds) a secret value. ``ANY`` in the field is a searched list's
+    item, which may be any index."""
+    for f, p in zip(field, path, strict=False):
+        if f is ANY or p is ANY:
+            continue
+        if isinstance(p, int):
+            if f != str(p):
+                return False
+        elif f != p:
+            return False
+    return True
+
+
+def mask_conditions(nodes: Sequence[Any], paths: Sequence[Path]) -> tuple[list[Any], bool]:
+    """A rule's condition tree (stored JSON: tests, ``all``/``any``/``not`` groups, a search's
+    ``item``) with the ``value`` of every test whose field touches a secret path shown as
+    MASK, and whether any was. A search's own value is a count; its item's tests are on
+    ``item.<path>``, which is the list's path, any index, then ``<path>``."""
+    if not paths:
+        return list(nodes), False
+    changed = [False]
+
+    def node(n: Any, prefix: Path) -> Any:
+        if not isinstance(n, dict):
+            return n
+        out = dict(n)
+        for group in ("all", "any"):
+            if isinstance(n.get(group), list):
+                out[group] = [node(child, prefix) for child in n[group]]
+        if "not" in n:
+            out["not"] = node(n["not"], prefix)
+        field = n.get("field")
+        if not isinstance(field, str):
+            return out
+        segments = _field_path(field)
+        if prefix:  # inside a search's item: "item" is the list's item
+            segments = (*prefix, *segments[1:])
+        if "item" in n:
+            out["item"] = node(n["item"], (*segments, ANY))
+        elif "value" in n and any(_touches(segments, p) for p in paths) and n["value"] != MASK:
+            out["value"] = MASK
+            changed[0] = True
+        return out
+
+    masked = [node(n, ()) for n in nodes]
+    return (masked, True) if changed[0] else (list(nodes), False)

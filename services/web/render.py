@@ -181,7 +181,7 @@ def environment() -> Environment:
             if v
         ],
         # The api's audit ENTITY_TYPES (the web service does not import the api's code).
-        AUDITED_ENTITIES=("enforcement", "rule", "token", "trigger"),
+        AUDITED_ENTITIES=("enforcement", "event", "execution", "rule", "token", "trigger"),
     )
     return env
 

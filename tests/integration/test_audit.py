@@ -337,7 +337,7 @@ async def test_list_pages_newest_first_with_tokens_bound_to_their_filters(
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [
-        ({"entity_type": "execution"}, "entity_type"),
+        ({"entity_type": "worker"}, "entity_type"),
         ({"entity_ref": "a\x00b"}, "entity_ref"),
         ({"principal": "p" * 256}, "principal"),
         ({"rpc": "\x00"}, "rpc"),
@@ -553,5 +553,5 @@ async def test_record_writes_on_the_given_connection_in_its_transaction(store: S
     await store.audit.record(store.pool, ACTOR, "token", 5, "ci-bot", {"roles": ["viewer"]})
     [record] = (await store.audit.list(10, "", entity_type="token", entity_ref="ci-bot")).items
     assert (record.entity_id, record.change) == (5, {"roles": ["viewer"]})
-    with pytest.raises(ValueError, match="not 'execution'"):
-        await store.audit.record(store.pool, ACTOR, "execution", 1, None, {})
+    with pytest.raises(ValueError, match="not 'worker'"):
+        await store.audit.record(store.pool, ACTOR, "worker", 1, None, {})

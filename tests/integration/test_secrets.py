@@ -23,12 +23,18 @@ from services.web.session import COOKIE
 from shared.gen.automation.v1 import (
     audit_pb2,
     audit_pb2_grpc,
+    common_pb2,
     condition_pb2,
     enforcement_pb2,
     enforcement_pb2_grpc,
     event_pb2,
     event_pb2_grpc,
+    execution_pb2,
+    execution_pb2_grpc,
+    history_pb2,
+    history_pb2_grpc,
     rule_pb2,
+    rule_pb2_grpc,
 )
 from tests.conftest import Stubs
 from tests.helpers import (
@@ -313,27 +319,210 @@ async def test_payloads_of_another_shape_than_the_schema_mask_what_is_there(stub
 
 
 async def test_the_console_shows_secrets_masked(stubs: Stubs, api: ApiServer) -> None:
-    """The console reads through the api with the person's token and never asks to reveal."""
+    """The console reads through the api with the person's token and never asks to reveal:
+    events, enforcements (their conditions too), executions with their history, and rules."""
     await secret_trigger(stubs)
     created = await emit(stubs)
+    await resolved(stubs, [created.enforcements[0].id])
+    executions = execution_pb2_grpc.ExecutionServiceStub(stubs.channel)
+    (x,) = (
+        await executions.ListExecutions(execution_pb2.ListExecutionsRequest(enforcement=created.enforcements[0].id))
+    ).executions
     target = f"127.0.0.1:{api.port}"
     async with channel(target, token=TOKENS["webhook"]) as ch, web_service(target, ch) as url:
         for role in ("viewer", "operator"):
             async with httpx.AsyncClient(base_url=url, cookies={COOKIE: TOKENS[role]}, timeout=30) as browser:
-                for path in (f"/events/{created.event.id}", f"/enforcements/{created.enforcements[0].id}"):
+                for path in (
+                    f"/events/{created.event.id}",
+                    f"/enforcements/{created.enforcements[0].id}",
+                    f"/executions/{x.id}",
+                    "/executions",
+                    f"/rules/{R}",
+                ):
                     answer = await browser.get(path)
                     assert answer.status_code == 200, (path, answer.status_code)
                     text = html.unescape(answer.text)
-                    assert "***" in text, path
-                    # The enforcement page also shows its rule's conditions, which name the
-                    # value the rule matches (the rule's own text, as GetRule shows it).
-                    shown_by_rule = path.startswith("/enforcements/")
-                    for clear in (
-                        "Bearer hunter2",
-                        "s3cr3t",
-                        "k-one",
-                        "k-two",
-                        *(() if shown_by_rule else ("hunter2",)),
-                    ):
+                    if path != "/executions":  # the list shows no config
+                        assert "***" in text, path
+                    for clear in ("hunter2", "s3cr3t", "k-one", "k-two"):
                         assert clear not in text, (path, clear)
-                    assert "ann" in text  # what is not secret is shown
+                    if path.startswith(("/events/", "/enforcements/", "/executions/")):
+                        assert "ann" in text, path  # what is not secret is shown
+
+
+async def test_a_list_page_cut_at_its_byte_budget_audits_only_what_it_sent(stubs: Stubs, revealer: str) -> None:
+    await secret_trigger(stubs)
+    big = "z" * 200_000  # 15 of them pass the 2 MiB page budget
+    events = [new_event(T, {**PAYLOAD, "big": big, "n": i}) for i in range(15)]
+    async with channel(stubs.target, TOKENS["sensor"]) as ch:
+        await event_pb2_grpc.EventServiceStub(ch).CreateEvents(event_pb2.CreateEventsRequest(events=events), timeout=30)
+    async with as_role(stubs, revealer) as (events_stub, _):
+        page = await events_stub.ListEvents(event_pb2.ListEventsRequest(trigger_ref=T, page_size=15, reveal=True))
+    sent = [e.id for e in page.events]
+    assert page.next_page_token and 0 < len(sent) < 15
+    assert all(plain(e.payload)["token"] == "hunter2" for e in page.events)
+    audit = audit_pb2_grpc.AuditServiceStub(stubs.channel)
+    records = (await audit.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(principal="revealer"))).records
+    assert [plain(r.change)["revealed"] for r in records] == [sent]
+
+
+async def test_a_tail_masks_a_page_with_one_lookup_not_one_per_message(stubs: Stubs, api: ApiServer) -> None:
+    await secret_trigger(stubs)
+    assert api.store is not None
+    versions = api.store.schema_versions
+    n = 200
+    async with as_role(stubs, TOKENS["viewer"]) as (events, _):
+        tail = events.TailEvents(event_pb2.TailEventsRequest(trigger_ref=T, announce_start=True))
+        messages = tail.__aiter__()
+        assert (await messages.__anext__()).start
+        batch = [new_event(T, {**PAYLOAD, "n": i}) for i in range(n)]
+        async with channel(stubs.target, TOKENS["sensor"]) as ch:
+            await event_pb2_grpc.EventServiceStub(ch).CreateEvents(event_pb2.CreateEventsRequest(events=batch))
+        before = versions.reads
+        got = [await asyncio.wait_for(messages.__anext__(), 30) for _ in range(n)]
+        tail.cancel()
+    assert all(plain(m.event.payload)["token"] == "***" for m in got)
+    assert [plain(m.event.payload)["n"] for m in got] == list(range(n))
+    # A page of the tail (32 rows) is masked with one lookup: one a message would be 200.
+    assert versions.reads - before <= n // 16
+
+
+async def resolved(stubs: Stubs, enforcement_ids: list[int]) -> None:
+    """Resolves them PROCESSED as an executor: each gets its execution, config as rendered."""
+    async with channel(stubs.target, TOKENS["executor"]) as ch:
+        stub = enforcement_pb2_grpc.EnforcementServiceStub(ch)
+        for id_ in enforcement_ids:
+            await stub.ResolveEnforcement(
+                enforcement_pb2.ResolveEnforcementRequest(id=id_, status=common_pb2.ENFORCEMENT_STATUS_PROCESSED)
+            )
+
+
+async def reveals_of(stubs: Stubs, principal: str) -> list[tuple[str, str, list[int]]]:
+    audit = audit_pb2_grpc.AuditServiceStub(stubs.channel)
+    records = (await audit.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(principal=principal))).records
+    return sorted((r.entity_type, r.rpc.rsplit("/", 1)[1], plain(r.change)["revealed"]) for r in records)
+
+
+async def test_executions_and_their_history_are_masked_and_revealed_with_an_audit(stubs: Stubs, revealer: str) -> None:
+    await secret_trigger(stubs)
+    created = await emit(stubs)
+    enf_id = created.enforcements[0].id
+    await resolved(stubs, [enf_id])
+    executions = execution_pb2_grpc.ExecutionServiceStub(stubs.channel)
+    (x,) = (await executions.ListExecutions(execution_pb2.ListExecutionsRequest(enforcement=enf_id))).executions
+    # The operator's own reads are masked (stubs carry an operator token).
+    assert plain(x.config) == RENDERED_MASKED
+    history_of = history_pb2.ListHistoryRequest(entity_type="execution", entity_id=x.id)
+    for role in ("viewer", "operator"):
+        async with channel(stubs.target, TOKENS[role]) as ch:
+            xs = execution_pb2_grpc.ExecutionServiceStub(ch)
+            got = await xs.GetExecution(execution_pb2.GetExecutionRequest(id=x.id))
+            assert plain(got.config) == RENDERED_MASKED
+            (inserted,) = (await history_pb2_grpc.HistoryServiceStub(ch).ListHistory(history_of)).records
+            assert plain(inserted.new_values)["config"] == RENDERED_MASKED
+            for call in (
+                xs.GetExecution(execution_pb2.GetExecutionRequest(id=x.id, reveal=True)),
+                xs.ListExecutions(execution_pb2.ListExecutionsRequest(reveal=True)),
+                history_pb2_grpc.HistoryServiceStub(ch).ListHistory(
+                    history_pb2.ListHistoryRequest(entity_type="execution", reveal=True)
+                ),
+            ):
+                assert "reveal" in ((await rpc_error(call, DENIED)).details() or "")
+    async with channel(stubs.target, revealer) as ch:
+        xs = execution_pb2_grpc.ExecutionServiceStub(ch)
+        got = await xs.GetExecution(execution_pb2.GetExecutionRequest(id=x.id, reveal=True))
+        assert plain(got.config) == RENDERED_CLEAR
+        (listed,) = (
+            await xs.ListExecutions(execution_pb2.ListExecutionsRequest(enforcement=enf_id, reveal=True))
+        ).executions
+        assert plain(listed.config) == RENDERED_CLEAR
+        history_of.reveal = True
+        (inserted,) = (await history_pb2_grpc.HistoryServiceStub(ch).ListHistory(history_of)).records
+        assert plain(inserted.new_values)["config"] == RENDERED_CLEAR
+    assert await reveals_of(stubs, "revealer") == [
+        ("execution", "GetExecution", [x.id]),
+        ("execution", "ListExecutions", [x.id]),
+        ("execution", "ListHistory", [x.id]),
+    ]
+
+
+async def test_a_page_of_executions_is_masked_with_a_few_statements_not_one_per_row(
+    stubs: Stubs, api: ApiServer
+) -> None:
+    await secret_trigger(stubs)
+    n = 30
+    async with channel(stubs.target, TOKENS["sensor"]) as ch:
+        answer = await event_pb2_grpc.EventServiceStub(ch).CreateEvents(
+            event_pb2.CreateEventsRequest(events=[new_event(T, {**PAYLOAD, "n": i}) for i in range(n)])
+        )
+    await resolved(stubs, [e for r in answer.receipts for e in r.enforcement_ids])
+    assert api.store is not None
+    versions = api.store.schema_versions
+    before = versions.reads
+    async with channel(stubs.target, TOKENS["viewer"]) as ch:
+        page = await execution_pb2_grpc.ExecutionServiceStub(ch).ListExecutions(
+            execution_pb2.ListExecutionsRequest(page_size=n)
+        )
+        records = await history_pb2_grpc.HistoryServiceStub(ch).ListHistory(
+            history_pb2.ListHistoryRequest(entity_type="execution", page_size=n)
+        )
+    assert len(page.executions) == len(records.records) == n
+    assert all(plain(x.config) == RENDERED_MASKED for x in page.executions)
+    assert all(plain(r.new_values)["config"] == RENDERED_MASKED for r in records.records)
+    # Per page: the version list and the versions' schemas at most, not a lookup per row.
+    assert versions.reads - before <= 4
+
+
+async def test_a_rules_conditions_on_secret_fields_are_masked_wherever_they_are_shown(
+    stubs: Stubs, revealer: str
+) -> None:
+    await secret_trigger(stubs)
+    other = rule("demo.secret-other", T, conditions=[("creds.password", EQUALS, "s3cr3t"), ("user", EQUALS, "ann")])
+    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=other))
+    created = await emit(stubs)
+    values = {
+        "token": "***",
+        "creds.password": "***",
+        "user": "ann",  # not secret: shown
+    }
+
+    def shown(r: Any) -> dict[str, Any]:
+        return {c.field: json_format.MessageToDict(c.value) for c in r.conditions}
+
+    async with channel(stubs.target, TOKENS["viewer"]) as ch:
+        rules = rule_pb2_grpc.RuleServiceStub(ch)
+        got = await rules.GetRule(rule_pb2.GetRuleRequest(ref=R))
+        assert shown(got) == {"token": "***"}
+        listed = {r.ref: shown(r) for r in (await rules.ListRules(rule_pb2.ListRulesRequest(trigger_ref=T))).rules}
+        assert listed == {R: {"token": "***"}, "demo.secret-other": {k: values[k] for k in ("creds.password", "user")}}
+        enforcements = enforcement_pb2_grpc.EnforcementServiceStub(ch)
+        for e in created.enforcements:
+            got_e = await enforcements.GetEnforcement(enforcement_pb2.GetEnforcementRequest(id=e.id))
+            assert set(shown(got_e).values()) <= {"***", "ann"}, shown(got_e)
+        assert "reveal" in (
+            (await rpc_error(rules.GetRule(rule_pb2.GetRuleRequest(ref=R, reveal=True)), DENIED)).details() or ""
+        )
+    # The writer's answers are masked too.
+    again = await stubs.rules.UpdateRule(
+        rule_pb2.UpdateRuleRequest(
+            rule=rule_pb2.Rule(ref=R, enabled=True), update_mask=field_mask_pb2.FieldMask(paths=["enabled"])
+        )
+    )
+    assert shown(again) == {"token": "***"}
+    async with channel(stubs.target, revealer) as ch:
+        rules = rule_pb2_grpc.RuleServiceStub(ch)
+        got = await rules.GetRule(rule_pb2.GetRuleRequest(ref=R, reveal=True))
+        assert shown(got) == {"token": "hunter2"}
+        page = await rules.ListRules(rule_pb2.ListRulesRequest(trigger_ref=T, reveal=True))
+        enf = await enforcement_pb2_grpc.EnforcementServiceStub(ch).GetEnforcement(
+            enforcement_pb2.GetEnforcementRequest(id=created.enforcements[0].id, reveal=True)
+        )
+    assert {r.ref: shown(r) for r in page.rules}["demo.secret-other"]["creds.password"] == "s3cr3t"
+    assert "hunter2" in shown(enf).values() or "s3cr3t" in shown(enf).values()
+    rule_ids = sorted(r.id for r in page.rules)
+    assert await reveals_of(stubs, "revealer") == [
+        ("enforcement", "GetEnforcement", [created.enforcements[0].id]),
+        ("rule", "GetRule", [got.id]),
+        ("rule", "ListRules", [r.id for r in page.rules]),
+    ]
+    assert len(rule_ids) == 2

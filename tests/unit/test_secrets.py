@@ -134,3 +134,64 @@ def test_rendered_values_holding_a_secret_are_masked() -> None:
     # Empty strings and nulls hide nothing: they mask nothing.
     assert secret_values({"a": "", "b": None}, [("a",), ("b",)]) == []
     assert mask_rendered({"x": "y"}, []) == ({"x": "y"}, False)
+
+
+def test_condition_values_on_secret_fields_are_masked_in_groups_searches_and_by_index() -> None:
+    paths = ((("token",)), ("keys", secrets.ANY, "key"), ("creds",), ("pins", 1))
+    tree: list[dict[str, Any]] = [
+        {"field": "token", "operator": "equals", "value": "hunter2"},
+        {"field": "user", "operator": "equals", "value": "ann"},
+        {"not": {"field": "creds.password", "operator": "equals", "value": "s3cr3t"}},
+        {
+            "any": [
+                {"field": "pins.1", "operator": "equals", "value": 4321},
+                {"field": "pins.0", "operator": "equals", "value": 1},
+            ]
+        },
+        {
+            "field": "keys",
+            "operator": "search",
+            "value": "any",
+            "item": {
+                "all": [
+                    {"field": "item.key", "operator": "equals", "value": "k-one"},
+                    {"field": "item.id", "operator": "equals", "value": 1},
+                ]
+            },
+        },
+        {"field": "token", "operator": "exists"},
+    ]
+    masked, changed = secrets.mask_conditions(tree, paths)
+    assert changed
+    assert masked == [
+        {"field": "token", "operator": "equals", "value": "***"},
+        {"field": "user", "operator": "equals", "value": "ann"},
+        {"not": {"field": "creds.password", "operator": "equals", "value": "***"}},
+        {
+            "any": [
+                {"field": "pins.1", "operator": "equals", "value": "***"},
+                {"field": "pins.0", "operator": "equals", "value": 1},
+            ]
+        },
+        {
+            "field": "keys",
+            "operator": "search",
+            "value": "any",
+            "item": {
+                "all": [
+                    {"field": "item.key", "operator": "equals", "value": "***"},
+                    {"field": "item.id", "operator": "equals", "value": 1},
+                ]
+            },
+        },
+        {"field": "token", "operator": "exists"},
+    ]
+    assert tree[0]["value"] == "hunter2"  # the stored tree is not changed
+    assert secrets.mask_conditions(tree, ()) == (tree, False)
+    # A field above a secret compares a value that holds it.
+    assert (
+        secrets.mask_conditions([{"field": "keys", "operator": "contains", "value": {"key": "k"}}], paths)[0][0][
+            "value"
+        ]
+        == "***"
+    )

@@ -32,6 +32,7 @@ from services.api.servicers.requests import (
     lease_holder,
     may_reveal,
     shown,
+    shown_unaudited,
     status_filter,
     time_range_of,
 )
@@ -180,9 +181,11 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             created_from=start,
             created_to=end,
         )
-        page = Page(await shown(self._store, page.items, reveal=reveal), page.next_token, page.token_after)
+        items, revealed = await shown_unaudited(self._store, page.items, reveal=reveal)
+        page = Page(items, page.next_token, page.token_after)
         response = enforcement_pb2.ListEnforcementsResponse()
         response.next_page_token = fill_page(response, response.enforcements, page, convert.fill_enforcement)
+        await revealed.audit(self._store, (m.id for m in response.enforcements))
         return response
 
     @rpc

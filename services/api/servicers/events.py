@@ -22,6 +22,7 @@ from services.api.servicers.requests import (
     finish_anyway,
     may_reveal,
     shown,
+    shown_unaudited,
     time_range_of,
 )
 from services.api.store import CreatedEvent, NewEvent, Page, Store, page_size, set_deadline, translate
@@ -341,9 +342,11 @@ class EventService(event_pb2_grpc.EventServiceServicer):
             created_to=end,
             reemit_of=request.reemit_of if request.HasField("reemit_of") else None,
         )
-        page = Page(await shown(self._store, page.items, reveal=reveal), page.next_token, page.token_after)
+        items, revealed = await shown_unaudited(self._store, page.items, reveal=reveal)
+        page = Page(items, page.next_token, page.token_after)
         response = event_pb2.ListEventsResponse()
         response.next_page_token = fill_page(response, response.events, page, convert.fill_event)
+        await revealed.audit(self._store, (m.id for m in response.events))
         return response
 
     @rpc

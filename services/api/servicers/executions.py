@@ -9,11 +9,13 @@ from services.api._rpc import rpc
 from services.api.servicers.requests import (
     Context,
     check_filters,
+    may_reveal,
     page_of,
+    shown_executions,
     status_filter,
     time_range_of,
 )
-from services.api.store import Store, page_size
+from services.api.store import Page, Store, page_size
 from shared.gen.automation.v1 import (
     execution_pb2,
     execution_pb2_grpc,
@@ -30,7 +32,13 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
     async def GetExecution(
         self, request: execution_pb2.GetExecutionRequest, context: Context
     ) -> execution_pb2.Execution:
-        return convert.execution(await self._store.executions.get(validate.id_or_raise("id", request.id)))
+        id_ = validate.id_or_raise("id", request.id)
+        reveal = may_reveal(request.reveal)
+        (execution,), revealed = await shown_executions(
+            self._store, [await self._store.executions.get(id_)], reveal=reveal
+        )
+        await revealed.audit(self._store, (execution.id,))
+        return convert.execution(execution)
 
     @rpc
     async def ListExecutions(
@@ -40,6 +48,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         size = page_size(request.page_size)
         start, end = time_range_of("created", request.created)
         status = status_filter(request.status, convert.EXECUTION_STATUS_NAME)
+        reveal = may_reveal(request.reveal)
         page = await self._store.executions.list(
             size,
             request.page_token,
@@ -49,5 +58,7 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
             created_from=start,
             created_to=end,
         )
-        executions, token = page_of(page, convert.execution)
+        items, revealed = await shown_executions(self._store, page.items, reveal=reveal)
+        executions, token = page_of(Page(items, page.next_token, page.token_after), convert.execution)
+        await revealed.audit(self._store, (x.id for x in executions))
         return execution_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)

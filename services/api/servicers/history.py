@@ -8,10 +8,12 @@ from services.api import convert, validate
 from services.api._rpc import rpc
 from services.api.servicers.requests import (
     Context,
+    may_reveal,
     page_of,
+    shown_history,
     time_range_of,
 )
-from services.api.store import Store, page_size
+from services.api.store import Page, Store, page_size
 from services.api.store.history import TABLES as HISTORY_TABLES
 from shared import limits
 from shared.errors import (
@@ -46,6 +48,7 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
         if request.HasField("entity_id") and request.entity_id <= 0:
             v.add("entity_id", "must be a positive id")
         v.raise_if_any()
+        reveal = may_reveal(request.reveal)
         size = page_size(request.page_size)
         start, end = time_range_of("time", request.time)
         page = await self._store.history.list(
@@ -58,5 +61,7 @@ class HistoryService(history_pb2_grpc.HistoryServiceServicer):
             time_from=start,
             time_to=end,
         )
-        records, token = page_of(page, convert.history)
+        items, revealed = await shown_history(self._store, request.entity_type, page.items, reveal=reveal)
+        records, token = page_of(Page(items, page.next_token, page.token_after), convert.history)
+        await revealed.audit(self._store, (r.entity_id for r in records))
         return history_pb2.ListHistoryResponse(records=records, next_page_token=token)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
@@ -19,7 +20,7 @@ from google.protobuf.message import Message
 from services.api import convert, secrets, validate
 from services.api._rpc import current_rpc
 from services.api.auth import REVEAL, current_principal
-from services.api.store import Actor, Enforcement, Event, Page, Store
+from services.api.store import Actor, Enforcement, Event, Execution, HistoryRecord, Page, Rule, Store
 from shared import limits
 from shared.errors import (
     InvalidArgument,
@@ -185,41 +186,160 @@ def may_reveal(reveal: bool) -> bool:
     return reveal
 
 
-async def shown(store: Store, records: Sequence[R], *, reveal: bool = False) -> list[R]:
-    """Events or enforcements as a read sends them: the one place where secret fields are
-    masked, for every read path that returns payloads (Get, List, the tails, and whatever
-    else sends stored payloads to a reader, such as a CloudEvents rendering of a tail).
+@dataclass(frozen=True, slots=True)
+class Revealed:
+    """What a read that asked to reveal holds in clear: the ids to audit, as they are sent."""
+
+    kind: str
+    """The audit record's entity type: event, enforcement, execution or rule."""
+    ids: frozenset[int] = frozenset()
+
+    async def audit(self, store: Store, sent: Iterable[int]) -> None:
+        """Audits the reveal of those of ``sent`` that held a secret: one record, written
+        before the caller answers, so a reveal the audit trail cannot record is not made. A
+        page cut at its byte budget audits only what it sends."""
+        ids = list(dict.fromkeys(i for i in sent if i in self.ids))
+        if ids:
+            await store.audit.revealed(actor_of_call(), self.kind, ids)
+
+
+async def shown_unaudited(store: Store, records: Sequence[R], *, reveal: bool = False) -> tuple[list[R], Revealed]:
+    """Events or enforcements as a read sends them: the one place where their secret fields
+    are masked, for every read path that returns payloads (Get, List, the tails, and whatever
+    else sends stored payloads to a reader, such as a CloudEvents rendering of a tail). The
+    caller audits what it sends with the ``Revealed`` (``shown`` does both, for a read that
+    sends all it read).
 
     Without ``reveal`` (checked by ``may_reveal``), every value at a secret path of the schema
-    version that masks the record (``store.secrets``) is ``"***"``, and so is every rendered
-    action parameter or schema problem that holds a secret's text (``secrets.mask_rendered``).
-    With it, the records go as stored, and the ids of those that held a secret are audited
-    first, in one record: a reveal the audit trail cannot record is not made.
+    version that masks the record (``store.schema_versions``, one lookup for all the records)
+    is ``"***"``, and so is every rendered action parameter or schema problem that holds a
+    secret's text (``secrets.mask_rendered``) and every condition value of an enforcement's
+    snapshot whose field is secret (``secrets.mask_conditions``). With it, the records go as
+    stored.
 
     The executor's WatchEnforcements does not come here: executors act on the clear values."""
+    kind = "event" if records and isinstance(records[0], Event) else "enforcement"
     if not records:
-        return []
+        return [], Revealed(kind)
     paths = await store.schema_versions.secret_paths(
         [(r.trigger_ref, r.schema_version if isinstance(r, Event) else None, r.created) for r in records]
     )
+    masked = [cast(R, _masked(r, p)) if p else r for r, p in zip(records, paths, strict=True)]
     if reveal:
-        revealed = [r.id for r, p in zip(records, paths, strict=True) if p and secrets.secret_values(r.payload, p)]
-        if revealed:
-            kind = "event" if isinstance(records[0], Event) else "enforcement"
-            await store.audit.revealed(actor_of_call(), kind, revealed)
-        return list(records)
-    return [cast(R, _masked(r, p)) if p else r for r, p in zip(records, paths, strict=True)]
+        held = frozenset(r.id for r, m in zip(records, masked, strict=True) if m is not r)
+        return list(records), Revealed(kind, held)
+    return masked, Revealed(kind)
+
+
+async def shown(store: Store, records: Sequence[R], *, reveal: bool = False) -> list[R]:
+    """``shown_unaudited``, and the audit of a reveal of every record."""
+    out, revealed = await shown_unaudited(store, records, reveal=reveal)
+    await revealed.audit(store, (r.id for r in out))
+    return out
 
 
 def _masked(record: Event | Enforcement, paths: tuple[secrets.Path, ...]) -> Event | Enforcement:
+    """The record masked, or the record itself when nothing in it is secret."""
     values = secrets.secret_values(record.payload, paths)
-    if not values:
-        return record
-    payload, _ = secrets.mask_payload(record.payload, paths)
     if isinstance(record, Event):
+        if not values:
+            return record
+        payload, _ = secrets.mask_payload(record.payload, paths)
         errors = record.schema_errors
         if errors:
             errors, _ = secrets.mask_rendered(errors, values)
         return record._replace(payload=payload, schema_errors=errors)
+    # The rule's conditions may name a secret value whatever this payload holds.
+    conditions, in_rule = secrets.mask_conditions(record.conditions, paths)
+    if not values:
+        return record._replace(conditions=conditions) if in_rule else record
+    payload, _ = secrets.mask_payload(record.payload, paths)
     config, _ = secrets.mask_rendered(record.config, values)
-    return record._replace(payload=payload, config=config)
+    return record._replace(payload=payload, config=config, conditions=conditions)
+
+
+_NOW_ON = datetime.max.replace(tzinfo=UTC)
+"""A rule is masked by its trigger's schema as it is now: the version in effect from its
+``since`` on, whenever that was."""
+
+
+async def shown_rules(store: Store, rules: Sequence[Rule], *, reveal: bool = False) -> tuple[list[Rule], Revealed]:
+    """Rules as a read sends them: the ``value`` of every condition whose field is (or holds,
+    or lies in) a secret path of the schema its trigger has now is ``"***"`` (one lookup for
+    all the rules). With ``reveal``, as stored; the caller audits what it sends."""
+    if not rules:
+        return [], Revealed("rule")
+    paths = await store.schema_versions.secret_paths([(r.trigger_ref, None, _NOW_ON) for r in rules])
+    out: list[Rule] = []
+    held: set[int] = set()
+    for r, p in zip(rules, paths, strict=True):
+        conditions, changed = secrets.mask_conditions(r.conditions, p)
+        if changed:
+            held.add(r.id)
+        out.append(replace(r, conditions=conditions) if changed and not reveal else r)
+    return out, Revealed("rule", frozenset(held) if reveal else frozenset())
+
+
+async def _execution_secrets(store: Store, ids: Sequence[int]) -> dict[int, list[Any]]:
+    """By execution id, the clear secret values its enforcement's payload held: what its config
+    and result may have taken (two or three statements for a page, whatever its length)."""
+    sources = await store.executions.sources(ids)
+    if not sources:
+        return {}
+    keyed = list(sources.items())
+    paths = await store.schema_versions.secret_paths([(s.trigger_ref, None, s.created) for _, s in keyed])
+    out: dict[int, list[Any]] = {}
+    for (id_, source), p in zip(keyed, paths, strict=True):
+        if p and (values := secrets.secret_values(source.payload, p)):
+            out[id_] = values
+    return out
+
+
+async def shown_executions(
+    store: Store, executions: Sequence[Execution], *, reveal: bool = False
+) -> tuple[list[Execution], Revealed]:
+    """Executions as a read sends them: an execution's config is what its enforcement's
+    parameters rendered, so it is masked as the enforcement's config is (every value holding
+    a secret of the enforcement's payload is ``"***"``), and its result the same way (an
+    action may echo what it was given). With ``reveal``, as stored; the caller audits."""
+    values = await _execution_secrets(store, [x.id for x in executions if x.enforcement is not None])
+    out: list[Execution] = []
+    held: set[int] = set()
+    for x in executions:
+        found = values.get(x.id)
+        if not found:
+            out.append(x)
+            continue
+        config, in_config = secrets.mask_rendered(x.config, found)
+        result, in_result = secrets.mask_rendered(x.result, found)
+        if in_config or in_result:
+            held.add(x.id)
+            out.append(x if reveal else replace(x, config=config, result=result))
+        else:
+            out.append(x)
+    return out, Revealed("execution", frozenset(held) if reveal else frozenset())
+
+
+async def shown_history(
+    store: Store, entity_type: str, records: Sequence[HistoryRecord], *, reveal: bool = False
+) -> tuple[list[HistoryRecord], Revealed]:
+    """History records as a read sends them: an execution's changes hold its config and
+    result, masked as ``shown_executions`` masks them. The audit names the executions."""
+    if entity_type != "execution":
+        return list(records), Revealed("execution")
+    values = await _execution_secrets(store, [r.entity_id for r in records])
+    out: list[HistoryRecord] = []
+    held: set[int] = set()
+    for r in records:
+        found = values.get(r.entity_id)
+        if not found:
+            out.append(r)
+            continue
+        old, in_old = secrets.mask_rendered(r.old_values, found)
+        new, in_new = secrets.mask_rendered(r.new_values, found)
+        if in_old or in_new:
+            held.add(r.entity_id)
+            out.append(r if reveal else replace(r, old_values=old, new_values=new))
+        else:
+            out.append(r)
+    return out, Revealed("execution", frozenset(held) if reveal else frozenset())

@@ -21,8 +21,17 @@ from services.api._rpc import rpc
 from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher
 from services.api.encoded import Measure
-from services.api.servicers.requests import Context, actor_of_call, check_filters, key_of, page_of, volume_range
-from services.api.store import Event, Store, Trigger, derive, page_size
+from services.api.servicers.requests import (
+    Context,
+    actor_of_call,
+    check_filters,
+    key_of,
+    may_reveal,
+    page_of,
+    shown_rules,
+    volume_range,
+)
+from services.api.store import Event, Page, Store, Trigger, derive, page_size
 from services.api.store.rules import TRIGGER_UPDATABLE, UPDATABLE
 from shared import limits
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Violations, clip
@@ -354,15 +363,22 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         fields = self._new_rule(v, request.rule, "rule")
         v.raise_if_any()
         created = await self._store.rules.create_rule(**fields, actor=actor_of_call())
+        # Its writer sent the values; the answer is masked like every read of the rule.
+        (created,), _ = await shown_rules(self._store, [created])
         return convert.rule(created)
 
     @rpc
     async def GetRule(self, request: rule_pb2.GetRuleRequest, context: Context) -> rule_pb2.Rule:
-        return convert.rule(await self._store.rules.get_rule(key_of(request, "rule")))
+        key = key_of(request, "rule")
+        reveal = may_reveal(request.reveal)
+        (rule,), revealed = await shown_rules(self._store, [await self._store.rules.get_rule(key)], reveal=reveal)
+        await revealed.audit(self._store, (rule.id,))
+        return convert.rule(rule)
 
     @rpc
     async def ListRules(self, request: rule_pb2.ListRulesRequest, context: Context) -> rule_pb2.ListRulesResponse:
         check_filters(request, refs=("trigger_ref", "action_ref"), texts=("pack_ref",))
+        reveal = may_reveal(request.reveal)
         page = await self._store.rules.list_rules(
             page_size(request.page_size),
             request.page_token,
@@ -371,7 +387,9 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             action_ref=request.action_ref,
             enabled=request.enabled if request.HasField("enabled") else None,
         )
-        rules, token = page_of(page, convert.rule)
+        items, revealed = await shown_rules(self._store, page.items, reveal=reveal)
+        rules, token = page_of(Page(items, page.next_token, page.token_after), convert.rule)
+        await revealed.audit(self._store, (r.id for r in rules))
         return rule_pb2.ListRulesResponse(rules=rules, next_page_token=token)
 
     @rpc
@@ -409,7 +427,8 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                 changes[path] = value
         v.raise_if_any()
         actor = actor_of_call()
-        return convert.rule(await self._store.rules.update_rule(key, changes, actor))
+        (updated,), _ = await shown_rules(self._store, [await self._store.rules.update_rule(key, changes, actor)])
+        return convert.rule(updated)
 
     @rpc
     async def DeleteRule(self, request: rule_pb2.DeleteRuleRequest, context: Context) -> empty_pb2.Empty:

@@ -78,7 +78,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.api import cloudevents_out, convert, validate
-from services.api.servicers.requests import may_reveal, shown
+from services.api.servicers.requests import Revealed, may_reveal, shown_unaudited
 from services.api.store import Enforcement, Scope, Signer, Store
 from services.api.store.tails import Read
 from shared import limits
@@ -312,6 +312,9 @@ class Source:
     key: Callable[[Any], datetime]
     ready: Callable[[Any], bool] = lambda _row: True
     """False for a row that must wait (a resolution whose creation is not delivered yet)."""
+    shown: Callable[[list[Any]], Awaitable[list[Any]]] | None = None
+    """The rows of a read as the tail sends them (secrets masked): called once per read, so
+    its lookups cost one statement per page, not per message."""
 
 
 def _expired(track: Track, now: datetime) -> None:
@@ -346,7 +349,8 @@ async def follow(
             _expired(track, read.now)
             stable_before = micros(read.now) - WINDOW_US
             stopped = False
-            for row in read.rows:
+            rows = read.rows if source.shown is None or not read.rows else await source.shown(read.rows)
+            for row in rows:
                 if not source.ready(row):
                     stopped = True
                     break
@@ -413,12 +417,19 @@ async def tail_events(
     def read(after: tuple[datetime, int], skip: list[int], limit: int) -> Awaitable[Read]:
         return store.tails.events(after, skip, limit, **filters)
 
-    source = Source(track, read, key=lambda e: e.created)
+    revealed = Revealed("event")
+
+    async def masked(rows: list[Any]) -> list[Any]:
+        nonlocal revealed
+        out, revealed = await shown_unaudited(store, rows, reveal=reveal)
+        return out
+
+    source = Source(track, read, key=lambda e: e.created, shown=masked)
     async with store.tails.notices.subscribe(["event_created"]) as wake:
         if request.announce_start:
             yield event_pb2.TailEventsResponse(start=True, cursor=cursors.encode([track]))
-        async for _, row in follow([source], wake, stop, poll_s):
-            (event,) = await shown(store, [row], reveal=reveal)
+        async for _, event in follow([source], wake, stop, poll_s):
+            await revealed.audit(store, (event.id,))
             cursor = cursors.encode([track])
             if as_cloudevents:
                 out = cloudevents_out.to_cloudevent(
@@ -470,15 +481,34 @@ async def tail_enforcements(
     def creation_delivered(e: Enforcement) -> bool:
         return not follow_created or creations.delivered(micros(e.created), e.id)
 
+    # Per source: what its last read revealed (a creation and a resolution are two messages,
+    # each audited as it is sent).
+    revealed = [Revealed("enforcement"), Revealed("enforcement")]
+
+    def masker(index: int) -> Callable[[list[Any]], Awaitable[list[Any]]]:
+        async def masked(rows: list[Any]) -> list[Any]:
+            out, revealed[index] = await shown_unaudited(store, rows, reveal=reveal)
+            return out
+
+        return masked
+
     sources: list[Source] = []
     changes: list[int] = []
     channels: list[str] = []
     if follow_created:
-        sources.append(Source(creations, read_created, key=lambda e: e.created))
+        sources.append(Source(creations, read_created, key=lambda e: e.created, shown=masker(len(sources))))
         changes.append(_CHANGE.CHANGE_CREATED)
         channels.append("enforcement_created")
     if follow_resolved:
-        sources.append(Source(resolutions, read_resolved, key=lambda e: e.resolved_at, ready=creation_delivered))
+        sources.append(
+            Source(
+                resolutions,
+                read_resolved,
+                key=lambda e: e.resolved_at,
+                ready=creation_delivered,
+                shown=masker(len(sources)),
+            )
+        )
         changes.append(_CHANGE.CHANGE_RESOLVED)
         channels.append("enforcement_resolved")
     async with store.tails.notices.subscribe(channels) as wake:
@@ -490,7 +520,7 @@ async def tail_enforcements(
             if change == _CHANGE.CHANGE_CREATED:
                 # As it was stored, whatever became of it since (its resolution comes next).
                 e = e._replace(status="created", resolved_at=None)
-            (e,) = await shown(store, [e], reveal=reveal)
+            await revealed[index].audit(store, (e.id,))
             cursor = cursors.encode([creations, resolutions])
             if as_cloudevents:
                 name = cloudevents_out.CREATED if change == _CHANGE.CHANGE_CREATED else cloudevents_out.RESOLVED

@@ -18,7 +18,7 @@ from ._db import Connection, guarded
 from ._paging import Paged, Where
 from .types import JSON, Actor, AuditRecord, Page, columns
 
-ENTITY_TYPES = ("enforcement", "event", "rule", "token", "trigger")
+ENTITY_TYPES = ("enforcement", "event", "execution", "rule", "token", "trigger")
 """What the trail records changes of (the CHECK of ``audit_log.entity_type``)."""
 
 _RECORD = columns(AuditRecord)

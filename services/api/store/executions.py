@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
+from typing import NamedTuple
 
 from shared.errors import NotFound
 
 from ._paging import Paged, Where
-from .types import Execution, Page, columns
+from .types import JSON, Execution, Page, columns
 
 _EXECUTION = columns(Execution)
+# Enforcement ids come with the executions (no time bound is known: an enforcement may wait
+# days for its resolution), so on TimescaleDB each chunk's primary key index is probed once.
+_SOURCES = """
+SELECT x.id, e.trigger_ref, e.payload, e.created
+  FROM execution x JOIN enforcement e ON e.id = x.enforcement
+ WHERE x.id = ANY($1::bigint[])"""
+
+
+class Source(NamedTuple):
+    """What an execution's config was rendered from: its enforcement's trigger, payload and
+    time (which schema version masks it)."""
+
+    trigger_ref: str
+    payload: dict[str, JSON]
+    created: datetime
 
 
 class Executions(Paged):
@@ -44,3 +61,12 @@ class Executions(Paged):
         if created_to is not None:
             where.add("created < {}", created_to)
         return await self._page(f"SELECT {_EXECUTION} FROM execution", where, token, size, Execution)
+
+    async def sources(self, ids: Sequence[int]) -> dict[int, Source]:
+        """By execution id, what each of ``ids`` was rendered from: one statement for a page
+        (on the primary: an execution read there has its enforcement there). An execution
+        whose enforcement is gone (retention, or none) is not in the answer."""
+        if not ids:
+            return {}
+        rows = await self._fetch(_SOURCES, sorted(set(ids)))
+        return {row["id"]: Source(row["trigger_ref"], row["payload"], row["created"]) for row in rows}

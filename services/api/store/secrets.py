@@ -20,7 +20,7 @@ import bisect
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -29,14 +29,23 @@ from services.api import secrets
 
 from ._db import Repo
 
+# One row at least (the database's time), whether or not any ref has versions.
 _VERSIONS = """
-SELECT trigger_ref, trigger_id, schema_version, since FROM trigger_schema_version
- WHERE trigger_ref = ANY($1::text[]) ORDER BY trigger_ref, since, trigger_id, schema_version"""
+SELECT n.read_at, v.trigger_ref, v.trigger_id, v.schema_version, v.since
+  FROM (SELECT now() AS read_at) n
+  LEFT JOIN trigger_schema_version v ON v.trigger_ref = ANY($1::text[])
+ ORDER BY v.trigger_ref, v.since, v.trigger_id, v.schema_version"""
 _SCHEMAS = """
 SELECT trigger_id, schema_version, out_schema FROM trigger_schema_version
  WHERE (trigger_id, schema_version) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))"""
 _MAX_CACHED = 4096
-"""Schema versions whose secret paths are kept; the least recently used go first."""
+"""Schema versions whose secret paths are kept, and refs whose version lists are; the least
+recently used go first."""
+SETTLED = timedelta(seconds=10)
+"""A version row is visible this long after its ``since`` (the writing transaction's start):
+the tails' own assumption (``servicers/tails.py`` WINDOW), as writes to ``trigger`` are single
+statements bounded by the statement timeout. So a ref's version list read at database time T
+holds every version that can mask a record stored before T - SETTLED."""
 _INLINE_BYTES = 4096
 """Schemas (JSON text) up to this size are walked on the event loop; larger ones in a thread."""
 
@@ -59,39 +68,62 @@ class SchemaVersions(Repo):
     def __init__(self, pool: asyncpg.Pool) -> None:
         super().__init__(pool)
         self._paths: OrderedDict[tuple[int, int], Paths] = OrderedDict()
+        # By ref: (settled before, its versions as (since, trigger id, version) by since).
+        self._versions: OrderedDict[str, tuple[datetime, list[tuple[datetime, int, int]]]] = OrderedDict()
+        self.reads = 0
+        """Statements run so far (the bench's and the tests' measure of batching)."""
 
     async def secret_paths(self, keys: Sequence[Key]) -> list[Paths]:
-        """The secret paths masking each record's payload (empty: nothing to mask)."""
-        refs = sorted({k[0] for k in keys})
-        if not refs:
+        """The secret paths masking each record's payload (empty: nothing to mask).
+
+        At most two statements for any number of records, and none for records stored more
+        than SETTLED before a ref's version list was last read (cached) whose versions' paths
+        are cached: a page, a batch of a tail, costs what one record does."""
+        if not keys:
             return []
-        versions: dict[str, list[tuple[datetime, int, int]]] = {}
-        for row in await self._fetch(_VERSIONS, refs):
-            versions.setdefault(row["trigger_ref"], []).append((row["since"], row["trigger_id"], row["schema_version"]))
-        if not versions:
-            return [() for _ in keys]
-        chosen = [_version(versions.get(ref, []), version, created) for ref, version, created in keys]
-        missing = sorted({c for c in chosen if c is not None and c not in self._paths})
+        stale = sorted({ref for ref, _v, created in keys if not self._settled(ref, created)})
+        lists = {ref: self._versions[ref][1] for ref, _v, _c in keys if ref not in stale}
+        if stale:
+            self.reads += 1
+            rows = await self._fetch(_VERSIONS, stale)
+            read_at: datetime = rows[0]["read_at"]
+            found: dict[str, list[tuple[datetime, int, int]]] = {ref: [] for ref in stale}
+            for row in rows:
+                if row["trigger_ref"] is not None:
+                    found[row["trigger_ref"]].append((row["since"], row["trigger_id"], row["schema_version"]))
+            for ref, versions in found.items():
+                self._versions[ref] = (read_at - SETTLED, versions)
+                self._versions.move_to_end(ref)
+            while len(self._versions) > _MAX_CACHED:
+                self._versions.popitem(last=False)
+            lists.update(found)
+        chosen = [_version(lists[ref], version, created) for ref, version, created in keys]
+        known = {c: self._paths[c] for c in chosen if c is not None and c in self._paths}
+        missing = sorted({c for c in chosen if c is not None and c not in known})
         if missing:
+            self.reads += 1
             rows = await self._fetch(_SCHEMAS, [m[0] for m in missing], [m[1] for m in missing])
             for row in rows:
                 schema = row["out_schema"]
                 if schema is None:
-                    found: Paths = ()
+                    paths: Paths = ()
                 elif len(json.dumps(schema)) > _INLINE_BYTES:
-                    found = await asyncio.to_thread(_collect, schema)
+                    paths = await asyncio.to_thread(_collect, schema)
                 else:
-                    found = _collect(schema)
-                self._paths[(row["trigger_id"], row["schema_version"])] = found
-            while len(self._paths) > _MAX_CACHED:
-                self._paths.popitem(last=False)
-        out: list[Paths] = []
-        for c in chosen:
-            paths = self._paths.get(c, ()) if c is not None else ()
-            if c in self._paths:
-                self._paths.move_to_end(c)  # type: ignore[arg-type]
-            out.append(paths)
-        return out
+                    paths = _collect(schema)
+                known[(row["trigger_id"], row["schema_version"])] = paths
+        for c, paths in known.items():
+            self._paths[c] = paths
+            self._paths.move_to_end(c)
+        while len(self._paths) > _MAX_CACHED:
+            self._paths.popitem(last=False)
+        return [known.get(c, ()) if c is not None else () for c in chosen]
+
+    def _settled(self, ref: str, created: datetime) -> bool:
+        """Whether the cached version list of ``ref`` holds every version that can mask a
+        record stored at ``created``."""
+        cached = self._versions.get(ref)
+        return cached is not None and created < cached[0]
 
 
 def _version(rows: list[tuple[datetime, int, int]], version: int | None, created: datetime) -> tuple[int, int] | None:

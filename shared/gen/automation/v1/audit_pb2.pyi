@@ -47,7 +47,7 @@ class AuditRecord(_message.Message):
     """
     entity_type: _builtins.str
     """What was changed: `rule`, `trigger`, `token` or `enforcement`; or what was read with its
-    secret fields in clear (`event`, `enforcement`: a reveal).
+    secret fields in clear (`event`, `enforcement`, `execution`, `rule`: a reveal).
     """
     entity_id: _builtins.int
     """Id of the changed entity, when it has one."""
@@ -67,7 +67,7 @@ class AuditRecord(_message.Message):
         release: the `enforcement` id, its `rule_ref`, and what the dispatch row held before (a
         retry: `attempts` and `last_error`; a release: the `reason` given and the lease's holder).
         A reveal (a read with `reveal` set that showed secret fields in clear): `revealed`, the
-        ids of the events or enforcements shown, with no entity_id.
+        ids of the events, enforcements, executions or rules shown, with no entity_id.
         """
 
     def __init__(

@@ -27,23 +27,23 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61utomation/v1/execution.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x02\n\tExecution\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\naction_ref\x18\x02 \x01(\t\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x0b\x65nforcement\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06parent\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\x08\x65xecutor\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12.\n\x06status\x18\x07 \x01(\x0e\x32\x1e.automation.v1.ExecutionStatus\x12\'\n\x06result\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x07\x63reated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0e\n\x0c_enforcementB\t\n\x07_parentB\x0b\n\t_executor\"!\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"\xd7\x01\n\x15ListExecutionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x0b\x65nforcement\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\naction_ref\x18\x04 \x01(\t\x12.\n\x06status\x18\x05 \x01(\x0e\x32\x1e.automation.v1.ExecutionStatus\x12)\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x18.automation.v1.TimeRangeB\x0e\n\x0c_enforcement\"_\n\x16ListExecutionsResponse\x12,\n\nexecutions\x18\x01 \x03(\x0b\x32\x18.automation.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xed\x02\n\x0f\x45xecutionStatus\x12 \n\x1c\x45XECUTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XECUTION_STATUS_REQUESTED\x10\x01\x12\x1f\n\x1b\x45XECUTION_STATUS_SCHEDULING\x10\x02\x12\x1e\n\x1a\x45XECUTION_STATUS_SCHEDULED\x10\x03\x12\x1c\n\x18\x45XECUTION_STATUS_RUNNING\x10\x04\x12\x1e\n\x1a\x45XECUTION_STATUS_COMPLETED\x10\x05\x12\x1b\n\x17\x45XECUTION_STATUS_FAILED\x10\x06\x12\x1c\n\x18\x45XECUTION_STATUS_TIMEOUT\x10\x07\x12\x1e\n\x1a\x45XECUTION_STATUS_CANCELING\x10\x08\x12\x1e\n\x1a\x45XECUTION_STATUS_CANCELLED\x10\t\x12\x1e\n\x1a\x45XECUTION_STATUS_ABANDONED\x10\n2\xbf\x01\n\x10\x45xecutionService\x12L\n\x0cGetExecution\x12\".automation.v1.GetExecutionRequest\x1a\x18.automation.v1.Execution\x12]\n\x0eListExecutions\x12$.automation.v1.ListExecutionsRequest\x1a%.automation.v1.ListExecutionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61utomation/v1/execution.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x02\n\tExecution\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x12\n\naction_ref\x18\x02 \x01(\t\x12\'\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x0b\x65nforcement\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x06parent\x18\x05 \x01(\x03H\x01\x88\x01\x01\x12\x15\n\x08\x65xecutor\x18\x06 \x01(\x03H\x02\x88\x01\x01\x12.\n\x06status\x18\x07 \x01(\x0e\x32\x1e.automation.v1.ExecutionStatus\x12\'\n\x06result\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\x07\x63reated\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07updated\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x0e\n\x0c_enforcementB\t\n\x07_parentB\x0b\n\t_executor\"1\n\x13GetExecutionRequest\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x0e\n\x06reveal\x18\x0b \x01(\x08\"\xe7\x01\n\x15ListExecutionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x0b\x65nforcement\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\naction_ref\x18\x04 \x01(\t\x12.\n\x06status\x18\x05 \x01(\x0e\x32\x1e.automation.v1.ExecutionStatus\x12)\n\x07\x63reated\x18\x06 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x0e\n\x06reveal\x18\x10 \x01(\x08\x42\x0e\n\x0c_enforcement\"_\n\x16ListExecutionsResponse\x12,\n\nexecutions\x18\x01 \x03(\x0b\x32\x18.automation.v1.Execution\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xed\x02\n\x0f\x45xecutionStatus\x12 \n\x1c\x45XECUTION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45XECUTION_STATUS_REQUESTED\x10\x01\x12\x1f\n\x1b\x45XECUTION_STATUS_SCHEDULING\x10\x02\x12\x1e\n\x1a\x45XECUTION_STATUS_SCHEDULED\x10\x03\x12\x1c\n\x18\x45XECUTION_STATUS_RUNNING\x10\x04\x12\x1e\n\x1a\x45XECUTION_STATUS_COMPLETED\x10\x05\x12\x1b\n\x17\x45XECUTION_STATUS_FAILED\x10\x06\x12\x1c\n\x18\x45XECUTION_STATUS_TIMEOUT\x10\x07\x12\x1e\n\x1a\x45XECUTION_STATUS_CANCELING\x10\x08\x12\x1e\n\x1a\x45XECUTION_STATUS_CANCELLED\x10\t\x12\x1e\n\x1a\x45XECUTION_STATUS_ABANDONED\x10\n2\xbf\x01\n\x10\x45xecutionService\x12L\n\x0cGetExecution\x12\".automation.v1.GetExecutionRequest\x1a\x18.automation.v1.Execution\x12]\n\x0eListExecutions\x12$.automation.v1.ListExecutionsRequest\x1a%.automation.v1.ListExecutionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.gen.automation.v1.execution_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXECUTIONSTATUS']._serialized_start=866
-  _globals['_EXECUTIONSTATUS']._serialized_end=1231
+  _globals['_EXECUTIONSTATUS']._serialized_start=898
+  _globals['_EXECUTIONSTATUS']._serialized_end=1263
   _globals['_EXECUTION']._serialized_start=140
   _globals['_EXECUTION']._serialized_end=513
   _globals['_GETEXECUTIONREQUEST']._serialized_start=515
-  _globals['_GETEXECUTIONREQUEST']._serialized_end=548
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=551
-  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=766
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=768
-  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=863
-  _globals['_EXECUTIONSERVICE']._serialized_start=1234
-  _globals['_EXECUTIONSERVICE']._serialized_end=1425
+  _globals['_GETEXECUTIONREQUEST']._serialized_end=564
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_start=567
+  _globals['_LISTEXECUTIONSREQUEST']._serialized_end=798
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_start=800
+  _globals['_LISTEXECUTIONSRESPONSE']._serialized_end=895
+  _globals['_EXECUTIONSERVICE']._serialized_start=1266
+  _globals['_EXECUTIONSERVICE']._serialized_end=1457
 # @@protoc_insertion_point(module_scope)

@@ -162,16 +162,24 @@ class GetExecutionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Id of the execution."""
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every call that shows a secret in clear is audited (the
+    audit trail names the execution).
+    """
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reveal", b"reveal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -189,6 +197,7 @@ class ListExecutionsRequest(_message.Message):
     ACTION_REF_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of executions to return: default 50, at most 1,000. A page also stops
     early, before 2 MiB; next_page_token then continues it.
@@ -205,6 +214,12 @@ class ListExecutionsRequest(_message.Message):
     """
     status: Global___ExecutionStatus.ValueType
     """Only executions in this status; UNSPECIFIED means any."""
+    reveal: _builtins.bool
+    """Show secret fields (README, Schemas: `"x-secret": true` in the trigger's out_schema) in
+    clear instead of "***". Only a principal with the `reveal` role may ask
+    (PERMISSION_DENIED otherwise); every page that shows a secret in clear is audited (the
+    audit trail names the executions revealed).
+    """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only executions created in this range."""
@@ -218,10 +233,11 @@ class ListExecutionsRequest(_message.Message):
         action_ref: _builtins.str = ...,
         status: Global___ExecutionStatus.ValueType = ...,
         created: _common_pb2.TimeRange | None = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement", "created", b"created", "enforcement", b"enforcement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement", "action_ref", b"action_ref", "created", b"created", "enforcement", b"enforcement", "page_size", b"page_size", "page_token", b"page_token", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement", "action_ref", b"action_ref", "created", b"created", "enforcement", b"enforcement", "page_size", b"page_size", "page_token", b"page_token", "reveal", b"reveal", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enforcement: _TypeAlias = _typing.Literal["enforcement"]  # noqa: Y015
     _WhichOneofArgType__enforcement: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement"]  # noqa: Y015

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61utomation/v1/history.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\rHistoryRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x11\n\tentity_id\x18\x04 \x01(\x03\x12\x12\n\nentity_ref\x18\x05 \x01(\t\x12\x16\n\x0e\x63hanged_fields\x18\x06 \x03(\t\x12+\n\nold_values\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nnew_values\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xc8\x01\n\x12ListHistoryRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x16\n\tentity_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x15\n\rchanged_field\x18\x04 \x01(\t\x12&\n\x04time\x18\x05 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\tB\x0c\n\n_entity_id\"]\n\x13ListHistoryResponse\x12-\n\x07records\x18\x01 \x03(\x0b\x32\x1c.automation.v1.HistoryRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2f\n\x0eHistoryService\x12T\n\x0bListHistory\x12!.automation.v1.ListHistoryRequest\x1a\".automation.v1.ListHistoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61utomation/v1/history.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf1\x01\n\rHistoryRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x11\n\tentity_id\x18\x04 \x01(\x03\x12\x12\n\nentity_ref\x18\x05 \x01(\t\x12\x16\n\x0e\x63hanged_fields\x18\x06 \x03(\t\x12+\n\nold_values\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12+\n\nnew_values\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xd8\x01\n\x12ListHistoryRequest\x12\x13\n\x0b\x65ntity_type\x18\x01 \x01(\t\x12\x16\n\tentity_id\x18\x02 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\toperation\x18\x03 \x01(\t\x12\x15\n\rchanged_field\x18\x04 \x01(\t\x12&\n\x04time\x18\x05 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x11\n\tpage_size\x18\x06 \x01(\x05\x12\x12\n\npage_token\x18\x07 \x01(\t\x12\x0e\n\x06reveal\x18\x11 \x01(\x08\x42\x0c\n\n_entity_id\"]\n\x13ListHistoryResponse\x12-\n\x07records\x18\x01 \x03(\x0b\x32\x1c.automation.v1.HistoryRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2f\n\x0eHistoryService\x12T\n\x0bListHistory\x12!.automation.v1.ListHistoryRequest\x1a\".automation.v1.ListHistoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HISTORYRECORD']._serialized_start=138
   _globals['_HISTORYRECORD']._serialized_end=379
   _globals['_LISTHISTORYREQUEST']._serialized_start=382
-  _globals['_LISTHISTORYREQUEST']._serialized_end=582
-  _globals['_LISTHISTORYRESPONSE']._serialized_start=584
-  _globals['_LISTHISTORYRESPONSE']._serialized_end=677
-  _globals['_HISTORYSERVICE']._serialized_start=679
-  _globals['_HISTORYSERVICE']._serialized_end=781
+  _globals['_LISTHISTORYREQUEST']._serialized_end=598
+  _globals['_LISTHISTORYRESPONSE']._serialized_start=600
+  _globals['_LISTHISTORYRESPONSE']._serialized_end=693
+  _globals['_HISTORYSERVICE']._serialized_start=695
+  _globals['_HISTORYSERVICE']._serialized_end=797
 # @@protoc_insertion_point(module_scope)

@@ -92,6 +92,7 @@ class ListHistoryRequest(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     entity_type: _builtins.str
     """Which history: `execution` or `worker`. Required."""
     entity_id: _builtins.int
@@ -110,6 +111,12 @@ class ListHistoryRequest(_message.Message):
     """Token from a previous response's next_page_token; empty for the first page. Valid only
     with the list and filters that issued it (INVALID_ARGUMENT otherwise).
     """
+    reveal: _builtins.bool
+    """Show the secret fields an execution's config and result took from its enforcement's
+    payload (README, Schemas: `"x-secret": true`) in clear instead of "***". Only a principal
+    with the `reveal` role may ask (PERMISSION_DENIED otherwise); every page that shows a
+    secret in clear is audited (the audit trail names the executions revealed).
+    """
     @_builtins.property
     def time(self) -> _common_pb2.TimeRange:
         """Only records in this time range."""
@@ -124,10 +131,11 @@ class ListHistoryRequest(_message.Message):
         time: _common_pb2.TimeRange | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id", "entity_id", b"entity_id", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id", "changed_field", b"changed_field", "entity_id", b"entity_id", "entity_type", b"entity_type", "operation", b"operation", "page_size", b"page_size", "page_token", b"page_token", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id", "changed_field", b"changed_field", "entity_id", b"entity_id", "entity_type", b"entity_type", "operation", b"operation", "page_size", b"page_size", "page_token", b"page_token", "reveal", b"reveal", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__entity_id: _TypeAlias = _typing.Literal["entity_id"]  # noqa: Y015
     _WhichOneofArgType__entity_id: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id"]  # noqa: Y015

@@ -516,19 +516,27 @@ class GetRuleRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     REF_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     """Id of the rule."""
     ref: _builtins.str
     """Reference of the rule, `pack.name`, at most 255 characters."""
+    reveal: _builtins.bool
+    """Show the values of conditions on secret fields (README, Schemas: `"x-secret": true` in
+    the trigger's out_schema) in clear instead of "***". Only a principal with the `reveal`
+    role may ask (PERMISSION_DENIED otherwise); every call that shows a secret in clear is
+    audited (the audit trail names the rule).
+    """
     def __init__(
         self,
         *,
         id: _builtins.int = ...,
         ref: _builtins.str = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "ref", b"ref"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "ref", b"ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "key", b"key", "ref", b"ref", "reveal", b"reveal"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_key: _TypeAlias = _typing.Literal["id", "ref"]  # noqa: Y015
     _WhichOneofArgType_key: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
@@ -548,6 +556,7 @@ class ListRulesRequest(_message.Message):
     TRIGGER_REF_FIELD_NUMBER: _builtins.int
     ACTION_REF_FIELD_NUMBER: _builtins.int
     ENABLED_FIELD_NUMBER: _builtins.int
+    REVEAL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of rules to return: default 50, at most 1,000. A page also stops early,
     before 2 MiB; next_page_token then continues it.
@@ -568,6 +577,12 @@ class ListRulesRequest(_message.Message):
     """
     enabled: _builtins.bool
     """Only enabled (true) or disabled (false) rules; unset means both."""
+    reveal: _builtins.bool
+    """Show the values of conditions on secret fields (README, Schemas: `"x-secret": true` in
+    the trigger's out_schema) in clear instead of "***". Only a principal with the `reveal`
+    role may ask (PERMISSION_DENIED otherwise); every page that shows a secret in clear is
+    audited (the audit trail names the rules revealed).
+    """
     def __init__(
         self,
         *,
@@ -577,10 +592,11 @@ class ListRulesRequest(_message.Message):
         trigger_ref: _builtins.str = ...,
         action_ref: _builtins.str = ...,
         enabled: _builtins.bool | None = ...,
+        reveal: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "enabled", b"enabled"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "action_ref", b"action_ref", "enabled", b"enabled", "pack_ref", b"pack_ref", "page_size", b"page_size", "page_token", b"page_token", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "action_ref", b"action_ref", "enabled", b"enabled", "pack_ref", b"pack_ref", "page_size", b"page_size", "page_token", b"page_token", "reveal", b"reveal", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
     _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
