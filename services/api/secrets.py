@@ -366,3 +366,33 @@ def mask_conditions(nodes: Sequence[Any], paths: Sequence[Path]) -> tuple[list[A
 
     masked = [node(n, ()) for n in nodes]
     return (masked, True) if changed[0] else (list(nodes), False)
+
+
+def masked_on_secrets(nodes: Sequence[Any], paths: Sequence[Path]) -> list[str]:
+    """The fields of the tests in a condition tree whose value is MASK on a secret path: what a
+    client that read a rule masked and wrote it back whole would store instead of the value."""
+    found: list[str] = []
+
+    def node(n: Any, prefix: Path) -> None:
+        if not isinstance(n, dict):
+            return
+        for group in ("all", "any"):
+            if isinstance(n.get(group), list):
+                for child in n[group]:
+                    node(child, prefix)
+        if "not" in n:
+            node(n["not"], prefix)
+        field = n.get("field")
+        if not isinstance(field, str):
+            return
+        segments = _field_path(field)
+        if prefix:
+            segments = (*prefix, *segments[1:])
+        if "item" in n:
+            node(n["item"], (*segments, ANY))
+        elif n.get("value") == MASK and any(_touches(segments, p) for p in paths):
+            found.append(field)
+
+    for n in nodes:
+        node(n, ())
+    return found

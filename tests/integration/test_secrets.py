@@ -526,3 +526,31 @@ async def test_a_rules_conditions_on_secret_fields_are_masked_wherever_they_are_
         ("rule", "ListRules", [r.id for r in page.rules]),
     ]
     assert len(rule_ids) == 2
+
+
+async def test_a_masked_rule_written_back_whole_is_refused_not_stored_as_the_mask(stubs: Stubs) -> None:
+    await secret_trigger(stubs)
+    read = await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref=R))
+    assert {c.field: c.value.string_value for c in read.conditions} == {"token": "***"}
+    write_back = rule_pb2.UpdateRuleRequest(
+        rule=rule_pb2.Rule(ref=R, conditions=read.conditions),
+        update_mask=field_mask_pb2.FieldMask(paths=["conditions"]),
+    )
+    err = await rpc_error(stubs.rules.UpdateRule(write_back), INVALID)
+    assert "rule.conditions" in (err.details() or "") and "token" in (err.details() or "")
+    # Nothing was written: the rule still matches on the clear value.
+    created = await emit(stubs)
+    assert created.enforcements
+    # A rule created with the mask as its value is refused alike; "***" on a field that is not
+    # secret is an ordinary value.
+    copy = rule("demo.secret-copy", T, conditions=[("token", EQUALS, "***")])
+    await rpc_error(stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=copy)), INVALID)
+    plain = rule("demo.stars", T, conditions=[("user", EQUALS, "***")])
+    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=plain))
+    # A typed value replaces the secret one.
+    typed = rule_pb2.UpdateRuleRequest(
+        rule=rule("x", T, conditions=[("token", EQUALS, "new-token")]),
+        update_mask=field_mask_pb2.FieldMask(paths=["conditions"]),
+    )
+    typed.rule.ref = R
+    await stubs.rules.UpdateRule(typed)

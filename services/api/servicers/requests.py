@@ -7,6 +7,7 @@ Public on purpose: each service module imports these, and none imports another's
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -278,6 +279,21 @@ async def shown_rules(store: Store, rules: Sequence[Rule], *, reveal: bool = Fal
             held.add(r.id)
         out.append(replace(r, conditions=conditions) if changed and not reveal else r)
     return out, Revealed("rule", frozenset(held) if reveal else frozenset())
+
+
+async def refuse_masked_values(store: Store, trigger_ref: str, conditions: Sequence[Any], field: str) -> None:
+    """INVALID_ARGUMENT when a rule's conditions hold ``"***"`` where its trigger's schema has a
+    secret: the mask a read without ``reveal`` shows, written back, would replace the value."""
+    if secrets.MASK not in json.dumps(conditions):
+        return
+    (paths,) = await store.schema_versions.secret_paths([(trigger_ref, None, _NOW_ON)])
+    masked = secrets.masked_on_secrets(conditions, paths)
+    if masked:
+        raise InvalidArgument.one(
+            field,
+            f'compares {", ".join(masked)} (secret fields) with "***", the mask of a read without reveal: '
+            "read the rule with reveal to edit those values, or type them",
+        )
 
 
 async def _execution_secrets(store: Store, ids: Sequence[int]) -> dict[int, list[Any]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from google.protobuf import empty_pb2, struct_pb2
 
-from services.api import conditions, convert, matching, schemas, validate
+from services.api import conditions, convert, matching, schemas, secrets, validate
 from services.api._rpc import rpc
 from services.api.auth import current_principal
 from services.api.dispatcher import Dispatcher
@@ -28,6 +28,7 @@ from services.api.servicers.requests import (
     key_of,
     may_reveal,
     page_of,
+    refuse_masked_values,
     shown_rules,
     volume_range,
 )
@@ -362,6 +363,7 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
         v = Violations()
         fields = self._new_rule(v, request.rule, "rule")
         v.raise_if_any()
+        await refuse_masked_values(self._store, request.rule.trigger_ref, fields["conditions"], "rule.conditions")
         created = await self._store.rules.create_rule(**fields, actor=actor_of_call())
         # Its writer sent the values; the answer is masked like every read of the rule.
         (created,), _ = await shown_rules(self._store, [created])
@@ -426,6 +428,9 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
                 )
                 changes[path] = value
         v.raise_if_any()
+        if "conditions" in changes and secrets.MASK in json.dumps(changes["conditions"]):
+            stored = await self._store.rules.get_rule(key)
+            await refuse_masked_values(self._store, stored.trigger_ref, changes["conditions"], "rule.conditions")
         actor = actor_of_call()
         (updated,), _ = await shown_rules(self._store, [await self._store.rules.update_rule(key, changes, actor)])
         return convert.rule(updated)
