@@ -396,3 +396,10 @@ def masked_on_secrets(nodes: Sequence[Any], paths: Sequence[Path]) -> list[str]:
     for n in nodes:
         node(n, ())
     return found
+
+
+def field_is_secret(field: str, paths: Sequence[Path]) -> bool:
+    """Whether a condition's field (``a.b``; ``item.x`` inside a search counts as any of its
+    list's items) lies at, under or above one of ``paths``."""
+    segments = tuple(ANY if part == "item" else part for part in _field_path(field))
+    return any(_touches(segments, p) for p in paths)

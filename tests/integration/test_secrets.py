@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import html
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -554,3 +555,28 @@ async def test_a_masked_rule_written_back_whole_is_refused_not_stored_as_the_mas
     )
     typed.rule.ref = R
     await stubs.rules.UpdateRule(typed)
+
+
+async def test_test_rule_shows_a_stored_event_and_a_stored_rule_masked_and_what_the_caller_typed_as_sent(
+    stubs: Stubs,
+) -> None:
+    await secret_trigger(stubs)
+    created = await emit(stubs)
+    stored = await stubs.rules.TestRule(
+        rule_pb2.TestRuleRequest(rule=rule_pb2.RuleSource(ref=R), event_id=created.event.id)
+    )
+    assert stored.matched  # matched on the clear value
+    text = json.dumps(plain(stored))
+    assert "hunter2" not in text and "s3cr3t" not in text, text
+    (token,) = [r for r in stored.results if r.field == "token"]
+    assert token.expected.string_value == "***" and token.found.string_value == "***"
+    assert plain(stored.config)["auth"] == "***"
+    # A payload and a rule the caller types are theirs: shown as sent.
+    typed = await stubs.rules.TestRule(
+        rule_pb2.TestRuleRequest(
+            rule=rule_pb2.RuleSource(inline=rule("", T, conditions=[("token", EQUALS, "mine")])),
+            payload=struct({"token": "mine"}),
+        )
+    )
+    (mine,) = [r for r in typed.results if r.field == "token"]
+    assert mine.expected.string_value == "mine" and mine.found.string_value == "mine"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from google.protobuf import empty_pb2, struct_pb2
+from google.protobuf import empty_pb2, json_format, struct_pb2
 
 from services.api import conditions, convert, matching, schemas, secrets, validate
 from services.api._rpc import rpc
@@ -518,7 +518,41 @@ class RuleService(rule_pb2_grpc.RuleServiceServicer):
             return out
 
         # Large payloads and regexes over them cost milliseconds: off the event loop.
-        return await asyncio.to_thread(test)
+        answer = await asyncio.to_thread(test)
+        await self._mask_test(answer, rule, event)
+        return answer
+
+    async def _mask_test(self, out: rule_pb2.TestRuleResponse, rule: _RuleUnderTest, event: Event | None) -> None:
+        """TestRule shows what a stored event holds and what a stored rule compares with: at a
+        secret path, as every read does, ``"***"`` (no reveal here: a tester needs the shape,
+        not the value). A typed payload and an inline rule are the caller's own: shown as sent."""
+        keys: list[tuple[str, int | None, datetime]] = []
+        if event is not None:
+            keys.append((event.trigger_ref, event.schema_version, event.created))
+        if rule.id is not None:
+            keys.append((rule.trigger_ref, None, datetime.max.replace(tzinfo=UTC)))
+        if not keys:
+            return
+        found = await self._store.schema_versions.secret_paths(keys)
+        paths = [p for ps in found for p in ps]
+        if not paths:
+            return
+        clear: list[Any] = secrets.secret_values(event.payload, found[0]) if event is not None else []
+        for r in out.results:
+            if r.field and secrets.field_is_secret(r.field, paths):
+                for part in ("expected", "found"):
+                    if r.HasField(part):
+                        value = getattr(r, part)
+                        clear.append(json_format.MessageToDict(value))
+                        value.Clear()
+                        value.string_value = secrets.MASK
+        for r in out.results:
+            r.note = secrets.mask_rendered(r.note, clear)[0]
+        if out.HasField("config"):
+            masked, changed = secrets.mask_rendered(json_format.MessageToDict(out.config), clear)
+            if changed:
+                out.ClearField("config")
+                convert.fill_struct(out.config, masked)
 
     @rpc
     async def ReplayRule(
