@@ -24,7 +24,7 @@ from services.web.session import Sessions
 from services.web.webhooks import Webhooks
 from shared import tracing
 from shared.config import WebConfig
-from shared.gen.automation.v1 import auth_pb2_grpc, cloudevent_pb2_grpc, webhook_pb2_grpc
+from shared.gen.automation.v1 import auth_pb2_grpc, cloudevent_pb2_grpc, event_pb2_grpc, webhook_pb2_grpc
 from shared.transport import open_channel
 
 log = logging.getLogger("services.web")
@@ -41,7 +41,11 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         ch = channel or open_channel(config.target, config.security, interceptors=tracing.client_interceptors())
         hooks = parts["webhooks"] = Webhooks(config, webhook_pb2_grpc.WebhookServiceStub(ch))
         parts["cloudevents"] = CloudEvents(
-            config, cloudevent_pb2_grpc.CloudEventServiceStub(ch), webhook_pb2_grpc.WebhookServiceStub(ch), hooks.budget
+            config,
+            cloudevent_pb2_grpc.CloudEventServiceStub(ch),
+            webhook_pb2_grpc.WebhookServiceStub(ch),
+            hooks.budget,
+            event_pb2_grpc.EventServiceStub(ch),
         )
         sessions = Sessions(auth_pb2_grpc.AuthServiceStub(ch), config.rpc_timeout_s)
         console = parts["console"] = Console(config, Stubs(ch), sessions)
@@ -63,6 +67,10 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         if request.method == "OPTIONS":
             return await endpoint.handshake(request)
         return await endpoint.deliver(request)
+
+    async def cloudevent_publish(request: Request) -> Response:
+        endpoint: CloudEvents = parts["cloudevents"]
+        return await endpoint.publish(request)
 
     async def cloudevent_stream(request: Request) -> Response:
         endpoint: CloudEventStream = parts["cloudevents_out"]
@@ -103,6 +111,7 @@ def create_app(config: WebConfig, channel: grpc.aio.Channel | None = None) -> St
         routes=[
             Route("/webhooks/{key}", webhook, methods=["POST"]),
             # Before the key's route: "stream" is no webhook key (those are wh_ and 32 hex digits).
+            Route("/cloudevents", cloudevent_publish, methods=["POST"]),
             Route("/cloudevents/stream", cloudevent_stream, methods=["GET"]),
             Route("/cloudevents/{key}", cloudevent, methods=["POST", "OPTIONS"]),
             Route("/healthz", health, methods=["GET"]),

@@ -11,7 +11,10 @@ its three modes, decoded here into the Protobuf Format's messages and stored by 
 
 Authentication is a webhook's: the key (a trigger's ``webhook_key``, enabled) and, when the
 trigger has a secret, a signature of the raw body in one of the webhook schemes, checked by the
-api. ``OPTIONS`` answers the abuse-protection handshake of the CloudEvents HTTP Web Hook spec
+api. Or, on ``POST /cloudevents`` (no key), the api token of a sensor (``Authorization: Bearer``):
+the events go to the api's ``Publish``/``PublishBatch`` under that token, so its role, its ingest
+rate and each event's ``type`` -> trigger mapping are the api's, as for a gRPC producer.
+``OPTIONS`` answers the abuse-protection handshake of the CloudEvents HTTP Web Hook spec
 (``WebHook-Request-Origin`` -> ``WebHook-Allowed-Origin``) for an enabled key; a callback URL is
 never fetched (the handshake is answered synchronously).
 """
@@ -30,12 +33,20 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from services.web.bodies import Budget, TooLarge, TooSlow, declared_length, read_body
+from services.web.cloudevents_out import bearer
 from services.web.edge import client_address
 from services.web.webhooks import KEY, RETRY_AFTER_S, SIGNATURE_HEADERS, KnownKeys
 from shared import limits
 from shared.config import WebConfig
 from shared.errors import error_reason
-from shared.gen.automation.v1 import cloudevent_pb2, cloudevent_pb2_grpc, webhook_pb2, webhook_pb2_grpc
+from shared.gen.automation.v1 import (
+    cloudevent_pb2,
+    cloudevent_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
+    webhook_pb2,
+    webhook_pb2_grpc,
+)
 from shared.gen.io.cloudevents.v1 import cloudevents_pb2
 
 log = logging.getLogger("services.web")
@@ -171,9 +182,11 @@ class CloudEvents:
         stub: cloudevent_pb2_grpc.CloudEventServiceAsyncStub,
         hooks: webhook_pb2_grpc.WebhookServiceAsyncStub,
         budget: Budget,
+        events: event_pb2_grpc.EventServiceAsyncStub,
     ) -> None:
         self._config = config
         self._stub = stub
+        self._events = events
         self._keys = KnownKeys(hooks, config.known_key_s, config.rpc_timeout_s)
         # Shared with the webhook endpoint: one bound on the bodies the process holds.
         self.budget = budget
@@ -262,6 +275,88 @@ class CloudEvents:
             },
             status_code=202,
         )
+
+    async def publish(self, request: Request) -> Response:
+        """``POST /cloudevents`` with a sensor's api token: stored by the api's Publish (one
+        event) or PublishBatch (a batch), all or nothing, under the caller's own principal."""
+        token = bearer(request)
+        if not token:
+            return _error(
+                401,
+                "an api token is required: Authorization: Bearer <token> (or POST to /cloudevents/{webhook key})",
+                **{"WWW-Authenticate": 'Bearer realm="cloudevents"'},
+            )
+        declared = declared_length(request)
+        if declared is not None and declared > limits.MAX_WEBHOOK_BODY_BYTES:
+            return _error(413, f"the body may be at most {limits.MAX_WEBHOOK_BODY_BYTES:,} bytes")
+        claim = declared if declared is not None else limits.MAX_WEBHOOK_BODY_BYTES
+        if not self.budget.claim(claim):
+            return _error(503, "too many deliveries in flight; retry later", **{"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            return await self._publish(request, token)
+        except ClientDisconnect:
+            log.info("cloudevents: the sender hung up before its body arrived")
+            return Response(status_code=400)
+        finally:
+            self.budget.release(claim)
+
+    async def _publish(self, request: Request, token: str) -> Response:
+        headers = {n.lower(): v for n, v in request.headers.items()}
+        try:
+            try:
+                body = await read_body(request, limits.MAX_WEBHOOK_BODY_BYTES, self._config.read_deadline_s)
+            except TooLarge as exc:
+                raise Refused(413, f"the body may be at most {exc.limit:,} bytes") from None
+            except TooSlow as exc:
+                raise Refused(408, str(exc)) from None
+            try:
+                events = decode(headers, body)
+            except UnicodeDecodeError:
+                raise Refused(400, "a ce- header is not percent-encoded UTF-8") from None
+        except Refused as exc:
+            return _error(exc.status, str(exc))
+        auth = (("authorization", f"Bearer {token}"),)
+        timeout = self._config.rpc_timeout_s
+        try:
+            if len(events) == 1 and headers.get("content-type", "").split(";")[0].strip() != BATCH:
+                one: event_pb2.PublishResponse = await self._events.Publish(events[0], metadata=auth, timeout=timeout)
+                receipts = [one.receipt]
+            else:
+                many: event_pb2.PublishBatchResponse = await self._events.PublishBatch(
+                    cloudevents_pb2.CloudEventBatch(events=events), metadata=auth, timeout=timeout
+                )
+                receipts = list(many.receipts)
+        except grpc.aio.AioRpcError as exc:
+            return _token_refusal(exc)
+        return JSONResponse(
+            {
+                "events": [
+                    {"event_id": r.event_id, "enforcement_ids": list(r.enforcement_ids), "replayed": r.replayed}
+                    for r in receipts
+                ]
+            },
+            status_code=202,
+        )
+
+
+def _token_refusal(exc: grpc.aio.AioRpcError) -> Response:
+    """The HTTP answer to the api refusing a token's CloudEvents."""
+    code, details = exc.code(), exc.details() or ""
+    status = {
+        grpc.StatusCode.UNAUTHENTICATED: 401,
+        grpc.StatusCode.PERMISSION_DENIED: 403,
+        grpc.StatusCode.INVALID_ARGUMENT: 400,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.FAILED_PRECONDITION: 409,
+        grpc.StatusCode.ALREADY_EXISTS: 409,
+    }.get(code)
+    if status is not None:
+        return _error(status, details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return _error(429, details, **{"Retry-After": str(RETRY_AFTER_S)})
+    if code not in _TRANSIENT:
+        log.error("cloudevents: the api answered %s %s", code.name, details)
+    return _error(503, "the events could not be stored now; retry later", **{"Retry-After": str(RETRY_AFTER_S)})
 
 
 def _refusal(key: str, exc: grpc.aio.AioRpcError) -> Response:

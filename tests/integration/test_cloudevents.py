@@ -264,3 +264,71 @@ async def test_refusals_store_nothing(
     assert (await http.post(f"{web}/cloudevents/wh_{'0' * 32}", content=b"{}", headers=base)).status_code == 404
     assert (await http.post(f"{web}/cloudevents/nope", content=b"{}", headers=base)).status_code == 404
     assert await count(conn, "event") == 0
+
+
+async def test_a_sensor_token_publishes_without_a_key_and_other_roles_are_refused(
+    stubs: Stubs, web: str, http: httpx.AsyncClient, conn: asyncpg.Connection
+) -> None:
+    await trigger(stubs)
+    url = f"{web}/cloudevents"
+    sensor = {"authorization": f"Bearer {TOKENS['sensor']}"}
+    # Structured: the type names the trigger, as for a gRPC Publish.
+    one = {"specversion": "1.0", "type": TYPE, "id": "t-1", "source": "/tok", "data": {"n": 1}}
+    answer = await http.post(
+        url, content=json.dumps(one), headers={**sensor, "content-type": "application/cloudevents+json"}
+    )
+    assert answer.status_code == 202, answer.text
+    stored = await stubs.events.GetEvent(event_pb2.GetEventRequest(id=answer.json()["events"][0]["event_id"]))
+    assert stored.trigger_ref == TYPE and json_format.MessageToDict(stored.payload) == {"n": 1}
+    # A redelivery stores nothing more; a batch goes all or nothing through PublishBatch.
+    again = await http.post(
+        url, content=json.dumps(one), headers={**sensor, "content-type": "application/cloudevents+json"}
+    )
+    assert again.status_code == 202 and again.json()["events"][0]["replayed"] is True
+    batch = [{**one, "id": f"t-b{i}", "data": {"i": i}} for i in range(3)]
+    batched = await http.post(
+        url, content=json.dumps(batch), headers={**sensor, "content-type": "application/cloudevents-batch+json"}
+    )
+    assert batched.status_code == 202 and len(batched.json()["events"]) == 3, batched.text
+    # Binary mode: the ce- headers.
+    binary = await http.post(
+        url,
+        content=json.dumps({"b": True}),
+        headers={
+            **sensor,
+            "content-type": "application/json",
+            "ce-specversion": "1.0",
+            "ce-type": TYPE,
+            "ce-id": "t-bin",
+            "ce-source": "/tok",
+        },
+    )
+    assert binary.status_code == 202, binary.text
+    assert await count(conn, "event") == 5
+    # No token, a viewer's, an unknown one, an unknown type: refused, nothing stored.
+    refused = {
+        "none": await http.post(
+            url, content=json.dumps({**one, "id": "x1"}), headers={"content-type": "application/cloudevents+json"}
+        ),
+        "viewer": await http.post(
+            url,
+            content=json.dumps({**one, "id": "x2"}),
+            headers={"authorization": f"Bearer {TOKENS['viewer']}", "content-type": "application/cloudevents+json"},
+        ),
+        "unknown": await http.post(
+            url,
+            content=json.dumps({**one, "id": "x3"}),
+            headers={
+                "authorization": "Bearer atk_not-a-token-0123456789abcdefghij",
+                "content-type": "application/cloudevents+json",
+            },
+        ),
+        "type": await http.post(
+            url,
+            content=json.dumps({**one, "id": "x4", "type": "no.such"}),
+            headers={**sensor, "content-type": "application/cloudevents+json"},
+        ),
+    }
+    assert {k: r.status_code for k, r in refused.items()} == {"none": 401, "viewer": 403, "unknown": 401, "type": 404}
+    assert refused["none"].headers["www-authenticate"].startswith("Bearer")
+    assert await count(conn, "event") == 5
