@@ -4,6 +4,8 @@ was checked against. Nothing refused is half-written."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import asyncpg
@@ -16,7 +18,19 @@ from services.api.schemas import MAX_SCHEMA_NODES
 from shared import limits
 from shared.gen.automation.v1 import audit_pb2, audit_pb2_grpc, condition_pb2, event_pb2, rule_pb2, rule_pb2_grpc
 from tests.conftest import Stubs
-from tests.helpers import TOKENS, channel, count, field_violations, new_event, rpc_error, rule, struct, web_service
+from tests.helpers import (
+    TOKENS,
+    channel,
+    count,
+    eventually,
+    field_violations,
+    holds,
+    new_event,
+    rpc_error,
+    rule,
+    struct,
+    web_service,
+)
 
 T = "demo.typed"
 SCHEMA: dict[str, Any] = {
@@ -218,6 +232,66 @@ async def test_a_schema_change_is_used_from_its_commit_and_events_keep_their_ver
     await set_schema(stubs, None)
     loose = await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(T, BAD)))
     assert not loose.event.HasField("schema_version")
+
+
+async def test_a_schema_change_with_events_in_flight_checks_each_against_the_version_it_stores(
+    stubs: Stubs, conn: asyncpg.Connection
+) -> None:
+    """Ingest keeps going, unary and batched, while the schema changes from one that needs
+    ``a`` to one that needs ``b``: every stored event conforms to the version it records, and
+    every refused one broke the version in effect (nothing stored for it)."""
+    v1 = {"type": "object", "required": ["a"], "properties": {"a": {"type": "string"}}}
+    v2 = {"type": "object", "required": ["b"], "properties": {"b": {"type": "string"}}}
+    await stubs.rules.CreateTrigger(
+        rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=T, out_schema=struct(v1)))
+    )
+    shapes = [{"a": "x"}, {"b": "y"}, {"a": "x", "b": "y"}]
+    outcomes: list[tuple[dict[str, Any], int | None]] = []
+    stop = asyncio.Event()
+
+    async def sensor(k: int) -> None:
+        n = 0
+        while not stop.is_set():
+            payload = {**shapes[(n + k) % 3], "k": k, "n": n}
+            n += 1
+            if n % 4 == 0:
+                try:
+                    got = await stubs.events.CreateEvents(
+                        event_pb2.CreateEventsRequest(events=[new_event(T, payload), new_event(T, {**payload, "m": 1})])
+                    )
+                    outcomes.append((payload, len(got.receipts)))
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == INVALID, exc
+                    outcomes.append((payload, None))
+                continue
+            try:
+                await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(T, payload)))
+                outcomes.append((payload, 1))
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == INVALID, exc
+                outcomes.append((payload, None))
+
+    sensors = [asyncio.create_task(sensor(k)) for k in range(4)]
+    await eventually(holds(lambda: len(outcomes) >= 40), what="events before the change")
+    await set_schema(stubs, v2)
+    seen = len(outcomes)
+    await eventually(holds(lambda: len(outcomes) >= seen + 40), what="events after the change")
+    stop.set()
+    await asyncio.gather(*sensors)
+    rows = [
+        (r["schema_version"], json.loads(r["payload"]))
+        for r in await conn.fetch("SELECT payload, schema_version FROM event WHERE trigger_ref = $1", T)
+    ]
+    required = {1: "a", 2: "b"}
+    assert {version for version, _ in rows} == {1, 2}
+    for version, stored_payload in rows:
+        assert required[version] in stored_payload, (version, stored_payload)
+    stored = {(p["k"], p["n"]) for _, p in rows}
+    for payload, receipts in outcomes:
+        key = (payload["k"], payload["n"])
+        assert (key in stored) == (receipts is not None), payload  # refused: nothing written
+        if receipts is None:
+            assert "a" not in payload or "b" not in payload  # only a one-sided shape is ever refused
 
 
 async def test_reemit_is_checked_against_the_current_schema(stubs: Stubs) -> None:
