@@ -39,7 +39,7 @@ from shared import limits
 from shared.errors import InvalidArgument
 from shared.limits import MAX_PAGE_TOKEN
 
-from ._db import ReadRoute, Repo, json_loads_all
+from ._db import ReadRoute, Repo, guarded, json_loads_all, until_deadline
 from .types import Page, columns
 
 T = TypeVar("T")
@@ -317,12 +317,15 @@ class Paged(Repo):
         row: Callable[..., T],
         time_column: str = "created",
         run: tuple[str, Callable[[list[asyncpg.Record]], list[T]]] | None = None,
+        bounded: str | None = None,
     ) -> Page[T]:
         """One page of ``select`` filtered by ``where``, below the cursor of ``token``.
 
         ``time_column`` is also the attribute of ``row`` that holds it. ``run``: the SELECT
         actually run instead and what builds the rows from its records (``json_as_text``);
-        tokens stay bound to ``select``, so they do not change with it.
+        tokens stay bound to ``select``, so they do not change with it. ``bounded``: the
+        request field to name when the page, run under SEARCH_TIMEOUT_S, takes longer (a
+        search); None runs it under the pool's statement timeout.
         """
         # The signer first, even for a first page: a page must be able to mint the tokens of
         # Page.cut without I/O. After the first call of this api it is cached.
@@ -333,10 +336,46 @@ class Paged(Repo):
         sql, args = keyset_query(run[0] if run else select, where, cursor, size, time_column)
         # Pages are read where reads may lag (a standby, when configured): a keyset token holds
         # no server state, so consecutive pages may come from either server.
-        records = await self._read_fetch(sql, *args)
+        if bounded is None:
+            records = await self._read_fetch(sql, *args)
+        else:
+            records = await self._bounded_fetch(bounded, sql, *args)
         rows = run[1](records) if run else [row(*r) for r in records]
 
         def token_after(item: T) -> str:
             return signer.encode(scope, (getattr(item, time_column), getattr(item, "id")))  # noqa: B009
 
         return page_of(rows, size, token_after)
+
+    async def _count(self, table: str, where: Where, field: str) -> tuple[int, bool]:
+        """How many rows of ``table`` match ``where``, counting no further than MAX_COUNT:
+        (the count, whether more match). Reading MAX_COUNT + 1 index entries costs about what a
+        few pages do, where an exact count of a common filter would read the whole range."""
+        cap = where.param(limits.MAX_COUNT + 1)
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM {table} {where.sql()} LIMIT {cap}) m"
+        records = await self._bounded_fetch(field, sql, *where.args)
+        n = int(records[0][0])
+        return min(n, limits.MAX_COUNT), n > limits.MAX_COUNT
+
+    async def _bounded_fetch(self, field: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """``_read_fetch`` with its own statement timeout, SEARCH_TIMEOUT_S; past it,
+        INVALID_ARGUMENT naming ``field``. The server ends the statement (the connection stays
+        usable and goes back to the pool), so no client-side cancel is involved."""
+
+        async def read(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+            async with pool.acquire(timeout=until_deadline()) as conn, conn.transaction(readonly=True):
+                await conn.execute(_SEARCH_TIMEOUT)
+                return list(await conn.fetch(sql, *args))
+
+        async with guarded():
+            try:
+                return await self._reads.run(read)
+            except asyncpg.QueryCanceledError:
+                raise InvalidArgument.one(
+                    field,
+                    f"this read ran for more than {limits.SEARCH_TIMEOUT_S:g} s and was stopped; "
+                    "narrow it with a time range (created) or another filter",
+                ) from None
+
+
+_SEARCH_TIMEOUT = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}"

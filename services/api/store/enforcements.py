@@ -384,6 +384,12 @@ class Enforcements(Paged):
         )
         return await self._page(select, where, token, size, Enforcement, run=_LIST)
 
+    async def count(self, **filters: Any) -> tuple[int, bool]:
+        """How many enforcements match ``filters`` (those of ``listing``), at most MAX_COUNT:
+        (the count, whether more match)."""
+        _select, where = self.listing(**filters)
+        return await self._count("enforcement", where, "count_matching")
+
     async def resolve(self, id_: int, status: str, holder: str | None = None) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""
         (result,) = await self.resolve_many([(id_, status)], holder)

@@ -35,6 +35,12 @@ SELECT trigger_ref, trigger_id, schema_version, since FROM trigger_schema_versio
 _SCHEMAS = """
 SELECT trigger_id, schema_version, out_schema FROM trigger_schema_version
  WHERE (trigger_id, schema_version) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))"""
+# Every version that marks anything secret, of one trigger ref or of all: a payload search
+# must not probe any of them (search.py). The text test only narrows what is fetched; the
+# paths are collected from the schemas as for masking.
+_MARKED = """
+SELECT trigger_id, schema_version FROM trigger_schema_version
+ WHERE ($1::text = '' OR trigger_ref = $1) AND strpos(out_schema::text, 'x-secret') > 0"""
 _MAX_CACHED = 4096
 """Schema versions whose secret paths are kept; the least recently used go first."""
 _INLINE_BYTES = 4096
@@ -71,20 +77,7 @@ class SchemaVersions(Repo):
         if not versions:
             return [() for _ in keys]
         chosen = [_version(versions.get(ref, []), version, created) for ref, version, created in keys]
-        missing = sorted({c for c in chosen if c is not None and c not in self._paths})
-        if missing:
-            rows = await self._fetch(_SCHEMAS, [m[0] for m in missing], [m[1] for m in missing])
-            for row in rows:
-                schema = row["out_schema"]
-                if schema is None:
-                    found: Paths = ()
-                elif len(json.dumps(schema)) > _INLINE_BYTES:
-                    found = await asyncio.to_thread(_collect, schema)
-                else:
-                    found = _collect(schema)
-                self._paths[(row["trigger_id"], row["schema_version"])] = found
-            while len(self._paths) > _MAX_CACHED:
-                self._paths.popitem(last=False)
+        await self._load(sorted({c for c in chosen if c is not None and c not in self._paths}))
         out: list[Paths] = []
         for c in chosen:
             paths = self._paths.get(c, ()) if c is not None else ()
@@ -92,6 +85,30 @@ class SchemaVersions(Repo):
                 self._paths.move_to_end(c)  # type: ignore[arg-type]
             out.append(paths)
         return out
+
+    async def marked(self, trigger_ref: str = "") -> Paths:
+        """Every path any schema version of ``trigger_ref`` (empty: of any trigger, including
+        deleted ones, whose events are still stored) marks secret."""
+        versions = [(r["trigger_id"], r["schema_version"]) for r in await self._fetch(_MARKED, trigger_ref)]
+        await self._load(sorted({v for v in versions if v not in self._paths}))
+        return tuple(dict.fromkeys(p for v in versions for p in self._paths.get(v, ())))
+
+    async def _load(self, missing: list[tuple[int, int]]) -> None:
+        """Collects and caches the secret paths of these (trigger id, version)s."""
+        if not missing:
+            return
+        rows = await self._fetch(_SCHEMAS, [m[0] for m in missing], [m[1] for m in missing])
+        for row in rows:
+            schema = row["out_schema"]
+            if schema is None:
+                found: Paths = ()
+            elif len(json.dumps(schema)) > _INLINE_BYTES:
+                found = await asyncio.to_thread(_collect, schema)
+            else:
+                found = _collect(schema)
+            self._paths[(row["trigger_id"], row["schema_version"])] = found
+        while len(self._paths) > _MAX_CACHED:
+            self._paths.popitem(last=False)
 
 
 def _version(rows: list[tuple[datetime, int, int]], version: int | None, created: datetime) -> tuple[int, int] | None:
