@@ -290,6 +290,16 @@ def json_as_text(
     return f"SELECT {columns(row, as_text=json_columns)} FROM {table}", rows
 
 
+BOUNDED = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}"
+"""What a bounded read (a count) runs first, in its transaction."""
+SEARCH = f"{BOUNDED}; SET LOCAL plan_cache_mode = force_custom_plan"
+"""What a payload search runs first. A custom plan: the generic plan cannot know how many rows
+a containment filter matches and walks the created index backwards, filtering every payload,
+which for a rare value reads the whole range; planned with the value, PostgreSQL reads the
+payload index (tests/integration/test_explain.py). On TimescaleDB, planning anew costs a few
+milliseconds per chunk left after exclusion: a time range makes a search cheaper twice."""
+
+
 class Paged(Repo):
     """A repository with list methods.
 
@@ -339,7 +349,7 @@ class Paged(Repo):
         if bounded is None:
             records = await self._read_fetch(sql, *args)
         else:
-            records = await self._bounded_fetch(bounded, sql, *args)
+            records = await self._bounded_fetch(bounded, sql, *args, settings=SEARCH)
         rows = run[1](records) if run else [row(*r) for r in records]
 
         def token_after(item: T) -> str:
@@ -347,24 +357,26 @@ class Paged(Repo):
 
         return page_of(rows, size, token_after)
 
-    async def _count(self, table: str, where: Where, field: str) -> tuple[int, bool]:
+    async def _count(self, table: str, where: Where, field: str, search: bool = False) -> tuple[int, bool]:
         """How many rows of ``table`` match ``where``, counting no further than MAX_COUNT:
         (the count, whether more match). Reading MAX_COUNT + 1 index entries costs about what a
-        few pages do, where an exact count of a common filter would read the whole range."""
+        few pages do, where an exact count of a common filter would read the whole range.
+        ``search``: ``where`` holds a payload filter (planned as a search is)."""
         cap = where.param(limits.MAX_COUNT + 1)
         sql = f"SELECT count(*) FROM (SELECT 1 FROM {table} {where.sql()} LIMIT {cap}) m"
-        records = await self._bounded_fetch(field, sql, *where.args)
+        records = await self._bounded_fetch(field, sql, *where.args, settings=SEARCH if search else BOUNDED)
         n = int(records[0][0])
         return min(n, limits.MAX_COUNT), n > limits.MAX_COUNT
 
-    async def _bounded_fetch(self, field: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-        """``_read_fetch`` with its own statement timeout, SEARCH_TIMEOUT_S; past it,
-        INVALID_ARGUMENT naming ``field``. The server ends the statement (the connection stays
-        usable and goes back to the pool), so no client-side cancel is involved."""
+    async def _bounded_fetch(self, field: str, sql: str, *args: Any, settings: str = BOUNDED) -> list[asyncpg.Record]:
+        """``_read_fetch`` in a transaction that first runs ``settings`` (BOUNDED or SEARCH:
+        its own statement timeout, SEARCH_TIMEOUT_S); past the timeout, INVALID_ARGUMENT naming
+        ``field``. The server ends the statement (the connection stays usable and goes back to
+        the pool), so no client-side cancel is involved."""
 
         async def read(pool: asyncpg.Pool) -> list[asyncpg.Record]:
             async with pool.acquire(timeout=until_deadline()) as conn, conn.transaction(readonly=True):
-                await conn.execute(_SEARCH_TIMEOUT)
+                await conn.execute(settings)
                 return list(await conn.fetch(sql, *args))
 
         async with guarded():
@@ -376,6 +388,3 @@ class Paged(Repo):
                     f"this read ran for more than {limits.SEARCH_TIMEOUT_S:g} s and was stopped; "
                     "narrow it with a time range (created) or another filter",
                 ) from None
-
-
-_SEARCH_TIMEOUT = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}"

@@ -573,4 +573,4 @@ class Events(Paged):
         """How many events match ``filters`` (those of ``listing``), at most MAX_COUNT: (the
         count, whether more match)."""
         _select, where = self.listing(**filters)
-        return await self._count("event", where, "count_matching")
+        return await self._count("event", where, "count_matching", search=filters.get("payload_contains") is not None)
