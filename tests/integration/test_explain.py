@@ -164,6 +164,12 @@ async def test_payload_search_is_answered_by_the_payload_index(shape: read.Shape
     rare = json.dumps({"repo": {"name": read.repo_of(7)}})
     window = {"created_from": shape.start + timedelta(days=5), "created_to": shape.start + timedelta(days=25)}
     others: list[dict[str, Any]] = [{}, {"trigger_ref": read.TRIGGERS[3]}, {"source_ref": read.SOURCES[1]}, window]
+    # As in test_list_queries_use_indexes: a chunk of a few hundred rows may be read whole.
+    rows = {
+        r["relname"]: r["reltuples"]
+        for r in await conn.fetch("SELECT relname, reltuples FROM pg_class WHERE relname LIKE '\\_hyper\\_%'")
+    }
+    hypertable = bool(rows)
     failures = []
     checked = 0
     for filters in others:
@@ -184,15 +190,16 @@ async def test_payload_search_is_answered_by_the_payload_index(shape: read.Shape
                 used = _index_names(explained)
                 if not any(i.endswith("event_payload_path_idx") for i in used):
                     failures.append(f"{name} ({plan} plan): indexes {sorted(used)}, not the payload index")
-                if bad := _seq_scans(explained):
+                if bad := [r for r in _seq_scans(explained) if rows.get(r, SMALL_CHUNK) >= SMALL_CHUNK]:
                     failures.append(f"{name} ({plan} plan): Seq Scan on {bad}")
-    # The control: what the generic plan would have done.
-    sql, args = await list_events_sql(100, "", payload_contains=rare)
-    await conn.execute("SET plan_cache_mode = force_generic_plan")
-    try:
-        assert _index_names(await _explain_generic(conn, sql, args)) == {"event_created_idx"}
-    finally:
-        await conn.execute("RESET plan_cache_mode")
+    # The control, on plain PostgreSQL: what the generic plan would have done.
+    if not hypertable:
+        sql, args = await list_events_sql(100, "", payload_contains=rare)
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            assert _index_names(await _explain_generic(conn, sql, args)) == {"event_created_idx"}
+        finally:
+            await conn.execute("RESET plan_cache_mode")
     # The count of a search (count_matching) reads the same index.
     count_sql = "SELECT count(*) FROM (SELECT 1 FROM event WHERE payload @> $1::text::jsonb LIMIT 1001) m"
     if not any(
