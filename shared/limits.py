@@ -135,11 +135,15 @@ MAX_SEARCH_VALUES = 32
 """Values (scalars and empty objects or arrays) in ``payload_contains``: each is one more
 path the index looks up, and one more row set PostgreSQL intersects."""
 SEARCH_TIMEOUT_S = 2.0
-"""How long a list statement with ``payload_contains`` or ``count_matching`` may run (its own
-statement_timeout): a search whose matches are spread thin over compressed days, or a count of
-a common value, stops there instead of holding a connection for DB_STATEMENT_TIMEOUT."""
+"""How long a list statement with ``payload_contains`` may run (its own statement_timeout): a
+search whose matches are spread thin over compressed days stops there instead of holding a
+connection for DB_STATEMENT_TIMEOUT."""
 MAX_COUNT = 1000
 """``count_matching`` counts this many rows at most, then says "more": as cheap as a few pages."""
+COUNT_TIMEOUT_S = 0.5
+"""How long a count may run (its own statement_timeout). A count is a courtesy beside the page:
+past this it is reported stopped (``matching_count_stopped``) and the page is answered anyway,
+rather than the call failing or a slow count holding the page."""
 
 # --- errors ----------------------------------------------------------------------------------
 MAX_ERROR_MESSAGE = 512

@@ -482,20 +482,16 @@ class Console:
 
     async def counted(self, user: User, call: Any, req: Any, shown: dict[str, Any]) -> Any:
         """A list call that also asks for the count (only on a list's first page: the count
-        covers every page), which ``shown["count"]`` then holds as (n, more). A count the api
-        stopped (it ran past its timeout) leaves the page without one rather than without rows."""
+        covers every page), which ``shown["count"]`` then holds as (n, more), or
+        ``shown["count_failed"]`` when the api stopped counting (it took too long)."""
         if req.page_token:
             return await call(req, **self.call(user))
         req.count_matching = True
-        try:
-            resp = await call(req, **self.call(user))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT or "count_matching" not in (exc.details() or ""):
-                raise
-            req.count_matching = False
+        resp = await call(req, **self.call(user))
+        if resp.matching_count_stopped:
             shown["count_failed"] = True
-            return await call(req, **self.call(user))
-        shown["count"] = (resp.matching_count, resp.matching_count_more)
+        else:
+            shown["count"] = (resp.matching_count, resp.matching_count_more)
         return resp
 
     async def events(self, request: Request, user: User) -> Response:

@@ -13,6 +13,8 @@ import grpc
 import pytest
 
 from services.api.auth import token_hash
+from services.api.store import Store, create_pool
+from services.api.store._paging import Count
 from shared import limits
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, event_pb2_grpc, rule_pb2
 from tests.conftest import Stubs
@@ -224,6 +226,24 @@ async def test_a_search_past_its_timeout_is_stopped_and_names_the_field(
     assert len(ids(await search(stubs, {"repo": {"name": "x"}}))) == 3
 
 
+async def test_a_count_past_its_time_is_reported_stopped_not_failed(db_url: str) -> None:
+    # A count is a courtesy beside its page: held up (here by a lock, which statement_timeout
+    # counts), it stops at COUNT_TIMEOUT_S and says so, and raises nothing.
+    store = Store(await create_pool(db_url, 1, 2))
+    holder = await asyncpg.connect(db_url)
+    try:
+        assert await store.events.count() == Count(0)
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE event IN ACCESS EXCLUSIVE MODE")
+            assert await store.events.count(trigger_ref=PUSH) == Count(0, more=False, stopped=True)
+            assert await store.events.count(payload_contains='{"a": 1}') == Count(0, stopped=True)
+        # The stopped statement's connection serves the next count.
+        assert await store.events.count() == Count(0)
+    finally:
+        await holder.close()
+        await store.close()
+
+
 async def test_counts_say_how_many_match_up_to_their_cap(stubs: Stubs) -> None:
     await stubs.rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=PUSH)))
     await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=rule("demo.every", PUSH)))
@@ -233,6 +253,7 @@ async def test_counts_say_how_many_match_up_to_their_cap(stubs: Stubs) -> None:
 
     async def counted(**kw: Any) -> tuple[int, bool, int]:
         answer = await stubs.events.ListEvents(event_pb2.ListEventsRequest(count_matching=True, page_size=5, **kw))
+        assert not answer.matching_count_stopped
         return answer.matching_count, answer.matching_count_more, len(answer.events)
 
     assert await counted(payload_contains=struct({"batch": 2})) == (2, False, 2)

@@ -182,7 +182,9 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         page = Page(await shown(self._store, page.items, reveal=reveal), page.next_token, page.token_after)
         response = enforcement_pb2.ListEnforcementsResponse()
         if request.count_matching:
-            response.matching_count, response.matching_count_more = await self._store.enforcements.count(**filters)
+            counted = await self._store.enforcements.count(**filters)
+            response.matching_count, response.matching_count_more = counted.n, counted.more
+            response.matching_count_stopped = counted.stopped
         response.next_page_token = fill_page(response, response.enforcements, page, convert.fill_enforcement)
         return response
 

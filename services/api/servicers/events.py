@@ -353,7 +353,9 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         page = Page(await shown(self._store, page.items, reveal=reveal), page.next_token, page.token_after)
         response = event_pb2.ListEventsResponse()
         if request.count_matching:
-            response.matching_count, response.matching_count_more = await self._store.events.count(**filters)
+            counted = await self._store.events.count(**filters)
+            response.matching_count, response.matching_count_more = counted.n, counted.more
+            response.matching_count_stopped = counted.stopped
         response.next_page_token = fill_page(response, response.events, page, convert.fill_event)
         return response
 

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import asyncpg
 
@@ -290,14 +290,25 @@ def json_as_text(
     return f"SELECT {columns(row, as_text=json_columns)} FROM {table}", rows
 
 
-BOUNDED = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}"
-"""What a bounded read (a count) runs first, in its transaction."""
-SEARCH = f"{BOUNDED}; SET LOCAL plan_cache_mode = force_custom_plan"
-"""What a payload search runs first. A custom plan: the generic plan cannot know how many rows
-a containment filter matches and walks the created index backwards, filtering every payload,
-which for a rare value reads the whole range; planned with the value, PostgreSQL reads the
-payload index (tests/integration/test_explain.py). On TimescaleDB, planning anew costs a few
-milliseconds per chunk left after exclusion: a time range makes a search cheaper twice."""
+_CUSTOM = "SET LOCAL plan_cache_mode = force_custom_plan"
+SEARCH = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}; {_CUSTOM}"
+"""What a payload search runs first: its own statement timeout, and a custom plan. The generic
+plan cannot know how many rows a containment filter matches and walks the created index
+backwards, filtering every payload, which for a rare value reads the whole range; planned with
+the value, PostgreSQL reads the payload index (tests/integration/test_explain.py). On
+TimescaleDB, planning anew costs a few milliseconds per chunk left after exclusion: a time range
+makes a search cheaper twice."""
+_COUNT_TIMEOUT = f"SET LOCAL statement_timeout = {int(limits.COUNT_TIMEOUT_S * 1000)}"
+
+
+class Count(NamedTuple):
+    """A capped count (``count_matching``)."""
+
+    n: int
+    more: bool = False
+    """More than ``n`` (MAX_COUNT) match."""
+    stopped: bool = False
+    """The count ran past COUNT_TIMEOUT_S and was stopped: how many match is not known."""
 
 
 class Paged(Repo):
@@ -349,7 +360,7 @@ class Paged(Repo):
         if bounded is None:
             records = await self._read_fetch(sql, *args)
         else:
-            records = await self._bounded_fetch(bounded, sql, *args, settings=SEARCH)
+            records = await self._bounded_fetch(bounded, sql, *args, settings=SEARCH) or []
         rows = run[1](records) if run else [row(*r) for r in records]
 
         def token_after(item: T) -> str:
@@ -357,22 +368,28 @@ class Paged(Repo):
 
         return page_of(rows, size, token_after)
 
-    async def _count(self, table: str, where: Where, field: str, search: bool = False) -> tuple[int, bool]:
-        """How many rows of ``table`` match ``where``, counting no further than MAX_COUNT:
-        (the count, whether more match). Reading MAX_COUNT + 1 index entries costs about what a
-        few pages do, where an exact count of a common filter would read the whole range.
-        ``search``: ``where`` holds a payload filter (planned as a search is)."""
+    async def _count(self, table: str, where: Where, search: bool = False) -> Count:
+        """How many rows of ``table`` match ``where``, counting no further than MAX_COUNT.
+        Reading MAX_COUNT + 1 index entries costs about what a few pages do, where an exact
+        count of a common filter would read the whole range. A count that runs past
+        COUNT_TIMEOUT_S is stopped and says so. ``search``: ``where`` holds a payload filter
+        (planned as a search is)."""
         cap = where.param(limits.MAX_COUNT + 1)
         sql = f"SELECT count(*) FROM (SELECT 1 FROM {table} {where.sql()} LIMIT {cap}) m"
-        records = await self._bounded_fetch(field, sql, *where.args, settings=SEARCH if search else BOUNDED)
+        settings = f"{_COUNT_TIMEOUT}; {_CUSTOM}" if search else _COUNT_TIMEOUT
+        records = await self._bounded_fetch(None, sql, *where.args, settings=settings)
+        if records is None:
+            return Count(0, more=False, stopped=True)
         n = int(records[0][0])
-        return min(n, limits.MAX_COUNT), n > limits.MAX_COUNT
+        return Count(min(n, limits.MAX_COUNT), more=n > limits.MAX_COUNT)
 
-    async def _bounded_fetch(self, field: str, sql: str, *args: Any, settings: str = BOUNDED) -> list[asyncpg.Record]:
-        """``_read_fetch`` in a transaction that first runs ``settings`` (BOUNDED or SEARCH:
-        its own statement timeout, SEARCH_TIMEOUT_S); past the timeout, INVALID_ARGUMENT naming
-        ``field``. The server ends the statement (the connection stays usable and goes back to
-        the pool), so no client-side cancel is involved."""
+    async def _bounded_fetch(
+        self, field: str | None, sql: str, *args: Any, settings: str
+    ) -> list[asyncpg.Record] | None:
+        """``_read_fetch`` in a transaction that first runs ``settings`` (its own statement
+        timeout, and how to plan); past the timeout, INVALID_ARGUMENT naming ``field``, or None
+        without a field. The server ends the statement (the connection stays usable and goes
+        back to the pool), so no client-side cancel is involved."""
 
         async def read(pool: asyncpg.Pool) -> list[asyncpg.Record]:
             async with pool.acquire(timeout=until_deadline()) as conn, conn.transaction(readonly=True):
@@ -383,8 +400,10 @@ class Paged(Repo):
             try:
                 return await self._reads.run(read)
             except asyncpg.QueryCanceledError:
+                if field is None:
+                    return None
                 raise InvalidArgument.one(
                     field,
-                    f"this read ran for more than {limits.SEARCH_TIMEOUT_S:g} s and was stopped; "
+                    f"this search ran for more than {limits.SEARCH_TIMEOUT_S:g} s and was stopped; "
                     "narrow it with a time range (created) or another filter",
                 ) from None

@@ -36,7 +36,7 @@ from shared.errors import InvalidArgument, NotFound
 from ._chunks import ById
 from ._db import Connection, ReadRoute, guarded, is_row, until_deadline
 from ._derive import derive
-from ._paging import Keys, Paged, Where, json_as_text
+from ._paging import Count, Keys, Paged, Where, json_as_text
 from ._rulesets import EMPTY, RuleSets, Schemas, TriggerSchema
 from .types import CreatedEvent, Enforcement, Event, Lease, NewEvent, Page, columns
 
@@ -569,8 +569,7 @@ class Events(Paged):
         bounded = "payload_contains" if payload_contains is not None else None
         return await self._page(select, where, token, size, Event, run=_LIST, bounded=bounded)
 
-    async def count(self, **filters: Any) -> tuple[int, bool]:
-        """How many events match ``filters`` (those of ``listing``), at most MAX_COUNT: (the
-        count, whether more match)."""
+    async def count(self, **filters: Any) -> Count:
+        """How many events match ``filters`` (those of ``listing``), at most MAX_COUNT."""
         _select, where = self.listing(**filters)
-        return await self._count("event", where, "count_matching", search=filters.get("payload_contains") is not None)
+        return await self._count("event", where, search=filters.get("payload_contains") is not None)

@@ -213,7 +213,8 @@ class ListEnforcementsRequest(_message.Message):
     """
     count_matching: _builtins.bool
     """Also count the enforcements that match the filters (every page, not only this one), up
-    to 1,000: the answer's matching_count, with matching_count_more set when more match.
+    to 1,000: the answer's matching_count, with matching_count_more set when more match (or
+    matching_count_stopped when counting took too long).
     """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
@@ -252,6 +253,7 @@ class ListEnforcementsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     MATCHING_COUNT_FIELD_NUMBER: _builtins.int
     MATCHING_COUNT_MORE_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_STOPPED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
     matching_count: _builtins.int
@@ -259,6 +261,10 @@ class ListEnforcementsResponse(_message.Message):
     matching_count_more: _builtins.bool
     """With count_matching: more than matching_count enforcements match (the count stops at
     1,000 so that it costs no more than reading a few pages).
+    """
+    matching_count_stopped: _builtins.bool
+    """With count_matching: the count ran past its time (0.5 s) and was stopped, so how many
+    match is not known; the page is answered all the same (matching_count is then 0).
     """
     @_builtins.property
     def enforcements(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Enforcement]:
@@ -271,10 +277,11 @@ class ListEnforcementsResponse(_message.Message):
         next_page_token: _builtins.str = ...,
         matching_count: _builtins.int = ...,
         matching_count_more: _builtins.bool = ...,
+        matching_count_stopped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcements", b"enforcements", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["enforcements", b"enforcements", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "matching_count_stopped", b"matching_count_stopped", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

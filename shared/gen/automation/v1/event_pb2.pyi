@@ -363,7 +363,8 @@ class ListEventsRequest(_message.Message):
     """
     count_matching: _builtins.bool
     """Also count the events that match the filters (every page, not only this one), up to
-    1,000: the answer's matching_count, with matching_count_more set when more match.
+    1,000: the answer's matching_count, with matching_count_more set when more match (or
+    matching_count_stopped when counting took too long).
     """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
@@ -377,7 +378,7 @@ class ListEventsRequest(_message.Message):
         Answered by the api's index on the payload. Bounded: at most 4 KiB as JSON, 8 levels deep
         and 32 values; a value at a path some trigger schema marks secret may be searched only by
         a principal with the `reveal` role (PERMISSION_DENIED otherwise); INVALID_ARGUMENT naming
-        `payload_contains` otherwise. A search that runs past API_SEARCH_TIMEOUT_S (2 s) is
+        `payload_contains` otherwise. A search that runs for more than 2 seconds is
         INVALID_ARGUMENT naming `payload_contains`: narrow it with `created` or `trigger_ref`.
         """
 
@@ -415,6 +416,7 @@ class ListEventsResponse(_message.Message):
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     MATCHING_COUNT_FIELD_NUMBER: _builtins.int
     MATCHING_COUNT_MORE_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_STOPPED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
     matching_count: _builtins.int
@@ -422,6 +424,10 @@ class ListEventsResponse(_message.Message):
     matching_count_more: _builtins.bool
     """With count_matching: more than matching_count events match (the count stops at 1,000 so
     that it costs no more than reading a few pages).
+    """
+    matching_count_stopped: _builtins.bool
+    """With count_matching: the count ran past its time (0.5 s) and was stopped, so how many
+    match is not known; the page is answered all the same (matching_count is then 0).
     """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Event]:
@@ -434,10 +440,11 @@ class ListEventsResponse(_message.Message):
         next_page_token: _builtins.str = ...,
         matching_count: _builtins.int = ...,
         matching_count_more: _builtins.bool = ...,
+        matching_count_stopped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "matching_count_stopped", b"matching_count_stopped", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
