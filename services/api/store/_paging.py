@@ -391,19 +391,24 @@ class Paged(Repo):
         without a field. The server ends the statement (the connection stays usable and goes
         back to the pool), so no client-side cancel is involved."""
 
-        async def read(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-            async with pool.acquire(timeout=until_deadline()) as conn, conn.transaction(readonly=True):
-                await conn.execute(settings)
-                return list(await conn.fetch(sql, *args))
+        async def read(pool: asyncpg.Pool) -> list[asyncpg.Record] | None:
+            async with pool.acquire(timeout=until_deadline()) as conn:
+                # Caught here, not by the caller: on a standby the read route takes SQLSTATE
+                # class 57 for a failing standby, and would set it aside and run the same slow
+                # search again on the primary.
+                try:
+                    async with conn.transaction(readonly=True):
+                        await conn.execute(settings)
+                        return list(await conn.fetch(sql, *args))
+                except asyncpg.QueryCanceledError:
+                    return None
 
         async with guarded():
-            try:
-                return await self._reads.run(read)
-            except asyncpg.QueryCanceledError:
-                if field is None:
-                    return None
+            records = await self._reads.run(read)
+            if records is None and field is not None:
                 raise InvalidArgument.one(
                     field,
                     f"this search ran for more than {limits.SEARCH_TIMEOUT_S:g} s and was stopped; "
                     "narrow it with a time range (created) or another filter",
-                ) from None
+                )
+            return records
