@@ -126,6 +126,25 @@ max_in_flight in all): a client that opens streams and never resolves cannot tak
 MAX_WATCH_FILTERS = 100
 """Refs in a watch stream's ``rule_refs`` or ``trigger_refs``."""
 
+# --- payload search and counts ---------------------------------------------------------------
+MAX_SEARCH_BYTES = 4 * KiB
+"""ListEvents' ``payload_contains``, encoded: a filter, not a document."""
+MAX_SEARCH_DEPTH = 8
+"""Levels of ``payload_contains``."""
+MAX_SEARCH_VALUES = 32
+"""Values (scalars and empty objects or arrays) in ``payload_contains``: each is one more
+path the index looks up, and one more row set PostgreSQL intersects."""
+SEARCH_TIMEOUT_S = 2.0
+"""How long a list statement with ``payload_contains`` may run (its own statement_timeout): a
+search whose matches are spread thin over compressed days stops there instead of holding a
+connection for DB_STATEMENT_TIMEOUT."""
+MAX_COUNT = 1000
+"""``count_matching`` counts this many rows at most, then says "more": as cheap as a few pages."""
+COUNT_TIMEOUT_S = 0.5
+"""How long a count may run (its own statement_timeout). A count is a courtesy beside the page:
+past this it is reported stopped (``matching_count_stopped``) and the page is answered anyway,
+rather than the call failing or a slow count holding the page."""
+
 # --- errors ----------------------------------------------------------------------------------
 MAX_ERROR_MESSAGE = 512
 """Characters of an error's message; longer ones are cut (the details stay in the log)."""

@@ -192,6 +192,45 @@ class Filters:
         return id_
 
 
+def payload_filter(text: str) -> dict[str, Any] | None:
+    """The payload search as typed: a JSON object (``{"repo": {"name": "x"}}``), or None when
+    the box is empty. The api bounds it and says what is wrong with it; here only what it
+    cannot be sent as is refused."""
+    if not text:
+        return None
+    if len(text.encode()) > limits.MAX_SEARCH_BYTES:
+        raise Refused(400, f"payload: a search may be at most {limits.MAX_SEARCH_BYTES:,} bytes of JSON")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise Refused(400, f"payload: not JSON ({exc.msg} at character {exc.pos + 1})") from None
+    except RecursionError:
+        value = None  # thousands of brackets: refused below as too deep
+    if not isinstance(value, dict):
+        raise Refused(400, 'payload: a JSON object, such as {"repo": {"name": "x"}}')
+    # Checked here too: a Struct much deeper than this is not even carried to the api.
+    if _depth(value) > limits.MAX_SEARCH_DEPTH:
+        raise Refused(400, f"payload: a search nests at most {limits.MAX_SEARCH_DEPTH} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Levels of a JSON value (a scalar is 0), counted without recursion."""
+    deepest = 0
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+        else:
+            deepest = max(deepest, depth)
+            continue
+        deepest = max(deepest, depth + 1)
+    return deepest
+
+
 def positive_id(text: str) -> int | None:
     """An id as typed (ASCII digits, 1 to 2**63-1), or None."""
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
@@ -421,9 +460,11 @@ class Console:
         read: Callable[[str], Awaitable[tuple[list[Any], str]]],
         template: str,
         live: str,
+        shown: dict[str, Any] | None = None,
     ) -> Response:
         """A list page: the page ``read(page_token)`` answers, or, when its filters are refused
-        (here or by the api), the page with the reason in a banner and no live stream."""
+        (here or by the api), the page with the reason in a banner and no live stream.
+        ``shown``: more for the template, which ``read`` may fill (the count)."""
         token = request.query_params.get("page_token", "")
         error, next_token = "", ""
         rows: list[Any] = []
@@ -446,10 +487,26 @@ class Console:
             next_token=next_token,
             error=error,
             live=f"{live}?{filters.query()}" if live and not error and not filters.timed else "",
+            **(shown or {}),
         )
 
+    async def counted(self, user: User, call: Any, req: Any, shown: dict[str, Any]) -> Any:
+        """A list call that also asks for the count (only on a list's first page: the count
+        covers every page), which ``shown["count"]`` then holds as (n, more), or
+        ``shown["count_failed"]`` when the api stopped counting (it took too long)."""
+        if req.page_token:
+            return await call(req, **self.call(user))
+        req.count_matching = True
+        resp = await call(req, **self.call(user))
+        if resp.matching_count_stopped:
+            shown["count_failed"] = True
+        else:
+            shown["count"] = (resp.matching_count, resp.matching_count_more)
+        return resp
+
     async def events(self, request: Request, user: User) -> Response:
-        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref", "reemit_of", "from", "to"))
+        filters = Filters.of(request, ("trigger_ref", "source_ref", "rule_ref", "reemit_of", "payload", "from", "to"))
+        shown: dict[str, Any] = {}
 
         async def read(token: str) -> tuple[list[Any], str]:
             req = event_pb2.ListEventsRequest(
@@ -462,10 +519,14 @@ class Console:
             )
             if (reemit_of := filters.id("reemit_of")) is not None:
                 req.reemit_of = reemit_of
-            resp = await self.api.events.ListEvents(req, **self.call(user))
+            if (contains := payload_filter(filters.values["payload"])) is not None:
+                req.payload_contains.update(contains)
+            resp = await self.counted(user, self.api.events.ListEvents, req, shown)
             return list(resp.events), resp.next_page_token
 
-        return await self.listed(request, user, filters, read, "events.html", "/live/events")
+        # A search is a fixed list, as a time range is: the live tail has no payload filter.
+        live = "" if filters.values["payload"] else "/live/events"
+        return await self.listed(request, user, filters, read, "events.html", live, shown)
 
     async def event(self, request: Request, user: User) -> Response:
         id_ = path_id(request)
@@ -507,24 +568,23 @@ class Console:
 
     async def enforcements(self, request: Request, user: User) -> Response:
         filters = Filters.of(request, ("rule_ref", "trigger_ref", "status", "event", "from", "to"))
+        shown: dict[str, Any] = {}
 
         async def read(token: str) -> tuple[list[Any], str]:
             status = filters.values["status"]
             if status and status not in STATUS_BY_NAME:
                 raise Refused(400, f"status: must be one of {', '.join(STATUS_BY_NAME)} (got {status[:40]!r})")
-            resp = await self.api.enforcements.ListEnforcements(
-                enforcement_pb2.ListEnforcementsRequest(
-                    page_size=PAGE_SIZE,
-                    page_token=token,
-                    status=STATUS_BY_NAME.get(status, 0),  # type: ignore[arg-type]
-                    created=filters.time_range(),
-                    **self.enforcement_filters(filters),
-                ),
-                **self.call(user),
+            req = enforcement_pb2.ListEnforcementsRequest(
+                page_size=PAGE_SIZE,
+                page_token=token,
+                status=STATUS_BY_NAME.get(status, 0),  # type: ignore[arg-type]
+                created=filters.time_range(),
+                **self.enforcement_filters(filters),
             )
+            resp = await self.counted(user, self.api.enforcements.ListEnforcements, req, shown)
             return list(resp.enforcements), resp.next_page_token
 
-        return await self.listed(request, user, filters, read, "enforcements.html", "/live/enforcements")
+        return await self.listed(request, user, filters, read, "enforcements.html", "/live/enforcements", shown)
 
     async def enforcement_parts(self, user: User, id_: int) -> dict[str, Any]:
         """What the enforcement page shows, read fresh: also what a live update re-renders."""

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from services.api.store._db import PLANNER_SETTINGS
-from services.api.store._paging import encode_token
+from services.api.store._paging import SEARCH, encode_token
 from tools.bench import read
 from tools.bench.capture import list_enforcements_sql, list_events_sql
 
@@ -141,6 +141,72 @@ async def test_list_queries_use_indexes(shape: read.Shape, conn: asyncpg.Connect
         finally:
             await conn.execute("RESET plan_cache_mode")
     assert len(cases) == 2 * 2**5 + 2 * 2**6 + 2
+    assert not failures, "\n".join(failures)
+
+
+def _index_names(explained: Any) -> set[str]:
+    doc = json.loads(explained) if isinstance(explained, str) else explained
+    return {node["Index Name"] for node in _scans(doc[0]["Plan"]) if "Index Name" in node}
+
+
+async def test_payload_search_is_answered_by_the_payload_index(shape: read.Shape, conn: asyncpg.Connection) -> None:
+    """ListEvents' payload_contains: a search for one repository of read.REPOS (50 of 50,000
+    events, spread over the range) reads the GIN index of migration 0021 (on TimescaleDB, each
+    chunk's copy of it), alone and with the other filters, a page token or a time window, with
+    the settings the store runs a search under (``SEARCH``: custom plans) and with the values
+    bound; no filter combination scans the table.
+
+    The control: the generic plan the api's other lists run under walks the created index and
+    filters every payload (it cannot know that the value is rare), which is why searches are
+    planned with their values."""
+    middle = EVENTS // 2
+    token = encode_token(shape.created(middle), middle)
+    rare = json.dumps({"repo": {"name": read.repo_of(7)}})
+    window = {"created_from": shape.start + timedelta(days=5), "created_to": shape.start + timedelta(days=25)}
+    others: list[dict[str, Any]] = [{}, {"trigger_ref": read.TRIGGERS[3]}, {"source_ref": read.SOURCES[1]}, window]
+    # As in test_list_queries_use_indexes: a chunk of a few hundred rows may be read whole.
+    rows = {
+        r["relname"]: r["reltuples"]
+        for r in await conn.fetch("SELECT relname, reltuples FROM pg_class WHERE relname LIKE '\\_hyper\\_%'")
+    }
+    hypertable = bool(rows)
+    failures = []
+    checked = 0
+    for filters in others:
+        for tok in ("", token):
+            sql, args = await list_events_sql(100, tok, payload_contains=rare, **filters)
+            assert "payload @>" in sql
+            name = f"payload_contains + {sorted(filters)} token={bool(tok)}"
+            for plan in ("bound", "the store's"):
+                if plan == "bound":
+                    explained = await _explain_custom(conn, sql, args)
+                else:
+                    # As the store runs it: its session's generic-plan setting, then SEARCH.
+                    async with conn.transaction():
+                        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                        await conn.execute(SEARCH)
+                        explained = await _explain_generic(conn, sql, args)
+                checked += 1
+                used = _index_names(explained)
+                if not any(i.endswith("event_payload_path_idx") for i in used):
+                    failures.append(f"{name} ({plan} plan): indexes {sorted(used)}, not the payload index")
+                if bad := [r for r in _seq_scans(explained) if rows.get(r, SMALL_CHUNK) >= SMALL_CHUNK]:
+                    failures.append(f"{name} ({plan} plan): Seq Scan on {bad}")
+    # The control, on plain PostgreSQL: what the generic plan would have done.
+    if not hypertable:
+        sql, args = await list_events_sql(100, "", payload_contains=rare)
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        try:
+            assert _index_names(await _explain_generic(conn, sql, args)) == {"event_created_idx"}
+        finally:
+            await conn.execute("RESET plan_cache_mode")
+    # The count of a search (count_matching) reads the same index.
+    count_sql = "SELECT count(*) FROM (SELECT 1 FROM event WHERE payload @> $1::text::jsonb LIMIT 1001) m"
+    if not any(
+        i.endswith("event_payload_path_idx") for i in _index_names(await _explain_custom(conn, count_sql, [rare]))
+    ):
+        failures.append("the count of a search does not read the payload index")
+    assert checked == 16
     assert not failures, "\n".join(failures)
 
 

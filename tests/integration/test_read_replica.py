@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import asyncpg
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -30,7 +31,7 @@ from shared.gen.automation.v1 import (
     rule_pb2,
 )
 from tests.conftest import Stubs, stubs_for
-from tests.helpers import channel, eventually, holds, new_event, rule, store_test_tokens
+from tests.helpers import channel, eventually, holds, new_event, rule, store_test_tokens, struct
 from tests.integration.test_health import check
 from tools.postgres import LocalPostgres, free_port
 
@@ -265,3 +266,47 @@ async def test_a_multi_host_read_url_prefers_the_standby_and_leaves_a_primary_al
     before = reads.served["primary"]
     assert created.event.id in await _listed(api.stubs, trigger)
     assert reads.served["primary"] == before + 1
+
+
+async def test_a_search_stopped_on_the_standby_leaves_the_standby_in_use(
+    primary: LocalPostgres, standby: LocalPostgres, start_api: object
+) -> None:
+    """A payload search runs under its own statement timeout. Stopped on the standby (SQLSTATE
+    57014, a class the read route takes for a failing standby), it is answered INVALID_ARGUMENT
+    from there: the standby is not set aside, nor the same search run again on the primary."""
+    api: Api = await start_api(standby.url.rsplit("/", 1)[0] + f"/{DB}")  # type: ignore[operator]
+    reads = api.server.store.reads  # type: ignore[union-attr]
+    await eventually(holds(lambda: reads.usable), what="the standby probed usable")
+    trigger, _rule_ref = await _setup(api.stubs)
+    await _create(api.stubs, trigger)
+    holder = await asyncpg.connect(_url(primary))
+    watcher = await asyncpg.connect(standby.url.rsplit("/", 1)[0] + f"/{DB}")
+    try:
+        async with holder.transaction():
+            # An ACCESS EXCLUSIVE lock is replayed on the standby: reads of event wait there.
+            await holder.execute("LOCK TABLE event IN ACCESS EXCLUSIVE MODE")
+
+            async def replayed() -> bool:
+                held = await watcher.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE relation = 'event'::regclass AND mode = 'AccessExclusiveLock'"
+                )
+                return bool(held)
+
+            await eventually(replayed, what="the lock replayed on the standby")
+            served = dict(reads.served)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await api.stubs.events.ListEvents(
+                    event_pb2.ListEventsRequest(payload_contains=struct({"n": 1}), trigger_ref=trigger)
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "payload_contains" in (info.value.details() or "")
+            assert reads.usable, "a stopped search set the standby aside"
+            assert reads.served["replica"] == served.get("replica", 0) + 1
+            assert reads.served["primary"] == served.get("primary", 0), "the search ran again on the primary"
+    finally:
+        await holder.close()
+        await watcher.close()
+    page = await api.stubs.events.ListEvents(
+        event_pb2.ListEventsRequest(payload_contains=struct({"n": 1}), trigger_ref=trigger)
+    )
+    assert len(page.events) == 1

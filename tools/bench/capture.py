@@ -24,6 +24,24 @@ class _Recorder:
         self.calls.append((sql, args))
         return []
 
+    # A payload search runs in a transaction of its own, with its own statement timeout: the
+    # recorder stands in for the connection too, and keeps only the statement.
+
+    def acquire(self, timeout: float | None = None) -> _Recorder:
+        return self
+
+    def transaction(self, readonly: bool = False) -> _Recorder:
+        return self
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        return ""
+
+    async def __aenter__(self) -> _Recorder:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
 
 async def _captured(kind: str, size: int, token: str, filters: dict[str, Any]) -> tuple[str, Sequence[Any]]:
     recorder = _Recorder()

@@ -11,8 +11,10 @@ this is the api's reads plus rendering plus HTTP, which is what a person waits f
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
+from urllib.parse import unquote_plus, urlencode
 
 import httpx
 
@@ -21,7 +23,7 @@ from shared.gen.automation.v1 import enforcement_pb2, enforcement_pb2_grpc, even
 from tools.healthcheck import wait_http
 from tools.postgres import free_port
 
-from . import workload
+from . import read, steady, workload
 from .fixture import Cluster, channel, services, spawn
 from .report import Row, percentile, progress
 from .settings import Settings
@@ -97,26 +99,80 @@ async def run(cluster: Cluster, s: Settings) -> list[Row]:
                 f"/rules/{RULES[0]}",
                 "/volume",
             ]
-            # The api runs without authentication here: any token signs in, as a developer.
-            async with httpx.AsyncClient(base_url=f"http://{web_addr}", cookies={COOKIE: "bench"}) as http:
-                for path in pages:
-                    took: list[float] = []
-                    for i in range(WARM + rounds):
-                        t = time.perf_counter()
-                        answer = await http.get(path)
-                        if answer.status_code != 200:
-                            raise RuntimeError(f"GET {path}: {answer.status_code} {answer.text[:300]}")
-                        if i >= WARM:
-                            took.append(time.perf_counter() - t)
-                    p95 = percentile(took, 95)
-                    rows.append(
-                        Row(
-                            f"console GET {path.split('?')[0]}{' (filtered)' if '?' in path else ''}",
-                            p50=percentile(took, 50),
-                            p99=percentile(took, 99),
-                            notes=f"p95 {p95 * 1000:.1f} ms over {rounds} loads; {path}",
-                        )
-                    )
+            rows += await _time_pages(web_addr, pages, rounds, "console")
+        finally:
+            await web.stop()
+    rows += await _history(cluster, s, rounds)
+    return rows
+
+
+async def _time_pages(web_addr: str, pages: list[str], rounds: int, label: str) -> list[Row]:
+    """Each page fetched WARM times, then ``rounds`` times, one GET after another."""
+    rows: list[Row] = []
+    # The api runs without authentication here: any token signs in, as a developer.
+    async with httpx.AsyncClient(base_url=f"http://{web_addr}", cookies={COOKIE: "bench"}) as http:
+        for path in pages:
+            took: list[float] = []
+            for i in range(WARM + rounds):
+                t = time.perf_counter()
+                answer = await http.get(path)
+                if answer.status_code != 200:
+                    raise RuntimeError(f"GET {path}: {answer.status_code} {answer.text[:300]}")
+                if i >= WARM:
+                    took.append(time.perf_counter() - t)
+            p95 = percentile(took, 95)
+            shown = unquote_plus(path)
+            rows.append(
+                Row(
+                    f"{label} GET {path.split('?')[0]}{' (filtered)' if '?' in path else ''}",
+                    p50=percentile(took, 50),
+                    p99=percentile(took, 99),
+                    notes=f"p95 {p95 * 1000:.1f} ms over {rounds} loads; {shown}",
+                )
+            )
+    return rows
+
+
+async def _history(cluster: Cluster, s: Settings, rounds: int) -> list[Row]:
+    """The list pages, their counts and the payload search over 90 days of events: on
+    TimescaleDB the steady-state fixture (``steady.py``: one-day chunks, those older than 7 days
+    compressed on the licensed edition), on plain PostgreSQL ``read.load`` over 90 days. Every
+    event names one of ``read.REPOS`` repositories: a search for one finds one event in 1,000,
+    spread over the whole range; ``host`` is the same in every payload (a search matching all)."""
+    if cluster.store == "timescale":
+        fixture = await steady.build(cluster, s.steady_events, keep=not s.quick)
+        url, shape = fixture.url, fixture.shape
+        about = steady.describe_chunks(await steady.chunk_counts(url))
+    else:
+        url = await cluster.fresh_database("console_history")
+        progress(f"console: loading {s.read_events:,} events over {steady.DAYS} days")
+        shape = await read.load(url, s.read_events, days=steady.DAYS)
+        about = "plain tables"
+    label = f"console 90 d ({shape.events:,} events)"
+    week = (datetime.now(UTC) - timedelta(days=7)).strftime("%Y-%m-%dT%H:%M")
+    rare = json.dumps({"repo": {"name": read.repo_of(7)}})
+    pages = [
+        "/events",
+        f"/events?trigger_ref={read.TRIGGERS[1]}",
+        f"/events/{shape.events // 2}",
+        "/events?" + urlencode({"payload": rare}),
+        "/events?" + urlencode({"payload": rare, "from": week}),
+        "/events?" + urlencode({"payload": rare, "trigger_ref": read.TRIGGERS[3]}),
+        "/events?" + urlencode({"payload": '{"host": "web-1"}'}),
+        "/events?" + urlencode({"payload": '{"repo": {"name": "none"}}'}),
+        "/enforcements",
+        "/enforcements?status=disabled",
+        f"/enforcements?rule_ref={read.RULES[3]}",
+        f"/enforcements?from={week}",
+    ]
+    rows = [Row(f"{label}: fixture", notes=about)]
+    async with services(url) as svc:
+        target = await svc.start_api()
+        web_addr = f"127.0.0.1:{free_port()}"
+        web = await spawn("web", "services.web", {"API_TARGET": target, "WEB_ADDR": web_addr}, svc.logdir)
+        try:
+            await wait_http(web_addr)
+            rows += await _time_pages(web_addr, pages, rounds, label)
         finally:
             await web.stop()
     return rows

@@ -64,6 +64,17 @@ class Shape:
         return i % 4
 
 
+REPOS = 1000
+"""Each event's payload names one of this many repositories (``repo_of``): a payload search for
+one of them matches one event in REPOS, spread over the whole range."""
+_PAYLOAD_HEAD = workload.PAYLOAD_JSON[:-1]
+
+
+def repo_of(i: int) -> str:
+    """The repository named in event ``i``'s payload (``{"repo": {"name": ...}}``)."""
+    return f"repo-{i % REPOS}"
+
+
 def _event_rows(shape: Shape, lo: int, hi: int, trigger_ids: list[int], targeted_id: int) -> Iterator[tuple[Any, ...]]:
     for i in range(lo, hi):
         t = shape.trigger(i)
@@ -72,7 +83,7 @@ def _event_rows(shape: Shape, lo: int, hi: int, trigger_ids: list[int], targeted
             i,
             trigger_ids[t],
             TRIGGERS[t],
-            workload.PAYLOAD_JSON,
+            f'{_PAYLOAD_HEAD}, "repo": {{"name": "{repo_of(i)}"}}}}',
             SOURCES[(i // 7) % 4],
             targeted_id if targeted else None,
             TARGETED_RULE if targeted else None,

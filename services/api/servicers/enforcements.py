@@ -171,19 +171,22 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
         start, end = time_range_of("created", request.created)
         status = status_filter(request.status, convert.ENFORCEMENT_STATUS_NAME)
         reveal = may_reveal(request.reveal)
-        page = await self._store.enforcements.list(
-            size,
-            request.page_token,
-            rule_ref=request.rule_ref,
-            event=request.event if request.HasField("event") else None,
-            status=status,
-            trigger_ref=request.trigger_ref,
-            created_from=start,
-            created_to=end,
-        )
+        filters: dict[str, Any] = {
+            "rule_ref": request.rule_ref,
+            "event": request.event if request.HasField("event") else None,
+            "status": status,
+            "trigger_ref": request.trigger_ref,
+            "created_from": start,
+            "created_to": end,
+        }
+        page = await self._store.enforcements.list(size, request.page_token, **filters)
         items, revealed = await shown_unaudited(self._store, page.items, reveal=reveal)
         page = Page(items, page.next_token, page.token_after)
         response = enforcement_pb2.ListEnforcementsResponse()
+        if request.count_matching:
+            counted = await self._store.enforcements.count(**filters)
+            response.matching_count, response.matching_count_more = counted.n, counted.more
+            response.matching_count_stopped = counted.stopped
         response.next_page_token = fill_page(response, response.enforcements, page, convert.fill_enforcement)
         await revealed.audit(self._store, (m.id for m in response.enforcements))
         return response

@@ -8,9 +8,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from services.api import cloudevents, cloudevents_out, convert, metrics, validate
+from services.api import cloudevents, cloudevents_out, convert, metrics, search, validate
 from services.api._rpc import rpc
-from services.api.auth import current_principal
+from services.api.auth import REVEAL, current_principal
 from services.api.budgets import IngestRate
 from services.api.dispatcher import Dispatcher, Handoff
 from services.api.servicers import provenance as webhook_provenance
@@ -33,6 +33,7 @@ from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     Unavailable,
     Violations,
 )
@@ -332,19 +333,31 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         size = page_size(request.page_size)
         start, end = time_range_of("created", request.created)
         reveal = may_reveal(request.reveal)
-        page = await self._store.events.list(
-            size,
-            request.page_token,
-            trigger_ref=request.trigger_ref,
-            source_ref=request.source_ref,
-            rule_ref=request.rule_ref,
-            created_from=start,
-            created_to=end,
-            reemit_of=request.reemit_of if request.HasField("reemit_of") else None,
-        )
+        contains = search.payload_filter(request.payload_contains)
+        if contains is not None and not current_principal().may_reveal:
+            secret = search.secret_reached(contains, await self._store.schema_versions.marked(request.trigger_ref))
+            if secret is not None:
+                raise PermissionDenied(
+                    f"payload_contains: {secret} reaches a field a trigger schema marks secret; "
+                    f"searching on it needs the {REVEAL!r} role"
+                )
+        filters: dict[str, Any] = {
+            "trigger_ref": request.trigger_ref,
+            "source_ref": request.source_ref,
+            "rule_ref": request.rule_ref,
+            "created_from": start,
+            "created_to": end,
+            "reemit_of": request.reemit_of if request.HasField("reemit_of") else None,
+            "payload_contains": search.as_json(contains) if contains is not None else None,
+        }
+        page = await self._store.events.list(size, request.page_token, **filters)
         items, revealed = await shown_unaudited(self._store, page.items, reveal=reveal)
         page = Page(items, page.next_token, page.token_after)
         response = event_pb2.ListEventsResponse()
+        if request.count_matching:
+            counted = await self._store.events.count(**filters)
+            response.matching_count, response.matching_count_more = counted.n, counted.more
+            response.matching_count_stopped = counted.stopped
         response.next_page_token = fill_page(response, response.events, page, convert.fill_event)
         await revealed.audit(self._store, (m.id for m in response.events))
         return response

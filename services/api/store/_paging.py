@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import asyncpg
 
@@ -39,7 +39,7 @@ from shared import limits
 from shared.errors import InvalidArgument
 from shared.limits import MAX_PAGE_TOKEN
 
-from ._db import ReadRoute, Repo, json_loads_all
+from ._db import ReadRoute, Repo, guarded, json_loads_all, until_deadline
 from .types import Page, columns
 
 T = TypeVar("T")
@@ -290,6 +290,27 @@ def json_as_text(
     return f"SELECT {columns(row, as_text=json_columns)} FROM {table}", rows
 
 
+_CUSTOM = "SET LOCAL plan_cache_mode = force_custom_plan"
+SEARCH = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}; {_CUSTOM}"
+"""What a payload search runs first: its own statement timeout, and a custom plan. The generic
+plan cannot know how many rows a containment filter matches and walks the created index
+backwards, filtering every payload, which for a rare value reads the whole range; planned with
+the value, PostgreSQL reads the payload index (tests/integration/test_explain.py). On
+TimescaleDB, planning anew costs a few milliseconds per chunk left after exclusion: a time range
+makes a search cheaper twice."""
+_COUNT_TIMEOUT = f"SET LOCAL statement_timeout = {int(limits.COUNT_TIMEOUT_S * 1000)}"
+
+
+class Count(NamedTuple):
+    """A capped count (``count_matching``)."""
+
+    n: int
+    more: bool = False
+    """More than ``n`` (MAX_COUNT) match."""
+    stopped: bool = False
+    """The count ran past COUNT_TIMEOUT_S and was stopped: how many match is not known."""
+
+
 class Paged(Repo):
     """A repository with list methods.
 
@@ -317,12 +338,15 @@ class Paged(Repo):
         row: Callable[..., T],
         time_column: str = "created",
         run: tuple[str, Callable[[list[asyncpg.Record]], list[T]]] | None = None,
+        bounded: str | None = None,
     ) -> Page[T]:
         """One page of ``select`` filtered by ``where``, below the cursor of ``token``.
 
         ``time_column`` is also the attribute of ``row`` that holds it. ``run``: the SELECT
         actually run instead and what builds the rows from its records (``json_as_text``);
-        tokens stay bound to ``select``, so they do not change with it.
+        tokens stay bound to ``select``, so they do not change with it. ``bounded``: the
+        request field to name when the page, run under SEARCH_TIMEOUT_S, takes longer (a
+        search); None runs it under the pool's statement timeout.
         """
         # The signer first, even for a first page: a page must be able to mint the tokens of
         # Page.cut without I/O. After the first call of this api it is cached.
@@ -333,10 +357,58 @@ class Paged(Repo):
         sql, args = keyset_query(run[0] if run else select, where, cursor, size, time_column)
         # Pages are read where reads may lag (a standby, when configured): a keyset token holds
         # no server state, so consecutive pages may come from either server.
-        records = await self._read_fetch(sql, *args)
+        if bounded is None:
+            records = await self._read_fetch(sql, *args)
+        else:
+            records = await self._bounded_fetch(bounded, sql, *args, settings=SEARCH) or []
         rows = run[1](records) if run else [row(*r) for r in records]
 
         def token_after(item: T) -> str:
             return signer.encode(scope, (getattr(item, time_column), getattr(item, "id")))  # noqa: B009
 
         return page_of(rows, size, token_after)
+
+    async def _count(self, table: str, where: Where, search: bool = False) -> Count:
+        """How many rows of ``table`` match ``where``, counting no further than MAX_COUNT.
+        Reading MAX_COUNT + 1 index entries costs about what a few pages do, where an exact
+        count of a common filter would read the whole range. A count that runs past
+        COUNT_TIMEOUT_S is stopped and says so. ``search``: ``where`` holds a payload filter
+        (planned as a search is)."""
+        cap = where.param(limits.MAX_COUNT + 1)
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM {table} {where.sql()} LIMIT {cap}) m"
+        settings = f"{_COUNT_TIMEOUT}; {_CUSTOM}" if search else _COUNT_TIMEOUT
+        records = await self._bounded_fetch(None, sql, *where.args, settings=settings)
+        if records is None:
+            return Count(0, more=False, stopped=True)
+        n = int(records[0][0])
+        return Count(min(n, limits.MAX_COUNT), more=n > limits.MAX_COUNT)
+
+    async def _bounded_fetch(
+        self, field: str | None, sql: str, *args: Any, settings: str
+    ) -> list[asyncpg.Record] | None:
+        """``_read_fetch`` in a transaction that first runs ``settings`` (its own statement
+        timeout, and how to plan); past the timeout, INVALID_ARGUMENT naming ``field``, or None
+        without a field. The server ends the statement (the connection stays usable and goes
+        back to the pool), so no client-side cancel is involved."""
+
+        async def read(pool: asyncpg.Pool) -> list[asyncpg.Record] | None:
+            async with pool.acquire(timeout=until_deadline()) as conn:
+                # Caught here, not by the caller: on a standby the read route takes SQLSTATE
+                # class 57 for a failing standby, and would set it aside and run the same slow
+                # search again on the primary.
+                try:
+                    async with conn.transaction(readonly=True):
+                        await conn.execute(settings)
+                        return list(await conn.fetch(sql, *args))
+                except asyncpg.QueryCanceledError:
+                    return None
+
+        async with guarded():
+            records = await self._reads.run(read)
+            if records is None and field is not None:
+                raise InvalidArgument.one(
+                    field,
+                    f"this search ran for more than {limits.SEARCH_TIMEOUT_S:g} s and was stopped; "
+                    "narrow it with a time range (created) or another filter",
+                )
+            return records

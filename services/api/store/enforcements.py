@@ -32,7 +32,7 @@ from . import audit
 from ._chunks import ById
 from ._db import ReadRoute, guarded, is_row
 from ._derive import derive
-from ._paging import Keys, Paged, Where, json_as_text
+from ._paging import Count, Keys, Paged, Where, json_as_text
 from .types import JSON, Actor, Enforcement, Event, Execution, Page, Resolution, columns
 
 _ENFORCEMENT = columns(Enforcement)
@@ -383,6 +383,11 @@ class Enforcements(Paged):
             created_to=created_to,
         )
         return await self._page(select, where, token, size, Enforcement, run=_LIST)
+
+    async def count(self, **filters: Any) -> Count:
+        """How many enforcements match ``filters`` (those of ``listing``), at most MAX_COUNT."""
+        _select, where = self.listing(**filters)
+        return await self._count("enforcement", where)
 
     async def resolve(self, id_: int, status: str, holder: str | None = None) -> Resolution:
         """Resolves a pending enforcement as 'processed' or 'disabled' (see the module doc)."""

@@ -36,7 +36,7 @@ from shared.errors import InvalidArgument, NotFound
 from ._chunks import ById
 from ._db import Connection, ReadRoute, guarded, is_row, until_deadline
 from ._derive import derive
-from ._paging import Keys, Paged, Where, json_as_text
+from ._paging import Count, Keys, Paged, Where, json_as_text
 from ._rulesets import EMPTY, RuleSets, Schemas, TriggerSchema
 from .types import CreatedEvent, Enforcement, Event, Lease, NewEvent, Page, columns
 
@@ -521,9 +521,15 @@ class Events(Paged):
         created_from: datetime | None = None,
         created_to: datetime | None = None,
         reemit_of: int | None = None,
+        payload_contains: str | None = None,
     ) -> tuple[str, Where]:
-        """The SELECT and filters of the list (what its page tokens are bound to)."""
+        """The SELECT and filters of the list (what its page tokens are bound to).
+        ``payload_contains``: JSON text of an object (``search.as_json``), answered by the GIN
+        index of migration 0021."""
         where = Where()
+        if payload_contains is not None:
+            # As text, then cast: the connection's jsonb codec would encode a str again.
+            where.add("payload @> {}::text::jsonb", payload_contains)
         if reemit_of is not None:
             where.add("reemit_of = {}", reemit_of)
         if trigger_ref:
@@ -549,6 +555,7 @@ class Events(Paged):
         created_from: datetime | None = None,
         created_to: datetime | None = None,
         reemit_of: int | None = None,
+        payload_contains: str | None = None,
     ) -> Page[Event]:
         select, where = self.listing(
             trigger_ref=trigger_ref,
@@ -557,5 +564,12 @@ class Events(Paged):
             created_from=created_from,
             created_to=created_to,
             reemit_of=reemit_of,
+            payload_contains=payload_contains,
         )
-        return await self._page(select, where, token, size, Event, run=_LIST)
+        bounded = "payload_contains" if payload_contains is not None else None
+        return await self._page(select, where, token, size, Event, run=_LIST, bounded=bounded)
+
+    async def count(self, **filters: Any) -> Count:
+        """How many events match ``filters`` (those of ``listing``), at most MAX_COUNT."""
+        _select, where = self.listing(**filters)
+        return await self._count("event", where, search=filters.get("payload_contains") is not None)

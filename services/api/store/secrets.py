@@ -38,6 +38,12 @@ SELECT n.read_at, v.trigger_ref, v.trigger_id, v.schema_version, v.since
 _SCHEMAS = """
 SELECT trigger_id, schema_version, out_schema FROM trigger_schema_version
  WHERE (trigger_id, schema_version) IN (SELECT * FROM unnest($1::bigint[], $2::int[]))"""
+# Every version that marks anything secret, of one trigger ref or of all: a payload search
+# must not probe any of them (search.py). The text test only narrows what is fetched; the
+# paths are collected from the schemas as for masking.
+_MARKED = """
+SELECT trigger_id, schema_version FROM trigger_schema_version
+ WHERE ($1::text = '' OR trigger_ref = $1) AND strpos(out_schema::text, 'x-secret') > 0"""
 _MAX_CACHED = 4096
 """Schema versions whose secret paths are kept, and refs whose version lists are; the least
 recently used go first."""
@@ -99,24 +105,8 @@ class SchemaVersions(Repo):
             lists.update(found)
         chosen = [_version(lists[ref], version, created) for ref, version, created in keys]
         known = {c: self._paths[c] for c in chosen if c is not None and c in self._paths}
-        missing = sorted({c for c in chosen if c is not None and c not in known})
-        if missing:
-            self.reads += 1
-            rows = await self._fetch(_SCHEMAS, [m[0] for m in missing], [m[1] for m in missing])
-            for row in rows:
-                schema = row["out_schema"]
-                if schema is None:
-                    paths: Paths = ()
-                elif len(json.dumps(schema)) > _INLINE_BYTES:
-                    paths = await asyncio.to_thread(_collect, schema)
-                else:
-                    paths = _collect(schema)
-                known[(row["trigger_id"], row["schema_version"])] = paths
-        for c, paths in known.items():
-            self._paths[c] = paths
-            self._paths.move_to_end(c)
-        while len(self._paths) > _MAX_CACHED:
-            self._paths.popitem(last=False)
+        known.update(await self._load(sorted({c for c in chosen if c is not None and c not in known})))
+        self._keep(known)
         return [known.get(c, ()) if c is not None else () for c in chosen]
 
     def _settled(self, ref: str, created: datetime) -> bool:
@@ -124,6 +114,41 @@ class SchemaVersions(Repo):
         record stored at ``created``."""
         cached = self._versions.get(ref)
         return cached is not None and created < cached[0]
+
+    async def marked(self, trigger_ref: str = "") -> Paths:
+        """Every path any schema version of ``trigger_ref`` (empty: of any trigger, including
+        deleted ones, whose events are still stored) marks secret."""
+        versions = [(r["trigger_id"], r["schema_version"]) for r in await self._fetch(_MARKED, trigger_ref)]
+        known = {v: self._paths[v] for v in versions if v in self._paths}
+        known.update(await self._load(sorted({v for v in versions if v not in known})))
+        self._keep(known)
+        return tuple(dict.fromkeys(p for v in versions for p in known.get(v, ())))
+
+    async def _load(self, missing: list[tuple[int, int]]) -> dict[tuple[int, int], Paths]:
+        """The secret paths of these (trigger id, version)s, collected from their schemas."""
+        if not missing:
+            return {}
+        self.reads += 1
+        loaded: dict[tuple[int, int], Paths] = {}
+        for row in await self._fetch(_SCHEMAS, [m[0] for m in missing], [m[1] for m in missing]):
+            schema = row["out_schema"]
+            if schema is None:
+                paths: Paths = ()
+            elif len(json.dumps(schema)) > _INLINE_BYTES:
+                paths = await asyncio.to_thread(_collect, schema)
+            else:
+                paths = _collect(schema)
+            loaded[(row["trigger_id"], row["schema_version"])] = paths
+        return loaded
+
+    def _keep(self, known: dict[tuple[int, int], Paths]) -> None:
+        """Caches what a call used (most recently used last); answers come from ``known``, so
+        an eviction here never unmasks what the call returns."""
+        for c, paths in known.items():
+            self._paths[c] = paths
+            self._paths.move_to_end(c)
+        while len(self._paths) > _MAX_CACHED:
+            self._paths.popitem(last=False)
 
 
 def _version(rows: list[tuple[datetime, int, int]], version: int | None, created: datetime) -> tuple[int, int] | None:

@@ -333,6 +333,8 @@ class ListEventsRequest(_message.Message):
     CREATED_FIELD_NUMBER: _builtins.int
     REEMIT_OF_FIELD_NUMBER: _builtins.int
     REVEAL_FIELD_NUMBER: _builtins.int
+    PAYLOAD_CONTAINS_FIELD_NUMBER: _builtins.int
+    COUNT_MATCHING_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of events to return: default 50, at most 1,000. A page also stops early,
     before 2 MiB; next_page_token then continues it.
@@ -359,9 +361,26 @@ class ListEventsRequest(_message.Message):
     (PERMISSION_DENIED otherwise); every page that shows a secret in clear is audited (the
     audit trail names the events revealed).
     """
+    count_matching: _builtins.bool
+    """Also count the events that match the filters (every page, not only this one), up to
+    1,000: the answer's matching_count, with matching_count_more set when more match (or
+    matching_count_stopped when counting took too long).
+    """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only events created in this range."""
+
+    @_builtins.property
+    def payload_contains(self) -> _struct_pb2.Struct:
+        """Only events whose payload contains this JSON object (PostgreSQL's jsonb `@>`: every key
+        given is present with an equal value, nested objects alike, and an array given matches an
+        array holding all of its items), e.g. `{"repo": {"name": "x"}}`. Empty: any payload.
+        Answered by the api's index on the payload. Bounded: at most 4 KiB as JSON, 8 levels deep
+        and 32 values; a value at a path some trigger schema marks secret may be searched only by
+        a principal with the `reveal` role (PERMISSION_DENIED otherwise); INVALID_ARGUMENT naming
+        `payload_contains` otherwise. A search that runs for more than 2 seconds is
+        INVALID_ARGUMENT naming `payload_contains`: narrow it with `created` or `trigger_ref`.
+        """
 
     def __init__(
         self,
@@ -374,10 +393,12 @@ class ListEventsRequest(_message.Message):
         created: _common_pb2.TimeRange | None = ...,
         reemit_of: _builtins.int | None = ...,
         reveal: _builtins.bool = ...,
+        payload_contains: _struct_pb2.Struct | None = ...,
+        count_matching: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "reemit_of", b"reemit_of"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "payload_contains", b"payload_contains", "reemit_of", b"reemit_of"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "created", b"created", "page_size", b"page_size", "page_token", b"page_token", "reemit_of", b"reemit_of", "reveal", b"reveal", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of", "count_matching", b"count_matching", "created", b"created", "page_size", b"page_size", "page_token", b"page_token", "payload_contains", b"payload_contains", "reemit_of", b"reemit_of", "reveal", b"reveal", "rule_ref", b"rule_ref", "source_ref", b"source_ref", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__reemit_of: _TypeAlias = _typing.Literal["reemit_of"]  # noqa: Y015
     _WhichOneofArgType__reemit_of: _TypeAlias = _typing.Literal["_reemit_of", b"_reemit_of"]  # noqa: Y015
@@ -393,8 +414,21 @@ class ListEventsResponse(_message.Message):
 
     EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_MORE_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_STOPPED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
+    matching_count: _builtins.int
+    """With count_matching: how many events match the filters, at most 1,000 (0 otherwise)."""
+    matching_count_more: _builtins.bool
+    """With count_matching: more than matching_count events match (the count stops at 1,000 so
+    that it costs no more than reading a few pages).
+    """
+    matching_count_stopped: _builtins.bool
+    """With count_matching: the count ran past its time (0.5 s) and was stopped, so how many
+    match is not known; the page is answered all the same (matching_count is then 0).
+    """
     @_builtins.property
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Event]:
         """The events of this page, newest first."""
@@ -404,10 +438,13 @@ class ListEventsResponse(_message.Message):
         *,
         events: _abc.Iterable[_common_pb2.Event] | None = ...,
         next_page_token: _builtins.str = ...,
+        matching_count: _builtins.int = ...,
+        matching_count_more: _builtins.bool = ...,
+        matching_count_stopped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "matching_count_stopped", b"matching_count_stopped", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

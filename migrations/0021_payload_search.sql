@@ -1,0 +1,18 @@
+-- Payload search: ListEvents' `payload_contains` (jsonb `@>`) is answered by this index, so that
+-- finding the events of one repository or customer does not read every payload of the range.
+--
+-- jsonb_path_ops rather than the default jsonb_ops: it indexes only hashes of whole paths with
+-- their values, which is what `@>` needs, and is about a third of the size and cheaper to
+-- write (ingest pays for this index on every event). It cannot answer key-exists (`?`), which
+-- no RPC offers.
+--
+-- Events only: enforcements carry their event's payload too, but indexing them would double the
+-- write cost for a search the console answers by event (event -> its enforcements).
+--
+-- The same statement on both stores. On a TimescaleDB hypertable the index is made on every
+-- chunk and on each new chunk; a chunk compressed by the Timescale-licensed edition has no
+-- usable row index (its rows live in compressed batches), so a search over compressed days
+-- decompresses them and is bounded only by the search timeout (README, Payload search). Plain
+-- CREATE INDEX: it holds writes to event while it builds (minutes on tens of millions of rows);
+-- CONCURRENTLY is refused on hypertables and inside the migration's transaction.
+CREATE INDEX IF NOT EXISTS event_payload_path_idx ON event USING gin (payload jsonb_path_ops);
