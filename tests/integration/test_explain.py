@@ -26,6 +26,8 @@ from tools.bench.capture import list_enforcements_sql, list_events_sql
 
 EVENTS = 50_000
 SMALL_CHUNK = 1_000
+SMALL_WALK = 5_000
+"""A chunk small enough that walking it in time order costs about what its GIN index would."""
 """Rows under which a chunk may be scanned whole (see test_list_queries_use_indexes)."""
 BIG_TABLES = {"event", "enforcement"}
 
@@ -188,7 +190,12 @@ async def test_payload_search_is_answered_by_the_payload_index(shape: read.Shape
                         explained = await _explain_generic(conn, sql, args)
                 checked += 1
                 used = _index_names(explained)
-                if not any(i.endswith("event_payload_path_idx") for i in used):
+                # On TimescaleDB a chunk of this fixture's size (~1,600 rows) may be walked in
+                # time order instead: 2.19's planner (the Apache edition's stand-in image) does
+                # so for the unfiltered first page; 2.28's reads the payload index.
+                walked = {i.removesuffix("_event_created_idx") for i in used if i.endswith("_event_created_idx")}
+                small = hypertable and walked and all(rows.get(c, SMALL_WALK) < SMALL_WALK for c in walked)
+                if not any(i.endswith("event_payload_path_idx") for i in used) and not small:
                     failures.append(f"{name} ({plan} plan): indexes {sorted(used)}, not the payload index")
                 if bad := [r for r in _seq_scans(explained) if rows.get(r, SMALL_CHUNK) >= SMALL_CHUNK]:
                     failures.append(f"{name} ({plan} plan): Seq Scan on {bad}")
