@@ -121,11 +121,11 @@ async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: async
     cluster.tls = True
     blocks = [b for b in shell_blocks() if b]
     # The last block (CloudEvents out: a tail that never ends by itself) is counted, not run.
-    assert len(blocks) == 14, (
-        "walkthrough, DISABLED (two parts), bad input; rules: nested, replay, re-emit, backstop; webhooks; "
-        "schemas, its TestRule and CheckSchema; CloudEvents in; CloudEvents out"
+    assert len(blocks) == 15, (
+        "walkthrough, DISABLED (two parts), bad input, payload search; rules: nested, replay, re-emit, backstop; "
+        "webhooks; schemas, its TestRule and CheckSchema; CloudEvents in; CloudEvents out"
     )
-    main, disable, after, bad = blocks[:4]
+    main, disable, after, bad, search = blocks[:5]
     await cluster.start_api()
     executor = await cluster.start_executor()
 
@@ -161,9 +161,14 @@ async def test_readme_walkthrough_works_as_written(cluster: Cluster, conn: async
     assert '"field":"event.trigger_ref"' in out.replace(" ", "")
     assert await conn.fetchval("SELECT count(*) FROM event") == 2
 
-    await writing_rules(cluster, conn, blocks[4:8])
-    await webhooks(cluster, conn, blocks[8])
-    await schemas_and_cloudevents(cluster, conn, blocks[9], blocks[12], blocks[10:12])
+    # The payload search, as written (its example repository matches none of these events).
+    ((code, out),) = [await run(cluster, args) for args in search]
+    assert code == 0, out
+    assert json.loads(out).get("matchingCount", "0") == "0"
+
+    await writing_rules(cluster, conn, blocks[5:9])
+    await webhooks(cluster, conn, blocks[9])
+    await schemas_and_cloudevents(cluster, conn, blocks[10], blocks[13], blocks[11:13])
 
 
 async def schemas_and_cloudevents(
