@@ -104,9 +104,21 @@ def _created_event(c: Any) -> event_pb2.CreateEventResponse:
 
 
 async def _shown_created(store: Store, c: CreatedEvent) -> event_pb2.CreateEventResponse:
-    """A re-emission's answer: a stored event read back to an operator, so masked as reads are."""
-    (event,) = await shown(store, [c.event])
-    return _created_event(CreatedEvent(event, await shown(store, c.enforcements), replayed=c.replayed))
+    """A re-emission's answer: a stored event read back to an operator, so masked as reads are.
+
+    It runs after the commit, where nothing may fail the call (the caller, told "error", would
+    send it again and store it twice): if masking cannot be done, the answer goes without any
+    payload, config or condition values rather than in clear or as an error."""
+    try:
+        (event,) = await shown(store, [c.event])
+        enforcements = await shown(store, c.enforcements)
+    except Exception:
+        log.exception(
+            "re-emitted event %d is stored; its answer could not be masked, so it goes without values", c.event.id
+        )
+        event = c.event._replace(payload={}, config=None, schema_errors=None)
+        enforcements = [e._replace(payload={}, config=None, conditions=[]) for e in c.enforcements]
+    return _created_event(CreatedEvent(event, enforcements, replayed=c.replayed))
 
 
 class EventService(event_pb2_grpc.EventServiceServicer):
