@@ -13,13 +13,11 @@ the harness fails saying so, never skips.
 
 from __future__ import annotations
 
-import asyncio
-import os
-import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.chaos_run import first_int, run_chaos
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -34,78 +32,37 @@ CLEAN = [
 ]
 
 
-async def _chaos(tmp_path: Path, *args: str) -> tuple[str, dict[str, str], dict[str, list[str]]]:
-    """Runs the harness; its output, the main table's rows and the per-kind table's rows."""
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tools.chaos",
-        "--log-dir",
-        str(tmp_path / "logs"),
-        *args,
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 500)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    output = out.decode(errors="replace")
-    assert proc.returncode == 0, output[-8000:]
-    assert "RESULT: PASS" in output, output[-8000:]
-    rows: dict[str, str] = {}
-    kinds: dict[str, list[str]] = {}
-    for line in output.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if re.match(r"^\| [a-z_]+ +\| \d+ +\|", line):
-            kinds[cells[0]] = cells[1:]
-        elif m := re.match(r"^\| (.+?) +\| (.*)$", line):
-            rows[m.group(1)] = m.group(2).strip()
-    return output, rows, kinds
-
-
-def _first_int(value: str) -> int:
-    m = re.match(r"\d+", value)
-    assert m, f"no number in {value!r}"
-    return int(m.group())
-
-
 def _all_acknowledged_and_clean(rows: dict[str, str], lossless: bool = True) -> None:
-    sent = _first_int(rows["events sent (distinct request_id)"])
-    assert _first_int(rows["events acknowledged (replayed)"]) == sent
-    assert _first_int(rows["CreateEvents batches among the sends"]) > 0
+    sent = first_int(rows["events sent (distinct request_id)"])
+    assert first_int(rows["events acknowledged (replayed)"]) == sent
+    assert first_int(rows["CreateEvents batches among the sends"]) > 0
     for row in CLEAN:
-        assert _first_int(rows[row]) == 0, f"{row}: {rows[row]}"
+        assert first_int(rows[row]) == 0, f"{row}: {rows[row]}"
     if lossless:
-        assert _first_int(rows["events stored (unacked but stored)"]) == sent
+        assert first_int(rows["events stored (unacked but stored)"]) == sent
         for row in ("losses: acked events missing", "losses: acked enforcements missing"):
-            assert _first_int(rows[row]) == 0, f"{row}: {rows[row]}"
+            assert first_int(rows[row]) == 0, f"{row}: {rows[row]}"
     assert rows["drain time"].endswith(" s")
 
 
 @pytest.mark.timeout(560)
 async def test_crashes_and_network_faults_on_one_node(tmp_path: Path) -> None:
     kinds = "crash_postgres,blackhole_db,blackhole_executor,latency,reset_connections,refuse_connections"
-    output, rows, per_kind = await _chaos(
-        tmp_path, "--minutes", "1.5", "--rate", "25", "--faults", kinds, "--latency-window", "15"
+    output, rows, per_kind = await run_chaos(
+        tmp_path / "logs", "--minutes", "1.5", "--rate", "25", "--faults", kinds, "--latency-window", "15"
     )
     _all_acknowledged_and_clean(rows)
     for kind in kinds.split(","):
         assert kind in per_kind and int(per_kind[kind][0]) >= 1, f"{kind} never happened:\n{output[-6000:]}"
-    assert _first_int(rows["connections reset by network faults"]) > 0
-    assert _first_int(rows["statuses off contract (INTERNAL in api logs)"]) == 0, rows
+    assert first_int(rows["connections reset by network faults"]) > 0
+    assert first_int(rows["statuses off contract (INTERNAL in api logs)"]) == 0, rows
 
 
 @pytest.mark.timeout(560)
 async def test_failover_switchover_and_crashes_under_synchronous_replication(tmp_path: Path) -> None:
     kinds = "failover,switchover,crash_postgres,restart_postgres"
-    output, rows, per_kind = await _chaos(
-        tmp_path, "--minutes", "1.5", "--rate", "25", "--replication", "sync", "--faults", kinds
+    output, rows, per_kind = await run_chaos(
+        tmp_path / "logs", "--minutes", "1.5", "--rate", "25", "--replication", "sync", "--faults", kinds
     )
     assert "synchronous replication" in rows["database"]
     _all_acknowledged_and_clean(rows)
@@ -116,12 +73,12 @@ async def test_failover_switchover_and_crashes_under_synchronous_replication(tmp
 
 @pytest.mark.timeout(560)
 async def test_failover_under_asynchronous_replication_reports_what_it_lost(tmp_path: Path) -> None:
-    output, rows, per_kind = await _chaos(
-        tmp_path, "--minutes", "1", "--rate", "25", "--replication", "async", "--faults", "failover"
+    output, rows, per_kind = await run_chaos(
+        tmp_path / "logs", "--minutes", "1", "--rate", "25", "--replication", "async", "--faults", "failover"
     )
     assert "asynchronous replication" in rows["database"]
     assert "(async: measured)" in output
     # What was lost is a number the run reports, not a failure; nothing else may break.
-    _first_int(rows["losses: acked events missing (async: measured)"])
+    first_int(rows["losses: acked events missing (async: measured)"])
     _all_acknowledged_and_clean(rows, lossless=False)
     assert int(per_kind["failover"][0]) >= 1
