@@ -421,6 +421,21 @@ async def test_request_id_repeated_inside_one_batch(store: Store, conn: asyncpg.
 
 
 @pytest.mark.usefixtures("triggers")
+async def test_a_batch_whose_replay_is_gone_stores_nothing(store: Store, conn: asyncpg.Connection) -> None:
+    """A key whose event retention has since removed fails its batch before anything is
+    written: the api stores the events of separate CreateEvent calls in one batch and, when
+    it fails, each again on its own, so an event written by the failed batch would be stored
+    twice and answered once."""
+    gone = (await one(store, NewEvent(HOOK, {"x": 1}, request_id="old"))).event
+    await conn.execute("DELETE FROM event WHERE id = $1", gone.id)
+    with pytest.raises(NotFound, match=f"event {gone.id} of request old no longer exists"):
+        await store.events.create_many(
+            [NewEvent(HOOK, {"fresh": True}), NewEvent(HOOK, {"x": 1}, request_id="old")], many=True
+        )
+    assert await count(conn, "event") == 0
+
+
+@pytest.mark.usefixtures("triggers")
 async def test_concurrent_requests_with_one_request_id_store_one_event(store: Store, conn: asyncpg.Connection) -> None:
     await make_rule(store, "demo.a")
     results = await asyncio.gather(*(one(store, NewEvent(HOOK, {"x": 1}, request_id="same")) for _ in range(8)))

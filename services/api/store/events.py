@@ -405,6 +405,12 @@ class Events(Paged):
             planned = await asyncio.to_thread(plan) if work > _INLINE_WORK else plan()
             ev_cols, req_cols, enf_cols, events, unsaved, first_of_key = planned
 
+            # Replays are read before the insert: once it has committed, nothing here may fail
+            # (a batch of separate calls that fails is stored again one event at a time, and
+            # an event stored by the failed attempt would be answered to nobody).
+            wanted = dict.fromkeys(e.request_id for e in new if e.request_id in replays)
+            replayed = await self._replay(conn, [replays[k] for k in wanted if k])
+
             enforcements: list[Enforcement] = []
             if ev_cols[0]:
                 # Only the ids come back: every other value is already here, and decoding
@@ -443,9 +449,6 @@ class Events(Paged):
                     )
                     for rule, e, event_id, config in unsaved
                 ]
-
-            wanted = dict.fromkeys(e.request_id for e in new if e.request_id in replays)
-            replayed = await self._replay(conn, [replays[k] for k in wanted if k])
 
         by_event: dict[int, list[Enforcement]] = {}
         for enf in enforcements:
