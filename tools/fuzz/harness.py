@@ -115,6 +115,23 @@ def _examples(ids: set[int], n: int = 8) -> str:
     return ", ".join(str(i) for i in sorted(ids)[:n]) + (" ..." if len(ids) > n else "")
 
 
+async def _described(conn: asyncpg.Connection, ids: list[int]) -> str:
+    """``; event N: trigger, source_ref, key, ...`` for each of ``ids``."""
+    rows = await conn.fetch(
+        "SELECT e.id, e.trigger_ref, e.source_ref, e.rule_ref, e.reemit_of, e.created, "
+        "left(e.payload::text, 120) AS payload, q.request_id "
+        "FROM event e LEFT JOIN ingest_request q ON q.kind = 'event' AND q.entity_id = e.id "
+        "WHERE e.id = ANY($1::bigint[]) ORDER BY e.id",
+        ids,
+    )
+    return "".join(
+        f"; event {r['id']}: trigger {r['trigger_ref']!r}, source_ref {r['source_ref']!r}, "
+        f"rule_ref {r['rule_ref']!r}, reemit_of {r['reemit_of']}, key {r['request_id']!r}, "
+        f"created {r['created'].isoformat()}, payload {r['payload']}"
+        for r in rows
+    )
+
+
 async def _row_checks(url: str, base: tuple[int, int], ledger: Ledger) -> tuple[list[Check], int]:
     """Acknowledged rows are stored; stored rows were acknowledged (nothing half-written)."""
     conn = await asyncpg.connect(url)
@@ -144,11 +161,13 @@ async def _row_checks(url: str, base: tuple[int, int], ledger: Ledger) -> tuple[
                 "WHERE rpc = 'automation.v1.RuleService/ReplayRule'"
             )
         }
+        lost_ev, lost_enf = ledger.events - events, ledger.enforcements - enforcements
+        extra_ev = {i for i in events if i > base[0]} - ledger.events
+        extra_enf = {i for i in enforcements if i > base[1]} - ledger.enforcements - fired
+        # What each unanswered event is, so that a failure names the way in that stored it.
+        described = await _described(conn, sorted(extra_ev)[:5]) if extra_ev else ""
     finally:
         await conn.close()
-    lost_ev, lost_enf = ledger.events - events, ledger.enforcements - enforcements
-    extra_ev = {i for i in events if i > base[0]} - ledger.events
-    extra_enf = {i for i in enforcements if i > base[1]} - ledger.enforcements - fired
     hint = f"; writes that failed ambiguously: {'; '.join(ledger.ambiguous[:3])}" if ledger.ambiguous else ""
     checks = [
         Check(
@@ -164,7 +183,7 @@ async def _row_checks(url: str, base: tuple[int, int], ledger: Ledger) -> tuple[
             "none"
             if not extra_ev and not extra_enf
             else f"{len(extra_ev)} events ({_examples(extra_ev)}), {len(extra_enf)} enforcements "
-            f"({_examples(extra_enf)}) stored without an OK answer{hint}",
+            f"({_examples(extra_enf)}) stored without an OK answer{hint}{described}",
         ),
     ]
     return checks, pending
