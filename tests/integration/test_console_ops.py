@@ -141,6 +141,47 @@ async def _none(stubs: Stubs) -> bool:
     return not await executors(stubs)
 
 
+async def test_list_executors_answers_while_streams_come_and_go(stubs: Stubs) -> None:
+    """Streams closing while ListExecutors reads their leases: each call answers OK (the fuzz
+    smoke once got INTERNAL from a stream that left between the listing and the read)."""
+    await seed(stubs)
+    done = asyncio.Event()
+    answered = 0
+
+    async def keep_listing() -> None:
+        nonlocal answered
+        while not done.is_set():
+            await executors(stubs)
+            answered += 1
+
+    listers = [asyncio.create_task(keep_listing()) for _ in range(4)]
+    try:
+        async with channel(stubs.target, TOKENS["executor"]) as ch:
+            stub = enforcement_pb2_grpc.EnforcementServiceStub(ch)
+            for round_ in range(10):
+                calls = [
+                    stub.WatchEnforcements(
+                        enforcement_pb2.WatchEnforcementsRequest(executor_id=f"churn-{round_}-{i}", max_in_flight=1)
+                    )
+                    for i in range(12)
+                ]
+
+                async def all_listed() -> bool:
+                    return len(await executors(stubs)) == 12
+
+                await eventually(all_listed, what="the api to list the 12 streams")
+                for call in calls:
+                    call.cancel()
+                await eventually(lambda: _none(stubs), what="the closed streams to leave the list")
+                assert not any(t.done() for t in listers), [t.exception() for t in listers if t.done()]
+    finally:
+        done.set()
+        outcomes = await asyncio.gather(*listers, return_exceptions=True)
+    failed = [o for o in outcomes if isinstance(o, BaseException)]
+    assert not failed, failed[0]
+    assert answered > 0
+
+
 async def test_list_executors_is_for_viewers_and_operators_only(stubs: Stubs) -> None:
     for role in ("viewer", "operator"):
         async with channel(stubs.target, TOKENS[role]) as ch:

@@ -540,13 +540,16 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
     async def ListExecutors(
         self, request: enforcement_pb2.ListExecutorsRequest, context: Context
     ) -> enforcement_pb2.ListExecutorsResponse:
+        # Taken before the await below: a stream that closes meanwhile leaves ``streams``, and
+        # is still listed as it was when the call began.
         known = self._executors.streams
-        subs = [sub for sub in self._dispatcher.subscriptions() if sub in known]
-        subs.sort(key=lambda sub: known[sub].connected)
-        leases = await self._store.dispatch.leases_by_token([sub.token for sub in subs if sub.token])
+        pairs = sorted(
+            ((sub, known[sub]) for sub in self._dispatcher.subscriptions() if sub in known),
+            key=lambda pair: pair[1].connected,
+        )
+        leases = await self._store.dispatch.leases_by_token([sub.token for sub, _ in pairs if sub.token])
         response = enforcement_pb2.ListExecutorsResponse(api_replica=REPLICA, server_time=convert.ts(datetime.now(UTC)))
-        for sub in subs:
-            stream = known[sub]
+        for sub, stream in pairs:
             item = response.executors.add(
                 executor_id=stream.executor_id,
                 principal=stream.principal,
