@@ -16,7 +16,7 @@ from shared import limits
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, rule_pb2
 from shared.gen.io.cloudevents.v1 import cloudevents_pb2
 from tools.fuzz import catalog
-from tools.fuzz.invariants import Protected
+from tools.fuzz.invariants import Protected, describe
 from tools.fuzz.strategies import (
     REQUEST_BUDGET,
     SCENARIOS,
@@ -75,6 +75,8 @@ def test_every_request_type_gets_a_strategy_whose_draws_serialize(method: catalo
             # What goes on the wire is the message's encoding, and the encoding decodes again
             # unless it nests deeper than any decoder accepts (which the api must refuse too).
             assert call.payload == call.message.SerializeToString()
+            # Every request can be described: the run's reports and its slowest calls do.
+            assert describe(call.message)
             try:
                 decoded = method.request.FromString(call.payload)
             except DecodeError as exc:
@@ -211,3 +213,12 @@ def test_hostile_schemas_cover_what_the_issue_names() -> None:
     for what, schema in cases.items():
         compiled, problems = compile_schema(schema, "trigger.out_schema")
         assert compiled is None and problems, what
+
+
+def test_a_request_with_a_map_is_described() -> None:
+    """A CloudEvent's attributes are a map: describing it (as the run does for its slowest
+    calls) once raised, which lost that call's OK answer from the ledger."""
+    event = cloudevents_pb2.CloudEvent(id="1", source="s", spec_version="1.0", type="t")
+    event.attributes["subject"].ce_string = "x"
+    event.attributes["time"].ce_string = "2026-01-01T00:00:00Z"
+    assert describe(event) == "id='1', source='s', spec_version='1.0', type='t', attributes=<2 entries>"

@@ -181,12 +181,12 @@ def describe(message: Message, budget: int = 400) -> str:
             full = message_type(fd).full_name
             if full.startswith("google.protobuf.") and full.endswith(("Struct", "Value", "ListValue")):
                 parts.append(f"{fd.name}={_brief_json(value)}")
+            elif is_map(fd):  # before repeated: a map is a repeated field whose items are keys
+                parts.append(f"{fd.name}=<{len(value)} entries>")
             elif fd.is_repeated:
                 items = list(value)
                 first = describe(items[0], 120) if items else ""
                 parts.append(f"{fd.name}=[{len(items):,} x {{{first}}}]")
-            elif is_map(fd):
-                parts.append(f"{fd.name}=<{len(value)} entries>")
             else:
                 parts.append(f"{fd.name}={{{describe(value, 200)}}}")
         elif fd.is_repeated:

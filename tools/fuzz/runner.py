@@ -188,9 +188,18 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - a fuzzer bug must not end the run unreported
             self.stats.fuzzer_errors.append(f"{method.short}: {type(exc).__name__}: {exc}"[:300])
             return Result(grpc.StatusCode.UNKNOWN, f"fuzzer error: {exc}")
-        if not method.server_streaming:  # streams are held open on purpose
-            self._timed(time.monotonic() - began, call, result)
-        self._judge(call, result)
+        elapsed = time.monotonic() - began
+        # The ledger first: what an OK write answered is recorded before any bookkeeping that
+        # could fail (which would otherwise leave a stored event that "no call returned").
+        if result.code == grpc.StatusCode.OK:
+            for answer in result.answers:
+                self.ledger.record(method, answer)
+        try:
+            if not method.server_streaming:  # streams are held open on purpose
+                self._timed(elapsed, call, result)
+            self._judge(call, result)
+        except Exception as exc:  # noqa: BLE001 - reported: a dead worker must not go unnoticed
+            self.stats.fuzzer_errors.append(f"judging {method.short}: {type(exc).__name__}: {exc}"[:300])
         return result
 
     def _timed(self, seconds: float, call: Call, result: Result) -> None:
@@ -279,7 +288,6 @@ class Engine:
         if result.code == grpc.StatusCode.OK:
             for answer in result.answers:
                 self.strategies.pool.observe(answer)
-                self.ledger.record(method, answer)
             if call.message is not None:
                 for key in _request_ids(call.message):
                     self.strategies.pool.add_request_id(key)
@@ -339,7 +347,9 @@ class Engine:
             # Calls already drawn are still sent: each may be the one that finds something.
             for _ in workers:
                 queue.put_nowait(None)
-            await asyncio.gather(*workers, return_exceptions=True)
+            for outcome in await asyncio.gather(*workers, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    self.stats.fuzzer_errors.append(f"a worker ended: {type(outcome).__name__}: {outcome}"[:300])
             self.stats.ended = time.monotonic()
 
     def _generate(self, hand_over: object, stop: threading.Event) -> None:
