@@ -580,3 +580,32 @@ async def test_test_rule_shows_a_stored_event_and_a_stored_rule_masked_and_what_
     )
     (mine,) = [r for r in typed.results if r.field == "token"]
     assert mine.expected.string_value == "mine" and mine.found.string_value == "mine"
+
+
+async def test_the_audit_trail_shows_a_rules_secret_condition_values_masked(stubs: Stubs) -> None:
+    """A rule's audit records (its create, an update's old and new conditions) hold the values
+    as written; the trail shows them masked as GetRule does, even once the rule and its
+    trigger are deleted."""
+    await secret_trigger(stubs)
+    changed = rule(R, T, conditions=[("token", EQUALS, "n3w-s3cret"), ("user", EQUALS, "ann")])
+    await stubs.rules.UpdateRule(
+        rule_pb2.UpdateRuleRequest(rule=changed, update_mask=field_mask_pb2.FieldMask(paths=["conditions"]))
+    )
+    audit = audit_pb2_grpc.AuditServiceStub(stubs.channel)
+
+    async def changes() -> dict[str, Any]:
+        page = await audit.ListAuditRecords(audit_pb2.ListAuditRecordsRequest(entity_type="rule", entity_ref=R))
+        return {r.rpc.rsplit("/", 1)[-1]: json_format.MessageToDict(r.change) for r in page.records}
+
+    def values(conditions: list[dict[str, Any]]) -> dict[str, Any]:
+        return {c["field"]: c["value"] for c in conditions}
+
+    shown = await changes()
+    assert values(shown["CreateRule"]["conditions"]) == {"token": "***"}
+    assert values(shown["UpdateRule"]["conditions"]["old"]) == {"token": "***"}
+    assert values(shown["UpdateRule"]["conditions"]["new"]) == {"token": "***", "user": "ann"}
+    await stubs.rules.DeleteRule(rule_pb2.DeleteRuleRequest(ref=R))
+    await stubs.rules.DeleteTrigger(rule_pb2.DeleteTriggerRequest(ref=T))
+    gone = await changes()
+    assert values(gone["UpdateRule"]["conditions"]["new"]) == {"token": "***", "user": "ann"}
+    assert "hunter2" not in json.dumps(gone) and "n3w-s3cret" not in json.dumps(gone)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from services.api import convert
 from services.api._rpc import rpc
-from services.api.servicers.requests import Context, check_filters, page_of, time_range_of
-from services.api.store import Store, page_size
+from services.api.servicers.requests import Context, check_filters, page_of, shown_audit, time_range_of
+from services.api.store import Page, Store, page_size
 from services.api.store.audit import ENTITY_TYPES
 from shared.errors import InvalidArgument, brief
 from shared.gen.automation.v1 import audit_pb2, audit_pb2_grpc
@@ -41,5 +41,6 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
             time_from=start,
             time_to=end,
         )
+        page = Page(await shown_audit(self._store, page.items), page.next_token, page.token_after)
         records, token = page_of(page, convert.audit_record)
         return audit_pb2.ListAuditRecordsResponse(records=records, next_page_token=token)

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 from services.api import convert, secrets, validate
 from services.api._rpc import current_rpc
 from services.api.auth import REVEAL, current_principal
-from services.api.store import Actor, Enforcement, Event, Execution, HistoryRecord, Page, Rule, Store
+from services.api.store import Actor, AuditRecord, Enforcement, Event, Execution, HistoryRecord, Page, Rule, Store
 from shared import limits
 from shared.errors import (
     InvalidArgument,
@@ -279,6 +279,64 @@ async def shown_rules(store: Store, rules: Sequence[Rule], *, reveal: bool = Fal
             held.add(r.id)
         out.append(replace(r, conditions=conditions) if changed and not reveal else r)
     return out, Revealed("rule", frozenset(held) if reveal else frozenset())
+
+
+async def shown_audit(store: Store, records: Sequence[AuditRecord]) -> list[AuditRecord]:
+    """Audit records as ListAuditRecords sends them: the conditions a rule's record holds (its
+    create, an update's old and new) with the value of every test on a secret field shown as
+    ``"***"``, as GetRule shows the rule (by its trigger's schema as it is now). The trail is
+    read by operators who need not hold ``reveal``; the rule read with ``reveal`` has the
+    values. A record whose rule and trigger are both gone is masked by every path any schema
+    marks secret: nothing says which trigger's it was."""
+    held = [r for r in records if r.entity_type == "rule" and "conditions" in r.change]
+    if not held:
+        return list(records)
+    # Which trigger each side of a record's conditions belongs to: the record's own
+    # trigger_ref when it holds one (a create; an update that moved the rule), else the rule's.
+    sides: dict[int, tuple[str | None, str | None]] = {}
+    asked: list[int] = []
+    for r in held:
+        moved = r.change.get("trigger_ref")
+        if isinstance(moved, str):
+            sides[r.id] = (moved, moved)
+        elif isinstance(moved, dict) and isinstance(moved.get("old"), str) and isinstance(moved.get("new"), str):
+            sides[r.id] = (moved["old"], moved["new"])
+        elif r.entity_id is not None:
+            asked.append(r.entity_id)
+    now = await store.rules.triggers_of(asked)
+    for r in held:
+        if r.id not in sides:
+            ref = now.get(r.entity_id) if r.entity_id is not None else None
+            sides[r.id] = (ref, ref)
+    refs = sorted({ref for pair in sides.values() for ref in pair if ref is not None})
+    found = await store.schema_versions.secret_paths([(ref, None, _NOW_ON) for ref in refs])
+    paths: dict[str | None, tuple[secrets.Path, ...]] = dict(zip(refs, found, strict=True))
+    if any(ref is None for pair in sides.values() for ref in pair):
+        paths[None] = await store.schema_versions.marked()
+
+    def masked(conditions: Any, ref: str | None) -> Any:
+        if not isinstance(conditions, list):
+            return conditions
+        return secrets.mask_conditions(conditions, paths[ref])[0]
+
+    out: list[AuditRecord] = []
+    for r in records:
+        if r.id not in sides:
+            out.append(r)
+            continue
+        old_ref, new_ref = sides[r.id]
+        change = dict(r.change)
+        value = change["conditions"]
+        if isinstance(value, dict) and ("old" in value or "new" in value):
+            change["conditions"] = {
+                **value,
+                "old": masked(value.get("old"), old_ref),
+                "new": masked(value.get("new"), new_ref),
+            }
+        else:
+            change["conditions"] = masked(value, new_ref)
+        out.append(replace(r, change=change))
+    return out
 
 
 async def refuse_masked_values(store: Store, trigger_ref: str, conditions: Sequence[Any], field: str) -> None:

@@ -7,7 +7,7 @@ transaction (``audit.py``). Without one, ``updated_by`` is unset and nothing is 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import asyncpg
@@ -53,6 +53,7 @@ SELECT count(*) AS rules, coalesce(sum(condition_nodes), 0) AS conditions
 _RULE_TRIGGER_BY_ID = "SELECT id, trigger_ref FROM rule WHERE id = $1"
 _RULE_TRIGGER_BY_REF = "SELECT id, trigger_ref FROM rule WHERE ref = $1"
 _RULE_BY_ID = f"SELECT {_RULE} FROM rule WHERE id = $1"
+_TRIGGERS_OF_RULES = "SELECT id, trigger_ref FROM rule WHERE id = ANY($1::bigint[])"
 _RULE_BY_REF = f"SELECT {_RULE} FROM rule WHERE ref = $1"
 # The rule as it was, locked until the update commits: the audit record's "old" values.
 _LOCK_RULE_BY_ID = f"{_RULE_BY_ID} FOR UPDATE"
@@ -301,6 +302,12 @@ class Rules(Paged):
         except AlreadyExists:
             raise AlreadyExists(f"rule {ref} already exists") from None
         return created
+
+    async def triggers_of(self, ids: Sequence[int]) -> dict[int, str]:
+        """The trigger each of these rules watches now (absent: no such rule any more)."""
+        if not ids:
+            return {}
+        return {int(r["id"]): str(r["trigger_ref"]) for r in await self._fetch(_TRIGGERS_OF_RULES, list(ids))}
 
     async def get_rule(self, key: int | str) -> Rule:
         sql = _RULE_BY_ID if isinstance(key, int) else _RULE_BY_REF
