@@ -69,6 +69,18 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         await asyncio.sleep(0.02)  # poll interval of a condition wait, not a synchronisation
 
 
+async def throughout(check: Callable[[], None], window_s: float) -> None:
+    """Runs ``check`` (it asserts) at every poll for ``window_s`` seconds: for what must not
+    happen, the window gives a wrong implementation the time to show itself; it waits for no
+    state, and nothing passes by its end that did not hold all along."""
+    deadline = time.monotonic() + window_s
+    while True:
+        check()
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.02)  # poll interval of an observation window, not a synchronisation
+
+
 @asynccontextmanager
 async def web_service(
     target: str, ch: grpc.aio.Channel, rpc_timeout_s: float = 10.0, **settings: Any
