@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -67,6 +68,29 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)  # poll interval of a condition wait, not a synchronisation
+
+
+async def throughout(check: Callable[[], None], window_s: float) -> None:
+    """Runs ``check`` (it asserts) at every poll for ``window_s`` seconds: for what must not
+    happen, the window gives a wrong implementation the time to show itself; it waits for no
+    state, and nothing passes by its end that did not hold all along."""
+    deadline = time.monotonic() + window_s
+    while True:
+        check()
+        if time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.02)  # poll interval of an observation window, not a synchronisation
+
+
+async def pace(period_s: float, stop: asyncio.Event | None = None) -> None:
+    """The gap between two turns of a load or probe loop: a rate, never a wait for a state
+    (``eventually`` waits on a condition). Ends early once ``stop`` is set, so that a loop that
+    checks ``stop`` ends at once instead of a period later."""
+    if stop is None:
+        await asyncio.sleep(period_s)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), period_s)
 
 
 @asynccontextmanager

@@ -31,7 +31,7 @@ from shared.gen.automation.v1 import (
     rule_pb2_grpc,
 )
 from shared.transport import ClientSecurity, open_channel
-from tests.helpers import eventually, new_event, rule
+from tests.helpers import eventually, holds, new_event, rule
 from tools.cluster import ChildFailed, Supervisor
 from tools.healthcheck import check, wait_serving
 from tools.postgres import free_port
@@ -305,8 +305,15 @@ async def test_supervisor_backoff_starts_over_once_a_child_stayed_up(caplog: pyt
             os.kill(pid, signal.SIGKILL)
             pid = await restarts.wait_pid(n)
         assert restarts.delays() == ["0.1", "0.2"]
-        # The point here is a duration: the child must stay up longer than stable_after.
-        await asyncio.sleep(stable_after + 0.2)
+        # The supervisor took the child's start on its loop's clock before the restart line was
+        # logged: once this clock is stable_after past now, the child has stayed up that long.
+        loop = asyncio.get_running_loop()
+        up_since = loop.time()
+        await eventually(
+            holds(lambda: loop.time() - up_since >= stable_after),
+            timeout=stable_after + 10,
+            what="the child to stay up stable_after",
+        )
         os.kill(pid, signal.SIGKILL)
         await restarts.wait_pid(3)
         assert restarts.delays() == ["0.1", "0.2", "0.1"]

@@ -39,7 +39,7 @@ from services.api.server import ApiServer
 from services.executor import Executor
 from shared.config import ApiConfig, ClientSecurity, ExecutorConfig
 from shared.gen.automation.v1 import event_pb2, event_pb2_grpc, rule_pb2, rule_pb2_grpc
-from tests.helpers import TOKENS, channel, eventually, holds, new_event, rule, store_test_tokens
+from tests.helpers import TOKENS, channel, eventually, holds, new_event, pace, rule, store_test_tokens
 from tools.chaos.patroni import Node, PatroniCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -103,9 +103,9 @@ class Sensor:
                 )
             except grpc.aio.AioRpcError as exc:
                 self.errors[exc.code()] = self.errors.get(exc.code(), 0) + 1
-                # An error is answered at once (refused connections); a short pause keeps the
-                # retry loop from spinning while no primary exists.
-                await asyncio.sleep(0.05)
+                # An error is answered at once (refused connections): the retries' rate keeps
+                # the loop from spinning while no primary exists.
+                await pace(0.05, self.stop)
                 continue
             self.acked[rid] = answer.event.id
             self.ack_times.append(time.monotonic())
@@ -190,7 +190,7 @@ async def test_a_primary_lost_or_moved_under_ingest(ha: PatroniCluster, fault: s
                         health_seen.append((time.monotonic(), answer.status))
                     except grpc.aio.AioRpcError:
                         health_seen.append((time.monotonic(), -1))
-                    await asyncio.sleep(0.1)  # a probe's period, not a synchronisation
+                    await pace(0.1, sensor.stop)
 
             tasks += [asyncio.create_task(sensor.run()), asyncio.create_task(watch_health())]
             await sensor.more(50, timeout=30, what="events acknowledged before the fault")

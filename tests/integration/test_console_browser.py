@@ -1,26 +1,23 @@
 """The console in a real browser: Debian's chromium, headless, driven by Playwright, against the
 web service and a real api on PostgreSQL (both in this process) and the real executor.
 
-Every page is saved as a screenshot in ``test-artifacts/console/`` (look at them). A missing
-browser fails these tests with what to install: they are part of the suite, never skipped.
+Every page is saved as a screenshot in ``test-artifacts/console/`` (look at them); the browser,
+the signed-in page and the screenshots are ``tests.integration.browser``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import shutil
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
-import pytest
 from google.protobuf import field_mask_pb2
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, expect
 
 from services.api.server import ApiServer
 from services.executor import Executor
@@ -32,77 +29,16 @@ from shared.gen.automation.v1 import (
     rule_pb2,
 )
 from tests.conftest import Stubs, stubs_for
-from tests.helpers import OPERATOR, TOKENS, channel, eventually, new_event, rule, web_service
+from tests.helpers import TOKENS, channel, eventually, new_event, rule, web_service
+from tests.integration import browser as browser_setup
 from tools.postgres import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
-SHOTS = ROOT / "test-artifacts" / "console"
 EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 RESOLVED_AT = "[data-part=overview] [data-field=resolved_at]"
 
 
-def chromium() -> str:
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.fail(
-            "the console's browser tests need Debian's chromium: apt-get install chromium "
-            "(.ci/run installs it), or set CHROMIUM to a Chromium binary"
-        )
-    return path
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-@pytest.fixture
-async def web(api: ApiServer) -> AsyncIterator[str]:
-    target = f"127.0.0.1:{api.port}"
-    async with channel(target, TOKENS["webhook"]) as ch, web_service(target, ch) as url:
-        yield url
-
-
-@dataclasses.dataclass
-class Console:
-    page: Page
-    url: str
-    errors: list[str]
-
-    async def open(self, path: str) -> None:
-        await self.page.goto(self.url + path)
-
-    async def shot(self, name: str) -> None:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        await self.page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-
-    async def live(self) -> None:
-        """Waits until the page's stream delivered its first message (its snapshot)."""
-        await expect(self.page.locator("body[data-live-ready]")).to_have_count(1)
-
-
-@asynccontextmanager
-async def signed_in(browser: Browser, url: str, token: str = OPERATOR, start: str = "/") -> AsyncIterator[Console]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 860})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    # Console errors too: a blocked resource (the Content-Security-Policy) or a failed load.
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    try:
-        await page.goto(url + start)
-        await page.fill("input[name=token]", token)
-        await page.click("button.primary")
-        await expect(page.locator(".who")).to_be_visible()
-        yield Console(page, url, errors)
-        assert errors == [], f"errors in the browser's console: {errors}"
-    finally:
-        await context.close()
+# These pages were first looked at in a 1280 px window: their screenshots stay comparable.
+signed_in = functools.partial(browser_setup.signed_in, width=1280)
 
 
 async def seed(stubs: Stubs) -> None:

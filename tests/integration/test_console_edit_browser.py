@@ -9,53 +9,20 @@ Every page is saved twice, 1366 and 390 px wide, in ``test-artifacts/console/edi
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import functools
 
 import grpc
 import pytest
 from playwright.async_api import Browser, Page, expect
 
-from services.api.server import ApiServer
 from shared.gen.automation.v1 import rule_pb2
 from tests.conftest import Stubs
-from tests.helpers import TOKENS, channel, web_service
-from tests.integration.test_console_browser import ROOT, chromium, emit, seed
-from tests.integration.test_console_ops_browser import Console, signed_in
+from tests.helpers import TOKENS
+from tests.integration import browser as browser_setup
+from tests.integration.browser import Console
+from tests.integration.test_console_browser import emit, seed
 
-SHOTS = ROOT / "test-artifacts" / "console" / "edit"
-WIDTHS = (1366, 390)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-@pytest.fixture
-async def web(api: ApiServer) -> AsyncIterator[str]:
-    target = f"127.0.0.1:{api.port}"
-    async with channel(target, TOKENS["webhook"]) as ch, web_service(target, ch) as url:
-        yield url
-
-
-async def shots(page: Page, name: str) -> None:
-    """The page at each width, whole, and nothing sticking out sideways at either."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    size = page.viewport_size
-    for width in WIDTHS:
-        await page.set_viewport_size({"width": width, "height": 860})
-        await page.screenshot(path=str(SHOTS / f"{name}-{width}.png"), full_page=True)
-        overflow = await page.evaluate("document.scrollingElement.scrollWidth - document.scrollingElement.clientWidth")
-        assert overflow <= 0, f"{name} at {width} px scrolls sideways by {overflow} px"
-    if size is not None:
-        await page.set_viewport_size(size)
+signed_in = functools.partial(browser_setup.signed_in, shots_dir=browser_setup.SHOTS / "edit")
 
 
 def refused_as_expected(console: Console) -> None:
@@ -96,7 +63,7 @@ async def test_a_rule_is_made_in_the_form_tested_saved_and_seen_firing(
         await expect(page.locator("#test-result")).to_contain_text("matched")
         await expect(page.locator("#test-result pre.json")).to_contain_text("release refs/heads/release/2.1")
         await expect(page.locator("input[aria-label='value 1']")).to_have_value("refs/heads/release/")
-        await shots(page, "rule-new-tested")
+        await console.shots("rule-new-tested")
         # A mistake the api finds is shown next to its row, and nothing is stored.
         await page.fill("input[aria-label='field 2']", "size")
         await page.select_option("select[aria-label='operator 2']", "regex")
@@ -106,7 +73,7 @@ async def test_a_rule_is_made_in_the_form_tested_saved_and_seen_firing(
         row = page.locator("#condition-rows tbody tr").nth(1)
         await expect(row.locator(".field-error")).to_contain_text("value")
         refused_as_expected(console)
-        await shots(page, "rule-new-refused")
+        await console.shots("rule-new-refused")
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref="demo.release"))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -115,7 +82,7 @@ async def test_a_rule_is_made_in_the_form_tested_saved_and_seen_firing(
         await page.click("#create")
         await expect(page.locator(".banner.ok")).to_have_text("Created.")
         await expect(page.locator("h1")).to_contain_text("Rule demo.release")
-        await shots(page, "rule-created")
+        await console.shots("rule-created")
 
         # It fires: an event of its trigger, and its enforcement arrives on the live list.
         await console.open("/enforcements?rule_ref=demo.release")
@@ -123,9 +90,9 @@ async def test_a_rule_is_made_in_the_form_tested_saved_and_seen_firing(
         fired = await emit(stubs, "demo.push", ref="refs/heads/release/2.1")
         mine = next(e for e in fired.enforcements if e.rule_ref == "demo.release")
         await expect(page.locator(f"tr[data-key='{mine.id}']")).to_contain_text("demo.release")
-        await shots(page, "rule-fired")
+        await console.shots("rule-fired")
         await audit_row(page, web, "CreateRule", "demo.release")
-        await shots(page, "audit-create-rule")
+        await console.shots("audit-create-rule")
 
 
 async def test_an_edit_is_reviewed_as_a_diff_then_saved(stubs: Stubs, web: str, browser: Browser) -> None:
@@ -149,7 +116,7 @@ async def test_an_edit_is_reviewed_as_a_diff_then_saved(stubs: Stubs, web: str, 
         diff = page.locator("#diff")
         await expect(diff.locator(".diff-del")).to_contain_text(["label: ", '"operator": "equals"'])
         await expect(diff.locator(".diff-add")).to_contain_text(["label: Page on-call", '"operator": "inside"'])
-        await shots(page, "rule-review-diff")
+        await console.shots("rule-review-diff")
         assert (await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref="demo.page_oncall"))).label == ""
         await page.click("#save")
         await expect(page.locator(".banner.ok")).to_have_text("Saved.")
@@ -162,7 +129,7 @@ async def test_an_edit_is_reviewed_as_a_diff_then_saved(stubs: Stubs, web: str, 
         row = page.locator("table[data-list=audit] tbody tr").first
         await row.locator("summary").click()
         await expect(row.locator("pre.json")).to_contain_text("Page on-call")
-        await shots(page, "audit-update-rule")
+        await console.shots("audit-update-rule")
 
 
 async def test_deletes_are_confirmed_on_their_own_page(stubs: Stubs, web: str, browser: Browser) -> None:
@@ -171,7 +138,7 @@ async def test_deletes_are_confirmed_on_their_own_page(stubs: Stubs, web: str, b
         page = console.page
         await page.click("#delete-rule")
         await expect(page.locator("h1")).to_contain_text("Delete rule demo.log_all?")
-        await shots(page, "rule-delete-confirm")
+        await console.shots("rule-delete-confirm")
         await page.click("#confirm-delete")
         await expect(page.locator(".banner.ok")).to_have_text("Rule deleted.")
         await expect(page.locator("tr[data-key='demo.log_all']")).to_have_count(0)
@@ -180,7 +147,7 @@ async def test_deletes_are_confirmed_on_their_own_page(stubs: Stubs, web: str, b
         await console.open("/triggers/demo.push")
         await page.click("#delete-trigger")
         await expect(page.locator("#delete-rules")).to_contain_text("demo.on_push")
-        await shots(page, "trigger-delete-confirm")
+        await console.shots("trigger-delete-confirm")
         await page.click("#confirm-delete")
         await expect(page.locator(".banner.ok")).to_have_text("Trigger deleted.")
         await expect(page.locator("tr[data-key='demo.push']")).to_have_count(0)
@@ -200,20 +167,20 @@ async def test_a_trigger_with_a_webhook_is_made_signed_after_the_unsigned_warnin
         await page.click("#save")
         await expect(page.locator("#unsigned-warning")).to_contain_text("anyone who learns its URL")
         refused_as_expected(console)
-        await shots(page, "trigger-unsigned-warning")
+        await console.shots("trigger-unsigned-warning")
         await page.fill("input[name=webhook_secret]", "a-long-enough-secret")
         await page.click("#save")
         await expect(page.locator(".banner.ok")).to_have_text("Created.")
         await expect(page.locator("h2").filter(has_text="Webhook")).to_contain_text("signature required")
         await expect(page.locator("#unsigned-webhook")).to_have_count(0)
-        await shots(page, "trigger-created")
+        await console.shots("trigger-created")
         # A schema the api cannot compile: its reason next to the field.
         await page.click("#edit-trigger")
         await page.fill("textarea[name=out_schema]", '{"type": "nope"}')
         await page.click("#save")
         await expect(page.locator("#err-out_schema")).to_be_visible()
         refused_as_expected(console)
-        await shots(page, "trigger-schema-refused")
+        await console.shots("trigger-schema-refused")
         await audit_row(page, web, "CreateTrigger", "ops.deploy")
     trigger = await stubs.rules.GetTrigger(rule_pb2.GetTriggerRequest(ref="ops.deploy"))
     assert trigger.webhook_signed and trigger.schema_mode == rule_pb2.SCHEMA_MODE_ENFORCE
@@ -227,7 +194,7 @@ async def test_a_viewer_sees_no_change_button_and_a_forged_post_is_refused(
         page = console.page
         await expect(page.locator("h1")).to_contain_text("Rule demo.page_oncall")
         await expect(page.locator("#edit-rule, #delete-rule, #toggle-rule")).to_have_count(0)
-        await shots(page, "viewer-rule")
+        await console.shots("viewer-rule")
         await console.open("/triggers/demo.push")
         await expect(page.locator("#edit-trigger, #delete-trigger, #new-rule, #toggle-webhook")).to_have_count(0)
         await console.open("/rules")
@@ -248,8 +215,8 @@ async def test_dark_mode_follows_the_system_setting(stubs: Stubs, web: str, brow
         await page.emulate_media(color_scheme="dark")
         dark = await page.evaluate("getComputedStyle(document.body).backgroundColor")
         assert light == "rgb(246, 247, 249)" and dark == "rgb(18, 21, 28)", (light, dark)
-        await shots(page, "dark-rule-edit")
+        await console.shots("dark-rule-edit")
         await emit(stubs, "demo.alert", severity="critical", host="db-1")
         await console.open("/enforcements")
         await expect(page.locator("table[data-list=enforcements] tbody tr")).to_have_count(2)
-        await shots(page, "dark-enforcements")
+        await console.shots("dark-enforcements")

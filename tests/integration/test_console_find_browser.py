@@ -9,51 +9,22 @@ Every page is saved twice, 1366 and 390 px wide, in ``test-artifacts/console/fin
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
 import pytest
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import Browser, expect
 
 from services.api.server import ApiServer
 from shared import limits
 from shared.gen.automation.v1 import event_pb2
 from tests.conftest import Stubs
-from tests.helpers import TOKENS, channel, new_event, web_service
-from tests.integration.test_console_browser import ROOT, chromium, emit, seed
-from tests.integration.test_console_ops_browser import Console, signed_in
+from tests.helpers import TOKENS, new_event
+from tests.integration import browser as browser_setup
+from tests.integration.test_console_browser import emit, seed
 
-SHOTS = ROOT / "test-artifacts" / "console" / "find"
-WIDTHS = (1366, 390)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-@pytest.fixture
-async def web(api: ApiServer) -> AsyncIterator[str]:
-    target = f"127.0.0.1:{api.port}"
-    async with channel(target, TOKENS["webhook"]) as ch, web_service(target, ch) as url:
-        yield url
-
-
-async def shots(console: Console, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    size = console.page.viewport_size
-    for width in WIDTHS:
-        await console.page.set_viewport_size({"width": width, "height": 860})
-        await console.page.screenshot(path=str(SHOTS / f"{name}-{width}.png"), full_page=True)
-        await console.no_page_overflow()
-    if size is not None:
-        await console.page.set_viewport_size(size)
+signed_in = functools.partial(browser_setup.signed_in, shots_dir=browser_setup.SHOTS / "find")
 
 
 async def test_the_payload_search_box_finds_events_and_counts_them(
@@ -79,7 +50,7 @@ async def test_the_payload_search_box_finds_events_and_counts_them(
         await expect(page.locator("input[name=payload]")).to_have_value('{"repo": {"name": "x"}}')
         assert await page.locator("body[data-live]").count() == 0
         await expect(page.locator("main")).to_contain_text("A payload search is not updated live")
-        await shots(console, "events-search")
+        await console.shots("events-search")
 
         # Combined with the other filters, and with one match the sentence says so.
         await page.fill("input[name=payload]", '{"repo": {"private": true}, "ref": "refs/heads/dev"}')
@@ -115,7 +86,7 @@ async def test_a_bad_search_is_refused_with_the_reason_and_no_rows(
         await expect(page.locator("table[data-list=events] tbody tr")).to_have_count(0)
         await expect(page.locator("input[name=payload]")).to_have_value(typed)
         if why.startswith("payload: not JSON"):
-            await shots(console, "events-search-refused")
+            await console.shots("events-search-refused")
         # The page is answered 400 (the browser logs that status); nothing else may be logged.
         assert console.errors == ["Failed to load resource: the server responded with a status of 400 (Bad Request)"]
         console.errors.clear()
@@ -160,7 +131,7 @@ async def test_counts_say_more_than_the_cap_and_pages_keep_the_search(
         await expect(page.locator("p.count")).to_have_text(
             "More than 1,000 enforcements match (when this page was loaded)."
         )
-        await shots(console, "enforcements-count")
+        await console.shots("enforcements-count")
 
 
 async def test_an_event_links_to_its_enforcements_and_audit_records(

@@ -11,88 +11,20 @@ Every page is saved twice, 1366 and 390 px wide, in ``test-artifacts/console/ops
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import functools
 
 import asyncpg
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, expect
 
 from services.api.server import ApiServer
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, enforcement_pb2_grpc
 from tests.conftest import Stubs
-from tests.helpers import OPERATOR, TOKENS, channel, web_service
-from tests.integration.test_console_browser import ROOT, chromium, emit, executor, seed
+from tests.helpers import TOKENS, channel
+from tests.integration import browser as browser_setup
+from tests.integration.test_console_browser import emit, executor, seed
 
-SHOTS = ROOT / "test-artifacts" / "console" / "ops"
-WIDTHS = (1366, 390)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-@pytest.fixture
-async def web(api: ApiServer) -> AsyncIterator[str]:
-    target = f"127.0.0.1:{api.port}"
-    async with channel(target, TOKENS["webhook"]) as ch, web_service(target, ch) as url:
-        yield url
-
-
-class Console:
-    def __init__(self, page: Page, url: str, errors: list[str]) -> None:
-        self.page, self.url, self.errors = page, url, errors
-
-    async def open(self, path: str) -> None:
-        await self.page.goto(self.url + path)
-
-    async def live(self) -> None:
-        await expect(self.page.locator("body[data-live-ready]")).to_have_count(1)
-
-    async def shots(self, name: str) -> None:
-        """The page at each width, whole (the viewport is put back afterwards)."""
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        size = self.page.viewport_size
-        for width in WIDTHS:
-            await self.page.set_viewport_size({"width": width, "height": 860})
-            await self.page.screenshot(path=str(SHOTS / f"{name}-{width}.png"), full_page=True)
-        if size is not None:
-            await self.page.set_viewport_size(size)
-
-    async def no_page_overflow(self) -> None:
-        """Nothing sticks out sideways: wide tables scroll inside their box, not the page."""
-        overflow = await self.page.evaluate(
-            "document.scrollingElement.scrollWidth - document.scrollingElement.clientWidth"
-        )
-        assert overflow <= 0, f"the page scrolls sideways by {overflow} px"
-
-
-@asynccontextmanager
-async def signed_in(
-    browser: Browser, url: str, token: str = OPERATOR, start: str = "/", width: int = 1366
-) -> AsyncIterator[Console]:
-    context = await browser.new_context(viewport={"width": width, "height": 860})
-    page = await context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    try:
-        await page.goto(url + start)
-        await page.fill("input[name=token]", token)
-        await page.click("button.primary")
-        await expect(page.locator(".who")).to_be_visible()
-        yield Console(page, url, errors)
-        assert errors == [], f"errors in the browser's console: {errors}"
-    finally:
-        await context.close()
+signed_in = functools.partial(browser_setup.signed_in, shots_dir=browser_setup.SHOTS / "ops")
 
 
 async def exhaust(conn: asyncpg.Connection, enforcement: int, error: str = "backend down") -> None:
@@ -306,8 +238,7 @@ async def test_narrow_screens_fold_the_navigation_and_scroll_tables_in_their_car
         await expect(nav).to_be_visible()
         await expect(menu).to_have_attribute("aria-expanded", "true")
         if width == 390:
-            SHOTS.mkdir(parents=True, exist_ok=True)
-            await page.screenshot(path=str(SHOTS / "menu-open-390.png"), full_page=True)
+            await console.shot("menu-open-390")
         await page.keyboard.press("Escape")
         await expect(nav).to_be_hidden()
         await expect(menu).to_be_focused()

@@ -12,7 +12,7 @@ from playwright.async_api import Browser, expect
 from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, new_event, rule, struct
-from tests.integration.test_console_browser import browser, signed_in, web  # noqa: F401 (fixtures)
+from tests.integration.test_console_browser import signed_in
 
 T = "demo.typed"
 SCHEMA: dict[str, Any] = {
@@ -38,8 +38,8 @@ async def warned(stubs: Stubs) -> None:
 
 async def test_nonconforming_events_are_marked_on_the_list_live_and_on_their_page(
     stubs: Stubs,
-    web: str,  # noqa: F811
-    browser: Browser,  # noqa: F811
+    web: str,
+    browser: Browser,
 ) -> None:
     await warned(stubs)
     good = await emit(stubs, {"repo": {"name": "api"}})
@@ -67,8 +67,8 @@ async def test_nonconforming_events_are_marked_on_the_list_live_and_on_their_pag
 
 async def test_the_rule_tester_flags_fields_the_schema_rules_out(
     stubs: Stubs,
-    web: str,  # noqa: F811
-    browser: Browser,  # noqa: F811
+    web: str,
+    browser: Browser,
 ) -> None:
     await warned(stubs)
     conditions = [("repo.name", EQUALS, "api"), ("reop.name", EQUALS, "api"), ("n.value", EQUALS, 1)]

@@ -18,6 +18,7 @@ from shared.gen.io.cloudevents.v1 import cloudevents_pb2
 from tools.fuzz import catalog
 from tools.fuzz.invariants import Protected, describe
 from tools.fuzz.strategies import (
+    DEPTHS,
     REQUEST_BUDGET,
     SCENARIOS,
     Call,
@@ -27,6 +28,7 @@ from tools.fuzz.strategies import (
     hostile_schemas,
     json_depth,
     near_misses,
+    nest,
 )
 
 METHODS = catalog.methods()
@@ -89,9 +91,17 @@ def test_every_request_type_gets_a_strategy_whose_draws_serialize(method: catalo
 
 
 @QUICK
+@given(st.sampled_from(DEPTHS) | st.integers(1, 40), st.integers(0, 2**48))
+def test_deep_values_reach_the_depths_asked(depth: int, bits: int) -> None:
+    assert json_depth(nest(depth, "leaf", bits, "k")) == depth
+
+
+@QUICK
 @given(STRATEGIES.json.deep())
-def test_deep_values_reach_the_depths_asked(value: object) -> None:
-    assert 1 <= json_depth(value) <= 40
+def test_deep_values_stay_within_the_depths_drawn(value: object) -> None:
+    # deep() nests to a depth it draws from DEPTHS or 1..40, which the value does not carry:
+    # the range is what can be checked of one value.
+    assert 1 <= json_depth(value) <= max(40, *DEPTHS)
 
 
 @settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -132,7 +142,10 @@ def test_cycled_lists_stay_within_the_request_budget() -> None:
         event.payload.update({"a": "x" * limits.MAX_MESSAGE_BYTES})
 
     cycled = cycle([big], limits.MAX_BATCH, events)
-    assert 1 <= len(cycled) * limits.MAX_MESSAGE_BYTES <= REQUEST_BUDGET
+    # The budget is the message limit and 2 MiB: one such event passes the limit, a second would
+    # pass the budget.
+    assert REQUEST_BUDGET < 2 * limits.MAX_MESSAGE_BYTES
+    assert len(cycled) == 1
     assert len(cycle([lambda e: None], limits.MAX_BATCH + 1, events)) == limits.MAX_BATCH + 1
 
 
