@@ -302,17 +302,22 @@ async def test_a_rule_is_edited_tested_reviewed_and_saved_by_keyboard(
         await page.keyboard.press("Tab")
         await expect(page.locator("input[aria-label='value 1']")).to_be_focused()
         await select_all_and_type(page, '["critical", "major"]')
+        # More rows: the page comes back with the focus on the first empty row, what was typed kept.
+        rows = await page.locator("#condition-rows tbody tr").count()
+        await tab_to(page, "#more-rows")
+        await page.keyboard.press("Enter")
+        await expect(page.locator(f"input[aria-label='field {rows + 1}']")).to_have_count(1)
+        await expect(page.locator("input[aria-label='field 2']")).to_be_focused()
+        await expect(page.locator("input[aria-label='value 1']")).to_have_value('["critical", "major"]')
 
         # The tester, on a stored event: Enter in its field runs Test (not the form's first
         # button, More rows), and the focus comes back on the result.
-        rows = await page.locator("#condition-rows tbody tr").count()
         await tab_to(page, "input[name=event_id]")
         await page.keyboard.type(str(stored.event.id))
         await page.keyboard.press("Enter")
         result = page.locator("#test-result")
         await expect(result).to_contain_text("matched")
         await expect(result).to_be_focused()
-        await expect(page.locator("#condition-rows tbody tr")).to_have_count(rows)
         await expect(page.locator("input[name=label]")).to_have_value("Page on-call")
         # Then on a typed payload: Tab from the payload to Test, Enter.
         await tab_to(page, "input[name=event_id]")
@@ -328,16 +333,35 @@ async def test_a_rule_is_edited_tested_reviewed_and_saved_by_keyboard(
         await expect(result).to_be_focused()
         await shot(page, "rule-tested")
 
+        # A refused form comes back with the focus on the field it names.
+        await tab_to(page, "textarea[name=action_params]")
+        await select_all_and_type(page, '{"message": "paged"')
+        await page.keyboard.press("Tab")
+        await expect(page.locator("#review")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#err-action_params")).to_be_visible()
+        await expect(page.locator("textarea[name=action_params]")).to_be_focused()
+        assert console.errors[-1:] == [
+            "Failed to load resource: the server responded with a status of 400 (Bad Request)"
+        ]
+        console.errors.pop()
+        await shot(page, "rule-refused")
+        await page.keyboard.press("End")
+        await page.keyboard.type("}")
+
         # Enter in a field of the rule asks for the review; Tab to Save, Enter.
         await tab_to(page, "input[name=action_ref]")
         await page.keyboard.press("Enter")
-        await expect(page.locator("#diff .diff-add")).to_contain_text(["label: Page on-call", '"operator": "inside"'])
+        await expect(page.locator("#diff .diff-add")).to_contain_text(
+            ["label: Page on-call", '"operator": "inside"', '"message": "paged"']
+        )
         await shot(page, "rule-review")
         await tab_to(page, "#save")
         await page.keyboard.press("Enter")
         await expect(page.locator(".banner.ok")).to_have_text("Saved.")
     saved = await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref="demo.page_oncall"))
     assert saved.label == "Page on-call"
+    assert saved.action_params["message"] == "paged"
 
 
 @pytest.mark.parametrize("width", WIDTHS)
