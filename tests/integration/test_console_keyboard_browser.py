@@ -190,11 +190,13 @@ async def select_all_and_type(page: Page, text: str) -> None:
 
 @pytest.mark.parametrize("width", WIDTHS)
 async def test_the_skip_link_leads_to_the_content_and_tab_reaches_every_control_with_a_ring(
-    stubs: Stubs, web: str, browser: Browser, width: int
+    stubs: Stubs, conn: asyncpg.Connection, web: str, browser: Browser, width: int
 ) -> None:
     await seed(stubs)
     fired = await emit(stubs, "demo.alert", severity="critical", host="db-1")
-    await emit(stubs, "demo.push", ref="refs/heads/main")
+    pushed = await emit(stubs, "demo.push", ref="refs/heads/main")
+    # Dispatch with a row to tick and retry.
+    await exhaust(conn, pushed.enforcements[0].id)
     enforcement = fired.enforcements[0].id
     async with signed_in(browser, web, start="/events", width=width) as console:
         page = console.page
@@ -220,7 +222,7 @@ async def test_the_skip_link_leads_to_the_content_and_tab_reaches_every_control_
             await expect(row.locator("a[href^='/events/']")).to_have_count(1)
 
         pages = ["/events", f"/enforcements/{enforcement}", "/rules", "/rules/demo.page_oncall/edit", "/executions"]
-        pages += ["/audit", "/volume", "/triggers/demo.push"]
+        pages += ["/audit", "/volume", "/dispatch", "/triggers/demo.push"]
         for path in pages:
             await console.open(path)
             await expect(page.locator("h1")).to_be_visible()
