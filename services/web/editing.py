@@ -529,6 +529,7 @@ class Editing:
         test: dict[str, Any] | None = None,
         extra_rows: int = BLANK_ROWS,
         notice: str = "",
+        focus_row: int = 0,
     ) -> Response:
         triggers = await self.api.rules.ListTriggers(
             rule_pb2.ListTriggersRequest(page_size=200), **self.console.call(user)
@@ -547,6 +548,7 @@ class Editing:
             triggers=[t.ref for t in triggers.triggers],
             test=test or {},
             form_notice=notice,
+            focus_row=focus_row,
             action=f"/rules/{stored.ref}/edit" if stored else "/rules/new",
         )
 
@@ -596,7 +598,9 @@ class Editing:
         if form.ok:
             form.sync(rule)
         if step == "rows":
-            return await self._rule_form(request, user, form, None, extra_rows=BLANK_ROWS * 2)
+            return await self._rule_form(
+                request, user, form, None, extra_rows=BLANK_ROWS * 2, focus_row=len(form.rows) + 1
+            )
         if step == "test":
             test = await self._test(user, form, rule, origin) if form.ok else {}
             return await self._rule_form(request, user, form, None, test=test)
@@ -644,7 +648,9 @@ class Editing:
         if form.ok:
             form.sync(rule)
         if step == "rows":
-            return await self._rule_form(request, user, form, stored, extra_rows=BLANK_ROWS * 2)
+            return await self._rule_form(
+                request, user, form, stored, extra_rows=BLANK_ROWS * 2, focus_row=len(form.rows) + 1
+            )
         if step == "test":
             test = await self._test(user, form, rule, origin) if form.ok else {}
             return await self._rule_form(request, user, form, stored, test=test)

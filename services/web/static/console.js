@@ -34,7 +34,7 @@ function applyRows(data) {
     if (row.remove) { if (old) old.remove(); continue; }
     const tr = fragment(row.html).firstElementChild;
     if (old) {
-      if (old.outerHTML !== tr.outerHTML) { tr.classList.add("fresh"); old.replaceWith(tr); }
+      if (old.outerHTML !== tr.outerHTML) { tr.classList.add("fresh"); keepingFocus(old, () => old.replaceWith(tr), tr); }
     } else if (prepend) {
       if (!data.snapshot) tr.classList.add("fresh");
       body.prepend(tr);
@@ -60,18 +60,45 @@ function applyParts(data) {
     if (!part || part.innerHTML.trim() === html.trim()) continue;
     // Ticked boxes stay ticked across a live update (an operator selecting rows to retry).
     const ticked = new Set([...part.querySelectorAll("input[type=checkbox]:checked")].map((b) => `${b.name}=${b.value}`));
-    const focused = document.activeElement && part.contains(document.activeElement) ? document.activeElement : null;
     const fresh = fragment(html);
     for (const box of fresh.querySelectorAll("input[type=checkbox]")) box.checked = ticked.has(`${box.name}=${box.value}`);
     for (const form of fresh.querySelectorAll("form[data-confirm]")) confirming(form);
-    part.replaceChildren(fresh);
-    if (focused && focused.name) part.querySelector(`[name="${CSS.escape(focused.name)}"][value="${CSS.escape(focused.value)}"]`)?.focus();
+    keepingFocus(part, () => part.replaceChildren(fresh), part);
   }
   if (data.status) document.body.dataset.status = data.status;
 }
 
+// The element a live update replaced, found again in what replaced it: the same tag and
+// identifying attributes (a row's link, a Retry button, a ticked box).
+function twin(el) {
+  const attrs = ["id", "name", "value", "href", "data-retry"].filter((a) => el.hasAttribute(a));
+  return el.localName + attrs.map((a) => `[${a}="${CSS.escape(el.getAttribute(a))}"]`).join("");
+}
+
+// A live update never moves the keyboard's place: when it replaces the focused element, focus
+// goes to its twin (without it, focus falls back to the page's start, and the next Tab with it).
+function keepingFocus(old, replace, root) {
+  const focused = document.activeElement;
+  const inside = focused && focused !== document.body && old.contains(focused);
+  const selector = inside ? twin(focused) : null;
+  replace();
+  if (selector && !root.contains(focused)) root.querySelector(selector)?.focus({ preventScroll: true });
+}
+
 function confirming(form) {
   form.addEventListener("submit", (e) => { if (!confirm(form.dataset.confirm)) e.preventDefault(); });
+}
+
+// Enter in a field runs the button its part names (data-enter: the tester's Test, the form's
+// save), not the form's first button in document order (the rule form's More rows).
+function enterRuns(box) {
+  box.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || e.isComposing || e.target.localName !== "input") return;
+    const button = document.getElementById(box.dataset.enter);
+    if (!button || !button.form) return;
+    e.preventDefault();
+    button.form.requestSubmit(button);
+  });
 }
 
 function menu() {
@@ -108,6 +135,7 @@ document.addEventListener("DOMContentLoaded", () => {
   localTimes(document);
   for (const form of document.querySelectorAll("form[data-confirm]")) confirming(form);
   menu();
+  for (const box of document.querySelectorAll("[data-enter]")) enterRuns(box);
   for (const button of document.querySelectorAll("button[data-copy]")) {
     button.addEventListener("click", () => {
       const input = document.getElementById(button.dataset.copy);
