@@ -10,7 +10,6 @@ Only key presses move and act here (``page.keyboard``); the mouse is never used.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -20,12 +19,12 @@ from playwright.async_api import Browser, Page, expect
 from services.api.server import ApiServer
 from shared.gen.automation.v1 import rule_pb2
 from tests.conftest import Stubs
-from tests.helpers import TOKENS, channel, web_service
-from tests.integration.test_console_browser import ROOT, chromium, emit, executor, seed
+from tests.integration.browser import SHOTS as ALL_SHOTS
+from tests.integration.browser import WIDTHS
+from tests.integration.test_console_browser import emit, executor, seed
 from tests.integration.test_console_ops_browser import exhaust, signed_in
 
-SHOTS = ROOT / "test-artifacts" / "console" / "keyboard"
-WIDTHS = (1366, 390)
+SHOTS = ALL_SHOTS / "keyboard"
 
 # Marks, in document order, every element the keyboard must reach: visible, enabled, not taken
 # out of the order, one radio per group (Tab enters a group at its checked radio). Scrolling
@@ -82,25 +81,6 @@ FOCUSED = """() => {
     visible: r.width > 0 && r.height > 0 && r.bottom > 0 && r.top < innerHeight && r.right > 0 && r.left < innerWidth,
   };
 }"""
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-@pytest.fixture
-async def web(api: ApiServer) -> AsyncIterator[str]:
-    target = f"127.0.0.1:{api.port}"
-    async with channel(target, TOKENS["webhook"]) as ch, web_service(target, ch) as url:
-        yield url
 
 
 async def shot(page: Page, name: str) -> None:
