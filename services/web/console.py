@@ -8,9 +8,11 @@ page that shows the result. Live updates are in ``live``.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -522,6 +524,10 @@ class Console:
             if (contains := payload_filter(filters.values["payload"])) is not None:
                 req.payload_contains.update(contains)
             resp = await self.counted(user, self.api.events.ListEvents, req, shown)
+            if resp.HasField("searched_from"):
+                since = resp.searched_from.ToDatetime(tzinfo=UTC)
+                shown["searched_from"] = since
+                shown["searched_days"] = max(math.ceil((datetime.now(UTC) - since) / timedelta(days=1)), 1)
             return list(resp.events), resp.next_page_token
 
         # A search is a fixed list, as a time range is: the live tail has no payload filter.
@@ -532,10 +538,16 @@ class Console:
         id_ = path_id(request)
         kw = self.call(user)
         event = await self.api.events.GetEvent(event_pb2.GetEventRequest(id=id_), **kw)
-        enforcements = await self.api.enforcements.ListEnforcements(
-            enforcement_pb2.ListEnforcementsRequest(event=id_, page_size=PAGE_SIZE), **kw
+        # An event's enforcements and re-emissions are stored with it or after it: a range
+        # starting at its time lets TimescaleDB leave out every older chunk (an event's id alone
+        # carries no time, so each list would read all 90 days, compressed ones included).
+        since = common_pb2.TimeRange(start=event.created)
+        enforcements, reemits = await asyncio.gather(
+            self.api.enforcements.ListEnforcements(
+                enforcement_pb2.ListEnforcementsRequest(event=id_, created=since, page_size=PAGE_SIZE), **kw
+            ),
+            self.api.events.ListEvents(event_pb2.ListEventsRequest(reemit_of=id_, created=since, page_size=20), **kw),
         )
-        reemits = await self.api.events.ListEvents(event_pb2.ListEventsRequest(reemit_of=id_, page_size=20), **kw)
         return self.render(
             request,
             user,
@@ -898,9 +910,10 @@ class Console:
         window.start.FromDatetime(start)
         window.end.FromDatetime(end)
         kw = self.call(user)
-        events = await self.api.analytics.QueryEventVolume(analytics_pb2.QueryEventVolumeRequest(range=window), **kw)
-        enforcements = await self.api.analytics.QueryEnforcementVolume(
-            analytics_pb2.QueryEnforcementVolumeRequest(range=window), **kw
+        # Independent reads: one waits for the other's aggregation only if they run in turn.
+        events, enforcements = await asyncio.gather(
+            self.api.analytics.QueryEventVolume(analytics_pb2.QueryEventVolumeRequest(range=window), **kw),
+            self.api.analytics.QueryEnforcementVolume(analytics_pb2.QueryEnforcementVolumeRequest(range=window), **kw),
         )
         hours = [start + timedelta(hours=i) for i in range(int(span / timedelta(hours=1)))]
         event_series = _series(hours, ((b.bucket, "events", b.event_count) for b in events.buckets))
