@@ -837,6 +837,7 @@ class Console:
 
     async def executions(self, request: Request, user: User) -> Response:
         filters = Filters.of(request, ("action_ref", "status", "enforcement", "from", "to"))
+        shown: dict[str, Any] = {}
 
         async def read(token: str) -> tuple[list[Any], str]:
             status = filters.values["status"]
@@ -851,10 +852,10 @@ class Console:
             )
             if (enforcement := filters.id("enforcement")) is not None:
                 req.enforcement = enforcement
-            resp = await self.api.executions.ListExecutions(req, **self.call(user))
+            resp = await self.counted(user, self.api.executions.ListExecutions, req, shown)
             return list(resp.executions), resp.next_page_token
 
-        return await self.listed(request, user, filters, read, "executions.html", "")
+        return await self.listed(request, user, filters, read, "executions.html", "", shown)
 
     async def execution(self, request: Request, user: User) -> Response:
         id_ = path_id(request)
@@ -883,6 +884,7 @@ class Console:
 
     async def audit(self, request: Request, user: User) -> Response:
         filters = Filters.of(request, ("principal", "rpc", "entity_type", "entity_ref", "entity_id", "from", "to"))
+        shown: dict[str, Any] = {}
 
         async def read(token: str) -> tuple[list[Any], str]:
             req = audit_pb2.ListAuditRecordsRequest(
@@ -896,10 +898,10 @@ class Console:
             )
             if (entity_id := filters.id("entity_id")) is not None:
                 req.entity_id = entity_id
-            resp = await self.api.audit.ListAuditRecords(req, **self.call(user))
+            resp = await self.counted(user, self.api.audit.ListAuditRecords, req, shown)
             return list(resp.records), resp.next_page_token
 
-        return await self.listed(request, user, filters, read, "audit.html", "")
+        return await self.listed(request, user, filters, read, "audit.html", "", shown)
 
     async def volume(self, request: Request, user: User) -> Response:
         span_name = request.query_params.get("range", "24h")
