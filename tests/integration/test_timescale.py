@@ -348,6 +348,46 @@ async def test_a_search_without_a_range_covers_the_events_not_yet_compressed(
 
 
 @pytest.mark.timescale_licensed
+async def test_compressed_event_batches_without_a_reemission_are_skipped_unread(
+    store: Store, conn: asyncpg.Connection, stubs: Stubs
+) -> None:
+    """Migration 0022's min/max on reemit_of: a batch of events none of which is a
+    re-emission is left compressed by a lookup of re-emissions (an automatic bloom filter of
+    all-NULL values matched everything, and each batch was decompressed); a batch holding one
+    is still read, and the lookup finds it."""
+    await setup_rule(store)
+    plain = [await insert_event(conn, "10 days", {"p": n}) for n in range(3)]
+    reemitted = await conn.fetchval(
+        "INSERT INTO event (trigger, trigger_ref, payload, created, reemit_of) "
+        "SELECT id, ref, '{}', now() - interval '20 days', $2 FROM trigger WHERE ref = $1 RETURNING id",
+        HOOK,
+        plain[0],
+    )
+    await compress_old(conn)
+
+    chunk = await conn.fetchval(
+        "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = 'event' AND is_compressed AND range_start <= now() - interval '10 days' "
+        "AND range_end > now() - interval '10 days'"
+    )
+
+    async def lookup(of: int) -> tuple[int, int]:
+        """Rows decompressed and then filtered out, and compressed batches left out unread,
+        when this chunk is searched for the re-emissions of ``of``."""
+        sql = f"EXPLAIN (ANALYZE, FORMAT JSON) SELECT id FROM {chunk} WHERE reemit_of = $1"
+        [plan] = json.loads(await conn.fetchval(sql, of))
+        scan = plan["Plan"]
+        assert scan["Custom Plan Provider"] == "ColumnarScan", scan
+        [batches] = scan["Plans"]
+        assert "_ts_meta_v2_min_reemit_of" in batches["Filter"] and "bloom" not in batches["Filter"]
+        return int(scan.get("Rows Removed by Filter", 0)), int(batches.get("Rows Removed by Filter", 0))
+
+    assert await lookup(plain[1]) == (0, 1)  # the one batch, left compressed
+    found = await conn.fetch("SELECT id FROM event WHERE reemit_of = $1", plain[0])
+    assert [r["id"] for r in found] == [reemitted]
+
+
+@pytest.mark.timescale_licensed
 async def test_the_console_says_what_a_search_covered_and_shows_a_compressed_event(
     store: Store, conn: asyncpg.Connection, api: ApiServer
 ) -> None:
@@ -503,7 +543,7 @@ def test_timescaledb_statements_stay_inside_the_marked_do_block() -> None:
     assert not _TIMESCALE_CALL.search(inside[:fallback_end].split("IF NOT use_timescaledb THEN", 1)[1])
     assert inside.index("CREATE EXTENSION IF NOT EXISTS timescaledb") > fallback_end
     # Later ones change what 0005 made, only once they found the extension installed.
-    assert [m.name for m in later] == ["timescaledb_reads", "timescaledb_edition"]
+    assert [m.name for m in later] == ["timescaledb_reads", "timescaledb_edition", "timescaledb_event_sparse_index"]
     for m in later:
         inside = _guarded_block(m.sql)
         fallback_end = inside.index("RETURN;")
