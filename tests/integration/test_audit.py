@@ -306,6 +306,15 @@ async def test_list_filters_combine(
     assert [r.id for r in await records(audit, **filters)] == [trail[i] for i in expected]
     # The same, two at a time.
     assert [r.id for r in await records(audit, page_size=2, **filters)] == [trail[i] for i in expected]
+    # The count covers every page, whatever the page size.
+    counted = await audit.ListAuditRecords(
+        audit_pb2.ListAuditRecordsRequest(page_size=1, count_matching=True, **filters)
+    )
+    assert (counted.matching_count, counted.matching_count_more, counted.matching_count_stopped) == (
+        len(expected),
+        False,
+        False,
+    )
 
 
 async def test_list_pages_newest_first_with_tokens_bound_to_their_filters(

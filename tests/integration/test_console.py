@@ -11,6 +11,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -463,10 +464,24 @@ async def test_dispatch_lists_an_exhausted_enforcement_with_retry_for_an_operato
 async def test_volume_draws_charts(stubs: Stubs, viewer: httpx.AsyncClient) -> None:
     await seed(stubs)
     await pushed(stubs)
-    for span in ("", "?range=7d", "?range=nonsense"):
+    today = datetime.now(UTC)
+    for span, bars, per, label in (
+        ("", 24, "hour", today.strftime("%Y-%m-%d %H:00 UTC")),
+        ("?range=7d", 42, "4 hours", today.strftime("%Y-%m-%d ") + f"{today.hour // 4 * 4:02d}:00 UTC"),
+        ("?range=30d", 30, "day", today.strftime("%Y-%m-%d UTC")),
+        ("?range=nonsense", 24, "hour", today.strftime("%Y-%m-%d %H:00 UTC")),
+    ):
         page = await get(viewer, "/volume" + span)
         assert page.count("<svg ") == 2
         assert 'id="events-chart"' in page and 'id="enforcements-chart"' in page
+        # One bar per hour, 4 hours or day, in each chart; the event and its enforcement are
+        # counted in the last, which holds the current hour (unless the hour turned meanwhile).
+        assert page.count("<g><title>") == 2 * bars, span
+        assert f"per {per}, UTC" in page
+        if datetime.now(UTC).hour == today.hour:
+            assert f"<g><title>{label}: 1 · events 1</title>" in page, span
+            assert f"<g><title>{label}: 1 · created 1</title>" in page, span
+        assert page.count("1 in all") == 2
 
 
 # ---- 4. bad input --------------------------------------------------------------------------------

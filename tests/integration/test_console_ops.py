@@ -490,6 +490,7 @@ async def test_executions_list_and_detail_link_back_to_the_chain(stubs: Stubs, w
     async with console(web, "viewer") as viewer:
         listed = await get(viewer, f"/executions?enforcement={enforcement}")
         assert f'<a href="/executions/{execution}">{execution}</a>' in listed
+        assert 'data-count="1">1 execution matches' in listed
         detail = await get(viewer, f"/executions/{execution}")
         for link in (f"/enforcements/{enforcement}", f"/rules/{RULE}", "/triggers/demo.hook", f"/events/{event}"):
             assert f'href="{link}"' in detail, link
@@ -509,6 +510,7 @@ async def test_audit_page_filters_and_shows_each_change(stubs: Stubs, web: str, 
         assert "RuleService/CreateRule" in page and 'rule <a href="/rules/demo.on_push">' in page
         only = await get(operator, "/audit?rpc=EnforcementService/RetryEnforcement&principal=test-operator")
         assert len(re.findall(r"<tr data-key=", only)) == 1
+        assert 'data-count="1">1 record matches' in only
         assert f'enforcement <a href="/enforcements/{id_}">' in only and "backend down" in only
         assert len(re.findall(r"<tr data-key=", await get(operator, "/audit?entity_type=trigger"))) == 2
         assert (

@@ -106,6 +106,26 @@ async def test_payload_search_pages_and_combines_with_the_time_range(stubs: Stub
     assert ids(await search(stubs, {"repo": {"name": "x"}}, created=past)) == [other, x2, x1]
 
 
+async def test_without_compressed_events_a_search_covers_every_day_and_says_no_range(
+    stubs: Stubs, conn: asyncpg.Connection
+) -> None:
+    """Nothing is compressed here (plain PostgreSQL, the Apache edition, or a store younger
+    than a week): a search without a range reaches an event 60 days old, and the answer sets no
+    searched_from (tests/integration/test_timescale.py has the compressed store's side)."""
+    await stubs.rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=PUSH)))
+    old = await conn.fetchval(
+        "INSERT INTO event (trigger, trigger_ref, payload, created) "
+        'SELECT id, ref, \'{"repo": {"name": "x"}}\', now() - interval \'60 days\' FROM trigger WHERE ref = $1 '
+        "RETURNING id",
+        PUSH,
+    )
+    (new,) = await emit(stubs, PUSH, {"repo": {"name": "x"}})
+    answer = await search(stubs, {"repo": {"name": "x"}}, count_matching=True)
+    assert ids(answer) == [new, old]
+    assert answer.matching_count == 2
+    assert not answer.HasField("searched_from")
+
+
 def _deep(levels: int) -> dict[str, Any]:
     value: dict[str, Any] = {"v": 1}
     for _ in range(levels - 1):

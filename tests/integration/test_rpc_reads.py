@@ -74,8 +74,14 @@ async def test_get_execution_missing_is_not_found_and_bad_id_invalid(stubs: Stub
 
 
 async def list_executions(stubs: Stubs, **kw: Any) -> list[int]:
-    page = await stubs.executions.ListExecutions(execution_pb2.ListExecutionsRequest(**kw))
+    """The one page of executions the filters select; its count, asked for too, agrees."""
+    page = await stubs.executions.ListExecutions(execution_pb2.ListExecutionsRequest(count_matching=True, **kw))
     assert page.next_page_token == ""
+    assert (page.matching_count, page.matching_count_more, page.matching_count_stopped) == (
+        len(page.executions),
+        False,
+        False,
+    )
     return [x.id for x in page.executions]
 
 
@@ -115,6 +121,13 @@ async def test_list_executions_pages_without_duplicates(stubs: Stubs) -> None:
             break
     assert pages == 3
     assert seen == ids[::-1]
+    # A count covers every page, not the one it comes with; without count_matching, none.
+    counted = await stubs.executions.ListExecutions(
+        execution_pb2.ListExecutionsRequest(page_size=2, count_matching=True)
+    )
+    assert (len(counted.executions), counted.matching_count) == (2, 5)
+    plain = await stubs.executions.ListExecutions(execution_pb2.ListExecutionsRequest(page_size=2))
+    assert plain.matching_count == 0
 
 
 @pytest.mark.parametrize(

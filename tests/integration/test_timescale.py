@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -22,10 +23,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.api import migrate
 from services.api.server import ApiServer
 from services.api.store import NewEvent, Resolution, Store
+from services.web.session import COOKIE
 from shared.config import ApiConfig
-from shared.gen.automation.v1 import common_pb2, condition_pb2, rule_pb2
+from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
-from tests.helpers import eventually, struct
+from tests.helpers import TOKENS, channel, eventually, new_event, struct, web_service
 
 HOOK = "core.webhook"
 
@@ -284,6 +286,138 @@ async def insert_event(conn: asyncpg.Connection, age: str, payload: dict[str, An
     return value
 
 
+COMPRESSED_UNTIL = (
+    "SELECT max(range_end) FROM timescaledb_information.chunks WHERE hypertable_name = 'event' AND is_compressed"
+)
+
+
+async def compress_old(conn: asyncpg.Connection) -> None:
+    """Compresses every chunk older than 7 days, as the compression policy does."""
+    for table in ("event", "enforcement"):
+        await conn.execute(f"SELECT compress_chunk(c) FROM show_chunks('{table}', older_than => INTERVAL '7 days') c")
+    assert await conn.fetchval(
+        "SELECT bool_and(is_compressed) FROM timescaledb_information.chunks "
+        "WHERE hypertable_name IN ('event', 'enforcement') AND range_end < now() - interval '7 days'"
+    )
+
+
+@pytest.mark.timescale_licensed
+async def test_a_search_without_a_range_covers_the_events_not_yet_compressed(
+    store: Store, conn: asyncpg.Connection, stubs: Stubs
+) -> None:
+    """Compressed chunks have no payload index: without `created` a search covers the days
+    after the newest compressed chunk and says from when; with a range it searches that."""
+    await setup_rule(store)
+    old = await insert_event(conn, "10 days", {"repo": "x"})
+    await compress_old(conn)
+    (recent,) = [
+        r.event_id
+        for r in (
+            await stubs.events.CreateEvents(
+                event_pb2.CreateEventsRequest(events=[new_event(HOOK, {"repo": "x"}), new_event(HOOK, {"repo": "y"})])
+            )
+        ).receipts[:1]
+    ]
+    boundary = await conn.fetchval(COMPRESSED_UNTIL)
+
+    answer = await stubs.events.ListEvents(
+        event_pb2.ListEventsRequest(payload_contains=struct({"repo": "x"}), count_matching=True)
+    )
+    assert [e.id for e in answer.events] == [recent]
+    assert answer.matching_count == 1
+    assert answer.searched_from.ToDatetime(tzinfo=UTC) == boundary
+
+    # A range given is searched as asked, compressed days included, and nothing is said.
+    month = common_pb2.TimeRange()
+    month.start.FromDatetime(datetime.now(UTC) - timedelta(days=30))
+    ranged = await stubs.events.ListEvents(
+        event_pb2.ListEventsRequest(payload_contains=struct({"repo": "x"}), created=month, count_matching=True)
+    )
+    assert [e.id for e in ranged.events] == [recent, old]
+    assert ranged.matching_count == 2
+    assert not ranged.HasField("searched_from")
+    until = common_pb2.TimeRange()
+    until.end.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    ended = await stubs.events.ListEvents(
+        event_pb2.ListEventsRequest(payload_contains=struct({"repo": "x"}), created=until)
+    )
+    assert [e.id for e in ended.events] == [recent, old]
+    # Lists without a payload filter cover every day, as before.
+    listed = await stubs.events.ListEvents(event_pb2.ListEventsRequest(trigger_ref=HOOK))
+    assert old in [e.id for e in listed.events] and not listed.HasField("searched_from")
+
+
+@pytest.mark.timescale_licensed
+async def test_compressed_event_batches_without_a_reemission_are_skipped_unread(
+    store: Store, conn: asyncpg.Connection, stubs: Stubs
+) -> None:
+    """Migration 0022's min/max on reemit_of: a batch of events none of which is a
+    re-emission is left compressed by a lookup of re-emissions (an automatic bloom filter of
+    all-NULL values matched everything, and each batch was decompressed); a batch holding one
+    is still read, and the lookup finds it."""
+    await setup_rule(store)
+    plain = [await insert_event(conn, "10 days", {"p": n}) for n in range(3)]
+    reemitted = await conn.fetchval(
+        "INSERT INTO event (trigger, trigger_ref, payload, created, reemit_of) "
+        "SELECT id, ref, '{}', now() - interval '20 days', $2 FROM trigger WHERE ref = $1 RETURNING id",
+        HOOK,
+        plain[0],
+    )
+    await compress_old(conn)
+
+    chunk = await conn.fetchval(
+        "SELECT format('%I.%I', chunk_schema, chunk_name) FROM timescaledb_information.chunks "
+        "WHERE hypertable_name = 'event' AND is_compressed AND range_start <= now() - interval '10 days' "
+        "AND range_end > now() - interval '10 days'"
+    )
+
+    async def lookup(of: int) -> tuple[int, int]:
+        """Rows decompressed and then filtered out, and compressed batches left out unread,
+        when this chunk is searched for the re-emissions of ``of``."""
+        sql = f"EXPLAIN (ANALYZE, FORMAT JSON) SELECT id FROM {chunk} WHERE reemit_of = $1"
+        [plan] = json.loads(await conn.fetchval(sql, of))
+        scan = plan["Plan"]
+        assert scan["Custom Plan Provider"] == "ColumnarScan", scan
+        [batches] = scan["Plans"]
+        assert "_ts_meta_v2_min_reemit_of" in batches["Filter"] and "bloom" not in batches["Filter"]
+        return int(scan.get("Rows Removed by Filter", 0)), int(batches.get("Rows Removed by Filter", 0))
+
+    assert await lookup(plain[1]) == (0, 1)  # the one batch, left compressed
+    found = await conn.fetch("SELECT id FROM event WHERE reemit_of = $1", plain[0])
+    assert [r["id"] for r in found] == [reemitted]
+
+
+@pytest.mark.timescale_licensed
+async def test_the_console_says_what_a_search_covered_and_shows_a_compressed_event(
+    store: Store, conn: asyncpg.Connection, api: ApiServer
+) -> None:
+    """The events page says a search without a range covered only the uncompressed days; an
+    event's page on a compressed day lists its enforcements."""
+    await setup_rule(store)
+    event, enforcement = await insert_old(conn, "10 days")
+    await compress_old(conn)
+    target = f"127.0.0.1:{api.port}"
+    async with (
+        channel(target, token=TOKENS["webhook"]) as ch,
+        web_service(target, ch) as url,
+        httpx.AsyncClient(base_url=url, cookies={COOKIE: TOKENS["viewer"]}, timeout=30) as viewer,
+    ):
+        searched = await viewer.get("/events", params={"payload": '{"p": 1}'})
+        assert searched.status_code == 200
+        boundary = await conn.fetchval(COMPRESSED_UNTIL)
+        assert f'data-searched-from="{boundary.astimezone(UTC).strftime("%Y-%m-%dT%H:%M")}"' in searched.text
+        assert "Pick a time range to search them" in searched.text
+        assert f'href="/events/{event}"' not in searched.text
+        ranged = await viewer.get(
+            "/events",
+            params={"payload": '{"p": 1}', "from": (datetime.now(UTC) - timedelta(days=30)).strftime("%Y-%m-%dT%H:%M")},
+        )
+        assert f'href="/events/{event}"' in ranged.text and "Searched the last" not in ranged.text
+        page = await viewer.get(f"/events/{event}")
+        assert page.status_code == 200
+        assert f'href="/enforcements/{enforcement}"' in page.text
+
+
 # ---- the Apache-licensed edition -----------------------------------------------------------------------
 
 
@@ -409,7 +543,7 @@ def test_timescaledb_statements_stay_inside_the_marked_do_block() -> None:
     assert not _TIMESCALE_CALL.search(inside[:fallback_end].split("IF NOT use_timescaledb THEN", 1)[1])
     assert inside.index("CREATE EXTENSION IF NOT EXISTS timescaledb") > fallback_end
     # Later ones change what 0005 made, only once they found the extension installed.
-    assert [m.name for m in later] == ["timescaledb_reads", "timescaledb_edition"]
+    assert [m.name for m in later] == ["timescaledb_reads", "timescaledb_edition", "timescaledb_event_sparse_index"]
     for m in later:
         inside = _guarded_block(m.sql)
         fallback_end = inside.index("RETURN;")

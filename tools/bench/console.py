@@ -159,7 +159,8 @@ async def _history(cluster: Cluster, s: Settings, rounds: int) -> list[Row]:
     pages = [
         "/events",
         f"/events?trigger_ref={read.TRIGGERS[1]}",
-        f"/events/{shape.events // 2}",
+        f"/events/{shape.events // 2}",  # 45 days old: on TimescaleDB, a compressed day
+        f"/events/{shape.events - 10}",
         "/events?" + urlencode({"payload": rare}),
         "/events?" + urlencode({"payload": rare, "from": week}),
         "/events?" + urlencode({"payload": rare, "trigger_ref": read.TRIGGERS[3]}),
@@ -169,6 +170,11 @@ async def _history(cluster: Cluster, s: Settings, rounds: int) -> list[Row]:
         "/enforcements?status=disabled",
         f"/enforcements?rule_ref={read.RULES[3]}",
         f"/enforcements?from={week}",
+        # Over 90 days the volume ranges hold what they would in production (the fixture of
+        # ``run`` above has every row in its last hour).
+        "/volume",
+        "/volume?range=7d",
+        "/volume?range=30d",
     ]
     rows = [Row(f"{label}: fixture", notes=about)]
     async with services(url) as svc:

@@ -6,6 +6,8 @@ with the ``Actor`` the servicers of those changes pass (``servicers.requests.act
 
 from __future__ import annotations
 
+from typing import Any
+
 from services.api import convert
 from services.api._rpc import rpc
 from services.api.servicers.requests import Context, check_filters, page_of, shown_audit, time_range_of
@@ -30,17 +32,21 @@ class AuditService(audit_pb2_grpc.AuditServiceServicer):
         check_filters(request, texts=("entity_ref", "principal", "rpc"), ids=("entity_id",))
         size = page_size(request.page_size)
         start, end = time_range_of("time", request.time)
-        page = await self._store.audit.list(
-            size,
-            request.page_token,
-            entity_type=request.entity_type,
-            entity_ref=request.entity_ref,
-            entity_id=request.entity_id if request.HasField("entity_id") else None,
-            principal=request.principal,
-            rpc=request.rpc,
-            time_from=start,
-            time_to=end,
-        )
+        filters: dict[str, Any] = {
+            "entity_type": request.entity_type,
+            "entity_ref": request.entity_ref,
+            "entity_id": request.entity_id if request.HasField("entity_id") else None,
+            "principal": request.principal,
+            "rpc": request.rpc,
+            "time_from": start,
+            "time_to": end,
+        }
+        page = await self._store.audit.list(size, request.page_token, **filters)
         page = Page(await shown_audit(self._store, page.items), page.next_token, page.token_after)
         records, token = page_of(page, convert.audit_record)
-        return audit_pb2.ListAuditRecordsResponse(records=records, next_page_token=token)
+        response = audit_pb2.ListAuditRecordsResponse(records=records, next_page_token=token)
+        if request.count_matching:
+            counted = await self._store.audit.count(**filters)
+            response.matching_count, response.matching_count_more = counted.n, counted.more
+            response.matching_count_stopped = counted.stopped
+        return response

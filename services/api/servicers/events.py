@@ -353,6 +353,12 @@ class EventService(event_pb2_grpc.EventServiceServicer):
                     f"payload_contains: {secret} reaches a field a trigger schema marks secret; "
                     f"searching on it needs the {REVEAL!r} role"
                 )
+        searched_from = None
+        if contains is not None and start is None and end is None:
+            # Compressed chunks hold no payload index: a search over them decompresses every
+            # one and a rare value reads them all (seconds on 90 days). Without a range the
+            # search covers what is indexed, and the answer says so.
+            searched_from = start = await self._store.events.compressed_until()
         filters: dict[str, Any] = {
             "trigger_ref": request.trigger_ref,
             "source_ref": request.source_ref,
@@ -366,6 +372,8 @@ class EventService(event_pb2_grpc.EventServiceServicer):
         items, revealed = await shown_unaudited(self._store, page.items, reveal=reveal)
         page = Page(items, page.next_token, page.token_after)
         response = event_pb2.ListEventsResponse()
+        if searched_from is not None:
+            convert.set_ts(response.searched_from, searched_from)
         if request.count_matching:
             counted = await self._store.events.count(**filters)
             response.matching_count, response.matching_count_more = counted.n, counted.more

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from services.api import convert, validate
 from services.api._rpc import rpc
@@ -49,16 +50,20 @@ class ExecutionService(execution_pb2_grpc.ExecutionServiceServicer):
         start, end = time_range_of("created", request.created)
         status = status_filter(request.status, convert.EXECUTION_STATUS_NAME)
         reveal = may_reveal(request.reveal)
-        page = await self._store.executions.list(
-            size,
-            request.page_token,
-            enforcement=request.enforcement if request.HasField("enforcement") else None,
-            action_ref=request.action_ref,
-            status=status,
-            created_from=start,
-            created_to=end,
-        )
+        filters: dict[str, Any] = {
+            "enforcement": request.enforcement if request.HasField("enforcement") else None,
+            "action_ref": request.action_ref,
+            "status": status,
+            "created_from": start,
+            "created_to": end,
+        }
+        page = await self._store.executions.list(size, request.page_token, **filters)
         items, revealed = await shown_executions(self._store, page.items, reveal=reveal)
         executions, token = page_of(Page(items, page.next_token, page.token_after), convert.execution)
+        response = execution_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
+        if request.count_matching:
+            counted = await self._store.executions.count(**filters)
+            response.matching_count, response.matching_count_more = counted.n, counted.more
+            response.matching_count_stopped = counted.stopped
         await revealed.audit(self._store, (x.id for x in executions))
-        return execution_pb2.ListExecutionsResponse(executions=executions, next_page_token=token)
+        return response

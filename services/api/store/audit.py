@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 
 from ._db import Connection, guarded
-from ._paging import Paged, Where
+from ._paging import Count, Paged, Where
 from .types import JSON, Actor, AuditRecord, Page, columns
 
 ENTITY_TYPES = ("enforcement", "event", "execution", "rule", "token", "trigger")
@@ -79,10 +80,8 @@ class Audit(Paged):
         clear: one record per read, before the read answers (so no reveal goes unrecorded)."""
         await record(self._pool, actor, entity_type, None, None, {"revealed": ids})
 
-    async def list(
+    def listing(
         self,
-        size: int,
-        token: str,
         *,
         entity_type: str = "",
         entity_ref: str = "",
@@ -91,8 +90,9 @@ class Audit(Paged):
         rpc: str = "",
         time_from: datetime | None = None,
         time_to: datetime | None = None,
-    ) -> Page[AuditRecord]:
-        """A page of records, newest first; every given filter must hold."""
+    ) -> Where:
+        """The filters of the list (what its page tokens are bound to, and what a count
+        counts); every given filter must hold."""
         where = Where()
         if entity_type:
             where.add("entity_type = {}", entity_type)
@@ -108,4 +108,13 @@ class Audit(Paged):
             where.add("time >= {}", time_from)
         if time_to is not None:
             where.add("time < {}", time_to)
+        return where
+
+    async def list(self, size: int, token: str, **filters: Any) -> Page[AuditRecord]:
+        """A page of records, newest first; ``filters`` are those of ``listing``."""
+        where = self.listing(**filters)
         return await self._page(f"SELECT {_RECORD} FROM audit_log", where, token, size, AuditRecord, "time")
+
+    async def count(self, **filters: Any) -> Count:
+        """How many records match ``filters`` (those of ``listing``), at most MAX_COUNT."""
+        return await self._count("audit_log", self.listing(**filters))

@@ -515,6 +515,12 @@ class Events(Paged):
             raise NotFound(f"event {id_} not found")
         return Event(*row)
 
+    async def compressed_until(self) -> datetime | None:
+        """Where compressed events end (events created before it may be compressed, and have
+        no usable payload index there), as of at most a minute ago; None on a store without
+        compressed chunks (plain PostgreSQL, the Apache edition, or nothing compressed yet)."""
+        return await self.by_id.finder.compressed_until()
+
     def listing(
         self,
         *,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from shared.errors import NotFound
 
-from ._paging import Paged, Where
+from ._paging import Count, Paged, Where
 from .types import JSON, Execution, Page, columns
 
 _EXECUTION = columns(Execution)
@@ -38,17 +38,16 @@ class Executions(Paged):
             raise NotFound(f"execution {id_} not found")
         return Execution(*row)
 
-    async def list(
+    def listing(
         self,
-        size: int,
-        token: str,
         *,
         enforcement: int | None = None,
         action_ref: str = "",
         status: str = "",
         created_from: datetime | None = None,
         created_to: datetime | None = None,
-    ) -> Page[Execution]:
+    ) -> Where:
+        """The filters of the list (what its page tokens are bound to, and what a count counts)."""
         where = Where()
         if enforcement is not None:
             where.add("enforcement = {}", enforcement)
@@ -60,7 +59,16 @@ class Executions(Paged):
             where.add("created >= {}", created_from)
         if created_to is not None:
             where.add("created < {}", created_to)
+        return where
+
+    async def list(self, size: int, token: str, **filters: Any) -> Page[Execution]:
+        """A page of executions, newest first; ``filters`` are those of ``listing``."""
+        where = self.listing(**filters)
         return await self._page(f"SELECT {_EXECUTION} FROM execution", where, token, size, Execution)
+
+    async def count(self, **filters: Any) -> Count:
+        """How many executions match ``filters`` (those of ``listing``), at most MAX_COUNT."""
+        return await self._count("execution", self.listing(**filters))
 
     async def sources(self, ids: Sequence[int]) -> dict[int, Source]:
         """By execution id, what each of ``ids`` was rendered from: one statement for a page

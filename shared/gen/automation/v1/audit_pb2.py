@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utomation/v1/audit.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\x0b\x41uditRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0b\n\x03rpc\x18\x04 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x05 \x01(\t\x12\x16\n\tentity_id\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nentity_ref\x18\x07 \x01(\t\x12\'\n\x06\x63hange\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x0c\n\n_entity_id\"\xd7\x01\n\x17ListAuditRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x03 \x01(\t\x12\x12\n\nentity_ref\x18\x04 \x01(\t\x12\x16\n\tentity_id\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12\x0b\n\x03rpc\x18\x07 \x01(\t\x12&\n\x04time\x18\x08 \x01(\x0b\x32\x18.automation.v1.TimeRangeB\x0c\n\n_entity_id\"`\n\x18ListAuditRecordsResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.automation.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2s\n\x0c\x41uditService\x12\x63\n\x10ListAuditRecords\x12&.automation.v1.ListAuditRecordsRequest\x1a\'.automation.v1.ListAuditRecordsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61utomation/v1/audit.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\x0b\x41uditRecord\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x0b\n\x03rpc\x18\x04 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x05 \x01(\t\x12\x16\n\tentity_id\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nentity_ref\x18\x07 \x01(\t\x12\'\n\x06\x63hange\x18\x08 \x01(\x0b\x32\x17.google.protobuf.StructB\x0c\n\n_entity_id\"\xef\x01\n\x17ListAuditRecordsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0b\x65ntity_type\x18\x03 \x01(\t\x12\x12\n\nentity_ref\x18\x04 \x01(\t\x12\x16\n\tentity_id\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x11\n\tprincipal\x18\x06 \x01(\t\x12\x0b\n\x03rpc\x18\x07 \x01(\t\x12&\n\x04time\x18\x08 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x16\n\x0e\x63ount_matching\x18\t \x01(\x08\x42\x0c\n\n_entity_id\"\xb5\x01\n\x18ListAuditRecordsResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.automation.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x16\n\x0ematching_count\x18\x0c \x01(\x03\x12\x1b\n\x13matching_count_more\x18\r \x01(\x08\x12\x1e\n\x16matching_count_stopped\x18\x0e \x01(\x08\x32s\n\x0c\x41uditService\x12\x63\n\x10ListAuditRecords\x12&.automation.v1.ListAuditRecordsRequest\x1a\'.automation.v1.ListAuditRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITRECORD']._serialized_start=136
   _globals['_AUDITRECORD']._serialized_end=355
   _globals['_LISTAUDITRECORDSREQUEST']._serialized_start=358
-  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=573
-  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=575
-  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=671
-  _globals['_AUDITSERVICE']._serialized_start=673
-  _globals['_AUDITSERVICE']._serialized_end=788
+  _globals['_LISTAUDITRECORDSREQUEST']._serialized_end=597
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_start=600
+  _globals['_LISTAUDITRECORDSRESPONSE']._serialized_end=781
+  _globals['_AUDITSERVICE']._serialized_start=783
+  _globals['_AUDITSERVICE']._serialized_end=898
 # @@protoc_insertion_point(module_scope)

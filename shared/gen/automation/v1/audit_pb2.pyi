@@ -106,6 +106,7 @@ class ListAuditRecordsRequest(_message.Message):
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     RPC_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    COUNT_MATCHING_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of records to return: default 50, at most 1,000. A page also stops
     early, before 2 MiB; next_page_token then continues it.
@@ -131,6 +132,11 @@ class ListAuditRecordsRequest(_message.Message):
     `automation.v1.RuleService/DeleteRule` (at most 255 characters; NUL characters are
     refused).
     """
+    count_matching: _builtins.bool
+    """Also count the records that match the filters (every page, not only this one), up to
+    1,000: the answer's matching_count, with matching_count_more set when more match (or
+    matching_count_stopped when counting took too long).
+    """
     @_builtins.property
     def time(self) -> _common_pb2.TimeRange:
         """Only records whose time is in this range."""
@@ -146,10 +152,11 @@ class ListAuditRecordsRequest(_message.Message):
         principal: _builtins.str = ...,
         rpc: _builtins.str = ...,
         time: _common_pb2.TimeRange | None = ...,
+        count_matching: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id", "entity_id", b"entity_id", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id", "entity_id", b"entity_id", "entity_ref", b"entity_ref", "entity_type", b"entity_type", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "rpc", b"rpc", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id", "count_matching", b"count_matching", "entity_id", b"entity_id", "entity_ref", b"entity_ref", "entity_type", b"entity_type", "page_size", b"page_size", "page_token", b"page_token", "principal", b"principal", "rpc", b"rpc", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__entity_id: _TypeAlias = _typing.Literal["entity_id"]  # noqa: Y015
     _WhichOneofArgType__entity_id: _TypeAlias = _typing.Literal["_entity_id", b"_entity_id"]  # noqa: Y015
@@ -165,8 +172,21 @@ class ListAuditRecordsResponse(_message.Message):
 
     RECORDS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_MORE_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_STOPPED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
+    matching_count: _builtins.int
+    """With count_matching: how many records match the filters, at most 1,000 (0 otherwise)."""
+    matching_count_more: _builtins.bool
+    """With count_matching: more than matching_count records match (the count stops at 1,000 so
+    that it costs no more than reading a few pages).
+    """
+    matching_count_stopped: _builtins.bool
+    """With count_matching: the count ran past its time (0.5 s) and was stopped, so how many
+    match is not known; the page is answered all the same (matching_count is then 0).
+    """
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]:
         """The records of this page, newest first."""
@@ -176,10 +196,13 @@ class ListAuditRecordsResponse(_message.Message):
         *,
         records: _abc.Iterable[Global___AuditRecord] | None = ...,
         next_page_token: _builtins.str = ...,
+        matching_count: _builtins.int = ...,
+        matching_count_more: _builtins.bool = ...,
+        matching_count_stopped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "matching_count_stopped", b"matching_count_stopped", "next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

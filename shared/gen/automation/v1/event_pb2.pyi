@@ -380,6 +380,11 @@ class ListEventsRequest(_message.Message):
         a principal with the `reveal` role (PERMISSION_DENIED otherwise); INVALID_ARGUMENT naming
         `payload_contains` otherwise. A search that runs for more than 2 seconds is
         INVALID_ARGUMENT naming `payload_contains`: narrow it with `created` or `trigger_ref`.
+        On a store that compresses old events (TimescaleDB's Timescale-licensed edition: days
+        older than a week) compressed events have no payload index, so a search without
+        `created` (neither start nor end) covers only the events not yet compressed, and the
+        answer's searched_from says from when. Give `created` to search older events (still
+        bounded by the 2 seconds).
         """
 
     def __init__(
@@ -417,6 +422,7 @@ class ListEventsResponse(_message.Message):
     MATCHING_COUNT_FIELD_NUMBER: _builtins.int
     MATCHING_COUNT_MORE_FIELD_NUMBER: _builtins.int
     MATCHING_COUNT_STOPPED_FIELD_NUMBER: _builtins.int
+    SEARCHED_FROM_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
     matching_count: _builtins.int
@@ -433,6 +439,14 @@ class ListEventsResponse(_message.Message):
     def events(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Event]:
         """The events of this page, newest first."""
 
+    @_builtins.property
+    def searched_from(self) -> _timestamp_pb2.Timestamp:
+        """Set when a payload search without `created` covered only the events not yet compressed:
+        this page, every next one and the count hold only events created at or after this time.
+        Unset when the search covered what was asked (a `created` range given, no compressed
+        events, or no payload_contains).
+        """
+
     def __init__(
         self,
         *,
@@ -441,10 +455,11 @@ class ListEventsResponse(_message.Message):
         matching_count: _builtins.int = ...,
         matching_count_more: _builtins.bool = ...,
         matching_count_stopped: _builtins.bool = ...,
+        searched_from: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["searched_from", b"searched_from"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "matching_count_stopped", b"matching_count_stopped", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "matching_count_stopped", b"matching_count_stopped", "next_page_token", b"next_page_token", "searched_from", b"searched_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -198,6 +198,7 @@ class ListExecutionsRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     REVEAL_FIELD_NUMBER: _builtins.int
+    COUNT_MATCHING_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of executions to return: default 50, at most 1,000. A page also stops
     early, before 2 MiB; next_page_token then continues it.
@@ -220,6 +221,11 @@ class ListExecutionsRequest(_message.Message):
     (PERMISSION_DENIED otherwise); every page that shows a secret in clear is audited (the
     audit trail names the executions revealed).
     """
+    count_matching: _builtins.bool
+    """Also count the executions that match the filters (every page, not only this one), up to
+    1,000: the answer's matching_count, with matching_count_more set when more match (or
+    matching_count_stopped when counting took too long).
+    """
     @_builtins.property
     def created(self) -> _common_pb2.TimeRange:
         """Only executions created in this range."""
@@ -234,10 +240,11 @@ class ListExecutionsRequest(_message.Message):
         status: Global___ExecutionStatus.ValueType = ...,
         created: _common_pb2.TimeRange | None = ...,
         reveal: _builtins.bool = ...,
+        count_matching: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement", "created", b"created", "enforcement", b"enforcement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement", "action_ref", b"action_ref", "created", b"created", "enforcement", b"enforcement", "page_size", b"page_size", "page_token", b"page_token", "reveal", b"reveal", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement", "action_ref", b"action_ref", "count_matching", b"count_matching", "created", b"created", "enforcement", b"enforcement", "page_size", b"page_size", "page_token", b"page_token", "reveal", b"reveal", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__enforcement: _TypeAlias = _typing.Literal["enforcement"]  # noqa: Y015
     _WhichOneofArgType__enforcement: _TypeAlias = _typing.Literal["_enforcement", b"_enforcement"]  # noqa: Y015
@@ -253,8 +260,21 @@ class ListExecutionsResponse(_message.Message):
 
     EXECUTIONS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_MORE_FIELD_NUMBER: _builtins.int
+    MATCHING_COUNT_STOPPED_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
+    matching_count: _builtins.int
+    """With count_matching: how many executions match the filters, at most 1,000 (0 otherwise)."""
+    matching_count_more: _builtins.bool
+    """With count_matching: more than matching_count executions match (the count stops at 1,000 so
+    that it costs no more than reading a few pages).
+    """
+    matching_count_stopped: _builtins.bool
+    """With count_matching: the count ran past its time (0.5 s) and was stopped, so how many
+    match is not known; the page is answered all the same (matching_count is then 0).
+    """
     @_builtins.property
     def executions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Execution]:
         """The executions of this page, newest first."""
@@ -264,10 +284,13 @@ class ListExecutionsResponse(_message.Message):
         *,
         executions: _abc.Iterable[Global___Execution] | None = ...,
         next_page_token: _builtins.str = ...,
+        matching_count: _builtins.int = ...,
+        matching_count_more: _builtins.bool = ...,
+        matching_count_stopped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "next_page_token", b"next_page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executions", b"executions", "matching_count", b"matching_count", "matching_count_more", b"matching_count_more", "matching_count_stopped", b"matching_count_stopped", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
