@@ -394,6 +394,24 @@ class Executor:
     async def _send_decisions(
         self, batch: list[enforcement_pb2.ResolveEnforcementRequest]
     ) -> list[enforcement_pb2.ResolutionOutcome]:
+        # One decision per enforcement: the api refuses a batch that names one twice, all of it
+        # (INVALID_ARGUMENT). An enforcement redelivered while its first delivery was still
+        # being decided is decided twice, and when both wait for the same GetRule they arrive
+        # here together. The others get the first one's outcome, as a retry would.
+        first: dict[int, int] = {}
+        unique: list[enforcement_pb2.ResolveEnforcementRequest] = []
+        for decision in batch:
+            if decision.id not in first:
+                first[decision.id] = len(unique)
+                unique.append(decision)
+        outcomes = await self._send_unique(unique)
+        if len(outcomes) != len(unique):
+            raise RuntimeError(f"{len(outcomes)} outcomes for {len(unique)} decisions")
+        return [outcomes[first[decision.id]] for decision in batch]
+
+    async def _send_unique(
+        self, batch: list[enforcement_pb2.ResolveEnforcementRequest]
+    ) -> list[enforcement_pb2.ResolutionOutcome]:
         request = enforcement_pb2.ResolveEnforcementsRequest(decisions=batch)
         if self._m is not None:
             self._m.batch_size.observe(len(batch))

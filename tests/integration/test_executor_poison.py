@@ -14,6 +14,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -83,6 +84,8 @@ class StandIn:
     held_rule: int = 0
     """GetRule of this rule is answered only once GetRule of another rule was asked (0: none held)."""
     other_asked: asyncio.Event = field(default_factory=asyncio.Event)
+    twice: int = 0
+    """Batches refused for naming an enforcement twice (as the api refuses them)."""
 
     async def watch(self, _request: enforcement_pb2.WatchEnforcementsRequest, _context: object) -> AsyncIterator[bytes]:
         self.watches += 1
@@ -92,8 +95,11 @@ class StandIn:
         await asyncio.get_running_loop().create_future()
 
     async def resolve(
-        self, request: enforcement_pb2.ResolveEnforcementsRequest, _context: object
+        self, request: enforcement_pb2.ResolveEnforcementsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> enforcement_pb2.ResolveEnforcementsResponse:
+        if len({d.id for d in request.decisions}) < len(request.decisions):
+            self.twice += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an enforcement appears twice")
         outcomes = []
         for decision in request.decisions:
             self.resolved[decision.id] = decision
@@ -274,6 +280,21 @@ async def test_decisions_waiting_for_one_rule_share_one_get_rule_call() -> None:
             await running.until(lambda: len(api.resolved) == 21, "all 21 resolved")
     assert all(d.status == PROCESSED for d in api.resolved.values())
     assert api.rule_calls == {3: 1, 4: 1}
+
+
+async def test_an_enforcement_decided_twice_at_once_is_sent_once_per_batch() -> None:
+    # Enforcement 1 delivered four times (its lease lapsed and it came back while the first
+    # delivery was still being decided): all four decisions wait for the one GetRule(3), then
+    # reach the resolve batcher together. The api refuses a batch naming an enforcement twice,
+    # all of it; the executor sends each once.
+    stream = [*(delivery(1, rule_id=3) for _ in range(4)), delivery(2, rule_id=4)]
+    async with stand_in(stream) as api:
+        api.held_rule = 3
+        async with executor(api.target) as running:
+            await running.until(lambda: len(api.resolved) == 2, "1 and 2 resolved")
+            await running.until(lambda: running.executor.resolved == 5, "five decisions answered")
+    assert api.twice == 0
+    assert sorted(api.resolved) == [1, 2]
 
 
 async def test_the_real_api_resolves_through_the_raw_watch_stream(stubs: Stubs) -> None:
