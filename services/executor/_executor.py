@@ -109,6 +109,8 @@ class Executor:
         self._stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._rules: dict[int, tuple[float, rule_pb2.Rule]] = {}
+        self._rule_lookups: dict[int, asyncio.Task[rule_pb2.Rule | None]] = {}
+        """The GetRule call in flight per rule, which every decision needing that rule awaits."""
         self.resolved = 0
         self._decisions: Batcher[enforcement_pb2.ResolveEnforcementRequest, enforcement_pb2.ResolutionOutcome] = (
             Batcher(self._send_decisions)
@@ -307,11 +309,32 @@ class Executor:
             task.cancel()
 
     async def _rule(self, rule_id: int) -> rule_pb2.Rule | None:
-        """The rule, from a short cache of enabled rules; None when it no longer exists."""
+        """The rule, from a short cache of enabled rules; None when it no longer exists.
+
+        Decisions that need a rule the cache does not hold share one GetRule call. Each used
+        to send its own: when an entry expired, every enforcement of that rule arriving before
+        the answer asked again, and over a slow link to the database (answers in seconds) that
+        was tens of identical calls per rule, holding the api's pool connections that ingest
+        waited for, and each one that missed its deadline cost the api its connection.
+        """
         cached = self._rules.get(rule_id)
-        now = time.monotonic()
-        if cached and now - cached[0] < self.config.rule_cache_s:
+        if cached and time.monotonic() - cached[0] < self.config.rule_cache_s:
             return cached[1]
+        lookup = self._rule_lookups.get(rule_id)
+        if lookup is None:
+            lookup = asyncio.create_task(self._fetch_rule(rule_id))
+            self._rule_lookups[rule_id] = lookup
+            lookup.add_done_callback(lambda t: self._lookup_done(rule_id, t))
+        # Shielded: one decision given up (its stream ended) does not fail the others' lookup.
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, rule_id: int, task: asyncio.Task[rule_pb2.Rule | None]) -> None:
+        self._rule_lookups.pop(rule_id, None)
+        if not task.cancelled():
+            task.exception()  # each waiter handles it; retrieved here for when none is left
+
+    async def _fetch_rule(self, rule_id: int) -> rule_pb2.Rule | None:
+        now = time.monotonic()
         try:
             answer = await self._call(
                 self._rule_stub.GetRule, rule_pb2.GetRuleRequest(id=rule_id), self._m.get_rule if self._m else None
@@ -369,6 +392,24 @@ class Executor:
             delay = min(delay * 2, self.config.backoff_max_s)
 
     async def _send_decisions(
+        self, batch: list[enforcement_pb2.ResolveEnforcementRequest]
+    ) -> list[enforcement_pb2.ResolutionOutcome]:
+        # One decision per enforcement: the api refuses a batch that names one twice, all of it
+        # (INVALID_ARGUMENT). An enforcement redelivered while its first delivery was still
+        # being decided is decided twice, and when both wait for the same GetRule they arrive
+        # here together. The others get the first one's outcome, as a retry would.
+        first: dict[int, int] = {}
+        unique: list[enforcement_pb2.ResolveEnforcementRequest] = []
+        for decision in batch:
+            if decision.id not in first:
+                first[decision.id] = len(unique)
+                unique.append(decision)
+        outcomes = await self._send_unique(unique)
+        if len(outcomes) != len(unique):
+            raise RuntimeError(f"{len(outcomes)} outcomes for {len(unique)} decisions")
+        return [outcomes[first[decision.id]] for decision in batch]
+
+    async def _send_unique(
         self, batch: list[enforcement_pb2.ResolveEnforcementRequest]
     ) -> list[enforcement_pb2.ResolutionOutcome]:
         request = enforcement_pb2.ResolveEnforcementsRequest(decisions=batch)

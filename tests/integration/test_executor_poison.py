@@ -1,9 +1,9 @@
 """One bad enforcement costs the executor that enforcement, never the stream or the others.
 
-The poison cases run the real ``Executor`` over a real channel against a stand-in api: a
-``grpc.aio`` server that sends a watch stream of raw bytes (so it can send what protobuf
-refuses to decode) and records every decision and release it is sent. The last test runs it
-against the real api on a real PostgreSQL.
+The poison cases (and one on how the executor asks for rules) run the real ``Executor`` over a
+real channel against a stand-in api: a ``grpc.aio`` server that sends a watch stream of raw
+bytes (so it can send what protobuf refuses to decode) and records every decision and release
+it is sent. The last test runs it against the real api on a real PostgreSQL.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -78,6 +80,12 @@ class StandIn:
     watches: int = 0
     resolved: dict[int, enforcement_pb2.ResolveEnforcementRequest] = field(default_factory=dict)
     released: dict[int, enforcement_pb2.ReleaseEnforcementRequest] = field(default_factory=dict)
+    rule_calls: Counter[int] = field(default_factory=Counter)
+    held_rule: int = 0
+    """GetRule of this rule is answered only once GetRule of another rule was asked (0: none held)."""
+    other_asked: asyncio.Event = field(default_factory=asyncio.Event)
+    twice: int = 0
+    """Batches refused for naming an enforcement twice (as the api refuses them)."""
 
     async def watch(self, _request: enforcement_pb2.WatchEnforcementsRequest, _context: object) -> AsyncIterator[bytes]:
         self.watches += 1
@@ -87,8 +95,11 @@ class StandIn:
         await asyncio.get_running_loop().create_future()
 
     async def resolve(
-        self, request: enforcement_pb2.ResolveEnforcementsRequest, _context: object
+        self, request: enforcement_pb2.ResolveEnforcementsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> enforcement_pb2.ResolveEnforcementsResponse:
+        if len({d.id for d in request.decisions}) < len(request.decisions):
+            self.twice += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an enforcement appears twice")
         outcomes = []
         for decision in request.decisions:
             self.resolved[decision.id] = decision
@@ -102,6 +113,11 @@ class StandIn:
         return enforcement_pb2.ReleaseEnforcementResponse(released=True)
 
     async def get_rule(self, request: rule_pb2.GetRuleRequest, _context: object) -> bytes:
+        self.rule_calls[request.id] += 1
+        if self.held_rule and request.id == self.held_rule:
+            await self.other_asked.wait()
+        elif self.held_rule:
+            self.other_asked.set()
         if request.id == POISON_RULE:
             return deep_rule(request.id)
         answer = rule_pb2.Rule(id=request.id, ref=f"demo.r{request.id}", action_ref="core.echo", enabled=True)
@@ -250,6 +266,35 @@ async def test_an_exception_while_deciding_one_releases_it_with_a_bounded_error(
     assert error.startswith("RuntimeError: surprise surprise")
     assert len(error) == MAX_RELEASE_ERROR
     assert api.watches == 1
+
+
+async def test_decisions_waiting_for_one_rule_share_one_get_rule_call() -> None:
+    # Twenty enforcements of rule 3, then one of rule 4. The executor reads them in order and
+    # starts their decisions in order, so by the time rule 4 is asked for, every decision of
+    # rule 3 has asked for its rule too: GetRule(3) is answered only then. Each used to send
+    # its own call (twenty, over a slow link each holding one of the api's pool connections).
+    stream = [*(delivery(i, rule_id=3) for i in range(1, 21)), delivery(21, rule_id=4)]
+    async with stand_in(stream) as api:
+        api.held_rule = 3
+        async with executor(api.target) as running:
+            await running.until(lambda: len(api.resolved) == 21, "all 21 resolved")
+    assert all(d.status == PROCESSED for d in api.resolved.values())
+    assert api.rule_calls == {3: 1, 4: 1}
+
+
+async def test_an_enforcement_decided_twice_at_once_is_sent_once_per_batch() -> None:
+    # Enforcement 1 delivered four times (its lease lapsed and it came back while the first
+    # delivery was still being decided): all four decisions wait for the one GetRule(3), then
+    # reach the resolve batcher together. The api refuses a batch naming an enforcement twice,
+    # all of it; the executor sends each once.
+    stream = [*(delivery(1, rule_id=3) for _ in range(4)), delivery(2, rule_id=4)]
+    async with stand_in(stream) as api:
+        api.held_rule = 3
+        async with executor(api.target) as running:
+            await running.until(lambda: len(api.resolved) == 2, "1 and 2 resolved")
+            await running.until(lambda: running.executor.resolved == 5, "five decisions answered")
+    assert api.twice == 0
+    assert sorted(api.resolved) == [1, 2]
 
 
 async def test_the_real_api_resolves_through_the_raw_watch_stream(stubs: Stubs) -> None:

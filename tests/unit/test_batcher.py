@@ -1,5 +1,5 @@
 """Batcher: single requests leave at once when a call slot is free, and gather into one call
-while the slots are busy."""
+while the slots are busy; a slow call gives its slot up."""
 
 from __future__ import annotations
 
@@ -89,3 +89,19 @@ async def test_a_failed_call_fails_each_of_its_requests_and_the_next_call_still_
     remote.fail = None
     remote.gates[1].set()
     assert await second == "ok 2"
+
+
+async def test_a_call_slower_than_slow_after_gives_its_slot_up() -> None:
+    # Over a slow link a request queued behind a call in flight waited for all of it and then
+    # for its own: twice a call's time, which there was more than a caller's deadline.
+    remote = Remote()
+    batcher: Batcher[int, str] = Batcher(remote.send, max_calls=1, slow_after_s=0.05, most_calls=2)
+    first = batcher.enqueue(1)
+    await remote.started(1)
+    second = batcher.enqueue(2)
+    assert remote.calls == [[1]]  # the one slot is taken: it waits
+    await remote.started(2)  # until the first call has been in flight for slow_after_s
+    assert remote.calls == [[1], [2]]
+    for gate in remote.gates:
+        gate.set()
+    assert [await first, await second] == ["ok 1", "ok 2"]

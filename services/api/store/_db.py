@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import json
 import logging
 import socket
@@ -69,9 +70,49 @@ def _keepalive(sock: socket.socket | None) -> None:
         pass
 
 
+FIRST_USER_OID = 16384
+"""PostgreSQL's FirstNormalObjectId: every OID below it is fixed by PostgreSQL itself (its
+built-in types), the same on every server; OIDs from here on are assigned per cluster."""
+
+
+class _Known:
+    """What ``_introspect_types`` answers beside the types when it ran no statement: a name, so
+    that asyncpg does not prepare the caller's statement again."""
+
+    name = "known-types"
+
+
+_KNOWN = _Known()
+KnownTypes = dict[int, list[Any]]
+"""asyncpg's description of each type OID asked for: the rows of the introspection that asked
+(the type and what it is made of, dependencies first)."""
+_builtin_types: KnownTypes = {}
+"""The built-in types' descriptions (e.g. ``bigint[]``), shared by every connection of the
+process: see ``DbConnection._introspect_types``."""
+
+
+def _reusable(types: list[Any]) -> bool:
+    """Whether a type description stays true for every connection of one database: built-in
+    types, and enums (asyncpg reads an enum as text, whatever its labels; a type dropped and
+    made again has a new OID). A composite's or a domain's description can change in place."""
+    return all(t["oid"] < FIRST_USER_OID or t["kind"] == b"e" for t in types)
+
+
+def _known(cache: KnownTypes, oids: frozenset[int]) -> list[Any] | None:
+    """The rows describing ``oids`` if every one was described before, dependencies first."""
+    if not all(oid in cache for oid in oids):
+        return None
+    rows: dict[int, Any] = {}
+    for oid in oids:
+        for row in cache[oid]:
+            rows.setdefault(row["oid"], row)
+    return list(rows.values())
+
+
 class DbConnection(asyncpg.Connection):
     """A database connection with TCP keepalive that is discarded, not cancelled, when a call on
-    it timed out or was cancelled.
+    it timed out or was cancelled, and that asks the server to describe a type only once per
+    pool (built-in types once per process).
 
     asyncpg answers a timeout by sending a CancelRequest over a second connection and waiting for
     the first one to say the statement ended: over a half-open path neither ever arrives, so the
@@ -81,10 +122,33 @@ class DbConnection(asyncpg.Connection):
     """
 
     interrupted = False
+    known_types: KnownTypes | None = None
+    """The descriptions its pool's connections share (one database: the primary, or after a
+    failover its promoted standby, has the same OIDs), set by the pool's ``init``; None for a
+    connection of its own, which shares only the built-in ones."""
 
     def __init__(self, protocol: Any, transport: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(protocol, transport, *args, **kwargs)
         _keepalive(transport.get_extra_info("socket") if transport is not None else None)
+
+    # asyncpg's private hook, called when a statement uses a type it has no codec for yet (every
+    # array type and enum counts, bigint[] too). asyncpg asks the server per connection, in two
+    # or three statements of its own: on a fresh connection the api's first insert paid ~13
+    # round trips instead of 2 (about 5 s over a 400 ms link), past a caller's deadline, and a pool
+    # whose connections were all just replaced (a reset, a failover) answered little for that
+    # long, its connections busy describing types. Asked once, a description is reused.
+    async def _introspect_types(self, typeoids: Any, timeout: Any) -> Any:
+        oids = frozenset(typeoids)
+        cache = _builtin_types if all(oid < FIRST_USER_OID for oid in oids) else self.known_types
+        known = _known(cache, oids) if cache is not None else None
+        if known is not None:
+            return known, _KNOWN
+        types, statement = await super()._introspect_types(typeoids, timeout)  # type: ignore[misc]
+        if cache is not None and _reusable(types):
+            rows = list(types)
+            for oid in oids:
+                cache[oid] = rows
+        return types, statement
 
     # asyncpg's private hook, called (as a task) for every timed-out or cancelled command.
     async def _cancel(self, waiter: asyncio.Future[None], cancel_waiter: Any = None) -> None:
@@ -184,7 +248,9 @@ def json_loads_all(texts: list[str | None]) -> list[Any]:
     return json.loads("[" + ",".join([t if t is not None else "null" for t in texts]) + "]") if texts else []
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def _init_connection(conn: asyncpg.Connection, known_types: KnownTypes | None = None) -> None:
+    if isinstance(conn, DbConnection) and known_types is not None:
+        conn.known_types = known_types
     for type_name in ("json", "jsonb"):
         await conn.set_type_codec(type_name, encoder=json.dumps, decoder=json_loads, schema="pg_catalog")
 
@@ -230,7 +296,7 @@ async def create_pool(
             url,
             min_size=min_size,
             max_size=max_size,
-            init=_init_connection,
+            init=functools.partial(_init_connection, known_types={}),
             reset=_keep_session,
             server_settings=settings,
             # Kept however long idle (asyncpg closes them after 5 minutes by default): a new
