@@ -82,13 +82,10 @@ async def throughout(check: Callable[[], None], window_s: float) -> None:
         await asyncio.sleep(0.02)  # poll interval of an observation window, not a synchronisation
 
 
-async def pace(period_s: float, stop: asyncio.Event | None = None) -> None:
+async def pace(period_s: float, stop: asyncio.Event) -> None:
     """The gap between two turns of a load or probe loop: a rate, never a wait for a state
     (``eventually`` waits on a condition). Ends early once ``stop`` is set, so that a loop that
     checks ``stop`` ends at once instead of a period later."""
-    if stop is None:
-        await asyncio.sleep(period_s)
-        return
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), period_s)
 
