@@ -11,6 +11,7 @@ standby of a running server (``pg_basebackup -R``): the read replica of the test
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,11 +35,48 @@ def find_bindir() -> Path:
     raise RuntimeError("no PostgreSQL server binaries found: install postgresql or set PG_BINDIR")
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+# Ports handed out by this process: two picks in one test never collide with each other.
+_handed_out: set[int] = set()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive loopback ports that nothing listens on right now.
+
+    They are taken below the kernel's ephemeral range: a port the kernel hands out (bind to port
+    0) is also the source port of the next outgoing connection, so between our pick and the
+    server's bind, any client connection could take it ("Address already in use"). Below the
+    range only an explicit listener can.
+    """
+    top = _ephemeral_floor() - count
+    rng = random.SystemRandom()
+    for _ in range(1000):
+        first = rng.randrange(10000, top)
+        run = range(first, first + count)
+        if not _handed_out.intersection(run) and all(_bindable(port) for port in run):
+            _handed_out.update(run)
+            return first
+    raise RuntimeError(f"no {count} consecutive free loopback ports between 10000 and {top + count}")
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now (see ``free_ports``)."""
+    return free_ports(1)
 
 
 @dataclass

@@ -34,7 +34,7 @@ from shared.transport import ClientSecurity, open_channel
 from tests.helpers import eventually, holds, new_event, rule
 from tools.cluster import ChildFailed, Supervisor
 from tools.healthcheck import check, wait_serving
-from tools.postgres import free_port
+from tools.postgres import free_port, free_ports
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -144,7 +144,7 @@ async def define_rule(target: str, security: ClientSecurity) -> str:
 async def test_cluster_restarts_killed_children_and_stops_cleanly(db_url: str, tmp_path: Path) -> None:
     target = f"127.0.0.1:{free_port()}"
     web = f"127.0.0.1:{free_port()}"
-    metrics = free_port()  # the api's; the executor takes the next one
+    metrics = free_ports(2)  # the api's; the executor takes the next one
     env = dict(os.environ)
     env.update(
         DATABASE_URL=db_url,
