@@ -927,10 +927,17 @@ class Console:
         window.start.FromDatetime(start)
         window.end.FromDatetime(end)
         kw = self.call(user)
+        # The database sums the hours into bars: 30 days of hourly rows by trigger were 17,000
+        # rows to send and convert, most of the page's time.
+        hours = width_s // 3600
         # Independent reads: one waits for the other's aggregation only if they run in turn.
         events, enforcements = await asyncio.gather(
-            self.api.analytics.QueryEventVolume(analytics_pb2.QueryEventVolumeRequest(range=window), **kw),
-            self.api.analytics.QueryEnforcementVolume(analytics_pb2.QueryEnforcementVolumeRequest(range=window), **kw),
+            self.api.analytics.QueryEventVolume(
+                analytics_pb2.QueryEventVolumeRequest(range=window, bucket_hours=hours), **kw
+            ),
+            self.api.analytics.QueryEnforcementVolume(
+                analytics_pb2.QueryEnforcementVolumeRequest(range=window, bucket_hours=hours), **kw
+            ),
         )
         bars = [start + bar * i for i in range(int(span / bar))]
         place = _Placer(start, bar, len(bars))

@@ -370,6 +370,39 @@ async def test_enforcement_volume_counts_by_rule_and_status(stubs: Stubs) -> Non
     assert list(both.buckets) == []
 
 
+async def test_volume_in_day_buckets_starts_each_on_utc_midnight(stubs: Stubs) -> None:
+    await setup(stubs, rule("demo.a", "core.webhook"))
+    made = await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event("core.webhook")))
+    midnight = made.event.created.ToDatetime(tzinfo=UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    window = common_pb2.TimeRange(start=ts(midnight - timedelta(days=1)), end=ts(midnight + timedelta(days=1)))
+    events = await stubs.analytics.QueryEventVolume(
+        analytics_pb2.QueryEventVolumeRequest(range=window, bucket_hours=24)
+    )
+    assert [(b.bucket.ToDatetime(tzinfo=UTC), b.trigger_ref, b.event_count) for b in events.buckets] == [
+        (midnight, "core.webhook", 1)
+    ]
+    enforcements = await stubs.analytics.QueryEnforcementVolume(
+        analytics_pb2.QueryEnforcementVolumeRequest(range=window, bucket_hours=24)
+    )
+    assert [(b.bucket.ToDatetime(tzinfo=UTC), b.rule_ref, b.enforcement_count) for b in enforcements.buckets] == [
+        (midnight, "demo.a", 1)
+    ]
+
+
+@pytest.mark.parametrize("hours", [5, 7, 25, 48, 2**32 - 1])
+async def test_volume_bucket_that_does_not_divide_a_day_is_invalid_argument_naming_it(stubs: Stubs, hours: int) -> None:
+    err = await rpc_error(
+        stubs.analytics.QueryEventVolume(analytics_pb2.QueryEventVolumeRequest(bucket_hours=hours)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "bucket_hours" in field_violations(err)
+    err = await rpc_error(
+        stubs.analytics.QueryEnforcementVolume(analytics_pb2.QueryEnforcementVolumeRequest(bucket_hours=hours)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "bucket_hours" in field_violations(err)
+
+
 @pytest.mark.parametrize(
     "window",
     [

@@ -493,6 +493,55 @@ async def test_volume_views_show_a_just_inserted_row(store: Store) -> None:
     assert await store.analytics.event_volume(start, end, trigger_ref="other.trigger") == []
 
 
+async def test_wider_volume_buckets_sum_the_hours_inside_the_range(store: Store, conn: asyncpg.Connection) -> None:
+    await setup_rule(store)
+    # Days ahead: above any continuous aggregate's watermark, so every edition reads them live.
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=3)
+    offsets = [1, 3, 3, 5, 25]  # hours after midnight
+    for hours in offsets:
+        await conn.execute(
+            """
+            WITH ev AS (
+                INSERT INTO event (trigger, trigger_ref, payload, created)
+                SELECT id, ref, '{}', $2 FROM trigger WHERE ref = $1 RETURNING id, created
+            )
+            INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, created)
+            SELECT r.id, r.ref, r.trigger_ref, '{}', ev.id, ev.created FROM rule r, ev WHERE r.ref = 'demo.rule'
+            """,
+            HOOK,
+            day + timedelta(hours=hours, minutes=30),
+        )
+
+    def at(hours: int) -> int:
+        return int((day + timedelta(hours=hours)).timestamp())
+
+    def events(rows: list[Any]) -> list[tuple[int, int]]:
+        return [(v.bucket, v.event_count) for v in rows]
+
+    whole = (day, day + timedelta(days=2))
+    assert events(await store.analytics.event_volume(*whole)) == [
+        (at(h), n) for h, n in [(1, 1), (3, 2), (5, 1), (25, 1)]
+    ]
+    four = timedelta(hours=4)
+    assert events(await store.analytics.event_volume(*whole, width=four)) == [(at(0), 3), (at(4), 1), (at(24), 1)]
+    days = await store.analytics.event_volume(*whole, width=timedelta(days=1))
+    assert [(v.bucket, v.trigger_ref, v.event_count) for v in days] == [(at(0), HOOK, 4), (at(24), HOOK, 1)]
+    # A range starting inside a bucket: the bucket keeps its start and sums only the hours inside.
+    assert events(await store.analytics.event_volume(day + timedelta(hours=2), whole[1], width=four)) == [
+        (at(0), 2),
+        (at(4), 1),
+        (at(24), 1),
+    ]
+    assert await store.analytics.event_volume(*whole, trigger_ref="other.trigger", width=four) == []
+
+    enforcements = await store.analytics.enforcement_volume(*whole, width=timedelta(days=1))
+    assert [(v.bucket, v.rule_ref, v.status, v.enforcement_count) for v in enforcements] == [
+        (at(0), "demo.rule", "created", 4),
+        (at(24), "demo.rule", "created", 1),
+    ]
+    assert await store.analytics.enforcement_volume(*whole, status="disabled", width=four) == []
+
+
 _TIMESCALE_CALL = re.compile(
     r"\b(create_hypertable|add_\w+_policy|compress_chunk|time_bucket|timescaledb[._]\w*|by_range|"
     r"CREATE\s+EXTENSION|show_chunks|drop_chunks|run_job)\b",

@@ -11,6 +11,7 @@ from services.api.servicers.requests import (
     check_filters,
     status_filter,
     volume_range,
+    volume_width,
 )
 from services.api.store import Store
 from shared.gen.automation.v1 import (
@@ -31,7 +32,8 @@ class AnalyticsService(analytics_pb2_grpc.AnalyticsServiceServicer):
     ) -> analytics_pb2.QueryEventVolumeResponse:
         check_filters(request, refs=("trigger_ref",))
         start, end = volume_range(request.range)
-        rows = await self._store.analytics.event_volume(start, end, request.trigger_ref)
+        width = volume_width(request.bucket_hours)
+        rows = await self._store.analytics.event_volume(start, end, request.trigger_ref, width)
         response = analytics_pb2.QueryEventVolumeResponse()
         convert.fill_event_volume(response.buckets, rows)
         return response
@@ -42,8 +44,9 @@ class AnalyticsService(analytics_pb2_grpc.AnalyticsServiceServicer):
     ) -> analytics_pb2.QueryEnforcementVolumeResponse:
         check_filters(request, refs=("rule_ref",))
         start, end = volume_range(request.range)
+        width = volume_width(request.bucket_hours)
         status = status_filter(request.status, convert.ENFORCEMENT_STATUS_NAME)
-        rows = await self._store.analytics.enforcement_volume(start, end, request.rule_ref, status)
+        rows = await self._store.analytics.enforcement_volume(start, end, request.rule_ref, status, width)
         response = analytics_pb2.QueryEnforcementVolumeResponse()
         convert.fill_enforcement_volume(response.buckets, rows)
         return response

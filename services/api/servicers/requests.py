@@ -178,6 +178,20 @@ def volume_range(r: common_pb2.TimeRange, field: str = "range") -> tuple[datetim
     return start, end
 
 
+VOLUME_BUCKET_HOURS = (1, 2, 3, 4, 6, 8, 12, 24)
+
+
+def volume_width(hours: int, field: str = "bucket_hours") -> timedelta:
+    """A volume bucket's width: 0 means an hour; others must divide a day, so that every
+    bucket starts on a multiple of its width since the epoch and days stay whole."""
+    if hours == 0:
+        hours = 1
+    if hours not in VOLUME_BUCKET_HOURS:
+        allowed = ", ".join(str(h) for h in VOLUME_BUCKET_HOURS)
+        raise InvalidArgument.one(field, f"must be 0 (an hour) or one of {allowed}, got {hours}")
+    return timedelta(hours=hours)
+
+
 def may_reveal(reveal: bool) -> bool:
     """Whether a read asked to show secret fields in clear; refuses the ask (PERMISSION_DENIED
     naming ``reveal``) from a principal without the ``reveal`` role. Check it before reading:

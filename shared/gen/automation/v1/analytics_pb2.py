@@ -26,7 +26,7 @@ from shared.gen.automation.v1 import common_pb2 as automation_dot_v1_dot_common_
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61utomation/v1/analytics.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"W\n\x17QueryEventVolumeRequest\x12\'\n\x05range\x18\x01 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x13\n\x0btrigger_ref\x18\x02 \x01(\t\"i\n\x11\x45ventVolumeBucket\x12*\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btrigger_ref\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x03 \x01(\x03\"M\n\x18QueryEventVolumeResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .automation.v1.EventVolumeBucket\"\x8c\x01\n\x1dQueryEnforcementVolumeRequest\x12\'\n\x05range\x18\x01 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x10\n\x08rule_ref\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .automation.v1.EnforcementStatus\"\xa4\x01\n\x17\x45nforcementVolumeBucket\x12*\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08rule_ref\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .automation.v1.EnforcementStatus\x12\x19\n\x11\x65nforcement_count\x18\x04 \x01(\x03\"Y\n\x1eQueryEnforcementVolumeResponse\x12\x37\n\x07\x62uckets\x18\x01 \x03(\x0b\x32&.automation.v1.EnforcementVolumeBucket2\xee\x01\n\x10\x41nalyticsService\x12\x63\n\x10QueryEventVolume\x12&.automation.v1.QueryEventVolumeRequest\x1a\'.automation.v1.QueryEventVolumeResponse\x12u\n\x16QueryEnforcementVolume\x12,.automation.v1.QueryEnforcementVolumeRequest\x1a-.automation.v1.QueryEnforcementVolumeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61utomation/v1/analytics.proto\x12\rautomation.v1\x1a\x1a\x61utomation/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x17QueryEventVolumeRequest\x12\'\n\x05range\x18\x01 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x13\n\x0btrigger_ref\x18\x02 \x01(\t\x12\x14\n\x0c\x62ucket_hours\x18\x03 \x01(\r\"i\n\x11\x45ventVolumeBucket\x12*\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btrigger_ref\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_count\x18\x03 \x01(\x03\"M\n\x18QueryEventVolumeResponse\x12\x31\n\x07\x62uckets\x18\x01 \x03(\x0b\x32 .automation.v1.EventVolumeBucket\"\xa2\x01\n\x1dQueryEnforcementVolumeRequest\x12\'\n\x05range\x18\x01 \x01(\x0b\x32\x18.automation.v1.TimeRange\x12\x10\n\x08rule_ref\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .automation.v1.EnforcementStatus\x12\x14\n\x0c\x62ucket_hours\x18\x04 \x01(\r\"\xa4\x01\n\x17\x45nforcementVolumeBucket\x12*\n\x06\x62ucket\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08rule_ref\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .automation.v1.EnforcementStatus\x12\x19\n\x11\x65nforcement_count\x18\x04 \x01(\x03\"Y\n\x1eQueryEnforcementVolumeResponse\x12\x37\n\x07\x62uckets\x18\x01 \x03(\x0b\x32&.automation.v1.EnforcementVolumeBucket2\xee\x01\n\x10\x41nalyticsService\x12\x63\n\x10QueryEventVolume\x12&.automation.v1.QueryEventVolumeRequest\x1a\'.automation.v1.QueryEventVolumeResponse\x12u\n\x16QueryEnforcementVolume\x12,.automation.v1.QueryEnforcementVolumeRequest\x1a-.automation.v1.QueryEnforcementVolumeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shared.gen.automation.v1.an
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_QUERYEVENTVOLUMEREQUEST']._serialized_start=109
-  _globals['_QUERYEVENTVOLUMEREQUEST']._serialized_end=196
-  _globals['_EVENTVOLUMEBUCKET']._serialized_start=198
-  _globals['_EVENTVOLUMEBUCKET']._serialized_end=303
-  _globals['_QUERYEVENTVOLUMERESPONSE']._serialized_start=305
-  _globals['_QUERYEVENTVOLUMERESPONSE']._serialized_end=382
-  _globals['_QUERYENFORCEMENTVOLUMEREQUEST']._serialized_start=385
-  _globals['_QUERYENFORCEMENTVOLUMEREQUEST']._serialized_end=525
-  _globals['_ENFORCEMENTVOLUMEBUCKET']._serialized_start=528
-  _globals['_ENFORCEMENTVOLUMEBUCKET']._serialized_end=692
-  _globals['_QUERYENFORCEMENTVOLUMERESPONSE']._serialized_start=694
-  _globals['_QUERYENFORCEMENTVOLUMERESPONSE']._serialized_end=783
-  _globals['_ANALYTICSSERVICE']._serialized_start=786
-  _globals['_ANALYTICSSERVICE']._serialized_end=1024
+  _globals['_QUERYEVENTVOLUMEREQUEST']._serialized_end=218
+  _globals['_EVENTVOLUMEBUCKET']._serialized_start=220
+  _globals['_EVENTVOLUMEBUCKET']._serialized_end=325
+  _globals['_QUERYEVENTVOLUMERESPONSE']._serialized_start=327
+  _globals['_QUERYEVENTVOLUMERESPONSE']._serialized_end=404
+  _globals['_QUERYENFORCEMENTVOLUMEREQUEST']._serialized_start=407
+  _globals['_QUERYENFORCEMENTVOLUMEREQUEST']._serialized_end=569
+  _globals['_ENFORCEMENTVOLUMEBUCKET']._serialized_start=572
+  _globals['_ENFORCEMENTVOLUMEBUCKET']._serialized_end=736
+  _globals['_QUERYENFORCEMENTVOLUMERESPONSE']._serialized_start=738
+  _globals['_QUERYENFORCEMENTVOLUMERESPONSE']._serialized_end=827
+  _globals['_ANALYTICSSERVICE']._serialized_start=830
+  _globals['_ANALYTICSSERVICE']._serialized_end=1068
 # @@protoc_insertion_point(module_scope)

@@ -28,11 +28,18 @@ class QueryEventVolumeRequest(_message.Message):
 
     RANGE_FIELD_NUMBER: _builtins.int
     TRIGGER_REF_FIELD_NUMBER: _builtins.int
+    BUCKET_HOURS_FIELD_NUMBER: _builtins.int
     trigger_ref: _builtins.str
     """Only this trigger reference (empty: all), `pack.name`, at most 255 characters."""
+    bucket_hours: _builtins.int
+    """Width of each bucket in hours: 0 and 1 mean hourly buckets; 2, 3, 4, 6, 8, 12 or 24 sum
+    the range's hours into buckets that start on multiples of that width since the Unix epoch
+    (24: UTC days), in the database, so a long range is answered in few rows. A wide bucket at
+    either end of the range sums only the hours inside the range.
+    """
     @_builtins.property
     def range(self) -> _common_pb2.TimeRange:
-        """Hours to cover, by bucket start. Unset bounds default to the last 24 hours; at most
+        """Hours to cover, by the start of each hour. Unset bounds default to the last 24 hours; at most
         90 days.
         """
 
@@ -41,10 +48,11 @@ class QueryEventVolumeRequest(_message.Message):
         *,
         range: _common_pb2.TimeRange | None = ...,
         trigger_ref: _builtins.str = ...,
+        bucket_hours: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["range", b"range", "trigger_ref", b"trigger_ref"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_hours", b"bucket_hours", "range", b"range", "trigger_ref", b"trigger_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -52,7 +60,7 @@ Global___QueryEventVolumeRequest: _TypeAlias = QueryEventVolumeRequest  # noqa: 
 
 @_typing.final
 class EventVolumeBucket(_message.Message):
-    """Events of one trigger in one hour."""
+    """Events of one trigger in one bucket."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -65,7 +73,7 @@ class EventVolumeBucket(_message.Message):
     """How many events."""
     @_builtins.property
     def bucket(self) -> _timestamp_pb2.Timestamp:
-        """Start of the hour."""
+        """Start of the bucket."""
 
     def __init__(
         self,
@@ -91,7 +99,7 @@ class QueryEventVolumeResponse(_message.Message):
     BUCKETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventVolumeBucket]:
-        """Buckets ordered by hour, then trigger reference."""
+        """Buckets ordered by start, then trigger reference."""
 
     def __init__(
         self,
@@ -115,13 +123,20 @@ class QueryEnforcementVolumeRequest(_message.Message):
     RANGE_FIELD_NUMBER: _builtins.int
     RULE_REF_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    BUCKET_HOURS_FIELD_NUMBER: _builtins.int
     rule_ref: _builtins.str
     """Only this rule reference (empty: all), `pack.name`, at most 255 characters."""
     status: _common_pb2.EnforcementStatus.ValueType
     """Only this status; UNSPECIFIED means all."""
+    bucket_hours: _builtins.int
+    """Width of each bucket in hours: 0 and 1 mean hourly buckets; 2, 3, 4, 6, 8, 12 or 24 sum
+    the range's hours into buckets that start on multiples of that width since the Unix epoch
+    (24: UTC days), in the database, so a long range is answered in few rows. A wide bucket at
+    either end of the range sums only the hours inside the range.
+    """
     @_builtins.property
     def range(self) -> _common_pb2.TimeRange:
-        """Hours to cover, by bucket start. Unset bounds default to the last 24 hours; at most
+        """Hours to cover, by the start of each hour. Unset bounds default to the last 24 hours; at most
         90 days.
         """
 
@@ -131,10 +146,11 @@ class QueryEnforcementVolumeRequest(_message.Message):
         range: _common_pb2.TimeRange | None = ...,
         rule_ref: _builtins.str = ...,
         status: _common_pb2.EnforcementStatus.ValueType = ...,
+        bucket_hours: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["range", b"range"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["range", b"range", "rule_ref", b"rule_ref", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket_hours", b"bucket_hours", "range", b"range", "rule_ref", b"rule_ref", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -142,7 +158,7 @@ Global___QueryEnforcementVolumeRequest: _TypeAlias = QueryEnforcementVolumeReque
 
 @_typing.final
 class EnforcementVolumeBucket(_message.Message):
-    """Enforcements of one rule and status in one hour."""
+    """Enforcements of one rule and status in one bucket."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -158,7 +174,7 @@ class EnforcementVolumeBucket(_message.Message):
     """How many enforcements."""
     @_builtins.property
     def bucket(self) -> _timestamp_pb2.Timestamp:
-        """Start of the hour."""
+        """Start of the bucket."""
 
     def __init__(
         self,
@@ -185,7 +201,7 @@ class QueryEnforcementVolumeResponse(_message.Message):
     BUCKETS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___EnforcementVolumeBucket]:
-        """Buckets ordered by hour, then rule reference, then status."""
+        """Buckets ordered by start, then rule reference, then status."""
 
     def __init__(
         self,

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class AnalyticsServiceStub:
-    """Hourly volumes of events and enforcements, read from the volume views (continuous
-    aggregates on TimescaleDB, ordinary views elsewhere).
+    """Volumes of events and enforcements per hour (or per several hours), read from the hourly
+    volume views (continuous aggregates on TimescaleDB, ordinary views elsewhere).
     """
 
     def __init__(self, channel):
@@ -49,19 +49,20 @@ class AnalyticsServiceStub:
 
 
 class AnalyticsServiceServicer:
-    """Hourly volumes of events and enforcements, read from the volume views (continuous
-    aggregates on TimescaleDB, ordinary views elsewhere).
+    """Volumes of events and enforcements per hour (or per several hours), read from the hourly
+    volume views (continuous aggregates on TimescaleDB, ordinary views elsewhere).
     """
 
     def QueryEventVolume(self, request, context):
-        """Events per hour and trigger over a time range.
+        """Events per bucket (an hour unless bucket_hours says more) and trigger over a time range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def QueryEnforcementVolume(self, request, context):
-        """Enforcements per hour, rule and status over a time range.
+        """Enforcements per bucket (an hour unless bucket_hours says more), rule and status over a
+        time range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,8 +90,8 @@ def add_AnalyticsServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AnalyticsService:
-    """Hourly volumes of events and enforcements, read from the volume views (continuous
-    aggregates on TimescaleDB, ordinary views elsewhere).
+    """Volumes of events and enforcements per hour (or per several hours), read from the hourly
+    volume views (continuous aggregates on TimescaleDB, ordinary views elsewhere).
     """
 
     @staticmethod

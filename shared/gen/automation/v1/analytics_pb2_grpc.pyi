@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AnalyticsServiceStub:
-    """Hourly volumes of events and enforcements, read from the volume views (continuous
-    aggregates on TimescaleDB, ordinary views elsewhere).
+    """Volumes of events and enforcements per hour (or per several hours), read from the hourly
+    volume views (continuous aggregates on TimescaleDB, ordinary views elsewhere).
     """
 
     @_typing.overload
@@ -36,25 +36,29 @@ class AnalyticsServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AnalyticsServiceAsyncStub: ...
     QueryEventVolume: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.QueryEventVolumeRequest, _analytics_pb2.QueryEventVolumeResponse]
-    """Events per hour and trigger over a time range."""
+    """Events per bucket (an hour unless bucket_hours says more) and trigger over a time range."""
     QueryEnforcementVolume: _grpc.UnaryUnaryMultiCallable[_analytics_pb2.QueryEnforcementVolumeRequest, _analytics_pb2.QueryEnforcementVolumeResponse]
-    """Enforcements per hour, rule and status over a time range."""
+    """Enforcements per bucket (an hour unless bucket_hours says more), rule and status over a
+    time range.
+    """
 
 @_typing.type_check_only
 class AnalyticsServiceAsyncStub(AnalyticsServiceStub):
-    """Hourly volumes of events and enforcements, read from the volume views (continuous
-    aggregates on TimescaleDB, ordinary views elsewhere).
+    """Volumes of events and enforcements per hour (or per several hours), read from the hourly
+    volume views (continuous aggregates on TimescaleDB, ordinary views elsewhere).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     QueryEventVolume: _aio.UnaryUnaryMultiCallable[_analytics_pb2.QueryEventVolumeRequest, _analytics_pb2.QueryEventVolumeResponse]  # type: ignore[assignment]
-    """Events per hour and trigger over a time range."""
+    """Events per bucket (an hour unless bucket_hours says more) and trigger over a time range."""
     QueryEnforcementVolume: _aio.UnaryUnaryMultiCallable[_analytics_pb2.QueryEnforcementVolumeRequest, _analytics_pb2.QueryEnforcementVolumeResponse]  # type: ignore[assignment]
-    """Enforcements per hour, rule and status over a time range."""
+    """Enforcements per bucket (an hour unless bucket_hours says more), rule and status over a
+    time range.
+    """
 
 class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Hourly volumes of events and enforcements, read from the volume views (continuous
-    aggregates on TimescaleDB, ordinary views elsewhere).
+    """Volumes of events and enforcements per hour (or per several hours), read from the hourly
+    volume views (continuous aggregates on TimescaleDB, ordinary views elsewhere).
     """
 
     @_abc_1.abstractmethod
@@ -63,7 +67,7 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _analytics_pb2.QueryEventVolumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_analytics_pb2.QueryEventVolumeResponse, _abc.Awaitable[_analytics_pb2.QueryEventVolumeResponse]]:
-        """Events per hour and trigger over a time range."""
+        """Events per bucket (an hour unless bucket_hours says more) and trigger over a time range."""
 
     @_abc_1.abstractmethod
     def QueryEnforcementVolume(
@@ -71,6 +75,8 @@ class AnalyticsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _analytics_pb2.QueryEnforcementVolumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_analytics_pb2.QueryEnforcementVolumeResponse, _abc.Awaitable[_analytics_pb2.QueryEnforcementVolumeResponse]]:
-        """Enforcements per hour, rule and status over a time range."""
+        """Enforcements per bucket (an hour unless bucket_hours says more), rule and status over a
+        time range.
+        """
 
 def add_AnalyticsServiceServicer_to_server(servicer: AnalyticsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
