@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 # MIGRATIONS_DIR names another place.
 MIGRATIONS_DIR = Path(os.environ.get("MIGRATIONS_DIR") or Path(__file__).resolve().parents[2] / "migrations")
 NO_TRANSACTION = "-- migrate: no-transaction"
-LAYOUT = "automation_timescaledb_layout()"
-"""Made by 0016, called after every run: the licensed TimescaleDB layout, where it is missing."""
+LAYOUT = ("automation_timescaledb_layout()", "automation_timescaledb_recent_volume()")
+"""Made by 0016 and 0023, called in this order after every run: the licensed TimescaleDB
+layout, where it is missing."""
 # Any fixed number serves, as long as nothing else in the database uses it.
 _LOCK_KEY = 0x6D696772617465  # "migrate"
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -190,10 +191,11 @@ async def migrate(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) ->
                 await conn.execute(_RECORD, m.version, m.name, m.checksum)
         if not todo:
             log.info("migrations are up to date")
-        if await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", LAYOUT):
-            # Idempotent, and a no-op but on a licensed TimescaleDB still in the Apache layout:
-            # a database that moved edition after 0016 was applied is completed here.
-            await conn.execute(f"SELECT {LAYOUT}")
+        for layout in LAYOUT:
+            if await conn.fetchval("SELECT to_regprocedure($1) IS NOT NULL", layout):
+                # Idempotent, and a no-op but on a licensed TimescaleDB still in the Apache
+                # layout: a database that moved edition after 0016 was applied is completed here.
+                await conn.execute(f"SELECT {layout}")
         return todo
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_KEY)

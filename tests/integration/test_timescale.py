@@ -118,8 +118,57 @@ async def test_volume_views_are_real_time_continuous_aggregates(conn: asyncpg.Co
     )
     assert [(r["view_name"], r["materialized_only"]) for r in rows] == [
         ("enforcement_volume_hourly", False),
+        ("enforcement_volume_minute", False),
         ("event_volume_hourly", False),
+        ("event_volume_minute", False),
     ]
+    policies = await conn.fetch(
+        "SELECT proc_name, schedule_interval, config->>'start_offset' AS start, config->>'end_offset' AS end, "
+        "config->>'drop_after' AS drop FROM timescaledb_information.jobs "
+        "WHERE hypertable_name LIKE '%\\_minute' ORDER BY hypertable_name, proc_name"
+    )
+    assert [(r["proc_name"], r["schedule_interval"], r["start"], r["end"], r["drop"]) for r in policies] == [
+        ("policy_refresh_continuous_aggregate", timedelta(minutes=1), "04:00:00", "00:01:00", None),
+        ("policy_retention", timedelta(days=1), None, None, "1 day"),
+    ] * 2
+
+
+@pytest.mark.timescale_licensed
+async def test_recent_hours_are_read_from_the_minute_views_and_older_from_the_hourly(
+    store: Store, conn: asyncpg.Connection
+) -> None:
+    await setup_rule(store)
+    assert await store.analytics.views() == "recent"
+    # One event in an hour only the hourly views serve, one in an hour the minute views serve,
+    # one in the current hour; their enforcements, the oldest resolved.
+    for age in ("7 hours", "1 hour", "0 seconds"):
+        await insert_old(conn, age)
+    await conn.execute("UPDATE enforcement SET status = 'disabled', resolved_at = now() WHERE created < now() - interval '2 hours'")
+    # Materialized, as their policies would; an event after that is still counted (real time).
+    for view in (
+        "event_volume_hourly",
+        "enforcement_volume_hourly",
+        "event_volume_minute",
+        "enforcement_volume_minute",
+    ):
+        await conn.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, now() - interval '1 minute')")
+    await insert_old(conn, "0 seconds")
+
+    hour = "extract(epoch FROM date_bin(interval '1 hour', created, 'epoch'))::bigint"
+    events = {r[0]: r[1] for r in await conn.fetch(f"SELECT {hour}, count(*) FROM event GROUP BY 1")}
+    enforcements = {
+        (r[0], r[1]): r[2]
+        for r in await conn.fetch(f"SELECT {hour}, status::text, count(*) FROM enforcement GROUP BY 1, 2")
+    }
+    assert len(events) == 3 and sum(events.values()) == 4
+    now = datetime.now(UTC)
+    start, end = now - timedelta(hours=23), now + timedelta(hours=1)
+    assert {v.bucket: v.event_count for v in await store.analytics.event_volume(start, end)} == events
+    assert {
+        (v.bucket, v.status): v.enforcement_count for v in await store.analytics.enforcement_volume(start, end)
+    } == enforcements
+    days = await store.analytics.event_volume(start - timedelta(days=1), end, width=timedelta(days=1))
+    assert sum(v.event_count for v in days) == 4
 
 
 async def resolve_one(store: Store, enf_id: int, many: bool) -> Resolution:
@@ -555,7 +604,7 @@ def _code(sql: str) -> str:
 
 def _guarded_block(sql: str) -> str:
     """The body of the migration's one DO block, which must be all of its code; or of its one
-    function (0016's, which the runner calls after every run) and the call of it."""
+    function (0016's and 0023's, which the runner calls after every run) and the call of it."""
     code = _code(sql)
     block = re.search(r"DO \$migration\$(.*)\$migration\$;", code, re.DOTALL)
     function = re.search(
@@ -568,7 +617,7 @@ def _guarded_block(sql: str) -> str:
         block = function
         outside = code[: block.start()] + code[block.end() :]
         assert outside.strip() == f"SELECT {function.group(1)}();"
-        assert f"{function.group(1)}()" == migrate.LAYOUT
+        assert f"{function.group(1)}()" in migrate.LAYOUT
         inside = block.group(2)
         assert _TIMESCALE_CALL.search(inside)
         return inside
@@ -592,7 +641,12 @@ def test_timescaledb_statements_stay_inside_the_marked_do_block() -> None:
     assert not _TIMESCALE_CALL.search(inside[:fallback_end].split("IF NOT use_timescaledb THEN", 1)[1])
     assert inside.index("CREATE EXTENSION IF NOT EXISTS timescaledb") > fallback_end
     # Later ones change what 0005 made, only once they found the extension installed.
-    assert [m.name for m in later] == ["timescaledb_reads", "timescaledb_edition", "timescaledb_event_sparse_index"]
+    assert [m.name for m in later] == [
+        "timescaledb_reads",
+        "timescaledb_edition",
+        "timescaledb_event_sparse_index",
+        "timescaledb_recent_volume",
+    ]
     for m in later:
         inside = _guarded_block(m.sql)
         fallback_end = inside.index("RETURN;")
