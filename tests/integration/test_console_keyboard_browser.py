@@ -1,8 +1,9 @@
 """The console from the keyboard alone, in a real browser (Debian's chromium, headless, driven by
 Playwright) against the web service and a real api on PostgreSQL: the skip link, Tab reaching
 every control in document order with a ring one can see (light and dark), the navigation picked
-and the folded menu opened and closed by key, a rule edited, tested, reviewed and saved, the
-confirmation pages answered, and live updates that leave the focus where it was.
+and the folded menu opened and closed by key (and folded when Tab leaves it), a rule edited,
+tested, reviewed and saved, the confirmation pages and dialogs answered, the volume charts'
+numbers opened, and live updates that leave the focus where it was.
 
 Only key presses move and act here (``page.keyboard``); the mouse is never used. Screenshots, at
 1366 and 390 px wide, go to ``test-artifacts/console/keyboard/`` (``NAME-WIDTH.png``).
@@ -10,11 +11,12 @@ Only key presses move and act here (``page.keyboard``); the mouse is never used.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, Dialog, Page, expect
 
 from services.api.server import ApiServer
 from shared.gen.automation.v1 import rule_pb2
@@ -168,6 +170,20 @@ async def select_all_and_type(page: Page, text: str) -> None:
     await page.keyboard.type(text)
 
 
+def answering(page: Page, *, accept: bool) -> asyncio.Future[str]:
+    """The message of the next native dialog, once it has been accepted or dismissed."""
+    answered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def answer(dialog: Dialog) -> None:
+        assert dialog.type == "confirm", dialog.type
+        await (dialog.accept() if accept else dialog.dismiss())
+        answered.set_result(dialog.message)
+
+    # A task of its own: the key press that opened the dialog may wait until it is answered.
+    page.once("dialog", lambda dialog: asyncio.ensure_future(answer(dialog)))
+    return answered
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 async def test_the_skip_link_leads_to_the_content_and_tab_reaches_every_control_with_a_ring(
     stubs: Stubs, conn: asyncpg.Connection, web: str, browser: Browser, width: int
@@ -270,6 +286,49 @@ async def test_a_page_is_picked_from_the_navigation_by_keyboard(
         await expect(page.locator("#nav a[aria-current=page]")).to_have_text("Dispatch")
         if width == 390:
             await expect(nav).to_be_hidden()
+
+
+async def test_the_folded_menu_closes_when_the_focus_tabs_out_of_it(stubs: Stubs, web: str, browser: Browser) -> None:
+    await seed(stubs)
+    async with signed_in(browser, web, start="/events", width=390) as console:
+        page = console.page
+        await console.open("/events")
+        nav, menu = page.locator("#nav"), page.locator("#menu")
+        links = nav.locator("a")
+        await tab_to(page, "#menu")
+        await page.keyboard.press("Enter")
+        await expect(nav).to_be_visible()
+        # Open while the focus goes through its links ...
+        for i in range(await links.count()):
+            await page.keyboard.press("Tab")
+            await expect(links.nth(i)).to_be_focused()
+            await expect(menu).to_have_attribute("aria-expanded", "true")
+            await expect(nav).to_be_visible()
+        # ... folded once it is past the last one (Sign out, next in the header), not left open
+        # over the page with the focus elsewhere.
+        await page.keyboard.press("Tab")
+        await expect(page.locator(".who form[action='/signout'] button")).to_be_focused()
+        await expect(menu).to_have_attribute("aria-expanded", "false")
+        await expect(nav).to_be_hidden()
+        await shot(page, "menu-tabbed-out")
+        # Shift+Tab comes back to the button (the folded links are out of the order), closed,
+        # and it opens the menu again.
+        await page.keyboard.press("Shift+Tab")
+        await expect(menu).to_be_focused()
+        await expect(menu).to_have_attribute("aria-expanded", "false")
+        await expect(nav).to_be_hidden()
+        await page.keyboard.press("Enter")
+        await expect(nav).to_be_visible()
+        await page.keyboard.press("Tab")
+        await expect(links.first).to_be_focused()
+        # Back from its first link to the button it stays open; one step further back, it folds.
+        await page.keyboard.press("Shift+Tab")
+        await expect(menu).to_be_focused()
+        await expect(nav).to_be_visible()
+        await page.keyboard.press("Shift+Tab")
+        await expect(page.locator("a.brand")).to_be_focused()
+        await expect(menu).to_have_attribute("aria-expanded", "false")
+        await expect(nav).to_be_hidden()
 
 
 @pytest.mark.parametrize("width", WIDTHS)
@@ -421,6 +480,69 @@ async def test_confirmation_pages_are_answered_by_keyboard(
     assert created.webhook_enabled and not created.webhook_signed
     rules = await stubs.rules.ListRules(rule_pb2.ListRulesRequest())
     assert "demo.log_all" not in {r.ref for r in rules.rules}
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+async def test_a_confirmation_dialog_is_answered_by_keyboard(
+    stubs: Stubs, web: str, browser: Browser, width: int
+) -> None:
+    await seed(stubs)
+    question = "Disable rule demo.log_all? Enforcements not yet resolved will be resolved as disabled."
+    async with signed_in(browser, web, start="/rules/demo.log_all", width=width) as console:
+        page = console.page
+        await console.open("/rules/demo.log_all")
+        toggle = page.locator("#toggle-rule")
+        # Enter on the button asks first; Escape's answer (dismissed) sends nothing: the page
+        # stays, the focus on the button, the rule enabled.
+        await tab_to(page, "#toggle-rule")
+        dismissed = answering(page, accept=False)
+        await page.keyboard.press("Enter")
+        assert await asyncio.wait_for(dismissed, 10) == question
+        await expect(toggle).to_be_focused()
+        await expect(toggle).to_have_text("Disable")
+        await expect(page.locator(".banner.ok")).to_have_count(0)
+        assert (await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref="demo.log_all"))).enabled
+
+        # Asked again from the same place, accepted: the rule is disabled.
+        accepted = answering(page, accept=True)
+        await page.keyboard.press("Enter")
+        assert await asyncio.wait_for(accepted, 10) == question
+        await expect(page.locator(".banner.ok")).to_have_text("Disabled.")
+        await expect(toggle).to_have_text("Enable")
+    assert not (await stubs.rules.GetRule(rule_pb2.GetRuleRequest(ref="demo.log_all"))).enabled
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+async def test_the_volume_charts_numbers_open_by_keyboard(stubs: Stubs, web: str, browser: Browser, width: int) -> None:
+    await seed(stubs)
+    for host in ("db-1", "db-2"):
+        await emit(stubs, "demo.alert", severity="critical", host=host)  # demo.page_oncall and demo.log_all
+    await emit(stubs, "demo.push", ref="refs/heads/main")  # demo.on_push
+    async with signed_in(browser, web, start="/volume", width=width) as console:
+        page = console.page
+        await console.open("/volume")
+        # Folded under each chart until its summary is opened (Tab to it, Enter).
+        for chart, counts in (
+            ("events", {"events": 3}),
+            ("enforcements", {"created": 5, "processed": 0, "disabled": 0, "total": 5}),
+        ):
+            numbers = page.locator(f"#{chart}-chart-numbers")
+            table = numbers.locator("table")
+            await expect(table).to_be_hidden()
+            await tab_to(page, f"#{chart}-chart-numbers summary")
+            await page.keyboard.press("Enter")
+            await expect(table).to_be_visible()
+            # One row per bar (an hour in this range), each series' count in its column.
+            await expect(table.locator("tbody tr")).to_have_count(24)
+            # The events fall in the current hour, the last row (or the two last, if the hour
+            # turned meanwhile); every other row reads 0.
+            for series, n in counts.items():
+                cells = [int(c) for c in await table.locator(f"td[data-series={series}]").all_inner_texts()]
+                assert len(cells) == 24 and sum(cells[-2:]) == n and not any(cells[:-2]), (series, cells)
+            assert (await table.locator("tbody tr th").last.inner_text()).endswith(":00 UTC")
+        # The table scrolls inside its card, not the page.
+        await console.no_page_overflow("the volume page with its numbers open")
+        await shot(page, "volume-numbers")
 
 
 async def test_live_updates_leave_the_focus_where_it_was(

@@ -108,6 +108,11 @@ function menu() {
   button.hidden = false;
   const set = (open) => { nav.classList.toggle("open", open); button.setAttribute("aria-expanded", String(open)); };
   button.addEventListener("click", () => set(!nav.classList.contains("open")));
+  // Tabbing out of the open menu folds it: focus landing anywhere on the page but the button
+  // and the navigation. (Focus leaving the page, to another window, keeps it as it is.)
+  document.addEventListener("focusin", (e) => {
+    if (nav.classList.contains("open") && e.target !== button && !nav.contains(e.target)) set(false);
+  });
   document.addEventListener("keydown", (e) => {
     if (e.key === "Escape" && nav.classList.contains("open")) { set(false); button.focus(); }
   });
