@@ -414,8 +414,10 @@ class EnforcementService(enforcement_pb2_grpc.EnforcementServiceServicer):
             self._executors.closed(sub)
             # Give back what this stream holds so that another executor gets it now, not when
             # the lease runs out. Best effort: if the database is down the lease expires.
+            # finish_anyway: a stream cancelled here still gives back, and a failure that comes
+            # after the stream has gone is retrieved, not logged as "never retrieved".
             with contextlib.suppress(Exception):  # the lease expiry covers every failure here
-                await asyncio.shield(self._store.dispatch.release_stream(token, f"{reason} ({request.executor_id})"))
+                await finish_anyway(self._store.dispatch.release_stream(token, f"{reason} ({request.executor_id})"))
             if sub.held:
                 self._dispatcher.wake_all()
 
