@@ -143,7 +143,9 @@ async def test_recent_hours_are_read_from_the_minute_views_and_older_from_the_ho
     # one in the current hour; their enforcements, the oldest resolved.
     for age in ("7 hours", "1 hour", "0 seconds"):
         await insert_old(conn, age)
-    await conn.execute("UPDATE enforcement SET status = 'disabled', resolved_at = now() WHERE created < now() - interval '2 hours'")
+    await conn.execute(
+        "UPDATE enforcement SET status = 'disabled', resolved_at = now() WHERE created < now() - interval '2 hours'"
+    )
     # Materialized, as their policies would; an event after that is still counted (real time).
     for view in (
         "event_volume_hourly",
