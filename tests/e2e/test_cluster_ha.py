@@ -25,7 +25,7 @@ import pytest
 
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, enforcement_pb2_grpc, event_pb2, event_pb2_grpc
 from shared.transport import ClientSecurity, open_channel
-from tests.e2e.test_cluster_supervisor import ClusterRun, alive, define_rule
+from tests.e2e.cluster_support import ClusterRun, alive, define_rule
 from tests.helpers import eventually, new_event
 from tools.chaos.patroni import require_tools
 from tools.healthcheck import wait_serving

@@ -30,7 +30,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.e2e.test_readme_walkthrough import section, shell_blocks
+from tests.e2e.readme_support import section, shell_blocks
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]

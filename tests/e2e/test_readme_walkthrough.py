@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -25,30 +24,11 @@ import pytest
 from shared.gen.automation.v1 import condition_pb2
 from shared.transport import ClientSecurity, open_channel
 from tests.e2e.conftest import Cluster
+from tests.e2e.readme_support import section, shell_blocks
 from tests.helpers import OPERATOR, TOKENS, eventually, web_service
 
 pytestmark = pytest.mark.e2e
-README = Path(__file__).resolve().parents[2] / "README.md"
 GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
-
-
-def shell_blocks() -> list[list[list[str]]]:
-    """The README's ```sh blocks, each as a list of grpcurl argument lists."""
-    blocks = []
-    for body in re.findall(r"```sh\n(.*?)```", README.read_text(), flags=re.S):
-        commands = []
-        pending = ""
-        for line in body.replace("\\\n", " ").splitlines():
-            pending += line + "\n"
-            try:
-                words = shlex.split(pending, comments=True)
-            except ValueError:  # a quote spans lines: read on
-                continue
-            pending = ""
-            if words[:1] == ["grpcurl"]:
-                commands.append(words[1:])
-        blocks.append(commands)
-    return blocks
 
 
 def _ours(cluster: Cluster, arg: str) -> str:
@@ -70,14 +50,6 @@ async def run(cluster: Cluster, args: list[str]) -> tuple[int, str]:
         check=False,
     )
     return done.returncode, done.stdout + done.stderr
-
-
-def section(title: str) -> str:
-    """One ``## title`` section of the README."""
-    text = README.read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end >= 0 else len(text)]
 
 
 def json_blocks(text: str) -> list[str]:

@@ -24,7 +24,8 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def web(api: ApiServer) -> AsyncIterator[str]:
-    """The web service's base URL, in front of the test's api (a module may have its own)."""
+    """The web service's base URL, in front of the test's api (a module may have its own); its
+    own channel carries the sensor token (the console never uses it)."""
     target = f"127.0.0.1:{api.port}"
     async with channel(target, TOKENS["webhook"]) as ch, web_service(target, ch) as url:
         yield url

@@ -24,7 +24,7 @@ from services.api.store import Store, create_pool
 from shared.config import ApiConfig
 from shared.gen.automation.v1 import auth_pb2, auth_pb2_grpc, rule_pb2, rule_pb2_grpc
 from tests.helpers import eventually
-from tests.integration.test_health import check
+from tests.integration.health_support import check
 
 ROOT = Path(__file__).resolve().parents[2]
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED

@@ -23,8 +23,8 @@ from shared.config import ApiConfig
 from shared.gen.automation.v1 import common_pb2, enforcement_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs, stubs_for
 from tests.helpers import channel, eventually, new_event, rpc_error, rule
-from tests.integration.test_health import SERVING, check
-from tests.integration.test_rpc_watch import Watch, setup, state
+from tests.integration.health_support import SERVING, check
+from tests.integration.watching import Watch, setup, state
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED

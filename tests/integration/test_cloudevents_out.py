@@ -30,7 +30,7 @@ from shared.gen.automation.v1 import common_pb2, enforcement_pb2, enforcement_pb
 from shared.gen.io.cloudevents.v1 import cloudevents_pb2
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, channel, eventually, field_violations, new_event, rpc_error, rule, web_service
-from tests.integration.test_tails import emit, opened, tail_enforcements, tail_events, take, triggers
+from tests.integration.tails_support import emit, opened, tail_enforcements, tail_events, take, triggers
 
 SOURCE = "/automation/test"
 CREATED = enforcement_pb2.TailEnforcementsResponse.CHANGE_CREATED

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
 
 import asyncpg
 import grpc
@@ -20,70 +17,22 @@ from google.protobuf import field_mask_pb2
 from playwright.async_api import Browser, expect
 
 from services.api.server import ApiServer
-from services.executor import Executor
-from shared.config import ApiConfig, ClientSecurity, ExecutorConfig
+from shared.config import ApiConfig
 from shared.gen.automation.v1 import (
-    condition_pb2,
     enforcement_pb2,
-    event_pb2,
     rule_pb2,
 )
 from tests.conftest import Stubs, stubs_for
-from tests.helpers import TOKENS, channel, eventually, new_event, rule, web_service
+from tests.helpers import TOKENS, channel, eventually, web_service
 from tests.integration import browser as browser_setup
+from tests.integration.console_pages import emit, executor, seed
 from tools.postgres import free_port
 
-EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
 RESOLVED_AT = "[data-part=overview] [data-field=resolved_at]"
 
 
 # These pages were first looked at in a 1280 px window: their screenshots stay comparable.
 signed_in = functools.partial(browser_setup.signed_in, width=1280)
-
-
-async def seed(stubs: Stubs) -> None:
-    """Two triggers (one with a webhook) and three rules."""
-    for ref, hook in (("demo.alert", False), ("demo.push", True)):
-        await stubs.rules.CreateTrigger(
-            rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=ref, label=ref, webhook_enabled=hook))
-        )
-    await stubs.rules.CreateRule(
-        rule_pb2.CreateRuleRequest(
-            rule=rule(
-                "demo.page_oncall",
-                "demo.alert",
-                conditions=[("severity", EQUALS, "critical")],
-                params={"message": "{{ event.payload.host }} is down"},
-            )
-        )
-    )
-    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=rule("demo.log_all", "demo.alert")))
-    await stubs.rules.CreateRule(rule_pb2.CreateRuleRequest(rule=rule("demo.on_push", "demo.push")))
-
-
-async def emit(stubs: Stubs, trigger_ref: str, **payload: Any) -> event_pb2.CreateEventResponse:
-    return await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(trigger_ref, payload)))
-
-
-@asynccontextmanager
-async def executor(target: str) -> AsyncIterator[None]:
-    """The real executor, in this process, with the executor role."""
-    ex = Executor(
-        ExecutorConfig(
-            target=target,
-            executor_id="browser-test",
-            rpc_timeout_s=5.0,
-            backoff_initial_s=0.05,
-            backoff_max_s=0.5,
-            security=ClientSecurity(token=TOKENS["executor"]),
-        )
-    )
-    task = asyncio.create_task(ex.run())
-    try:
-        yield
-    finally:
-        ex.stop()
-        await asyncio.wait_for(task, 15)
 
 
 async def test_enforcement_detail_shows_pending_then_the_resolution_time_without_a_reload(

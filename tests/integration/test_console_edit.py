@@ -18,7 +18,7 @@ from services.api.server import ApiServer
 from shared.gen.automation.v1 import audit_pb2, audit_pb2_grpc, rule_pb2, rule_pb2_grpc
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, channel, web_service
-from tests.integration.test_console import HOOK, OTHER, RULE, console, emit, get, hidden, seed
+from tests.integration.console_support import HOOK, OTHER, RULE, console, emit, get, hidden, seed
 
 Fields = list[tuple[str, str]]
 

@@ -20,7 +20,7 @@ from tests.conftest import Stubs
 from tests.helpers import TOKENS
 from tests.integration import browser as browser_setup
 from tests.integration.browser import Console
-from tests.integration.test_console_browser import emit, seed
+from tests.integration.console_pages import emit, seed
 
 signed_in = functools.partial(browser_setup.signed_in, shots_dir=browser_setup.SHOTS / "edit")
 

@@ -22,7 +22,7 @@ from shared.gen.automation.v1 import event_pb2
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, new_event
 from tests.integration import browser as browser_setup
-from tests.integration.test_console_browser import emit, seed
+from tests.integration.console_pages import emit, seed
 
 signed_in = functools.partial(browser_setup.signed_in, shots_dir=browser_setup.SHOTS / "find")
 

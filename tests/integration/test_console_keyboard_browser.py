@@ -12,6 +12,7 @@ Only key presses move and act here (``page.keyboard``); the mouse is never used.
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import asyncpg
@@ -21,12 +22,14 @@ from playwright.async_api import Browser, Dialog, Page, expect
 from services.api.server import ApiServer
 from shared.gen.automation.v1 import rule_pb2
 from tests.conftest import Stubs
+from tests.integration import browser as browser_setup
 from tests.integration.browser import SHOTS as ALL_SHOTS
 from tests.integration.browser import WIDTHS
-from tests.integration.test_console_browser import emit, executor, seed
-from tests.integration.test_console_ops_browser import exhaust, signed_in
+from tests.integration.console_pages import emit, executor, exhaust, seed
 
 SHOTS = ALL_SHOTS / "keyboard"
+# The signed-in page as ``test_console_ops_browser`` has it; this module's screenshots are ``shot``'s.
+signed_in = functools.partial(browser_setup.signed_in, shots_dir=ALL_SHOTS / "ops")
 
 # Marks, in document order, every element the keyboard must reach: visible, enabled, not taken
 # out of the order, one radio per group (Tab enters a group at its checked radio). Scrolling

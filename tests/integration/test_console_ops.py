@@ -27,7 +27,7 @@ from shared.gen.automation.v1 import (
 )
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, channel, eventually, web_service
-from tests.integration.test_console import (
+from tests.integration.console_support import (
     RULE,
     Sse,
     console,

@@ -22,25 +22,9 @@ from shared.gen.automation.v1 import common_pb2, enforcement_pb2, enforcement_pb
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, channel
 from tests.integration import browser as browser_setup
-from tests.integration.test_console_browser import emit, executor, seed
+from tests.integration.console_pages import emit, executor, exhaust, seed
 
 signed_in = functools.partial(browser_setup.signed_in, shots_dir=browser_setup.SHOTS / "ops")
-
-
-async def exhaust(conn: asyncpg.Connection, enforcement: int, error: str = "backend down") -> None:
-    """Marks a pending enforcement out of attempts, as the api's maintenance does (with a lease
-    that ran out first, so that its attempts page has something to show)."""
-    await conn.execute(
-        "UPDATE enforcement_dispatch SET leased_by = 'worker-7', lease_token = 'worker-7/x', attempts = 5, "
-        "lease_expires_at = now() - interval '1 second' WHERE enforcement = $1",
-        enforcement,
-    )
-    await conn.execute(
-        "UPDATE enforcement_dispatch SET exhausted_at = now(), leased_by = NULL, lease_token = NULL, "
-        "lease_expires_at = NULL, last_error = $2 WHERE enforcement = $1",
-        enforcement,
-        error,
-    )
 
 
 async def test_dispatch_shows_executors_connect_and_work_live(

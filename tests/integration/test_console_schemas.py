@@ -5,6 +5,7 @@ flags the condition fields the trigger's schema rules out."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from playwright.async_api import Browser, expect
@@ -12,7 +13,7 @@ from playwright.async_api import Browser, expect
 from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, new_event, rule, struct
-from tests.integration.test_console_browser import signed_in
+from tests.integration import browser as browser_setup
 
 T = "demo.typed"
 SCHEMA: dict[str, Any] = {
@@ -21,6 +22,9 @@ SCHEMA: dict[str, Any] = {
     "properties": {"repo": {"type": "object", "properties": {"name": {"type": "string"}}}, "n": {"type": "integer"}},
 }
 EQUALS = condition_pb2.CONDITION_OPERATOR_EQUALS
+
+# As ``test_console_browser``'s pages: a 1280 px window, screenshots in ``test-artifacts/console/``.
+signed_in = functools.partial(browser_setup.signed_in, width=1280)
 
 
 async def emit(stubs: Stubs, payload: dict[str, Any]) -> common_pb2.Event:

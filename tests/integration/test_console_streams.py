@@ -14,9 +14,7 @@ from services.api.store import Store
 from services.web import live
 from services.web.session import COOKIE
 from tests.conftest import Stubs
-from tests.integration.test_console import Sse, console, pushed, seed, web
-
-__all__ = ["web"]  # the fixture, imported for these tests
+from tests.integration.console_support import Sse, console, pushed, seed
 
 
 @pytest.fixture

@@ -14,20 +14,7 @@ from services.api.server import CHORES_APPLICATION, SERVICE_NAMES, ApiServer
 from shared.config import ApiConfig
 from tests.conftest import Stubs
 from tests.helpers import eventually
-
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-async def check(channel: grpc.aio.Channel, service: str) -> int:
-    call = channel.unary_unary(
-        "/grpc.health.v1.Health/Check",
-        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-        response_deserializer=health_pb2.HealthCheckResponse.FromString,
-    )
-    response = await call(health_pb2.HealthCheckRequest(service=service))
-    assert isinstance(response, health_pb2.HealthCheckResponse)
-    return int(response.status)
+from tests.integration.health_support import NOT_SERVING, SERVING, check
 
 
 @pytest.mark.parametrize("service", ["", "automation.v1.EventService"])

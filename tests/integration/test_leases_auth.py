@@ -26,7 +26,7 @@ from shared.gen.automation.v1 import (
 )
 from tests.conftest import Stubs
 from tests.helpers import channel, rpc_error, rule
-from tests.integration.test_rpc_watch import Watch, pending, setup
+from tests.integration.watching import Watch, pending, setup
 
 PROCESSED = common_pb2.ENFORCEMENT_STATUS_PROCESSED
 DISABLED = common_pb2.ENFORCEMENT_STATUS_DISABLED

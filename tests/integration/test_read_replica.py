@@ -32,7 +32,7 @@ from shared.gen.automation.v1 import (
 )
 from tests.conftest import Stubs, stubs_for
 from tests.helpers import channel, eventually, holds, new_event, rule, store_test_tokens, struct
-from tests.integration.test_health import check
+from tests.integration.health_support import check
 from tools.postgres import LocalPostgres, free_port
 
 DB = "automation"

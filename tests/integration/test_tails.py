@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import asyncpg
 import grpc
@@ -23,53 +22,12 @@ from shared.gen.automation.v1 import (
 )
 from shared.transport import ClientSecurity, open_channel
 from tests.conftest import Stubs
-from tests.helpers import OPERATOR, TOKENS, channel, eventually, field_violations, new_event, rule, throughout
+from tests.helpers import OPERATOR, TOKENS, channel, field_violations, new_event, rule, throughout
+from tests.integration.tails_support import Stream, emit, opened, tail_enforcements, tail_events, take, triggers
 
 CREATED = enforcement_pb2.TailEnforcementsResponse.CHANGE_CREATED
 RESOLVED = enforcement_pb2.TailEnforcementsResponse.CHANGE_RESOLVED
 STARTED = enforcement_pb2.TailEnforcementsResponse.CHANGE_STARTED
-
-Stream = Any  # a grpc.aio server-streaming call
-
-
-async def triggers(stubs: Stubs, *refs: str) -> None:
-    for ref in refs:
-        await stubs.rules.CreateTrigger(rule_pb2.CreateTriggerRequest(trigger=rule_pb2.Trigger(ref=ref)))
-
-
-async def emit(stubs: Stubs, trigger_ref: str, **payload: Any) -> int:
-    resp = await stubs.events.CreateEvent(event_pb2.CreateEventRequest(event=new_event(trigger_ref, payload)))
-    return int(resp.event.id)
-
-
-async def opened(api: ApiServer, call: Stream, listening: int = 1) -> Stream:
-    """Waits until the api's tail has taken its start (it then listens for notifications)."""
-    assert api.store is not None
-    store = api.store
-    await eventually(
-        lambda: _true(store.tails.notices.listening >= listening or call.done()),
-        what="the tail to start",
-    )
-    return call
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def take(call: Stream, n: int) -> list[Any]:
-    out: list[Any] = []
-    while len(out) < n:
-        out.append(await asyncio.wait_for(call.read(), 15))
-    return out
-
-
-def tail_events(stubs: Stubs, **kw: Any) -> Stream:
-    return stubs.events.TailEvents(event_pb2.TailEventsRequest(**kw))
-
-
-def tail_enforcements(stubs: Stubs, **kw: Any) -> Stream:
-    return stubs.enforcements.TailEnforcements(enforcement_pb2.TailEnforcementsRequest(**kw))
 
 
 async def quiet_until(stubs: Stubs, call: Stream, trigger_ref: str) -> int:
