@@ -23,6 +23,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.api import migrate
 from services.api.server import ApiServer
 from services.api.store import NewEvent, Resolution, Store
+from services.api.store._db import CUSTOM_PLAN
+from services.api.store.analytics import HOUR, volume_query
 from services.web.session import COOKIE
 from shared.config import ApiConfig
 from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
@@ -147,6 +149,7 @@ async def test_recent_hours_are_read_from_the_minute_views_and_older_from_the_ho
         "UPDATE enforcement SET status = 'disabled', resolved_at = now() WHERE created < now() - interval '2 hours'"
     )
     # Materialized, as their policies would; an event after that is still counted (real time).
+    await _unschedule_refreshes(conn)
     for view in (
         "event_volume_hourly",
         "enforcement_volume_hourly",
@@ -171,6 +174,92 @@ async def test_recent_hours_are_read_from_the_minute_views_and_older_from_the_ho
     } == enforcements
     days = await store.analytics.event_volume(start - timedelta(days=1), end, width=timedelta(days=1))
     assert sum(v.event_count for v in days) == 4
+
+
+async def _unschedule_refreshes(conn: asyncpg.Connection) -> None:
+    """Stops the scheduler's refreshes of the volume views (the per-minute ones run every
+    minute): one running beside the test's own is refused ("due to a concurrent refresh")."""
+    await conn.execute(
+        "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs "
+        "WHERE proc_name = 'policy_refresh_continuous_aggregate'"
+    )
+
+
+def _raw_rows_read(plan: dict[str, Any], chunks: set[str]) -> int:
+    """Rows the plan's scans of ``chunks`` returned or filtered out."""
+    own = 0
+    if plan.get("Relation Name") in chunks:
+        own = (plan.get("Actual Rows", 0) + plan.get("Rows Removed by Filter", 0)) * plan.get("Actual Loops", 1)
+    return own + sum(_raw_rows_read(child, chunks) for child in plan.get("Plans", []))
+
+
+@pytest.mark.timescale_licensed
+async def test_a_volume_read_after_a_burst_counts_no_row_the_views_hold(store: Store, conn: asyncpg.Connection) -> None:
+    """The views' real-time parts compare ``time_bucket(created)`` with the range: planned
+    generically (the session's default) that bounds no index and excludes no chunk, and every
+    row above the hourly view's watermark (a burst's) was read and filtered out at every load."""
+    await setup_rule(store)
+    await conn.execute(
+        """
+        WITH ev AS (
+            INSERT INTO event (trigger, trigger_ref, payload, created)
+            SELECT t.id, t.ref, '{}', now() - interval '40 minutes' + g * interval '1 second'
+              FROM trigger t, generate_series(1, 2000) g WHERE t.ref = $1 RETURNING id, created
+        )
+        INSERT INTO enforcement (rule, rule_ref, trigger_ref, config, event, created)
+        SELECT r.id, r.ref, r.trigger_ref, '{}', ev.id, ev.created FROM rule r, ev WHERE r.ref = 'demo.rule'
+        """,
+        HOOK,
+    )
+    await insert_old(conn, "5 hours")
+    await _unschedule_refreshes(conn)
+    for view in (
+        "event_volume_hourly",
+        "enforcement_volume_hourly",
+        "event_volume_minute",
+        "enforcement_volume_minute",
+    ):
+        await conn.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, now() - interval '1 minute')")
+    await conn.execute("ANALYZE enforcement")
+    chunks = {
+        r[0]
+        for r in await conn.fetch(
+            "SELECT chunk_name FROM timescaledb_information.chunks WHERE hypertable_name = 'enforcement'"
+        )
+    }
+
+    now = datetime.now(UTC)
+    query = volume_query(
+        "recent", "enforcement", "rule_ref, status", "enforcement_count", now - timedelta(hours=24), now, HOUR, [], now
+    )
+    assert query is not None
+    sql, args = query
+    # As the store runs it (a custom plan), then as a generic plan would run it.
+    assert _raw_rows_read(await _explain_executed(conn, sql, args, CUSTOM_PLAN), chunks) == 0
+    generic = "SET LOCAL plan_cache_mode = force_generic_plan"
+    assert _raw_rows_read(await _explain_executed(conn, sql, args, generic), chunks) >= 2000
+    assert sum(r[3] for r in await conn.fetch(sql, *args)) == 2001
+
+
+async def _explain_executed(conn: asyncpg.Connection, sql: str, args: list[Any], setting: str) -> dict[str, Any]:
+    """The executed plan of ``sql`` as a prepared statement under ``setting`` (EXPLAIN of a
+    statement with bind parameters always plans with their values)."""
+    types = ", ".join(
+        t.name if t.schema == "pg_catalog" else f"{t.schema}.{t.name}"
+        for t in (await conn.prepare(sql)).get_parameters()
+    )
+    literals = ", ".join(
+        "'" + (a.isoformat() if isinstance(a, datetime) else str(a)).replace("'", "''") + "'" for a in args
+    )
+    async with conn.transaction():
+        await conn.execute(setting)
+        await conn.execute(f"PREPARE volume ({types}) AS {sql}")
+        try:
+            explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE volume({literals})")
+        finally:
+            await conn.execute("DEALLOCATE volume")
+    plan: dict[str, Any] = json.loads(explained)[0]["Plan"]
+    return plan
 
 
 async def resolve_one(store: Store, enf_id: int, many: bool) -> Resolution:

@@ -82,6 +82,27 @@ async def run_policies(url: str) -> None:
         await conn.close()
 
 
+async def run_refresh_policies(url: str) -> bool:
+    """Runs the volume views' refresh policies once, as their scheduler does (the per-minute
+    views' every minute, migration 0023; the hourly ones' every 30 minutes); whether there were
+    any. On this machine's TimescaleDB build (2.28.3 against PostgreSQL 15.20) the scheduler's
+    jobs fail (FACTS.md): without this the per-minute views would stay empty, the hourly ones'
+    watermark would never move, and a page would time the fallback, counting raw rows."""
+    conn = await asyncpg.connect(url)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('timescaledb_information.jobs') IS NOT NULL"):
+            return False
+        jobs = await conn.fetch(
+            "SELECT job_id FROM timescaledb_information.jobs WHERE proc_name = 'policy_refresh_continuous_aggregate' "
+            "ORDER BY job_id"
+        )
+        for job in jobs:
+            await conn.execute(f"CALL run_job({int(job['job_id'])})")
+        return bool(jobs)
+    finally:
+        await conn.close()
+
+
 async def chunk_counts(url: str) -> dict[str, tuple[int, int]]:
     """Chunks and compressed chunks of each table (none where the table is not a hypertable)."""
     conn = await asyncpg.connect(url)

@@ -170,6 +170,10 @@ def set_deadline(seconds: float | None) -> None:
     _deadline.set(None if seconds is None else time.monotonic() + seconds)
 
 
+CUSTOM_PLAN = "SET LOCAL plan_cache_mode = force_custom_plan"
+"""Run first in a transaction whose statements are to be planned with their values."""
+
+
 def until_deadline() -> float | None:
     """How long the current call may still wait for a connection, or None for as long as it
     takes. A write that would start after its caller stopped waiting is not started: waited
@@ -417,6 +421,19 @@ class Repo:
         """``_fetch`` on the read route (a list page, an aggregate)."""
         async with guarded():
             return await self._reads.run(lambda pool: pool.fetch(sql, *args))
+
+    async def _read_fetch_planned(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """``_read_fetch`` under a custom plan, made with the values: the session plans generic
+        ones, in which a bound compared with an expression of a column (a continuous
+        aggregate's ``time_bucket(created)``) excludes no chunk and uses no index."""
+
+        async def read(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+            async with pool.acquire(timeout=until_deadline()) as conn, conn.transaction(readonly=True):
+                await conn.execute(CUSTOM_PLAN)
+                return list(await conn.fetch(sql, *args))
+
+        async with guarded():
+            return await self._reads.run(read)
 
     async def _read_fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         """``_fetchrow`` on the read route; a row the standby does not have yet is asked of the

@@ -39,7 +39,7 @@ from shared import limits
 from shared.errors import InvalidArgument
 from shared.limits import MAX_PAGE_TOKEN
 
-from ._db import ReadRoute, Repo, guarded, json_loads_all, until_deadline
+from ._db import CUSTOM_PLAN, ReadRoute, Repo, guarded, json_loads_all, until_deadline
 from .types import Page, columns
 
 T = TypeVar("T")
@@ -290,8 +290,7 @@ def json_as_text(
     return f"SELECT {columns(row, as_text=json_columns)} FROM {table}", rows
 
 
-_CUSTOM = "SET LOCAL plan_cache_mode = force_custom_plan"
-SEARCH = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}; {_CUSTOM}"
+SEARCH = f"SET LOCAL statement_timeout = {int(limits.SEARCH_TIMEOUT_S * 1000)}; {CUSTOM_PLAN}"
 """What a payload search runs first: its own statement timeout, and a custom plan. The generic
 plan cannot know how many rows a containment filter matches and walks the created index
 backwards, filtering every payload, which for a rare value reads the whole range; planned with
@@ -376,7 +375,7 @@ class Paged(Repo):
         (planned as a search is)."""
         cap = where.param(limits.MAX_COUNT + 1)
         sql = f"SELECT count(*) FROM (SELECT 1 FROM {table} {where.sql()} LIMIT {cap}) m"
-        settings = f"{_COUNT_TIMEOUT}; {_CUSTOM}" if search else _COUNT_TIMEOUT
+        settings = f"{_COUNT_TIMEOUT}; {CUSTOM_PLAN}" if search else _COUNT_TIMEOUT
         records = await self._bounded_fetch(None, sql, *where.args, settings=settings)
         if records is None:
             return Count(0, more=False, stopped=True)

@@ -97,37 +97,55 @@ class Analytics(Repo):
         width: timedelta,
         filters: Sequence[tuple[str, Any]],
     ) -> list[asyncpg.Record]:
-        """``count`` per bucket of ``width`` and ``keys``: the parts read from each source, each
-        binned to the width, then summed (a bucket may take hours from two sources)."""
-        where = Where()
-        binned = f"date_bin({where.param(width)}::interval, {{}}, TIMESTAMPTZ 'epoch')"
-        # Every part carries the same filters: their placeholders are shared.
-        conditions = [fragment.format(where.param(value)) for fragment, value in filters]
+        query = volume_query(await self.views(), table, keys, count, start, end, width, filters, datetime.now(UTC))
+        if query is None:
+            return []
+        sql, args = query
+        return await self._read_fetch_planned(sql, *args)
 
-        def part(source: str, column: str, low: datetime, high: datetime, counted: bool) -> str:
-            bounds = [f"{column} >= {where.param(low)}", f"{column} < {where.param(high)}"]
-            tally, group = ("count(*)", f" GROUP BY 1, {keys}") if counted else (count, "")
-            return (
-                f"SELECT {binned.format(column)} AS b, {keys}, {tally} AS n FROM {source} "
-                f"WHERE {' AND '.join(bounds + conditions)}{group}"
-            )
 
-        views = await self.views()
-        first, last = _ceil_hour(start), _ceil_hour(end)
-        if views == "base":
-            parts = [part(table, "created", first, last, True)]
-        else:
-            line = last if views == "hourly" else datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - RECENT
-            parts = []
-            if first < line:
-                parts.append(part(f"{table}_volume_hourly", "bucket", first, min(last, line), False))
-            if last > line:
-                parts.append(part(f"{table}_volume_minute", "bucket", max(first, line), last, False))
-            if not parts:
-                return []
-        shown = keys.replace("status", "status::text")
-        sql = (
-            f"SELECT extract(epoch FROM b)::bigint, {shown}, sum(n)::bigint "
-            f"FROM ({' UNION ALL '.join(parts)}) v GROUP BY b, {keys} ORDER BY b, {keys}"
+def volume_query(
+    views: Views,
+    table: str,
+    keys: str,
+    count: str,
+    start: datetime,
+    end: datetime,
+    width: timedelta,
+    filters: Sequence[tuple[str, Any]],
+    now: datetime,
+) -> tuple[str, list[Any]] | None:
+    """The statement and its arguments for ``count`` per bucket of ``width`` and ``keys`` of
+    ``table`` (None: the range holds no whole hour): the parts read from each source, each
+    binned to the width, then summed (a bucket may take hours from two sources)."""
+    where = Where()
+    binned = f"date_bin({where.param(width)}::interval, {{}}, TIMESTAMPTZ 'epoch')"
+    # Every part carries the same filters: their placeholders are shared.
+    conditions = [fragment.format(where.param(value)) for fragment, value in filters]
+
+    def part(source: str, column: str, low: datetime, high: datetime, counted: bool) -> str:
+        bounds = [f"{column} >= {where.param(low)}", f"{column} < {where.param(high)}"]
+        tally, group = ("count(*)", f" GROUP BY 1, {keys}") if counted else (count, "")
+        return (
+            f"SELECT {binned.format(column)} AS b, {keys}, {tally} AS n FROM {source} "
+            f"WHERE {' AND '.join(bounds + conditions)}{group}"
         )
-        return await self._read_fetch(sql, *where.args)
+
+    first, last = _ceil_hour(start), _ceil_hour(end)
+    if views == "base":
+        parts = [part(table, "created", first, last, True)]
+    else:
+        line = last if views == "hourly" else now.astimezone(UTC).replace(minute=0, second=0, microsecond=0) - RECENT
+        parts = []
+        if first < line:
+            parts.append(part(f"{table}_volume_hourly", "bucket", first, min(last, line), False))
+        if last > line:
+            parts.append(part(f"{table}_volume_minute", "bucket", max(first, line), last, False))
+        if not parts:
+            return None
+    shown = keys.replace("status", "status::text")
+    sql = (
+        f"SELECT extract(epoch FROM b)::bigint, {shown}, sum(n)::bigint "
+        f"FROM ({' UNION ALL '.join(parts)}) v GROUP BY b, {keys} ORDER BY b, {keys}"
+    )
+    return sql, where.args

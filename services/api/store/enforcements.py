@@ -30,7 +30,7 @@ from shared.limits import MAX_CREATE_RESPONSE_BYTES
 
 from . import audit
 from ._chunks import ById
-from ._db import ReadRoute, guarded, is_row
+from ._db import CUSTOM_PLAN, ReadRoute, guarded, is_row
 from ._derive import derive
 from ._paging import Count, Keys, Paged, Where, json_as_text
 from .types import JSON, Actor, Enforcement, Event, Execution, Page, Resolution, columns
@@ -64,7 +64,7 @@ SELECT 1 FROM enforcement_dispatch d
 
 # The dispatch row exists exactly while the enforcement is pending (triggers keep it so) and
 # carries `created`. The per-row path (``_resolve_one``) finds the pending row through it, then
-# updates it by (id, created, rule_ref) under custom plans (``_CUSTOM_PLANS``): on TimescaleDB
+# updates it by (id, created, rule_ref) under custom plans (``CUSTOM_PLAN``): on TimescaleDB
 # an UPDATE decompresses, before it runs, every compressed batch its conditions cannot rule
 # out, and only constants rule batches out (a parameter of a generic plan, or a value from a
 # join, does not). With constants the chunk is chosen at planning, and the segment (rule_ref)
@@ -75,7 +75,6 @@ SELECT d.enforcement_created AS created, d.rule_ref FROM enforcement_dispatch d 
 _TARGET_RULE = (
     "SELECT e.rule FROM enforcement e WHERE e.id = $1 AND e.created = $2 AND e.rule_ref = $3 AND e.status = 'created'"
 )
-_CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
 
 _RESOLVE_PROCESSED = f"""
 WITH live_rule AS (
@@ -406,7 +405,7 @@ class Enforcements(Paged):
         rows are not in its snapshot. A next statement has a new snapshot, so the lookup and the
         UPDATE are tried again."""
         async with guarded(), self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(_CUSTOM_PLANS)
+            await conn.execute(CUSTOM_PLAN)
             target = await conn.fetchrow(_TARGET_DISPATCH, id_, holder)
             created, rule_ref = target.values() if target is not None else (None, None)
             for _ in range(_PER_ROW_TRIES if target is not None else 0):
