@@ -86,7 +86,7 @@ async def run_refresh_policies(url: str) -> bool:
     """Runs the volume views' refresh policies once, as their scheduler does (the per-minute
     views' every minute, migration 0023; the hourly ones' every 30 minutes); whether there were
     any. On this machine's TimescaleDB build (2.28.3 against PostgreSQL 15.20) the scheduler's
-    jobs fail (FACTS.md): without this the per-minute views would stay empty, the hourly ones'
+    jobs fail ("cannot drop portal"): without this the per-minute views would stay empty, the hourly ones'
     watermark would never move, and a page would time the fallback, counting raw rows."""
     conn = await asyncpg.connect(url)
     try:
