@@ -213,13 +213,15 @@ async def test_a_volume_read_after_a_burst_counts_no_row_the_views_hold(store: S
     )
     await insert_old(conn, "5 hours")
     await _unschedule_refreshes(conn)
-    for view in (
-        "event_volume_hourly",
-        "enforcement_volume_hourly",
-        "event_volume_minute",
-        "enforcement_volume_minute",
+    # The hourly views as of 3 hours ago (their watermark below the hours they serve; the
+    # minute views serve the rest), the minute views as of a minute ago.
+    for view, upto in (
+        ("event_volume_hourly", "3 hours"),
+        ("enforcement_volume_hourly", "3 hours"),
+        ("event_volume_minute", "1 minute"),
+        ("enforcement_volume_minute", "1 minute"),
     ):
-        await conn.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, now() - interval '1 minute')")
+        await conn.execute(f"CALL refresh_continuous_aggregate('{view}', NULL, now() - interval '{upto}')")
     await conn.execute("ANALYZE enforcement")
     chunks = {
         r[0]

@@ -249,10 +249,10 @@ async def raw(web: str, head: str, body: bytes = b"") -> tuple[asyncio.StreamRea
     return reader, writer
 
 
-def upload(key: str, length: int) -> str:
+def upload(key: str, length: int, headers: str = "") -> str:
     return (
         f"POST /webhooks/{key} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {length}\r\n\r\n"
+        f"Content-Length: {length}\r\n{headers}\r\n"
     )
 
 
@@ -306,15 +306,16 @@ async def test_bodies_in_flight_are_bounded_by_the_budget(
     key = await hook(stubs, "")
     body = json.dumps({"pad": "x" * 150_000}).encode()
     async with serve(api, body_budget_bytes=300_000) as web, httpx.AsyncClient(timeout=30) as http:
-        held_reader, held = await raw(web, upload(key, len(body)), body[:1000])
+        # The server asks for the body (100 Continue) once its claim on the budget is taken:
+        # only then is the upload in flight. Sent at once, a body raced the next request's.
+        held_reader, held = await raw(web, upload(key, len(body), "Expect: 100-continue\r\n"))
+        assert await status_of(held_reader) == 100
+        assert await asyncio.wait_for(held_reader.readline(), READ_S) == b"\r\n"
+        held.write(body[:1000])
+        await held.drain()
 
-        async def refused() -> httpx.Response | None:
-            answer = await http.post(
-                f"{web}/webhooks/{key}", content=body, headers={"content-type": "application/json"}
-            )
-            return answer if answer.status_code == 503 else None
-
-        busy = await eventually(refused, what="the held upload to claim the budget")
+        busy = await http.post(f"{web}/webhooks/{key}", content=body, headers={"content-type": "application/json"})
+        assert busy.status_code == 503
         assert busy.headers["retry-after"] == "5" and "in flight" in busy.json()["error"]
         held.write(body[1000:])
         await held.drain()
