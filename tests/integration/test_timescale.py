@@ -30,6 +30,7 @@ from shared.config import ApiConfig
 from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
 from tests.conftest import Stubs
 from tests.helpers import TOKENS, channel, eventually, new_event, struct, web_service
+from tests.integration.plans import explain_prepared
 
 HOOK = "core.webhook"
 
@@ -237,30 +238,18 @@ async def test_a_volume_read_after_a_burst_counts_no_row_the_views_hold(store: S
     assert query is not None
     sql, args = query
     # As the store runs it (a custom plan), then as a generic plan would run it.
-    assert _raw_rows_read(await _explain_executed(conn, sql, args, CUSTOM_PLAN), chunks) == 0
+    assert _raw_rows_read(await _explained_under(conn, sql, args, CUSTOM_PLAN), chunks) == 0
     generic = "SET LOCAL plan_cache_mode = force_generic_plan"
-    assert _raw_rows_read(await _explain_executed(conn, sql, args, generic), chunks) >= 2000
+    assert _raw_rows_read(await _explained_under(conn, sql, args, generic), chunks) >= 2000
     assert sum(r[3] for r in await conn.fetch(sql, *args)) == 2001
 
 
-async def _explain_executed(conn: asyncpg.Connection, sql: str, args: list[Any], setting: str) -> dict[str, Any]:
-    """The executed plan of ``sql`` as a prepared statement under ``setting`` (EXPLAIN of a
-    statement with bind parameters always plans with their values)."""
-    types = ", ".join(
-        t.name if t.schema == "pg_catalog" else f"{t.schema}.{t.name}"
-        for t in (await conn.prepare(sql)).get_parameters()
-    )
-    literals = ", ".join(
-        "'" + (a.isoformat() if isinstance(a, datetime) else str(a)).replace("'", "''") + "'" for a in args
-    )
+async def _explained_under(conn: asyncpg.Connection, sql: str, args: list[Any], setting: str) -> dict[str, Any]:
+    """The executed plan of ``sql`` as a prepared statement in a transaction that ran ``setting``."""
     async with conn.transaction():
         await conn.execute(setting)
-        await conn.execute(f"PREPARE volume ({types}) AS {sql}")
-        try:
-            explained = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE volume({literals})")
-        finally:
-            await conn.execute("DEALLOCATE volume")
-    plan: dict[str, Any] = json.loads(explained)[0]["Plan"]
+        [doc] = await explain_prepared(conn, sql, args, analyze=True)
+    plan: dict[str, Any] = doc["Plan"]
     return plan
 
 
