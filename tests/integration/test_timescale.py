@@ -24,7 +24,7 @@ from services.api import migrate
 from services.api.server import ApiServer
 from services.api.store import NewEvent, Resolution, Store
 from services.api.store._db import CUSTOM_PLAN
-from services.api.store.analytics import HOUR, volume_query
+from services.api.store.analytics import ENFORCEMENTS, HOUR, volume_query
 from services.web.session import COOKIE
 from shared.config import ApiConfig
 from shared.gen.automation.v1 import common_pb2, condition_pb2, event_pb2, rule_pb2
@@ -232,9 +232,7 @@ async def test_a_volume_read_after_a_burst_counts_no_row_the_views_hold(store: S
     }
 
     now = datetime.now(UTC)
-    query = volume_query(
-        "recent", "enforcement", "rule_ref, status", "enforcement_count", now - timedelta(hours=24), now, HOUR, [], now
-    )
+    query = volume_query("recent", ENFORCEMENTS, now - timedelta(hours=24), now, HOUR, [], now)
     assert query is not None
     sql, args = query
     # As the store runs it (a custom plan), then as a generic plan would run it.

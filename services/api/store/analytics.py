@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 
@@ -45,6 +45,20 @@ RECENT = timedelta(hours=2)
 last 4 hours materialized, the hourly ones' leaves up to 2.5 hours to count at each read."""
 
 Views = Literal["base", "hourly", "recent"]
+
+
+class Counted(NamedTuple):
+    """What a volume counts: a table, the columns its counts are kept by (and as they are
+    answered), and its views' count column."""
+
+    table: str
+    keys: str
+    shown: str
+    count_column: str
+
+
+EVENTS = Counted("event", "trigger_ref", "trigger_ref", "event_count")
+ENFORCEMENTS = Counted("enforcement", "rule_ref, status", "rule_ref, status::text", "enforcement_count")
 
 
 def _ceil_hour(t: datetime) -> datetime:
@@ -73,7 +87,7 @@ class Analytics(Repo):
         self, start: datetime, end: datetime, trigger_ref: str = "", width: timedelta = HOUR
     ) -> list[EventVolume]:
         filters = [("trigger_ref = {}", trigger_ref)] if trigger_ref else []
-        rows = await self._volume("event", "trigger_ref", "event_count", start, end, width, filters)
+        rows = await self._volume(EVENTS, start, end, width, filters)
         return [EventVolume._make(r) for r in rows]
 
     async def enforcement_volume(
@@ -84,20 +98,13 @@ class Analytics(Repo):
             filters.append(("rule_ref = {}", rule_ref))
         if status:
             filters.append(("status = {}::enforcement_status", status))
-        rows = await self._volume("enforcement", "rule_ref, status", "enforcement_count", start, end, width, filters)
+        rows = await self._volume(ENFORCEMENTS, start, end, width, filters)
         return [EnforcementVolume._make(r) for r in rows]
 
     async def _volume(
-        self,
-        table: str,
-        keys: str,
-        count: str,
-        start: datetime,
-        end: datetime,
-        width: timedelta,
-        filters: Sequence[tuple[str, Any]],
+        self, of: Counted, start: datetime, end: datetime, width: timedelta, filters: Sequence[tuple[str, Any]]
     ) -> list[asyncpg.Record]:
-        query = volume_query(await self.views(), table, keys, count, start, end, width, filters, datetime.now(UTC))
+        query = volume_query(await self.views(), of, start, end, width, filters, datetime.now(UTC))
         if query is None:
             return []
         sql, args = query
@@ -106,18 +113,17 @@ class Analytics(Repo):
 
 def volume_query(
     views: Views,
-    table: str,
-    keys: str,
-    count: str,
+    of: Counted,
     start: datetime,
     end: datetime,
     width: timedelta,
     filters: Sequence[tuple[str, Any]],
     now: datetime,
 ) -> tuple[str, list[Any]] | None:
-    """The statement and its arguments for ``count`` per bucket of ``width`` and ``keys`` of
-    ``table`` (None: the range holds no whole hour): the parts read from each source, each
-    binned to the width, then summed (a bucket may take hours from two sources)."""
+    """The statement and its arguments for the count of ``of`` per bucket of ``width`` and its
+    keys (None: the range holds no whole hour): the parts read from each source, each binned to
+    the width, then summed (a bucket may take hours from two sources)."""
+    table, keys, count = of.table, of.keys, of.count_column
     where = Where()
     binned = f"date_bin({where.param(width)}::interval, {{}}, TIMESTAMPTZ 'epoch')"
     # Every part carries the same filters: their placeholders are shared.
@@ -143,9 +149,8 @@ def volume_query(
             parts.append(part(f"{table}_volume_minute", "bucket", max(first, line), last, False))
         if not parts:
             return None
-    shown = keys.replace("status", "status::text")
     sql = (
-        f"SELECT extract(epoch FROM b)::bigint, {shown}, sum(n)::bigint "
+        f"SELECT extract(epoch FROM b)::bigint, {of.shown}, sum(n)::bigint "
         f"FROM ({' UNION ALL '.join(parts)}) v GROUP BY b, {keys} ORDER BY b, {keys}"
     )
     return sql, where.args
